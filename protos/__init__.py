@@ -1,0 +1,36 @@
+"""The Shardline wire: protobuf messages, gRPC stubs, tensor codec and discovery names."""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("shardline")
+except PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0+src"
+
+# Bumped whenever worker.proto changes incompatibly; workers of another wire version are skipped.
+WIRE_VERSION = 1
+
+# DNS-SD service types (SPEC: Discovery).
+WORKER_SERVICE_TYPE = "_shardline._tcp.local."
+API_SERVICE_TYPE = "_shardline-api._tcp.local."
+
+DEFAULT_GRPC_PORT = 50051
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_WORKER_PORT = 50061
+
+# Message limits: raised on both ends so that large prefill chunks pass (gRPC's default is 4 MiB).
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    """gRPC options used by every Shardline server and channel."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 10_000),
+        ("grpc.keepalive_timeout_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]

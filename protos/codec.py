@@ -1,0 +1,51 @@
+"""Tensor codec: MLX arrays to raw bytes with dtype and shape and back, bit-exact (bf16 included)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+
+from protos import worker_pb2
+
+# bf16 has no numpy dtype: it travels as its uint16 bit pattern and is viewed back on arrival.
+_WIRE = {
+    "bfloat16": (mx.uint16, np.uint16),
+    "float16": (mx.float16, np.float16),
+    "float32": (mx.float32, np.float32),
+    "int32": (mx.int32, np.int32),
+    "uint32": (mx.uint32, np.uint32),
+}
+_MX = {
+    "bfloat16": mx.bfloat16,
+    "float16": mx.float16,
+    "float32": mx.float32,
+    "int32": mx.int32,
+    "uint32": mx.uint32,
+}
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """'bfloat16' for mx.bfloat16, and so on."""
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def encode(array: mx.array) -> worker_pb2.Tensor:
+    """Pack an evaluated array into a Tensor message without converting its values."""
+    name = dtype_name(array.dtype)
+    if name not in _WIRE:
+        raise ValueError(f"dtype {name} cannot travel on the wire")
+    view = array.view(_WIRE[name][0]) if name == "bfloat16" else array
+    return worker_pb2.Tensor(data=bytes(memoryview(view)), shape=list(array.shape), dtype=name)
+
+
+def decode(tensor: worker_pb2.Tensor) -> mx.array:
+    """Rebuild the array a Tensor message carries (same bits, dtype and shape)."""
+    if tensor.dtype not in _WIRE:
+        raise ValueError(f"unknown tensor dtype {tensor.dtype!r}")
+    mx_wire, np_wire = _WIRE[tensor.dtype]
+    flat = np.frombuffer(tensor.data, dtype=np_wire)
+    expected = int(np.prod(tensor.shape)) if tensor.shape else 1
+    if flat.size != expected:
+        raise ValueError(f"tensor has {flat.size} values for shape {list(tensor.shape)}")
+    array = mx.array(flat.reshape(tuple(tensor.shape)))
+    return array.view(_MX[tensor.dtype]) if tensor.dtype == "bfloat16" else array
