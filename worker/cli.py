@@ -1,0 +1,93 @@
+"""`worker serve`: start a Shardline worker that serves a slice of a model's layers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import protos
+from protos.units import format_size, parse_size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve layer slices to a coordinator")
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
+    serve.add_argument("--port", type=int, default=protos.DEFAULT_WORKER_PORT,
+                       help=f"gRPC port (default {protos.DEFAULT_WORKER_PORT}; 0 picks a free one)")
+    serve.add_argument("--name", default=None, help="name shown in status and metrics "
+                       "(default: the host name)")
+    serve.add_argument("--memory", type=parse_size, default=None,
+                       help="usable memory for weights and KV, e.g. 16GiB (default: detected)")
+    serve.add_argument("--cluster", default="default", help="cluster name (default: default)")
+    serve.add_argument("--secret-file", type=Path, default=None,
+                       help="file holding the cluster secret (or set SHARDLINE_SECRET)")
+    serve.add_argument("--models-dir", type=Path, default=None,
+                       help="directory of MLX models, looked up by model id")
+    serve.add_argument("--cache-dir", type=Path, default=None, help="where the node id is kept")
+    serve.add_argument("--no-advertise", action="store_true", help="do not announce on mDNS")
+    serve.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _write_ready(path: Path, port: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"port": port, "pid": os.getpid()}))
+    os.replace(tmp, path)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from worker.backend import detect
+    from worker.identity import default_cache_dir, node_id
+    from worker.server import WorkerConfig, serve
+
+    name = args.name or socket.gethostname().split(".")[0]
+    cache_dir = args.cache_dir or default_cache_dir()
+    hardware = detect(args.memory)
+    config = WorkerConfig(
+        node_id=node_id(cache_dir, name),
+        name=name,
+        hardware=hardware,
+        cluster=args.cluster,
+        models_dir=args.models_dir,
+    )
+    print(
+        f"worker {name}: {hardware.backend} {hardware.chip}, "
+        f"{format_size(hardware.memory_bytes)} usable",
+        file=sys.stderr,
+    )
+
+    def ready(port: int) -> None:
+        print(f"worker {name} listening on {args.host}:{port}", file=sys.stderr, flush=True)
+        if args.ready_file:
+            _write_ready(args.ready_file, port)
+
+    try:
+        asyncio.run(serve(config, args.host, args.port, ready))
+    except KeyboardInterrupt:
+        pass
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    return run_serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Token sampling on the last stage: mlx-lm's samplers, reproducible per (seed, position)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+from protos import inference_pb2
+
+
+@dataclass
+class Sampler:
+    """How one sequence picks its next token; keeps the token history penalties look at."""
+
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    seed: int = 0
+    history: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._sample = make_sampler(
+            temp=self.temperature, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k
+        )
+        self._processors = make_logits_processors(repetition_penalty=self.repetition_penalty)
+
+    @classmethod
+    def from_params(cls, params: inference_pb2.SamplingParams) -> Sampler:
+        """Build from the wire's SamplingParams; unset fields take greedy defaults."""
+        penalty = params.repetition_penalty if params.HasField("repetition_penalty") else None
+        return cls(
+            temperature=params.temperature if params.HasField("temperature") else 0.0,
+            top_p=params.top_p if params.HasField("top_p") else 0.0,
+            top_k=params.top_k if params.HasField("top_k") else 0,
+            min_p=params.min_p if params.HasField("min_p") else 0.0,
+            repetition_penalty=penalty if penalty and penalty != 1.0 else None,
+            seed=params.seed if params.HasField("seed") else 0,
+        )
+
+    def sample(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+        """Pick a token from logits of shape (1, vocab); returns (token, its logprob), lazily.
+
+        The random key depends only on (seed, position), so a sequence re-run from its prompt
+        and the tokens already produced samples the same continuation.
+        """
+        if self._processors:
+            tokens = mx.array(self.history, dtype=mx.int32)
+            for processor in self._processors:
+                logits = processor(tokens, logits)
+        logprobs = logits - mx.logsumexp(logits, keepdims=True)
+        if self.temperature > 0:
+            mx.random.seed((self.seed * 1_000_003 + len(self.history)) % (1 << 63))
+        token = self._sample(logprobs)
+        return token, mx.take_along_axis(logprobs, token.reshape(1, 1), axis=-1)
