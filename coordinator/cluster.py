@@ -1,0 +1,167 @@
+"""The cluster: reach the workers, plan the split, load the shards, open the pipeline."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+import protos
+from coordinator.modelinfo import ModelInfo
+from coordinator.pipeline import Pipeline
+from coordinator.planner import NodeCapacity, Plan, plan
+from protos import inference_pb2, worker_pb2, worker_pb2_grpc
+from protos.units import format_size
+
+log = logging.getLogger("shardline.cluster")
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot serve: a worker is unreachable, refused its shard, or the plan failed."""
+
+
+@dataclass
+class Worker:
+    """A worker as the coordinator sees it."""
+
+    address: str
+    info: worker_pb2.WorkerInfo
+    channel: grpc.aio.Channel
+    shard: worker_pb2.ShardInfo | None = None
+    status: str = "ready"
+
+    @property
+    def stub(self) -> worker_pb2_grpc.WorkerStub:
+        return worker_pb2_grpc.WorkerStub(self.channel)
+
+    @property
+    def label(self) -> str:
+        return f"{self.info.name} ({self.address})"
+
+
+async def connect(address: str, timeout: float = 5.0) -> Worker:
+    """Ask the worker at `address` what it is; ClusterError if it does not answer in time."""
+    channel = grpc.aio.insecure_channel(address, options=protos.channel_options())
+    try:
+        info = await worker_pb2_grpc.WorkerStub(channel).Info(
+            worker_pb2.InfoRequest(), timeout=timeout, wait_for_ready=True
+        )
+    except grpc.aio.AioRpcError as e:
+        await channel.close()
+        reason = "no answer" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else e.details()
+        raise ClusterError(f"cannot reach worker at {address}: {reason}") from None
+    if info.api != protos.WIRE_VERSION:
+        await channel.close()
+        raise ClusterError(
+            f"worker {info.name} at {address} speaks wire version {info.api}, "
+            f"this coordinator {protos.WIRE_VERSION}"
+        )
+    return Worker(address=address, info=info, channel=channel)
+
+
+@dataclass
+class Cluster:
+    """Workers, the plan over them and the pipeline through them, for one model."""
+
+    model: ModelInfo
+    workers: list[Worker]
+    partition: str = "memory"
+    context: int | None = None
+    max_sequences: int = 4
+    plan: Plan | None = None
+    pipeline: Pipeline | None = None
+    plan_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @classmethod
+    async def connect(cls, model: ModelInfo, addresses: Sequence[str], **kwargs) -> Cluster:
+        """Reach every address (in parallel); fail naming each worker that did not answer."""
+        outcomes = await asyncio.gather(*(connect(a) for a in addresses), return_exceptions=True)
+        errors = [str(o) for o in outcomes if isinstance(o, BaseException)]
+        if errors:
+            for o in outcomes:
+                if isinstance(o, Worker):
+                    await o.channel.close()
+            raise ClusterError("; ".join(errors))
+        return cls(model=model, workers=list(outcomes), **kwargs)
+
+    def make_plan(self) -> Plan:
+        nodes = [
+            NodeCapacity(w.info.name, w.info.memory_bytes, w.info.bandwidth_gbps or None)
+            for w in self.workers
+        ]
+        self.plan = plan(self.model, nodes, partition=self.partition, context=self.context,
+                         max_sequences=self.max_sequences)
+        return self.plan
+
+    async def load(self, progress: Callable[[str], None] | None = None) -> None:
+        """Load every stage's shard (in parallel), then open the pipeline into stage 0."""
+        if self.plan is None:
+            self.make_plan()
+        stages = self.plan.stages
+        self.plan_id = uuid.uuid4().hex[:12]
+
+        async def load_one(i: int, worker: Worker) -> None:
+            stage = stages[i]
+            spec = worker_pb2.ShardSpec(
+                model_id=self.model.model_id,
+                model_path=str(self.model.path),
+                layer_start=stage.layer_start,
+                layer_end=stage.layer_end,
+                num_layers=self.model.num_layers,
+                stage_index=i,
+                num_stages=len(stages),
+                next_address=self.workers[i + 1].address if i + 1 < len(stages) else "",
+                max_message_bytes=protos.DEFAULT_MAX_MESSAGE_BYTES,
+                plan_id=self.plan_id,
+            )
+            worker.status = "loading"
+            try:
+                async for step in worker.stub.LoadShard(worker_pb2.LoadShardRequest(spec=spec)):
+                    if step.HasField("shard"):
+                        worker.shard = step.shard
+            except grpc.aio.AioRpcError as e:
+                worker.status = "failed"
+                raise ClusterError(f"worker {worker.label} could not load its shard: "
+                                   f"{e.details()}") from None
+            worker.status = "serving"
+            if progress:
+                progress(
+                    f"  {worker.info.name}: layers [{stage.layer_start}, {stage.layer_end}) "
+                    f"loaded in {worker.shard.load_seconds:.2f}s, "
+                    f"{format_size(worker.shard.weight_bytes)}"
+                )
+
+        await asyncio.gather(*(load_one(i, w) for i, w in enumerate(self.workers[: len(stages)])))
+        if self.pipeline is not None:
+            await self.pipeline.close()
+        self.pipeline = Pipeline(self.workers[0].address, self.plan_id)
+        await self.pipeline.open()
+
+    def state(self) -> inference_pb2.ClusterState:
+        """The public ClusterState: each worker with its layers and status."""
+        out = inference_pb2.ClusterState(model=self.model.model_id, partition=self.partition)
+        for w in self.workers:
+            spec = w.shard.spec if w.shard else None
+            out.workers.append(
+                inference_pb2.WorkerState(
+                    id=w.info.id,
+                    name=w.info.name,
+                    address=w.address,
+                    memory_bytes=w.info.memory_bytes,
+                    backend=w.info.backend,
+                    layer_start=spec.layer_start if spec else 0,
+                    layer_end=spec.layer_end if spec else 0,
+                    status=w.status,
+                )
+            )
+        return out
+
+    async def close(self) -> None:
+        if self.pipeline is not None:
+            await self.pipeline.close()
+        for w in self.workers:
+            await w.channel.close()

@@ -1,0 +1,178 @@
+"""Generation: tokenize, prefill and decode through the pipeline, detokenize, stop."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.pipeline import Pipeline, PipelineError
+from coordinator.stops import StopMatcher
+from protos import inference_pb2, worker_pb2
+
+FINISH_STOP = inference_pb2.FINISH_REASON_STOP
+FINISH_LENGTH = inference_pb2.FINISH_REASON_LENGTH
+FINISH_CANCELLED = inference_pb2.FINISH_REASON_CANCELLED
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_PREFILL_CHUNK = 512
+
+
+class RequestError(Exception):
+    """A request the engine refuses; `code` is the gRPC status name (SPEC: Errors)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Chunk:
+    """A piece of a streamed response: new text and tokens; the last one has finish and usage."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: int = 0
+    usage: inference_pb2.Usage | None = None
+
+
+class Engine:
+    """Runs requests through a pipeline; many may run at once, each with its own sequence id."""
+
+    def __init__(self, tokenizer: Any, pipeline_source: Any, *, vocab_size: int,
+                 context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        self.tokenizer = tokenizer
+        self._source = pipeline_source  # anything with a `.pipeline` attribute (the Cluster)
+        self.vocab_size = vocab_size
+        self.context = context
+        self.prefill_chunk = prefill_chunk
+        self._ids = itertools.count()
+
+    @property
+    def pipeline(self) -> Pipeline:
+        pipeline = self._source.pipeline
+        if pipeline is None or pipeline.broken:
+            reason = pipeline.broken if pipeline else "shards are not loaded"
+            raise RequestError("UNAVAILABLE", f"the cluster cannot serve now: {reason}")
+        return pipeline
+
+    # -- prompts ----------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if not prompt:
+            raise RequestError("INVALID_ARGUMENT", "prompt is empty")
+        bos = self.tokenizer.bos_token
+        add_special = bos is None or not prompt.startswith(bos)
+        return list(self.tokenizer.encode(prompt, add_special_tokens=add_special))
+
+    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        if not messages:
+            raise RequestError("INVALID_ARGUMENT", "messages is empty")
+        for i, (role, _) in enumerate(messages):
+            if role not in ("system", "user", "assistant", "tool", "developer"):
+                raise RequestError("INVALID_ARGUMENT", f"messages[{i}].role {role!r} is not one "
+                                   "of system, user, assistant, tool")
+        chat = [{"role": r, "content": c} for r, c in messages]
+        return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True,
+                                                       tokenize=True))
+
+    def check(self, ids: Sequence[int], max_tokens: int) -> None:
+        """Refuse prompts that are empty, out of vocabulary or do not fit the context."""
+        if not ids:
+            raise RequestError("INVALID_ARGUMENT", "prompt is empty")
+        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise RequestError("INVALID_ARGUMENT",
+                               f"prompt_token_ids: {bad} is outside the vocabulary "
+                               f"(0..{self.vocab_size - 1})")
+        if max_tokens < 1:
+            raise RequestError("INVALID_ARGUMENT", f"max_tokens must be >= 1, got {max_tokens}")
+        if len(ids) + max_tokens > self.context:
+            raise RequestError(
+                "INVALID_ARGUMENT",
+                f"prompt is {len(ids)} tokens; with max_tokens {max_tokens} that exceeds the "
+                f"context of {self.context} tokens",
+            )
+
+    # -- generation -------------------------------------------------------------------------
+    def _chunks(self, seq_id: str, ids: list[int],
+                sampling: inference_pb2.SamplingParams) -> list[worker_pb2.SeqInput]:
+        """The prompt as steps: all but the last token in chunks, then the last token sampled.
+
+        This mirrors mlx-lm's generate_step, which prefills prompt[:-1] and then runs the last
+        token alone, so logits match it bit for bit.
+        """
+        out, pos = [], 0
+        body = ids[:-1]
+        for i in range(0, len(body), self.prefill_chunk):
+            piece = body[i : i + self.prefill_chunk]
+            out.append(worker_pb2.SeqInput(seq_id=seq_id, token_ids=piece, offset=pos))
+            pos += len(piece)
+        out.append(worker_pb2.SeqInput(seq_id=seq_id, token_ids=ids[-1:], offset=pos,
+                                       sample=True))
+        out[0].start = True
+        out[0].sampling.CopyFrom(sampling)
+        return out
+
+    async def generate(self, ids: list[int], sampling: inference_pb2.SamplingParams
+                       ) -> AsyncIterator[Chunk]:
+        """Stream the completion of `ids`; the caller has run `check`."""
+        max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
+        self.check(ids, max_tokens)
+        pipeline = self.pipeline
+        seq_id = f"{uuid.uuid4().hex[:8]}-{next(self._ids)}"
+        eos = set(self.tokenizer.eos_token_ids or ())
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        stops = StopMatcher(list(sampling.stop))
+        t0 = time.perf_counter()
+        t_first = None
+        n = 0
+        finish = FINISH_LENGTH
+        hit = False
+        try:
+            futures = [await pipeline.submit([seq]) for seq in self._chunks(seq_id, ids, sampling)]
+            results = [await pipeline.result(f) for f in futures]
+            out = results[-1].outputs[0]
+            while True:
+                n += 1
+                if t_first is None:
+                    t_first = time.perf_counter()
+                token = out.token
+                if token in eos:
+                    finish = FINISH_STOP
+                    break
+                detok.add_token(token)
+                text, hit = stops.feed(detok.last_segment)
+                yield Chunk(text=text, token_ids=[token], logprobs=[out.logprob])
+                if hit:
+                    finish = FINISH_STOP
+                    break
+                if n >= max_tokens:
+                    break
+                step = worker_pb2.SeqInput(seq_id=seq_id, token_ids=[token],
+                                           offset=len(ids) + n - 1, sample=True)
+                out = (await pipeline.step([step])).outputs[0]
+        except PipelineError as e:
+            raise RequestError("UNAVAILABLE", str(e)) from None
+        finally:
+            await asyncio.shield(pipeline.release([seq_id]))
+        tail = ""
+        if not hit:
+            detok.finalize()
+            tail, hit = stops.feed(detok.last_segment)
+            tail += "" if hit else stops.flush()
+            finish = FINISH_STOP if hit else finish
+        t_end = time.perf_counter()
+        decode_tps = (n - 1) / (t_end - t_first) if t_first and n > 1 else 0.0
+        usage = inference_pb2.Usage(
+            prompt_tokens=len(ids), completion_tokens=n,
+            time_to_first_token_seconds=(t_first or t_end) - t0,
+            decode_tokens_per_second=decode_tps,
+        )
+        yield Chunk(text=tail, finish_reason=finish, usage=usage)

@@ -1,0 +1,103 @@
+"""The public gRPC service `shardline.v1.Inference`, with health and reflection beside it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import protos
+from coordinator.cluster import Cluster
+from coordinator.engine import Engine, RequestError
+from protos import inference_pb2, inference_pb2_grpc
+
+log = logging.getLogger("shardline.api")
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+class InferenceService(inference_pb2_grpc.InferenceServicer):
+    """Maps the public API onto the engine; every refusal is a SPEC status code with a reason."""
+
+    def __init__(self, engine: Engine, cluster: Cluster) -> None:
+        self.engine = engine
+        self.cluster = cluster
+
+    def _check_model(self, model: str) -> None:
+        if model and model != self.cluster.model.model_id:
+            raise RequestError("NOT_FOUND", f"model {model!r} is not served here; "
+                               f"this cluster serves {self.cluster.model.model_id!r}")
+
+    async def _stream(self, ids_fn: Any, request_id: str, sampling: Any, context: Any):
+        try:
+            ids = ids_fn()
+            async for chunk in self.engine.generate(ids, sampling):
+                msg = inference_pb2.GenerateResponse(
+                    request_id=request_id, text=chunk.text, token_ids=chunk.token_ids,
+                    logprobs=chunk.logprobs, finish_reason=chunk.finish_reason,
+                )
+                if chunk.usage is not None:
+                    msg.usage.CopyFrom(chunk.usage)
+                yield msg
+        except RequestError as e:
+            await context.abort(getattr(grpc.StatusCode, e.code), e.message)
+
+    async def Generate(self, request: inference_pb2.GenerateRequest, context: Any):
+        def ids() -> list[int]:
+            self._check_model(request.model)
+            if request.prompt and request.prompt_token_ids:
+                raise RequestError("INVALID_ARGUMENT",
+                                   "set exactly one of prompt and prompt_token_ids")
+            if request.prompt_token_ids:
+                return list(request.prompt_token_ids)
+            return self.engine.encode_prompt(request.prompt)
+
+        async for msg in self._stream(ids, request.request_id, request.sampling, context):
+            yield msg
+
+    async def Chat(self, request: inference_pb2.ChatRequest, context: Any):
+        def ids() -> list[int]:
+            self._check_model(request.model)
+            return self.engine.encode_chat([(m.role, m.content) for m in request.messages])
+
+        async for msg in self._stream(ids, request.request_id, request.sampling, context):
+            yield msg
+
+    async def ListModels(self, request: Any, context: Any) -> inference_pb2.ListModelsResponse:
+        m = self.cluster.model
+        return inference_pb2.ListModelsResponse(models=[inference_pb2.ModelInfo(
+            id=m.model_id, num_layers=m.num_layers, weight_bytes=m.weight_bytes)])
+
+    async def GetCluster(self, request: Any, context: Any) -> inference_pb2.ClusterState:
+        return self.cluster.state()
+
+
+async def start_server(service: InferenceService, host: str, port: int
+                       ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
+    """Start the API server with health (NOT_SERVING until marked) and reflection."""
+    server = grpc.aio.server(options=protos.channel_options())
+    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    await server.start()
+    return server, health_servicer, bound
+
+
+async def set_serving(health_servicer: Any, serving: bool) -> None:
+    status = (health_pb2.HealthCheckResponse.SERVING if serving
+              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)
