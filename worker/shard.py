@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_config, load_model
 
 from worker.families import Family, adapter_for, check_family
@@ -29,6 +32,11 @@ class Shard:
     num_layers: int
     weight_bytes: int
     load_seconds: float
+    cache_template: list[Any]
+
+    def new_caches(self) -> list[Any]:
+        """Fresh, empty KV caches for this slice's layers (family-correct kinds)."""
+        return copy.deepcopy(self.cache_template)
 
     @property
     def is_first(self) -> bool:
@@ -70,6 +78,8 @@ def load_shard(path: str | Path, start: int, end: int) -> Shard:
     family = adapter_for(model, model_type)
     inner = family.inner
     tied = family.tied
+    # Some families derive cache kinds from their layers, so take the template before cutting.
+    cache_template = make_prompt_cache(model)[start:end]
     for i in range(num_layers):
         if not start <= i < end:
             inner.layers[i] = None
@@ -89,4 +99,5 @@ def load_shard(path: str | Path, start: int, end: int) -> Shard:
         num_layers=num_layers,
         weight_bytes=_parameter_bytes(model),
         load_seconds=time.perf_counter() - t0,
+        cache_template=cache_template,
     )

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
 
 from protos import codec, worker_pb2
 from worker.sampling import Sampler
@@ -57,7 +56,7 @@ class StageRunner:
 
     def _session(self, seq: worker_pb2.SeqInput) -> Session:
         if seq.start:
-            caches = make_prompt_cache(self.shard.model)[self.shard.start : self.shard.end]
+            caches = self.shard.new_caches()
             sampler = Sampler.from_params(seq.sampling) if self.shard.is_last else None
             self.sessions[seq.seq_id] = Session(caches=caches, sampler=sampler)
         session = self.sessions.get(seq.seq_id)
@@ -73,7 +72,7 @@ class StageRunner:
         if self.shard.is_first:
             if not seq.token_ids:
                 raise StepError(f"sequence {seq.seq_id!r}: empty chunk")
-            return self.shard.family.embed(mx.array(seq.token_ids, dtype=mx.int32)[None])
+            return self.shard.family.embed(mx.array(list(seq.token_ids), dtype=mx.int32)[None])
         if not seq.hidden.data:
             raise StepError(f"sequence {seq.seq_id!r}: no hidden state for stage {self.shard.start}")
         return codec.decode(seq.hidden)

@@ -1,0 +1,125 @@
+"""`coordinator serve`, as a reusable object: model, workers, plan, shards, API server."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coordinator.cluster import Cluster
+from coordinator.engine import DEFAULT_PREFILL_CHUNK, Engine
+from coordinator.local import LocalWorkers
+from coordinator.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
+from coordinator.service import InferenceService, set_serving, start_server
+
+log = logging.getLogger("shardline.coordinator")
+
+
+@dataclass
+class ServeOptions:
+    """Everything `coordinator serve` needs; the CLI fills it from flags."""
+
+    model: str | None = None
+    demo: bool = False
+    workers: list[str] = field(default_factory=list)
+    local_workers: int = 0
+    local_memory: list[int] | None = None
+    host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    partition: str = "memory"
+    cluster: str = "default"
+    context: int | None = None
+    max_sequences: int = 4
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    cache_dir: Path | None = None
+
+
+def load_tokenizer(path: Path):
+    """The model's tokenizer exactly as mlx_lm.load builds it (same EOS ids)."""
+    from mlx_lm.tokenizer_utils import load as load_tok
+
+    config = json.loads((path / "config.json").read_text())
+    eos = config.get("eos_token_id")
+    return load_tok(path, eos_token_ids=[eos] if isinstance(eos, int) else eos)
+
+
+class Coordinator:
+    """Owns the local workers, the cluster, the engine and the API server of one `serve`."""
+
+    def __init__(self, options: ServeOptions, progress: Callable[[str], None] = print) -> None:
+        self.options = options
+        self.progress = progress
+        self.local: LocalWorkers | None = None
+        self.model: ModelInfo | None = None
+        self.cluster: Cluster | None = None
+        self.engine: Engine | None = None
+        self.server = None
+        self.health = None
+        self.grpc_port = 0
+
+    def resolve_model(self) -> ModelInfo:
+        opts = self.options
+        if opts.demo:
+            from coordinator.demo import DEMO_SPEC, cached_model
+
+            self.progress("building the demo model (cached after the first run)...")
+            path = cached_model(DEMO_SPEC, opts.cache_dir)
+            model_id = "shardline-demo"
+        elif opts.model:
+            path = resolve_model(opts.model, opts.cache_dir)
+            model_id = Path(opts.model).name if Path(opts.model).is_dir() else opts.model
+        else:
+            raise ValueError("no model: pass --model DIR_OR_REPO or --demo")
+        info = read_model_info(path, model_id=model_id)
+        check_family(info)
+        return info
+
+    def start_local_workers(self) -> list[str]:
+        opts = self.options
+        count = opts.local_workers or (2 if opts.demo and not opts.workers else 0)
+        if not count:
+            return []
+        memory = opts.local_memory
+        if memory is None:
+            from worker.backend import detect
+
+            memory = [detect().memory_bytes // count] * count
+        self.progress(f"starting {count} local worker(s)...")
+        self.local = LocalWorkers(count, memory=memory, cache_dir=opts.cache_dir)
+        return self.local.start()
+
+    async def start(self) -> None:
+        opts = self.options
+        self.model = self.resolve_model()
+        addresses = list(opts.workers) + self.start_local_workers()
+        if not addresses:
+            raise ValueError("no workers: pass --workers HOST:PORT,... or --local-workers N")
+        self.cluster = await Cluster.connect(
+            self.model, addresses, partition=opts.partition, context=opts.context,
+            max_sequences=opts.max_sequences,
+        )
+        plan = self.cluster.make_plan()
+        self.progress(plan.describe())
+        self.progress(f"loading {self.model.model_id} on {len(plan.stages)} worker(s)...")
+        await self.cluster.load(self.progress)
+        config = json.loads((self.model.path / "config.json").read_text())
+        self.engine = Engine(
+            load_tokenizer(self.model.path), self.cluster, vocab_size=int(config["vocab_size"]),
+            context=plan.context, prefill_chunk=opts.prefill_chunk,
+        )
+        service = InferenceService(self.engine, self.cluster)
+        self.server, self.health, self.grpc_port = await start_server(
+            service, opts.host, opts.grpc_port
+        )
+        await set_serving(self.health, True)
+        self.progress(f"serving {self.model.model_id} on gRPC {opts.host}:{self.grpc_port}")
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(grace=1.0)
+        if self.cluster is not None:
+            await self.cluster.close()
+        if self.local is not None:
+            self.local.stop()

@@ -1,0 +1,187 @@
+"""`coordinator`: serve a model over workers, plan a split, show status, generate text."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+
+import protos
+from protos.units import format_size, parse_size
+
+
+class CLIError(Exception):
+    """A one-line reason the command failed (printed without a traceback)."""
+
+
+def _csv(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def _sizes(text: str) -> list[int]:
+    return [parse_size(p) for p in _csv(text)]
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="plan, load shards and serve the model")
+    p.add_argument("--model", help="local MLX model directory or Hugging Face repo id")
+    p.add_argument("--demo", action="store_true",
+                   help="serve a small built-in random-weight model on two local workers")
+    p.add_argument("--workers", type=_csv, default=[], help="static worker list H:P,H:P")
+    p.add_argument("--no-discover", action="store_true", help="do not browse mDNS for workers")
+    p.add_argument("--min-workers", type=int, default=1, help="wait for this many workers")
+    p.add_argument("--local-workers", type=int, default=0,
+                   help="start N workers on this machine (stopped on exit)")
+    p.add_argument("--local-memory", type=_sizes, default=None,
+                   help="memory for each local worker, e.g. 1GiB,2GiB (default: split evenly)")
+    p.add_argument("--host", default="0.0.0.0", help="address the APIs listen on")
+    p.add_argument("--grpc-port", type=int, default=protos.DEFAULT_GRPC_PORT)
+    p.add_argument("--http-port", type=int, default=protos.DEFAULT_HTTP_PORT)
+    p.add_argument("--partition", choices=("memory", "balanced"), default="memory")
+    p.add_argument("--cluster", default="default", help="cluster name")
+    p.add_argument("--secret-file", type=Path, default=None)
+    p.add_argument("--api-key-file", type=Path, default=None)
+    p.add_argument("--context", type=int, default=None,
+                   help="longest sequence (prompt + output) to reserve KV for")
+    p.add_argument("--max-sequences", type=int, default=4,
+                   help="sequences to reserve KV memory for on each worker")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step")
+    p.add_argument("--cache-dir", type=Path, default=None)
+
+
+def add_client_parsers(sub: argparse._SubParsersAction) -> None:
+    default = f"127.0.0.1:{protos.DEFAULT_GRPC_PORT}"
+    s = sub.add_parser("status", help="workers, their layers, memory and health")
+    s.add_argument("--address", default=default, help=f"coordinator gRPC address ({default})")
+    g = sub.add_parser("generate", help="stream a completion to stdout")
+    g.add_argument("--address", default=default, help=f"coordinator gRPC address ({default})")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-tokens", type=int, default=None)
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from coordinator.plan_cli import add_plan_parser
+
+    parser = argparse.ArgumentParser(prog="coordinator", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(sub)
+    add_plan_parser(sub)
+    add_client_parsers(sub)
+    return parser
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    from coordinator.app import Coordinator, ServeOptions
+
+    options = ServeOptions(
+        model=args.model, demo=args.demo, workers=args.workers,
+        local_workers=args.local_workers, local_memory=args.local_memory, host=args.host,
+        grpc_port=args.grpc_port, partition=args.partition, cluster=args.cluster,
+        context=args.context, max_sequences=args.max_sequences,
+        prefill_chunk=args.prefill_chunk, cache_dir=args.cache_dir,
+    )
+    coordinator = Coordinator(options, progress=lambda m: print(m, flush=True))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await coordinator.start()
+        print("ready; Ctrl-C stops", flush=True)
+        await stop.wait()
+    finally:
+        await coordinator.stop()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from coordinator.cluster import ClusterError
+    from coordinator.local import LocalWorkerError
+    from coordinator.modelinfo import ModelError
+    from coordinator.planner import PlanError
+
+    if args.local_memory and len(args.local_memory) != args.local_workers:
+        raise CLIError("--local-memory needs one size per local worker")
+    try:
+        asyncio.run(_serve(args))
+    except (ClusterError, LocalWorkerError, ModelError, PlanError, ValueError, OSError) as e:
+        raise CLIError(str(e)) from None
+    return 0
+
+
+def _rpc_error(e: grpc.RpcError, address: str) -> CLIError:
+    if e.code() == grpc.StatusCode.UNAVAILABLE:
+        return CLIError(f"cannot reach the coordinator at {address}: {e.details()}")
+    return CLIError(f"{e.code().name}: {e.details()}")
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from protos import inference_pb2, inference_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        try:
+            state = stub.GetCluster(inference_pb2.GetClusterRequest(), timeout=10)
+        except grpc.RpcError as e:
+            raise _rpc_error(e, args.address) from None
+    print(f"model {state.model}  partition {state.partition}  workers {len(state.workers)}")
+    rows = [("NAME", "ADDRESS", "LAYERS", "MEMORY", "BACKEND", "STATUS", "ID")]
+    for w in state.workers:
+        layers = f"[{w.layer_start}, {w.layer_end})" if w.layer_end else "-"
+        rows.append((w.name, w.address, layers, format_size(w.memory_bytes), w.backend,
+                     w.status, w.id))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    return 0
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from protos import inference_pb2, inference_pb2_grpc
+
+    sampling = inference_pb2.SamplingParams()
+    if args.max_tokens is not None:
+        sampling.max_tokens = args.max_tokens
+    if args.temperature is not None:
+        sampling.temperature = args.temperature
+    if args.seed is not None:
+        sampling.seed = args.seed
+    request = inference_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling)
+    with grpc.insecure_channel(args.address, options=protos.channel_options()) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        try:
+            for msg in stub.Generate(request):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+        except grpc.RpcError as e:
+            raise _rpc_error(e, args.address) from None
+    sys.stdout.write("\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from coordinator.plan_cli import run_plan
+
+    commands = {"serve": run_serve, "plan": run_plan, "status": run_status,
+                "generate": run_generate}
+    try:
+        return commands[args.command](args)
+    except CLIError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

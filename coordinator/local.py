@@ -1,0 +1,86 @@
+"""Worker processes on this machine for `--local-workers N` and `--demo`, stopped on exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class LocalWorkerError(RuntimeError):
+    """A local worker did not start."""
+
+
+class LocalWorkers:
+    """Start N `worker serve` processes on 127.0.0.1 with free ports; `stop()` ends them.
+
+    >>> with LocalWorkers(2, memory=[1 << 30, 1 << 30]) as addresses:  # doctest: +SKIP
+    ...     print(addresses)
+    ['127.0.0.1:40123', '127.0.0.1:40125']
+    """
+
+    def __init__(self, count: int, *, memory: Sequence[int] | None = None,
+                 cache_dir: Path | None = None, names: Sequence[str] | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
+        if count < 1:
+            raise ValueError("--local-workers must be at least 1")
+        self.count = count
+        self.memory = list(memory) if memory else None
+        self.cache_dir = cache_dir
+        self.names = list(names) if names else [f"local-{i}" for i in range(count)]
+        self.extra_args = list(extra_args)
+        self._tmp = tempfile.TemporaryDirectory(prefix="shardline-local-")
+        self.procs: list[subprocess.Popen] = []
+        self.addresses: list[str] = []
+
+    def _command(self, i: int, ready: Path) -> list[str]:
+        cmd = [sys.executable, "-m", "worker", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--no-advertise", "--name", self.names[i], "--ready-file", str(ready)]
+        if self.memory:
+            cmd += ["--memory", str(self.memory[i])]
+        if self.cache_dir:
+            cmd += ["--cache-dir", str(self.cache_dir)]
+        return cmd + self.extra_args
+
+    def log_path(self, i: int) -> Path:
+        return Path(self._tmp.name) / f"worker-{i}.log"
+
+    def start(self, timeout: float = 60.0) -> list[str]:
+        readies = [Path(self._tmp.name) / f"worker-{i}.json" for i in range(self.count)]
+        for i, ready in enumerate(readies):
+            log = open(self.log_path(i), "wb")  # noqa: SIM115 - the child owns it
+            self.procs.append(subprocess.Popen(self._command(i, ready), stdout=log,
+                                               stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + timeout
+        for i, (proc, ready) in enumerate(zip(self.procs, readies, strict=True)):
+            while not ready.exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = self.log_path(i).read_text(errors="replace")[-2000:]
+                    self.stop()
+                    raise LocalWorkerError(f"local worker {i} did not start:\n{tail}")
+                time.sleep(0.05)
+            self.addresses.append(f"127.0.0.1:{json.loads(ready.read_text())['port']}")
+        return self.addresses
+
+    def stop(self, timeout: float = 5.0) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs = []
+
+    def __enter__(self) -> list[str]:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self._tmp.cleanup()
