@@ -1,0 +1,239 @@
+"""What this machine can do: backend, chip, usable memory and bandwidth (all platform code here).
+
+Every probe is best-effort: a missing key, file or command falls back to the next source and
+never raises. Usable memory is what a worker may plan to fill with weights and KV cache:
+Metal's recommended working set on Apple silicon, free device memory on CUDA, and
+MemAvailable (capped by a cgroup limit) on a CPU-only host.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Apple silicon unified-memory bandwidth, GB/s (Apple's published figures). The M4 Max with
+# the 14-core CPU has 410; 546 is the full chip. Unknown chips get None (planner falls back).
+CHIP_BANDWIDTH_GBPS: dict[str, float] = {
+    "M1": 68.0,
+    "M1 Pro": 200.0,
+    "M1 Max": 400.0,
+    "M1 Ultra": 800.0,
+    "M2": 100.0,
+    "M2 Pro": 200.0,
+    "M2 Max": 400.0,
+    "M2 Ultra": 800.0,
+    "M3": 100.0,
+    "M3 Pro": 150.0,
+    "M3 Max": 400.0,
+    "M3 Ultra": 819.0,
+    "M4": 120.0,
+    "M4 Pro": 273.0,
+    "M4 Max": 546.0,
+}
+
+_APPLE_CHIP = re.compile(r"\bM(\d+)(?:\s+(Pro|Max|Ultra))?\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One machine's compute: backend ("metal" | "cuda" | "cpu"), chip name and memory."""
+
+    backend: str
+    chip: str
+    memory_bytes: int  # usable for weights + KV cache
+    bandwidth_gbps: float | None
+    total_memory_bytes: int
+
+
+def chip_bandwidth(chip: str) -> float | None:
+    """Memory bandwidth in GB/s of an Apple chip named like "Apple M2 Max"; None if unknown."""
+    if not chip:
+        return None
+    match = _APPLE_CHIP.search(chip)
+    if match is None:
+        return None
+    tier = match.group(2)
+    name = f"M{match.group(1)}" + (f" {tier.capitalize()}" if tier else "")
+    return CHIP_BANDWIDTH_GBPS.get(name)
+
+
+def detect(memory_override: int | None = None) -> Hardware:
+    """Probe this machine; `memory_override` (bytes) replaces the detected usable memory."""
+    try:
+        hw = _detect_mlx()
+    except Exception:  # an MLX without the expected API must not stop a worker from starting
+        hw = None
+    if hw is None:
+        hw = _detect_cpu()
+    if memory_override is not None:
+        if memory_override <= 0:
+            raise ValueError(f"memory_override must be positive, not {memory_override}")
+        hw = Hardware(
+            hw.backend, hw.chip, int(memory_override), hw.bandwidth_gbps, hw.total_memory_bytes
+        )
+    return hw
+
+
+def _detect_mlx(mx: Any = None) -> Hardware | None:
+    """Metal or CUDA through MLX (`mx` is injectable for tests); None when neither is there."""
+    if mx is None:
+        import mlx.core as mx
+
+    metal = getattr(mx, "metal", None)
+    if metal is not None and metal.is_available():
+        return _detect_metal(mx)
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and hasattr(cuda, "is_available") and cuda.is_available():
+        return _detect_cuda(mx)
+    return None
+
+
+def _device_info(mx: Any) -> dict[str, Any]:
+    # mx.device_info is the current name; mx.metal.device_info the old one (Metal only).
+    for probe in (lambda: mx.device_info(mx.gpu), lambda: mx.metal.device_info()):
+        try:
+            info = probe()
+        except Exception:
+            continue
+        if isinstance(info, dict):
+            return info
+    return {}
+
+
+def _int_key(info: dict[str, Any], *keys: str) -> int | None:
+    for key in keys:
+        value = info.get(key)
+        if isinstance(value, int | float) and value > 0:
+            return int(value)
+    return None
+
+
+def _detect_metal(mx: Any) -> Hardware:
+    info = _device_info(mx)
+    total = _int_key(info, "memory_size", "total_memory") or _sysctl_int("hw.memsize")
+    total = total or _system_memory()[0]
+    usable = _int_key(info, "max_recommended_working_set_size") or int(total * 0.75)
+    chip = str(info.get("device_name") or "") or _sysctl_str("machdep.cpu.brand_string")
+    chip = chip or platform.processor() or "Apple silicon"
+    return Hardware("metal", chip, min(usable, total), chip_bandwidth(chip), total)
+
+
+def _detect_cuda(mx: Any) -> Hardware:
+    info = _device_info(mx)
+    total = _int_key(info, "total_memory", "memory_size")
+    free = _int_key(info, "free_memory")
+    if total is None:
+        total = _system_memory()[0]
+    usable = free if free is not None else total
+    chip = str(info.get("device_name") or "") or "NVIDIA GPU"
+    return Hardware("cuda", chip, min(usable, total), chip_bandwidth(chip), total)
+
+
+def _detect_cpu() -> Hardware:
+    total, available = _system_memory()
+    chip = _cpu_model() or platform.processor() or platform.machine() or "cpu"
+    return Hardware("cpu", chip, min(available, total), chip_bandwidth(chip), total)
+
+
+def _meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes; empty where there is none."""
+    out: dict[str, int] = {}
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        fields = rest.split()
+        if fields and fields[0].isdigit():
+            unit = 1024 if len(fields) > 1 and fields[1].lower() == "kb" else 1
+            out[name.strip()] = int(fields[0]) * unit
+    return out
+
+
+def _cgroup_available() -> int | None:
+    """Bytes this process's cgroup (v2 or v1) may still use, if it is limited.
+
+    Like `docker stats`: usage minus inactive page cache, which the kernel reclaims first.
+    """
+    for limit_file, usage_file, stat_file, cache_key in (
+        ("memory.max", "memory.current", "memory.stat", "inactive_file"),
+        (
+            "memory/memory.limit_in_bytes",
+            "memory/memory.usage_in_bytes",
+            "memory/memory.stat",
+            "total_inactive_file",
+        ),
+    ):
+        root = Path("/sys/fs/cgroup")
+        try:
+            raw = (root / limit_file).read_text().strip()
+        except OSError:
+            continue
+        if not raw.isdigit() or int(raw) >= 1 << 60:  # "max", or v1's "no limit"
+            return None
+        try:
+            used = int((root / usage_file).read_text().strip())
+            for line in (root / stat_file).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == cache_key and value.strip().isdigit():
+                    used -= int(value)
+        except (OSError, ValueError):
+            used = 0
+        return max(int(raw) - max(used, 0), 0)
+    return None
+
+
+def _system_memory() -> tuple[int, int]:
+    """(total, available) system RAM in bytes, from the best source this OS has."""
+    info = _meminfo()
+    total = info.get("MemTotal") or _sysconf("SC_PHYS_PAGES") or _sysctl_int("hw.memsize") or 0
+    available = info.get("MemAvailable") or _sysconf("SC_AVPHYS_PAGES") or total
+    if sys.platform.startswith("linux") and (limit := _cgroup_available()) is not None:
+        available = min(available, limit)
+    total = total or available or 1
+    return total, available or total
+
+
+def _sysconf(name: str) -> int | None:
+    try:
+        pages = os.sysconf(name)
+        page = os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return pages * page if pages > 0 and page > 0 else None
+
+
+def _sysctl_str(name: str) -> str:
+    if sys.platform != "darwin":
+        return ""
+    try:
+        out = subprocess.run(["sysctl", "-n", name], capture_output=True, text=True, timeout=2)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def _sysctl_int(name: str) -> int | None:
+    value = _sysctl_str(name)
+    return int(value) if value.isdigit() else None
+
+
+def _cpu_model() -> str:
+    if sys.platform == "darwin":
+        return _sysctl_str("machdep.cpu.brand_string")
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
+            return value.strip()
+    return ""
