@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +24,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+from protos import SUPPORTED_FAMILIES, default_cache_dir
+
+FAMILIES = SUPPORTED_FAMILIES
 TIED_FAMILIES = ("gemma", "gemma2", "gemma3_text")  # always tied: spec.tied is forced to True
 # Default weight_scale per family, tuned (8 seeds, tied/untied, 4/8-bit) so that greedy output
 # over 32 tokens has >= 8 distinct tokens. qwen3 normalizes q and k, so it needs a larger scale.
@@ -162,16 +163,6 @@ DEMO_SPEC = ModelSpec(
     num_attention_heads=4,
     num_key_value_heads=2,
 )
-
-
-def default_cache_dir() -> Path:
-    """$SHARDLINE_CACHE_DIR, else the platform's user cache dir plus `shardline`."""
-    if env := os.environ.get("SHARDLINE_CACHE_DIR"):
-        return Path(env).expanduser()
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "shardline"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "shardline"
 
 
 def build_tokenizer(out_dir: Path) -> None:

@@ -18,9 +18,8 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_FAMILIES = (
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
-)
+from protos import SUPPORTED_FAMILIES
+
 DEFAULT_MAX_CONTEXT = 4096
 
 # What mlx-lm fetches for a model (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS), without importing mlx.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 try:
     __version__ = version("shardline")
@@ -15,6 +18,11 @@ WIRE_VERSION = 1
 # DNS-SD service types (SPEC: Discovery).
 WORKER_SERVICE_TYPE = "_shardline._tcp.local."
 API_SERVICE_TYPE = "_shardline-api._tcp.local."
+
+# Model families whose slices workers run exactly (SPEC: Model support); others are refused.
+SUPPORTED_FAMILIES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+)
 
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_HTTP_PORT = 8080
@@ -34,3 +42,13 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def default_cache_dir() -> Path:
+    """$SHARDLINE_CACHE_DIR, else the platform's user cache dir plus `shardline`."""
+    if env := os.environ.get("SHARDLINE_CACHE_DIR"):
+        return Path(env).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "shardline"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "shardline"

@@ -1,4 +1,4 @@
-"""Tensor codec: MLX arrays to raw bytes with dtype and shape and back, bit-exact (bf16 included)."""
+"""Tensor codec: MLX arrays to raw bytes with dtype and shape and back, bit-exact (bf16 too)."""
 
 from __future__ import annotations
 

@@ -106,8 +106,7 @@ def reference_tokens(model: Path, prompt_ids: Sequence[int], max_tokens: int) ->
     eos = json.loads((model / "config.json").read_text()).get("eos_token_id")
     eos = {eos} if isinstance(eos, int) else set(eos or ())
     out = []
-    for (token, _), _ in zip(generate_step(mx.array(list(prompt_ids)), net,
-                                           max_tokens=max_tokens), range(max_tokens)):
+    for token, _ in generate_step(mx.array(list(prompt_ids)), net, max_tokens=max_tokens):
         if token in eos:
             break
         out.append(token)

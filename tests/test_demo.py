@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -240,10 +241,10 @@ def test_default_cache_dir(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SHARDLINE_CACHE_DIR", str(tmp_path / "x"))
     assert default_cache_dir() == tmp_path / "x"
     monkeypatch.delenv("SHARDLINE_CACHE_DIR")
-    monkeypatch.setattr(demo.sys, "platform", "linux")
+    monkeypatch.setattr(sys, "platform", "linux")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "shardline"
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_dir() == Path.home() / ".cache" / "shardline"
-    monkeypatch.setattr(demo.sys, "platform", "darwin")
+    monkeypatch.setattr(sys, "platform", "darwin")
     assert default_cache_dir() == Path.home() / "Library" / "Caches" / "shardline"

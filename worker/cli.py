@@ -45,8 +45,9 @@ def _write_ready(path: Path, port: int) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from protos import default_cache_dir
     from worker.backend import detect
-    from worker.identity import default_cache_dir, node_id
+    from worker.identity import node_id
     from worker.server import WorkerConfig, serve
 
     name = args.name or socket.gethostname().split(".")[0]

@@ -7,15 +7,6 @@ import uuid
 from pathlib import Path
 
 
-def default_cache_dir() -> Path:
-    """$SHARDLINE_CACHE_DIR, else the platform's user cache folder."""
-    if env := os.environ.get("SHARDLINE_CACHE_DIR"):
-        return Path(env)
-    if os.uname().sysname == "Darwin":
-        return Path.home() / "Library" / "Caches" / "shardline"
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "shardline"
-
-
 def node_id(cache_dir: Path, name: str = "worker") -> str:
     """Read or create the id of the worker called `name` (one id per name and cache dir)."""
     path = cache_dir / f"{name}.id"

@@ -74,7 +74,8 @@ class StageRunner:
                 raise StepError(f"sequence {seq.seq_id!r}: empty chunk")
             return self.shard.family.embed(mx.array(list(seq.token_ids), dtype=mx.int32)[None])
         if not seq.hidden.data:
-            raise StepError(f"sequence {seq.seq_id!r}: no hidden state for stage {self.shard.start}")
+            raise StepError(f"sequence {seq.seq_id!r}: no hidden state for layer "
+                            f"{self.shard.start}")
         return codec.decode(seq.hidden)
 
     def _layers(self, h: mx.array, session: Session) -> mx.array:
