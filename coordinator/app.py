@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coordinator.cluster import Cluster
-from coordinator.engine import DEFAULT_PREFILL_CHUNK, Engine
+from coordinator.engine import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, Engine
 from coordinator.local import LocalWorkers
 from coordinator.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
 from coordinator.service import InferenceService, set_serving, start_server
@@ -33,6 +33,7 @@ class ServeOptions:
     context: int | None = None
     max_sequences: int = 4
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    max_waiting: int = DEFAULT_MAX_WAITING
     cache_dir: Path | None = None
 
 
@@ -108,6 +109,7 @@ class Coordinator:
         self.engine = Engine(
             load_tokenizer(self.model.path), self.cluster, vocab_size=int(config["vocab_size"]),
             context=plan.context, prefill_chunk=opts.prefill_chunk,
+            max_running=plan.max_sequences, max_waiting=opts.max_waiting,
         )
         service = InferenceService(self.engine, self.cluster)
         self.server, self.health, self.grpc_port = await start_server(

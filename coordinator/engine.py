@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.pipeline import Pipeline, PipelineError
+from coordinator.scheduler import QueueFull, Scheduler
 from coordinator.stops import StopMatcher
 from protos import inference_pb2, worker_pb2
 
@@ -20,6 +21,7 @@ FINISH_CANCELLED = inference_pb2.FINISH_REASON_CANCELLED
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_PREFILL_CHUNK = 512
+DEFAULT_MAX_WAITING = 64
 
 
 class RequestError(Exception):
@@ -46,13 +48,15 @@ class Engine:
     """Runs requests through a pipeline; many may run at once, each with its own sequence id."""
 
     def __init__(self, tokenizer: Any, pipeline_source: Any, *, vocab_size: int,
-                 context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+                 context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 max_running: int = 4, max_waiting: int = DEFAULT_MAX_WAITING) -> None:
         self.tokenizer = tokenizer
         self._source = pipeline_source  # anything with a `.pipeline` attribute (the Cluster)
         self.vocab_size = vocab_size
         self.context = context
         self.prefill_chunk = prefill_chunk
         self._ids = itertools.count()
+        self.scheduler = Scheduler(max_running, max_waiting)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -121,9 +125,18 @@ class Engine:
 
     async def generate(self, ids: list[int], sampling: inference_pb2.SamplingParams
                        ) -> AsyncIterator[Chunk]:
-        """Stream the completion of `ids`; the caller has run `check`."""
+        """Stream the completion of `ids` once a running slot is free."""
         max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
         self.check(ids, max_tokens)
+        try:
+            async with self.scheduler.slot():
+                async for chunk in self._run(ids, sampling, max_tokens):
+                    yield chunk
+        except QueueFull as e:
+            raise RequestError("RESOURCE_EXHAUSTED", str(e)) from None
+
+    async def _run(self, ids: list[int], sampling: inference_pb2.SamplingParams,
+                   max_tokens: int) -> AsyncIterator[Chunk]:
         pipeline = self.pipeline
         seq_id = f"{uuid.uuid4().hex[:8]}-{next(self._ids)}"
         eos = set(self.tokenizer.eos_token_ids or ())

@@ -61,3 +61,61 @@ def test_cancelled_request_frees_its_kv_on_every_stage(model_dir, workers):
     assert during == [1, 1, 1]
     assert after == [0, 0, 0]
     assert len(tokens) == 3
+
+
+def test_full_queue_is_refused_with_resource_exhausted(model_dir, workers):
+    import grpc
+
+    path = model_dir(SPEC)
+
+    async def scenario():
+        async with Serving(path, workers[:2], max_sequences=1, max_waiting=1) as s:
+            first = asyncio.create_task(s.generate([20, 21, 22], 400))
+            await asyncio.sleep(0.2)  # running
+            second = asyncio.create_task(s.generate([23, 24, 25], 10))
+            await asyncio.sleep(0.1)  # waiting
+            waiting = s.coordinator.engine.scheduler.waiting
+            try:
+                await s.generate([26, 27], 5)
+                third = "OK"
+            except grpc.aio.AioRpcError as e:
+                third = (e.code(), e.details())
+            a, b = await first, await second
+            return waiting, third, a[0], b[0]
+
+    waiting, third, a, b = run(scenario())
+    assert waiting == 1
+    assert third[0].name == "RESOURCE_EXHAUSTED" and "retry later" in third[1]
+    assert a == reference_tokens(model_dir(SPEC), [20, 21, 22], 400)
+    assert b == reference_tokens(model_dir(SPEC), [23, 24, 25], 10)
+
+
+def test_scheduler_is_fifo_and_a_cancelled_waiter_leaves_the_queue():
+    from coordinator.scheduler import QueueFull, Scheduler
+
+    async def scenario():
+        s = Scheduler(max_running=1, max_waiting=2)
+        order = []
+
+        async def job(name: str, hold: float):
+            async with s.slot():
+                order.append(name)
+                await asyncio.sleep(hold)
+
+        a = asyncio.create_task(job("a", 0.05))
+        await asyncio.sleep(0)
+        b = asyncio.create_task(job("b", 0))
+        c = asyncio.create_task(job("c", 0))
+        await asyncio.sleep(0.01)
+        full = None
+        try:
+            async with s.slot():
+                pass
+        except QueueFull as e:
+            full = str(e)
+        b.cancel()
+        await asyncio.gather(a, c, return_exceptions=True)
+        return order, full, s.running, s.waiting
+
+    order, full, running, waiting = run(scenario())
+    assert order == ["a", "c"] and "full" in full and (running, waiting) == (0, 0)
