@@ -34,6 +34,7 @@ class ServeOptions:
     max_sequences: int = 4
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     max_waiting: int = DEFAULT_MAX_WAITING
+    prefix_cache_tokens: int = 4096
     cache_dir: Path | None = None
 
 
@@ -110,6 +111,7 @@ class Coordinator:
             load_tokenizer(self.model.path), self.cluster, vocab_size=int(config["vocab_size"]),
             context=plan.context, prefill_chunk=opts.prefill_chunk,
             max_running=plan.max_sequences, max_waiting=opts.max_waiting,
+            prefix_cache_tokens=opts.prefix_cache_tokens if self.cluster.forkable else 0,
         )
         service = InferenceService(self.engine, self.cluster)
         self.server, self.health, self.grpc_port = await start_server(

@@ -54,6 +54,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per step")
     p.add_argument("--max-waiting", type=int, default=64,
                    help="requests that may wait for a running slot; more get RESOURCE_EXHAUSTED")
+    p.add_argument("--prefix-cache-tokens", type=int, default=4096,
+                   help="tokens of finished sequences kept for follow-up turns (0 disables)")
     p.add_argument("--cache-dir", type=Path, default=None)
 
 
@@ -90,7 +92,7 @@ async def _serve(args: argparse.Namespace) -> None:
         grpc_port=args.grpc_port, partition=args.partition, cluster=args.cluster,
         context=args.context, max_sequences=args.max_sequences,
         prefill_chunk=args.prefill_chunk, cache_dir=args.cache_dir,
-        max_waiting=args.max_waiting,
+        max_waiting=args.max_waiting, prefix_cache_tokens=args.prefix_cache_tokens,
     )
     coordinator = Coordinator(options, progress=lambda m: print(m, flush=True))
     stop = asyncio.Event()

@@ -141,6 +141,11 @@ class Cluster:
         self.pipeline = Pipeline(self.workers[0].address, self.plan_id)
         await self.pipeline.open()
 
+    @property
+    def forkable(self) -> bool:
+        """Every loaded shard can fork caches, so the prefix cache can be used."""
+        return all(w.shard is not None and w.shard.forkable for w in self.workers)
+
     def state(self) -> inference_pb2.ClusterState:
         """The public ClusterState: each worker with its layers and status."""
         out = inference_pb2.ClusterState(model=self.model.model_id, partition=self.partition)

@@ -6,11 +6,13 @@ import asyncio
 import itertools
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.pipeline import Pipeline, PipelineError
+from coordinator.prefix_cache import PrefixCache
 from coordinator.scheduler import QueueFull, Scheduler
 from coordinator.stops import StopMatcher
 from protos import inference_pb2, worker_pb2
@@ -49,7 +51,8 @@ class Engine:
 
     def __init__(self, tokenizer: Any, pipeline_source: Any, *, vocab_size: int,
                  context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 max_running: int = 4, max_waiting: int = DEFAULT_MAX_WAITING) -> None:
+                 max_running: int = 4, max_waiting: int = DEFAULT_MAX_WAITING,
+                 prefix_cache_tokens: int = 0) -> None:
         self.tokenizer = tokenizer
         self._source = pipeline_source  # anything with a `.pipeline` attribute (the Cluster)
         self.vocab_size = vocab_size
@@ -57,6 +60,8 @@ class Engine:
         self.prefill_chunk = prefill_chunk
         self._ids = itertools.count()
         self.scheduler = Scheduler(max_running, max_waiting)
+        self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
+        self.prefilled_tokens = 0
 
     @property
     def pipeline(self) -> Pipeline:
@@ -104,15 +109,17 @@ class Engine:
             )
 
     # -- generation -------------------------------------------------------------------------
-    def _chunks(self, seq_id: str, ids: list[int],
-                sampling: inference_pb2.SamplingParams) -> list[worker_pb2.SeqInput]:
+    def _chunks(self, seq_id: str, ids: list[int], sampling: inference_pb2.SamplingParams,
+                fork: tuple[str, int] | None = None) -> list[worker_pb2.SeqInput]:
         """The prompt as steps: all but the last token in chunks, then the last token sampled.
 
         This mirrors mlx-lm's generate_step, which prefills prompt[:-1] and then runs the last
-        token alone, so logits match it bit for bit.
+        token alone, so logits match it bit for bit. With `fork`, the first positions come from
+        a cached sequence and only the rest is prefilled.
         """
-        out, pos = [], 0
-        body = ids[:-1]
+        out = []
+        pos = fork[1] if fork else 0
+        body = ids[pos:-1]
         for i in range(0, len(body), self.prefill_chunk):
             piece = body[i : i + self.prefill_chunk]
             out.append(worker_pb2.SeqInput(seq_id=seq_id, token_ids=piece, offset=pos))
@@ -121,7 +128,24 @@ class Engine:
                                        sample=True))
         out[0].start = True
         out[0].sampling.CopyFrom(sampling)
+        if fork:
+            out[0].fork_from, out[0].fork_length = fork
         return out
+
+    async def _prefill(self, pipeline: Pipeline, chunks: list[worker_pb2.SeqInput]
+                       ) -> worker_pb2.SeqOutput:
+        """Send the prompt's chunks, keeping one per stage in flight so every stage works and
+        other requests' decode steps can slip in between."""
+        window = max(1, len(getattr(self._source.plan, "stages", ())))
+        in_flight: deque[asyncio.Future] = deque()
+        result = None
+        for chunk in chunks:
+            if len(in_flight) >= window:
+                await pipeline.result(in_flight.popleft())
+            in_flight.append(await pipeline.submit([chunk]))
+        while in_flight:
+            result = await pipeline.result(in_flight.popleft())
+        return result.outputs[0]
 
     async def generate(self, ids: list[int], sampling: inference_pb2.SamplingParams
                        ) -> AsyncIterator[Chunk]:
@@ -147,16 +171,18 @@ class Engine:
         t_first = None
         n = 0
         finish = FINISH_LENGTH
-        hit = False
+        hit = done = False
+        sampled: list[int] = []
         try:
-            futures = [await pipeline.submit([seq]) for seq in self._chunks(seq_id, ids, sampling)]
-            results = [await pipeline.result(f) for f in futures]
-            out = results[-1].outputs[0]
+            fork = self.prefix.lookup(ids) if self.prefix else None
+            self.prefilled_tokens += len(ids) - (fork[1] if fork else 0)
+            out = await self._prefill(pipeline, self._chunks(seq_id, ids, sampling, fork))
             while True:
                 n += 1
                 if t_first is None:
                     t_first = time.perf_counter()
                 token = out.token
+                sampled.append(token)
                 if token in eos:
                     finish = FINISH_STOP
                     break
@@ -171,10 +197,14 @@ class Engine:
                 step = worker_pb2.SeqInput(seq_id=seq_id, token_ids=[token],
                                            offset=len(ids) + n - 1, sample=True)
                 out = (await pipeline.step([step])).outputs[0]
+            done = True
         except PipelineError as e:
             raise RequestError("UNAVAILABLE", str(e)) from None
         finally:
-            await asyncio.shield(pipeline.release([seq_id]))
+            # Keep a finished sequence for follow-ups (its KV holds all but the last token).
+            kept = done and self.prefix is not None
+            evicted = self.prefix.insert(seq_id, ids + sampled[:-1]) if kept else [seq_id]
+            await asyncio.shield(pipeline.release(evicted))
         tail = ""
         if not hit:
             detok.finalize()

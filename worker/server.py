@@ -104,6 +104,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             weight_bytes=shard.weight_bytes,
             active_memory_bytes=mx.get_active_memory(),
             load_seconds=shard.load_seconds,
+            forkable=shard.forkable,
         )
 
     async def LoadShard(self, request: worker_pb2.LoadShardRequest, context: Any):

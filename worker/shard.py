@@ -10,7 +10,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.utils import load_config, load_model
 
 from worker.families import Family, adapter_for, check_family
@@ -45,6 +45,11 @@ class Shard:
     @property
     def is_last(self) -> bool:
         return self.end == self.num_layers
+
+    @property
+    def forkable(self) -> bool:
+        """Every cache is a plain KVCache, so a prefix of it can be copied at any length."""
+        return all(type(c) is KVCache for c in self.cache_template)
 
     @property
     def layers(self) -> list[nn.Module]:

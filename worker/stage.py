@@ -6,10 +6,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm.models.cache import KVCache
 
 from protos import codec, worker_pb2
 from worker.sampling import Sampler
 from worker.shard import Shard
+
+
+def fork_cache(cache: Any, length: int) -> KVCache:
+    """A copy of a plain KV cache's first `length` positions (the source is left as it is)."""
+    if type(cache) is not KVCache:
+        raise StepError(f"{type(cache).__name__} caches cannot be forked")
+    out = KVCache()
+    out.keys = cache.keys[..., :length, :]
+    out.values = cache.values[..., :length, :]
+    out.offset = length
+    return out
 
 
 class StepError(ValueError):
@@ -56,9 +68,11 @@ class StageRunner:
 
     def _session(self, seq: worker_pb2.SeqInput) -> Session:
         if seq.start:
-            caches = self.shard.new_caches()
             sampler = Sampler.from_params(seq.sampling) if self.shard.is_last else None
-            self.sessions[seq.seq_id] = Session(caches=caches, sampler=sampler)
+            if seq.fork_from:
+                self.sessions[seq.seq_id] = self._fork(seq, sampler)
+            else:
+                self.sessions[seq.seq_id] = Session(self.shard.new_caches(), sampler=sampler)
         session = self.sessions.get(seq.seq_id)
         if session is None:
             raise StepError(f"unknown sequence {seq.seq_id!r} (never started or already released)")
@@ -67,6 +81,20 @@ class StageRunner:
                 f"sequence {seq.seq_id!r} is at position {session.offset}, step says {seq.offset}"
             )
         return session
+
+    def _fork(self, seq: worker_pb2.SeqInput, sampler: Sampler | None) -> Session:
+        """A new session holding the first `fork_length` positions of a live one."""
+        source = self.sessions.get(seq.fork_from)
+        length = seq.fork_length
+        if source is None:
+            raise StepError(f"cannot fork from unknown sequence {seq.fork_from!r}")
+        if not 0 < length <= source.offset:
+            raise StepError(f"cannot fork {length} positions of {seq.fork_from!r}, "
+                            f"which holds {source.offset}")
+        if sampler is not None:
+            sampler.history.extend(source.sampler.history[:length])
+        return Session([fork_cache(c, length) for c in source.caches], offset=length,
+                       sampler=sampler)
 
     def _input(self, seq: worker_pb2.SeqInput) -> mx.array:
         if self.shard.is_first:
@@ -122,6 +150,8 @@ class StageRunner:
                         sample=seq.sample,
                         sampling=seq.sampling,
                         offset=seq.offset,
+                        fork_from=seq.fork_from,
+                        fork_length=seq.fork_length,
                     )
                 )
             elif sampled is not None:
