@@ -95,6 +95,12 @@ class Gemma2(Gemma):
     def mask_kind(self, index: int) -> MaskKind:
         return MaskKind(return_array=True)
 
+    def masks(self, h: mx.array, start: int, caches: Sequence[Any]) -> list[Any]:
+        # gemma2 attends with grouped queries (B, kv_heads, repeats, L, S): a batch mask
+        # (B, 1, L, S) needs one more axis to broadcast.
+        return [mx.expand_dims(m, 2) if isinstance(m, mx.array) and m.ndim == 4 else m
+                for m in super().masks(h, start, caches)]
+
     def head(self, h: mx.array) -> mx.array:
         out = super().head(h)
         cap = self.model.final_logit_softcapping

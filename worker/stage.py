@@ -9,6 +9,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from protos import codec, worker_pb2
+from worker.batch import DecodeBatch, batchable
 from worker.sampling import Sampler
 from worker.shard import Shard
 
@@ -30,15 +31,19 @@ class StepError(ValueError):
 
 @dataclass
 class Session:
-    """One sequence's state on this stage: its caches and, on the last stage, its sampler."""
+    """One sequence's state on this stage: its caches and, on the last stage, its sampler.
 
-    caches: list[Any]
+    While the sequence decodes in a DecodeBatch its caches live there and `caches` is None.
+    """
+
+    caches: list[Any] | None
     offset: int = 0
     sampler: Sampler | None = None
 
     @property
     def kv_bytes(self) -> int:
-        return sum(c.nbytes for c in self.caches if getattr(c, "keys", None) is not None)
+        caches = self.caches or []
+        return sum(c.nbytes for c in caches if getattr(c, "keys", None) is not None)
 
 
 @dataclass
@@ -54,20 +59,50 @@ class StepOutput:
 class StageRunner:
     """Runs steps for one loaded shard. Call it from one thread only (MLX arrays are per-thread)."""
 
-    def __init__(self, shard: Shard) -> None:
+    def __init__(self, shard: Shard, *, batching: bool = True) -> None:
         self.shard = shard
         self.sessions: dict[str, Session] = {}
+        self.batching = batching and batchable(shard.cache_template)
+        self.batches: dict[tuple[str, ...], DecodeBatch] = {}
 
     @property
     def kv_bytes(self) -> int:
-        return sum(s.kv_bytes for s in self.sessions.values())
+        held = sum(s.kv_bytes for s in self.sessions.values())
+        return held + sum(b.nbytes for b in self.batches.values())
 
+    # -- sessions and their caches ------------------------------------------------------------
     def release(self, seq_ids: list[str]) -> None:
         for seq_id in seq_ids:
+            self._unbatch(seq_id)
             self.sessions.pop(seq_id, None)
+
+    def _unbatch(self, seq_id: str) -> None:
+        """Give every sequence of the batch holding `seq_id` its own caches back."""
+        for key, batch in list(self.batches.items()):
+            if seq_id in key:
+                del self.batches[key]
+                for sid, caches in zip(key, batch.split(), strict=True):
+                    if sid in self.sessions:
+                        self.sessions[sid].caches = caches
+
+    def _own_caches(self, seq_id: str) -> list[Any]:
+        session = self.sessions[seq_id]
+        if session.caches is None:
+            self._unbatch(seq_id)
+        return session.caches
+
+    def _batch_caches(self, ids: tuple[str, ...]) -> list[Any]:
+        if ids not in self.batches:
+            for seq_id in ids:
+                self._own_caches(seq_id)
+            self.batches[ids] = DecodeBatch(ids, [self.sessions[i].caches for i in ids])
+            for seq_id in ids:
+                self.sessions[seq_id].caches = None
+        return self.batches[ids].caches
 
     def _session(self, seq: worker_pb2.SeqInput) -> Session:
         if seq.start:
+            self.release([seq.seq_id])
             sampler = Sampler.from_params(seq.sampling) if self.shard.is_last else None
             if seq.fork_from:
                 self.sessions[seq.seq_id] = self._fork(seq, sampler)
@@ -93,9 +128,10 @@ class StageRunner:
                             f"which holds {source.offset}")
         if sampler is not None:
             sampler.history.extend(source.sampler.history[:length])
-        return Session([fork_cache(c, length) for c in source.caches], offset=length,
-                       sampler=sampler)
+        caches = self._own_caches(seq.fork_from)
+        return Session([fork_cache(c, length) for c in caches], offset=length, sampler=sampler)
 
+    # -- computing ------------------------------------------------------------------------------
     def _input(self, seq: worker_pb2.SeqInput) -> mx.array:
         if self.shard.is_first:
             if not seq.token_ids:
@@ -106,34 +142,55 @@ class StageRunner:
                             f"{self.shard.start}")
         return codec.decode(seq.hidden)
 
-    def _layers(self, h: mx.array, session: Session) -> mx.array:
-        family = self.shard.family
-        masks = family.masks(h, self.shard.start, session.caches)
-        for layer, mask, cache in zip(self.shard.layers, masks, session.caches, strict=True):
+    def _layers(self, h: mx.array, caches: list[Any]) -> mx.array:
+        masks = self.shard.family.masks(h, self.shard.start, caches)
+        for layer, mask, cache in zip(self.shard.layers, masks, caches, strict=True):
             h = layer(h, mask, cache)
         return h
+
+    def _groups(self, seqs: list[worker_pb2.SeqInput]) -> list[list[int]]:
+        """Rows computed together: all one-token decode rows in one batch, the rest alone."""
+        decode = [i for i, s in enumerate(seqs) if len(s.token_ids) == 1 and not s.start]
+        if not self.batching or len(decode) < 2:
+            return [[i] for i in range(len(seqs))]
+        rest = [[i] for i in range(len(seqs)) if i not in set(decode)]
+        return [decode, *rest]
 
     def run(self, msg: worker_pb2.StageMessage) -> StepOutput:
         """Run one step; every sequence's result is evaluated in a single `mx.eval`."""
         self.release(list(msg.release))
-        out = StepOutput()
+        seqs = list(msg.seqs)
+        if len({s.seq_id for s in seqs}) != len(seqs):
+            raise StepError("a step names the same sequence twice")
         # Check every sequence before touching any cache, so a bad step changes nothing.
-        inputs = [(seq, self._session(seq), self._input(seq)) for seq in msg.seqs]
-        lazy: list[tuple[worker_pb2.SeqInput, Session, mx.array, Any]] = []
-        for seq, session, h in inputs:
-            h = self._layers(h, session)
-            sampled = None
-            if self.shard.is_last and seq.sample:
-                session.sampler.history.extend(seq.token_ids)
+        sessions = [self._session(seq) for seq in seqs]
+        inputs = [self._input(seq) for seq in seqs]
+        rows: list[tuple[mx.array, Any]] = [None] * len(seqs)  # (hidden, sampled) per sequence
+        for group in self._groups(seqs):
+            ids = tuple(seqs[i].seq_id for i in group)
+            caches = self._batch_caches(ids) if len(group) > 1 else self._own_caches(ids[0])
+            h = inputs[group[0]] if len(group) == 1 else mx.concatenate(
+                [inputs[i] for i in group], axis=0)
+            h = self._layers(h, caches)
+            logits = None
+            if self.shard.is_last and any(seqs[i].sample for i in group):
                 logits = self.shard.family.head(h[:, -1:, :])[:, -1, :]
-                sampled = session.sampler.sample(logits)
-            elif self.shard.is_last:
-                session.sampler.history.extend(seq.token_ids)
-            lazy.append((seq, session, h, sampled))
-        mx.eval([sampled if sampled is not None else h for _, _, h, sampled in lazy])
+            for row, i in enumerate(group):
+                sampled = None
+                if self.shard.is_last:
+                    sessions[i].sampler.history.extend(seqs[i].token_ids)
+                    if seqs[i].sample:
+                        sampled = sessions[i].sampler.sample(logits[row : row + 1])
+                rows[i] = (h if len(group) == 1 else h[row : row + 1], sampled)
+        mx.eval([sampled if sampled is not None else h for h, sampled in rows])
+        return self._output(msg, seqs, sessions, rows)
+
+    def _output(self, msg: worker_pb2.StageMessage, seqs: list[worker_pb2.SeqInput],
+                sessions: list[Session], rows: list[tuple[mx.array, Any]]) -> StepOutput:
+        out = StepOutput()
         if not self.shard.is_last:
             out.forward = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release)
-        for seq, session, h, sampled in lazy:
+        for seq, session, (h, sampled) in zip(seqs, sessions, rows, strict=True):
             n = len(seq.token_ids)
             session.offset += n
             if n == 1:
@@ -141,19 +198,10 @@ class StageRunner:
             else:
                 out.prefill_tokens += n
             if out.forward is not None:
-                out.forward.seqs.append(
-                    worker_pb2.SeqInput(
-                        seq_id=seq.seq_id,
-                        token_ids=seq.token_ids,
-                        hidden=codec.encode(h),
-                        start=seq.start,
-                        sample=seq.sample,
-                        sampling=seq.sampling,
-                        offset=seq.offset,
-                        fork_from=seq.fork_from,
-                        fork_length=seq.fork_length,
-                    )
-                )
+                fwd = worker_pb2.SeqInput()
+                fwd.CopyFrom(seq)
+                fwd.hidden.CopyFrom(codec.encode(h))
+                out.forward.seqs.append(fwd)
             elif sampled is not None:
                 token, logprob = sampled
                 out.outputs.append(
