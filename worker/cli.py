@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default: all)")
     serve.add_argument("--port", type=int, default=protos.DEFAULT_WORKER_PORT,
                        help=f"gRPC port (default {protos.DEFAULT_WORKER_PORT}; 0 picks a free one)")
+    serve.add_argument("--metrics-port", type=int, default=0,
+                       help="Prometheus metrics port on --host (default 0 picks a free one; "
+                       "advertised as mport)")
     serve.add_argument("--name", default=None, help="name shown in status and metrics "
                        "(default: the host name)")
     serve.add_argument("--memory", type=parse_size, default=None,
@@ -33,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="directory of MLX models, looked up by model id")
     serve.add_argument("--cache-dir", type=Path, default=None, help="where the node id is kept")
     serve.add_argument("--no-advertise", action="store_true", help="do not announce on mDNS")
+    serve.add_argument("--interface", default=None, help="announce on this interface only "
+                       "(name or address; default: every LAN interface, no docker/VPN)")
     serve.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
@@ -46,10 +51,15 @@ def _write_ready(path: Path, port: int) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from protos import default_cache_dir
+    from worker.advertise import check_args, serve_advertised
     from worker.backend import detect
     from worker.identity import node_id
-    from worker.server import WorkerConfig, serve
+    from worker.metrics import WorkerMetrics, start_metrics_server
+    from worker.server import WorkerConfig
 
+    if problem := check_args(args.cluster, None if args.no_advertise else args.interface):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     name = args.name or socket.gethostname().split(".")[0]
     cache_dir = args.cache_dir or default_cache_dir()
     hardware = detect(args.memory)
@@ -66,13 +76,22 @@ def run_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
 
+    metrics = WorkerMetrics(hardware.memory_bytes)
+    try:
+        _, config.metrics_port = start_metrics_server(metrics, args.host, args.metrics_port)
+    except OSError as e:
+        print(f"error: metrics port {args.metrics_port}: {e}", file=sys.stderr)
+        return 1
+
     def ready(port: int) -> None:
-        print(f"worker {name} listening on {args.host}:{port}", file=sys.stderr, flush=True)
+        print(f"worker {name} listening on {args.host}:{port} (metrics on "
+              f":{config.metrics_port}/metrics)", file=sys.stderr, flush=True)
         if args.ready_file:
             _write_ready(args.ready_file, port)
 
     try:
-        asyncio.run(serve(config, args.host, args.port, ready))
+        asyncio.run(serve_advertised(config, args.host, args.port, ready, metrics=metrics,
+                                     advertise=not args.no_advertise, interface=args.interface))
     except KeyboardInterrupt:
         pass
     except OSError as e:

@@ -17,6 +17,7 @@ import mlx.core as mx
 import protos
 from protos import worker_pb2, worker_pb2_grpc
 from worker.backend import Hardware
+from worker.metrics import WorkerMetrics, hidden_bytes
 from worker.shard import ShardError, load_shard
 from worker.stage import StageRunner, StepError, StepOutput
 
@@ -53,8 +54,9 @@ class MLXThread:
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves one shard at a time; a new LoadShard replaces the previous one."""
 
-    def __init__(self, config: WorkerConfig) -> None:
+    def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None) -> None:
         self.config = config
+        self.metrics = metrics or WorkerMetrics(config.hardware.memory_bytes)
         self.mlx = MLXThread()
         self.runner: StageRunner | None = None
         self.shard_info: worker_pb2.ShardInfo | None = None
@@ -98,6 +100,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 f"{spec.num_layers}"
             )
         self.runner = StageRunner(shard)
+        self.metrics.sample(self.runner, shard.weight_bytes, force=True)
         return worker_pb2.ShardInfo(
             spec=spec,
             model_type=shard.model_type,
@@ -187,13 +190,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             async for msg in requests:
                 t0 = time.perf_counter()
                 try:
-                    out: StepOutput = await self.mlx.run(runner.run, msg)
+                    out: StepOutput = await self.mlx.run(self._step, runner, msg)
                 except (StepError, ValueError) as e:
                     await results.put(self._error(msg.step_id, e))
                     continue
                 log.debug("step %d in %.2f ms", msg.step_id, (time.perf_counter() - t0) * 1e3)
                 if downstream is not None:
+                    t1 = time.perf_counter()
                     await downstream.write(out.forward)
+                    if msg.seqs:
+                        self.metrics.transfer.observe(time.perf_counter() - t1)
                 elif msg.seqs:
                     await results.put(worker_pb2.StageResult(step_id=msg.step_id,
                                                              outputs=out.outputs))
@@ -205,6 +211,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await results.put(ConnectionError(f"next stage {self._next()}: {e.details()}"))
         except asyncio.CancelledError:
             raise
+
+    def _step(self, runner: StageRunner, msg: worker_pb2.StageMessage) -> StepOutput:
+        """Run one step on the MLX thread and record its time, bytes and memory."""
+        t0 = time.perf_counter()
+        out = runner.run(msg)
+        if msg.seqs:
+            self.metrics.step(time.perf_counter() - t0, out.prefill_tokens, hidden_bytes(msg),
+                              hidden_bytes(out.forward))
+        self.metrics.sample(runner, runner.shard.weight_bytes)
+        return out
 
     async def _relay(self, downstream: Any, results: asyncio.Queue,
                      spec: worker_pb2.ShardSpec) -> None:
@@ -225,10 +241,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
 
 async def serve(config: WorkerConfig, host: str, port: int,
-                ready: Any = None) -> None:
+                ready: Any = None, metrics: WorkerMetrics | None = None) -> None:
     """Run the worker's gRPC server until cancelled; `ready(port)` is called once it listens."""
-    server = grpc.aio.server(options=protos.channel_options())
-    service = WorkerService(config)
+    service = WorkerService(config, metrics)
+    server = grpc.aio.server(options=protos.channel_options(),
+                             interceptors=[service.metrics.interceptor])
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:

@@ -1,0 +1,134 @@
+"""A worker's Prometheus metrics (SPEC: Metrics, Worker) and its own metrics HTTP endpoint."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import prometheus_client
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from protos.grpc_metrics import MetricsInterceptor, server_interceptor
+
+# One step of one stage: sub-millisecond on a tiny model, minutes for a long prefill chunk of a
+# large model on a small machine.
+FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Handing one step's activations to the next stage: microseconds on loopback, seconds for a big
+# prefill chunk over Wi-Fi.
+TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+MEMORY_KINDS = ("weights", "kv", "active", "peak", "total")
+SAMPLE_EVERY = 0.25  # seconds between memory samples while steps run
+
+
+class _StateCollector(Collector):
+    """Gauges read at scrape time from the last sample (taken on the MLX thread)."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        m = self.metrics
+        with m.lock:
+            memory = dict(m.memory)
+            sessions = m.sessions
+        mem = GaugeMetricFamily("shardline_worker_memory_bytes",
+                                "Memory of this worker by kind: weights of the loaded shard, kv "
+                                "caches, MLX active and peak allocation, usable total.",
+                                labels=["kind"], unit="bytes")
+        for kind in MEMORY_KINDS:
+            mem.add_metric([kind], float(memory.get(kind, 0)))
+        yield mem
+        budget = max(memory.get("total", 0) - memory.get("weights", 0), 1)
+        yield GaugeMetricFamily("shardline_kv_cache_usage_ratio",
+                                "KV cache bytes over the KV budget (usable memory minus weights), "
+                                "0 to 1.", value=min(memory.get("kv", 0) / budget, 1.0))
+        yield GaugeMetricFamily("shardline_sessions",
+                                "Sequences with KV caches on this stage.", value=float(sessions))
+
+
+class WorkerMetrics:
+    """Every worker metric, in its own registry (not the process-global one)."""
+
+    def __init__(self, total_memory_bytes: int = 0,
+                 registry: CollectorRegistry | None = None) -> None:
+        prometheus_client.disable_created_metrics()
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.forward = Histogram("shardline_stage_forward_seconds",
+                                 "Time this stage takes to run one step through its layers "
+                                 "(evaluated), by phase: prefill if the step holds a prompt chunk.",
+                                 ["phase"], buckets=FORWARD_BUCKETS, registry=r)
+        self.activation_bytes = Counter("shardline_activation_bytes",
+                                        "Hidden-state bytes received from the previous stage "
+                                        "(in) and sent to the next (out).",
+                                        ["direction"], unit="bytes", registry=r)
+        self.transfer = Histogram("shardline_activation_transfer_seconds",
+                                  "Time to hand one step's activations to the next stage's "
+                                  "stream (includes flow-control backpressure).",
+                                  buckets=TRANSFER_BUCKETS, registry=r)
+        for phase in ("prefill", "decode"):
+            self.forward.labels(phase)
+        for direction in ("in", "out"):
+            self.activation_bytes.labels(direction)
+        self.lock = threading.Lock()
+        self.memory: dict[str, int] = {"total": total_memory_bytes}
+        self.sessions = 0
+        self._sampled_at = 0.0
+        self._sampled_sessions = -1
+        r.register(_StateCollector(self))
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.interceptor: MetricsInterceptor = server_interceptor(r)
+
+    def step(self, seconds: float, prefill_tokens: int, bytes_in: int, bytes_out: int) -> None:
+        """Record one step: its forward time and the activation bytes it took in and put out."""
+        self.forward.labels("prefill" if prefill_tokens else "decode").observe(seconds)
+        if bytes_in:
+            self.activation_bytes.labels("in").inc(bytes_in)
+        if bytes_out:
+            self.activation_bytes.labels("out").inc(bytes_out)
+
+    def sample(self, runner: Any, weight_bytes: int, force: bool = False) -> None:
+        """Refresh memory, KV and session gauges. Call on the MLX thread (after a step or load).
+
+        Between forced samples (load, a change in the number of sessions) it runs at most every
+        SAMPLE_EVERY seconds so that decode steps stay cheap.
+        """
+        import mlx.core as mx
+
+        sessions = len(runner.sessions) if runner is not None else 0
+        now = time.monotonic()
+        recent = now - self._sampled_at < SAMPLE_EVERY
+        if not force and sessions == self._sampled_sessions and recent:
+            return
+        kv = runner.kv_bytes if runner is not None else 0
+        active, peak = mx.get_active_memory(), mx.get_peak_memory()
+        with self.lock:
+            self.memory.update(weights=weight_bytes, kv=kv, active=active, peak=peak)
+            self.sessions = sessions
+        self._sampled_at, self._sampled_sessions = now, sessions
+
+
+def start_metrics_server(metrics: WorkerMetrics, host: str, port: int = 0) -> tuple[Any, int]:
+    """Serve `metrics` at http://host:port/metrics in a thread; returns (server, bound port)."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server, server.server_port
+
+
+def hidden_bytes(msg: Any) -> int:
+    """Bytes of hidden state carried by a StageMessage (0 for token ids only)."""
+    return sum(len(seq.hidden.data) for seq in msg.seqs) if msg is not None else 0
