@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator.batcher import Microbatcher
 from coordinator.pipeline import Pipeline, PipelineError
 from coordinator.prefix_cache import PrefixCache
 from coordinator.scheduler import QueueFull, Scheduler
@@ -62,6 +63,8 @@ class Engine:
         self.scheduler = Scheduler(max_running, max_waiting)
         self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.prefilled_tokens = 0
+        stages = len(getattr(getattr(pipeline_source, "plan", None), "stages", ()))
+        self.batcher = Microbatcher(pipeline_source, stages)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -177,6 +180,7 @@ class Engine:
             fork = self.prefix.lookup(ids) if self.prefix else None
             self.prefilled_tokens += len(ids) - (fork[1] if fork else 0)
             out = await self._prefill(pipeline, self._chunks(seq_id, ids, sampling, fork))
+            self.batcher.join(seq_id)
             while True:
                 n += 1
                 if t_first is None:
@@ -196,12 +200,13 @@ class Engine:
                     break
                 step = worker_pb2.SeqInput(seq_id=seq_id, token_ids=[token],
                                            offset=len(ids) + n - 1, sample=True)
-                out = (await pipeline.step([step])).outputs[0]
+                out = await self.batcher.step(step)
             done = True
         except PipelineError as e:
             raise RequestError("UNAVAILABLE", str(e)) from None
         finally:
             # Keep a finished sequence for follow-ups (its KV holds all but the last token).
+            self.batcher.leave(seq_id)
             kept = done and self.prefix is not None
             evicted = self.prefix.insert(seq_id, ids + sampled[:-1]) if kept else [seq_id]
             await asyncio.shield(pipeline.release(evicted))

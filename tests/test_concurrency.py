@@ -19,10 +19,13 @@ def test_sixteen_concurrent_requests_each_match_mlx_lm_alone(model_dir, workers)
     expected = [reference_tokens(path, p, n) for p, n in requests]
 
     async def scenario():
-        async with Serving(path, workers) as s:
-            return await asyncio.gather(*(s.generate(p, n) for p, n in requests))
+        async with Serving(path, workers, max_sequences=16) as s:
+            out = await asyncio.gather(*(s.generate(p, n) for p, n in requests))
+            batcher = s.coordinator.engine.batcher
+            return out, batcher.batches, batcher.batched_steps
 
-    results = run(scenario())
+    results, batches, steps = run(scenario())
+    assert steps > 1.5 * batches, "decode steps were not grouped into microbatches"
     for i, ((tokens, _, _), want) in enumerate(zip(results, expected, strict=True)):
         assert tokens == want, f"request {i} (prompt {len(requests[i][0])} tokens) diverged"
 
