@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -12,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 import protos
 from coordinator.cluster import Cluster
 from coordinator.engine import Engine, RequestError
+from coordinator.requests import check_sampling, encode_chat, fill_max_tokens, model_not_found
 from protos import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("shardline.api")
@@ -22,18 +24,22 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 class InferenceService(inference_pb2_grpc.InferenceServicer):
     """Maps the public API onto the engine; every refusal is a SPEC status code with a reason."""
 
-    def __init__(self, engine: Engine, cluster: Cluster) -> None:
+    def __init__(self, engine: Engine | None, cluster: Cluster) -> None:
         self.engine = engine
         self.cluster = cluster
 
     def _check_model(self, model: str) -> None:
         if model and model != self.cluster.model.model_id:
-            raise RequestError("NOT_FOUND", f"model {model!r} is not served here; "
-                               f"this cluster serves {self.cluster.model.model_id!r}")
+            raise model_not_found(model, self.cluster.model.model_id)
 
     async def _stream(self, ids_fn: Any, request_id: str, sampling: Any, context: Any):
         try:
+            if self.engine is None:
+                raise RequestError("UNAVAILABLE", "the cluster cannot serve now: shards are "
+                                   "not loaded")
+            sampling = check_sampling(sampling, context=self.engine.context, prefix="sampling.")
             ids = ids_fn()
+            fill_max_tokens(sampling, len(ids), self.engine.context)
             async for chunk in self.engine.generate(ids, sampling):
                 msg = inference_pb2.GenerateResponse(
                     request_id=request_id, text=chunk.text, token_ids=chunk.token_ids,
@@ -61,7 +67,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Chat(self, request: inference_pb2.ChatRequest, context: Any):
         def ids() -> list[int]:
             self._check_model(request.model)
-            return self.engine.encode_chat([(m.role, m.content) for m in request.messages])
+            return encode_chat(self.engine, [(m.role, m.content) for m in request.messages])
 
         async for msg in self._stream(ids, request.request_id, request.sampling, context):
             yield msg
@@ -101,3 +107,22 @@ async def set_serving(health_servicer: Any, serving: bool) -> None:
               else health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)
+
+
+def not_ready(source: Any) -> str | None:
+    """None when `source` (a Coordinator) can serve, else the reason it cannot."""
+    cluster = source.cluster
+    if source.engine is None or cluster is None or cluster.pipeline is None:
+        return "shards are not loaded"
+    return cluster.pipeline.broken
+
+
+async def watch_health(health_servicer: Any, source: Any, interval: float = 0.2) -> None:
+    """Keep gRPC health in step with `source` (SERVING only while its cluster can serve)."""
+    serving = None
+    while True:
+        now = not_ready(source) is None
+        if now != serving:
+            await set_serving(health_servicer, now)
+            serving = now
+        await asyncio.sleep(interval)

@@ -77,7 +77,7 @@ def test_bad_requests_get_status_codes_and_the_server_keeps_serving(model_dir, w
             codes = {}
             cases = {
                 "empty": inference_pb2.GenerateRequest(prompt=""),
-                "too_long": inference_pb2.GenerateRequest(prompt_token_ids=[20] * 250),
+                "too_long": inference_pb2.GenerateRequest(prompt_token_ids=[20] * 260),
                 "both": inference_pb2.GenerateRequest(prompt="a", prompt_token_ids=[20]),
                 "vocab": inference_pb2.GenerateRequest(prompt_token_ids=[10**6]),
                 "model": inference_pb2.GenerateRequest(model="nope", prompt="hello"),
