@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
@@ -10,9 +11,10 @@ from pathlib import Path
 
 from coordinator.cluster import Cluster
 from coordinator.engine import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, Engine
+from coordinator.http_api import HttpServer
 from coordinator.local import LocalWorkers
 from coordinator.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
-from coordinator.service import InferenceService, set_serving, start_server
+from coordinator.service import InferenceService, set_serving, start_server, watch_health
 
 log = logging.getLogger("shardline.coordinator")
 
@@ -28,6 +30,7 @@ class ServeOptions:
     local_memory: list[int] | None = None
     host: str = "0.0.0.0"
     grpc_port: int = 50051
+    http_port: int = 8080
     partition: str = "memory"
     cluster: str = "default"
     context: int | None = None
@@ -60,6 +63,9 @@ class Coordinator:
         self.server = None
         self.health = None
         self.grpc_port = 0
+        self.http: HttpServer | None = None
+        self.http_port = 0
+        self._health_task: asyncio.Task | None = None
 
     def resolve_model(self) -> ModelInfo:
         opts = self.options
@@ -104,6 +110,8 @@ class Coordinator:
         )
         plan = self.cluster.make_plan()
         self.progress(plan.describe())
+        service = InferenceService(None, self.cluster)
+        await self.start_api(service)
         self.progress(f"loading {self.model.model_id} on {len(plan.stages)} worker(s)...")
         await self.cluster.load(self.progress)
         config = json.loads((self.model.path / "config.json").read_text())
@@ -113,14 +121,27 @@ class Coordinator:
             max_running=plan.max_sequences, max_waiting=opts.max_waiting,
             prefix_cache_tokens=opts.prefix_cache_tokens if self.cluster.forkable else 0,
         )
-        service = InferenceService(self.engine, self.cluster)
+        service.engine = self.engine
+        await set_serving(self.health, True)
+        self.progress(f"serving {self.model.model_id} on gRPC {opts.host}:{self.grpc_port}, "
+                      f"HTTP {opts.host}:{self.http_port}")
+
+    async def start_api(self, service: InferenceService) -> None:
+        """gRPC and HTTP up before the shards load; health says NOT_SERVING until they have."""
+        opts = self.options
         self.server, self.health, self.grpc_port = await start_server(
             service, opts.host, opts.grpc_port
         )
-        await set_serving(self.health, True)
-        self.progress(f"serving {self.model.model_id} on gRPC {opts.host}:{self.grpc_port}")
+        self.http = HttpServer(self, opts.host, opts.http_port)
+        self.http_port = self.http.port
+        await self.http.start()
+        self._health_task = asyncio.create_task(watch_health(self.health, self))
 
     async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
+        if self.http is not None:
+            await self.http.stop()
         if self.server is not None:
             await self.server.stop(grace=1.0)
         if self.cluster is not None:

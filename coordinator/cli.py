@@ -89,7 +89,8 @@ async def _serve(args: argparse.Namespace) -> None:
     options = ServeOptions(
         model=args.model, demo=args.demo, workers=args.workers,
         local_workers=args.local_workers, local_memory=args.local_memory, host=args.host,
-        grpc_port=args.grpc_port, partition=args.partition, cluster=args.cluster,
+        grpc_port=args.grpc_port, http_port=args.http_port, partition=args.partition,
+        cluster=args.cluster,
         context=args.context, max_sequences=args.max_sequences,
         prefill_chunk=args.prefill_chunk, cache_dir=args.cache_dir,
         max_waiting=args.max_waiting, prefix_cache_tokens=args.prefix_cache_tokens,

@@ -58,7 +58,7 @@ class Serving:
 
         self.coordinator = Coordinator(
             ServeOptions(model=str(model), workers=list(addresses), host="127.0.0.1",
-                         grpc_port=0, **options),
+                         grpc_port=0, **{"http_port": 0, **options}),
             progress=lambda m: None,
         )
         self.channel = None
