@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from coordinator.batcher import Microbatcher
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.pipeline import Pipeline, PipelineError
 from coordinator.prefix_cache import PrefixCache
 from coordinator.scheduler import QueueFull, Scheduler
@@ -53,8 +54,9 @@ class Engine:
     def __init__(self, tokenizer: Any, pipeline_source: Any, *, vocab_size: int,
                  context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  max_running: int = 4, max_waiting: int = DEFAULT_MAX_WAITING,
-                 prefix_cache_tokens: int = 0) -> None:
+                 prefix_cache_tokens: int = 0, metrics: CoordinatorMetrics | None = None) -> None:
         self.tokenizer = tokenizer
+        self.metrics = metrics or CoordinatorMetrics()
         self._source = pipeline_source  # anything with a `.pipeline` attribute (the Cluster)
         self.vocab_size = vocab_size
         self.context = context
@@ -152,7 +154,12 @@ class Engine:
 
     async def generate(self, ids: list[int], sampling: inference_pb2.SamplingParams
                        ) -> AsyncIterator[Chunk]:
-        """Stream the completion of `ids` once a running slot is free."""
+        """Stream the completion of `ids` once a running slot is free (recorded in metrics)."""
+        async for chunk in self.metrics.observe(self._admit(ids, sampling), len(ids)):
+            yield chunk
+
+    async def _admit(self, ids: list[int], sampling: inference_pb2.SamplingParams
+                     ) -> AsyncIterator[Chunk]:
         max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
         self.check(ids, max_tokens)
         try:
