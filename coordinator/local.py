@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,7 @@ class LocalWorkers:
 
     def __init__(self, count: int, *, memory: Sequence[int] | None = None,
                  cache_dir: Path | None = None, names: Sequence[str] | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), cpus: Sequence[int] | None = None) -> None:
         if count < 1:
             raise ValueError("--local-workers must be at least 1")
         self.count = count
@@ -33,6 +34,7 @@ class LocalWorkers:
         self.cache_dir = cache_dir
         self.names = list(names) if names else [f"local-{i}" for i in range(count)]
         self.extra_args = list(extra_args)
+        self.cpus = list(cpus) if cpus else None  # pin worker i to CPU cpus[i] (Linux only)
         self._tmp = tempfile.TemporaryDirectory(prefix="shardline-local-")
         self.procs: list[subprocess.Popen] = []
         self.addresses: list[str] = []
@@ -46,6 +48,12 @@ class LocalWorkers:
             cmd += ["--cache-dir", str(self.cache_dir)]
         return cmd + self.extra_args
 
+    def _pin(self, i: int):
+        if not self.cpus or not hasattr(os, "sched_setaffinity"):
+            return None
+        cpu = self.cpus[i % len(self.cpus)]
+        return lambda: os.sched_setaffinity(0, {cpu})
+
     def log_path(self, i: int) -> Path:
         return Path(self._tmp.name) / f"worker-{i}.log"
 
@@ -54,7 +62,8 @@ class LocalWorkers:
         for i, ready in enumerate(readies):
             log = open(self.log_path(i), "wb")  # noqa: SIM115 - the child owns it
             self.procs.append(subprocess.Popen(self._command(i, ready), stdout=log,
-                                               stderr=subprocess.STDOUT))
+                                               stderr=subprocess.STDOUT,
+                                               preexec_fn=self._pin(i)))
         deadline = time.monotonic() + timeout
         for i, (proc, ready) in enumerate(zip(self.procs, readies, strict=True)):
             while not ready.exists():

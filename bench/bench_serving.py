@@ -1,0 +1,240 @@
+"""Serving benchmark: mlx-lm alone vs Shardline on 1 worker and on 2 pinned workers.
+
+Same model, same machine, same run. Prints tokens/s, time to first token and inter-token latency
+(p50/p99) at 1, 4, 8 and 16 concurrent streams, the ratios the issue asks for, and the time to
+first token of a 2048-token prompt with and without chunked prefill; writes bench/RESULTS.md and
+bench/serving.png.
+
+    python bench/bench_serving.py            # about 5 minutes on 2 CPU cores
+    python bench/bench_serving.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from coordinator.demo import ModelSpec, cached_model  # noqa: E402
+
+SPEC = ModelSpec(family="llama", num_layers=8, hidden_size=512, intermediate_size=1536,
+                 num_attention_heads=8, num_key_value_heads=4, vocab_size=2048,
+                 max_position_embeddings=4096)
+GiB = 1 << 30
+
+
+@dataclass
+class Result:
+    label: str
+    streams: int
+    tokens: int = 0
+    wall: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+
+    @property
+    def tps(self) -> float:
+        return self.tokens / self.wall if self.wall else 0.0
+
+    def pct(self, values: list[float], q: float) -> float:
+        if not values:
+            return float("nan")
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def prompts(n: int, length: int) -> list[list[int]]:
+    return [[(37 * i + 11 * j) % 2000 + 10 for j in range(length)] for i in range(n)]
+
+
+def bench_mlx_lm(path: Path, streams: int, prompt_len: int, new: int) -> Result:
+    """(a) mlx-lm alone, in a process pinned to core 0 from its start (all its threads too)."""
+    cmd = [sys.executable, __file__, "--mlx-lm", str(path), str(streams), str(prompt_len),
+           str(new)]
+    pin_child = (lambda: os.sched_setaffinity(0, {0})) if hasattr(os, "sched_setaffinity") else None
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=pin_child)
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    return Result("mlx-lm", streams, data["tokens"], data["wall"], data["ttft"], data["itl"])
+
+
+def run_mlx_lm(path: str, streams: int, prompt_len: int, new: int) -> None:
+    """Child side of bench_mlx_lm: stream_generate for 1 stream, batch_generate for more."""
+    from mlx_lm import batch_generate, load, stream_generate
+
+    model, tokenizer = load(path)
+    res = Result("mlx-lm", streams)
+    stream_generate(model, tokenizer, prompts(1, 8)[0], max_tokens=4)  # warm up
+    t0 = time.perf_counter()
+    if streams == 1:
+        last = None
+        for _ in stream_generate(model, tokenizer, prompts(1, prompt_len)[0], max_tokens=new):
+            now = time.perf_counter()
+            if last is None:
+                res.ttft.append(now - t0)
+            else:
+                res.itl.append(now - last)
+            last = now
+            res.tokens += 1
+    else:
+        batch_generate(model, tokenizer, prompts(streams, prompt_len), max_tokens=new)
+        res.tokens = streams * new  # test models never emit EOS: every prompt runs to the end
+    res.wall = time.perf_counter() - t0
+    print(json.dumps({"tokens": res.tokens, "wall": res.wall, "ttft": res.ttft, "itl": res.itl}))
+
+
+async def bench_shardline(coordinator, label: str, streams: int, prompt_len: int,
+                          new: int) -> Result:
+    import grpc
+
+    from protos import inference_pb2, inference_pb2_grpc
+
+    res = Result(label, streams)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.grpc_port}") as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+
+        async def one(ids: list[int]) -> None:
+            req = inference_pb2.GenerateRequest(
+                prompt_token_ids=ids, sampling=inference_pb2.SamplingParams(max_tokens=new))
+            t0 = time.perf_counter()
+            last = None
+            async for msg in stub.Generate(req):
+                now = time.perf_counter()
+                if msg.token_ids:
+                    if last is None:
+                        res.ttft.append(now - t0)
+                    else:
+                        res.itl.append(now - last)
+                    last = now
+                    res.tokens += len(msg.token_ids)
+
+        await one(prompts(1, 8)[0])  # warm up
+        res.tokens, res.ttft, res.itl = 0, [], []
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one(p) for p in prompts(streams, prompt_len)))
+        res.wall = time.perf_counter() - t0
+    return res
+
+
+async def with_cluster(path: Path, workers: int, fn, *, prefill_chunk: int = 512):
+    from coordinator.app import Coordinator, ServeOptions
+    from coordinator.local import LocalWorkers
+
+    local = LocalWorkers(workers, memory=[4 * GiB] * workers, cpus=list(range(workers)),
+                         cache_dir=Path(tempfile.mkdtemp()))
+    addresses = local.start()
+    coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
+                                     grpc_port=0, max_sequences=16, context=4096,
+                                     prefill_chunk=prefill_chunk), progress=lambda m: None)
+    try:
+        await coord.start()
+        return await fn(coord)
+    finally:
+        await coord.stop()
+        local.stop()
+
+
+async def long_prompt_ttft(coordinator, length: int, repeats: int) -> float:
+    res = Result("ttft", 1)
+    for _ in range(repeats):
+        res.ttft += (await bench_shardline(coordinator, "ttft", 1, length, 1)).ttft
+    return statistics.median(res.ttft)
+
+
+def row(r: Result) -> str:
+    ms = 1e3
+    return (f"| {r.label} | {r.streams} | {r.tps:.1f} | {r.pct(r.ttft, 0.5) * ms:.0f} | "
+            f"{r.pct(r.itl, 0.5) * ms:.1f} | {r.pct(r.itl, 0.99) * ms:.1f} |")
+
+
+def plot(results: list[Result], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label in dict.fromkeys(r.label for r in results):
+        rs = [r for r in results if r.label == label]
+        ax.plot([r.streams for r in rs], [r.tps for r in rs], marker="o", label=label)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_xscale("log", base=2)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+
+
+async def main_async(args: argparse.Namespace) -> str:
+    path = cached_model(SPEC)
+    streams = [1, 4] if args.quick else [1, 4, 8, 16]
+    new = 16 if args.quick else 64
+    plen = 64 if args.quick else 128
+    results = [bench_mlx_lm(path, s, plen, new) for s in streams]
+
+    async def sweep(label):
+        async def fn(coord):
+            return [await bench_shardline(coord, label, s, plen, new) for s in streams]
+        return fn
+
+    results += await with_cluster(path, 1, await sweep("shardline 1 worker"))
+    results += await with_cluster(path, 2, await sweep("shardline 2 workers"))
+    long = 512 if args.quick else 2048
+    reps = 1 if args.quick else 3
+
+    async def ttft(coord):
+        return await long_prompt_ttft(coord, long, reps)
+
+    chunked = await with_cluster(path, 2, ttft, prefill_chunk=256)
+    whole = await with_cluster(path, 2, ttft, prefill_chunk=long)
+
+    by = {(r.label, r.streams): r for r in results}
+    a1, b1 = by[("mlx-lm", 1)], by[("shardline 1 worker", 1)]
+    c1 = by[("shardline 2 workers", 1)]
+    c8 = by.get(("shardline 2 workers", 8)) or by[("shardline 2 workers", streams[-1])]
+    lines = [
+        "| system | streams | tokens/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms |",
+        "|---|---|---|---|---|---|",
+        *(row(r) for r in results),
+        "",
+        f"- (b)/(a) at one stream: {b1.tps / a1.tps:.3f} (target >= 0.95)",
+        f"- (c) at {c8.streams} streams / (c) at one stream: {c8.tps / c1.tps:.2f}x "
+        "(target >= 1.7x)",
+        f"- TTFT of a {long}-token prompt on 2 workers: chunked (256) {chunked * 1e3:.0f} ms, "
+        f"whole {whole * 1e3:.0f} ms, ratio {chunked / whole:.2f} (target <= 0.7)",
+    ]
+    if not args.quick:
+        plot(results, ROOT / "bench" / "serving.png")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--mlx-lm", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mlx_lm:
+        path, streams, prompt_len, new = args.mlx_lm
+        return run_mlx_lm(path, int(streams), int(prompt_len), int(new))
+    report = asyncio.run(main_async(args))
+    print(report)
+    if not args.quick:
+        header = (f"# Serving benchmark\n\nModel: {SPEC.key()} (llama, 8 layers, hidden 512, "
+                  f"bf16), {os.cpu_count()} CPU cores, mlx-lm pinned to core 0, workers pinned to "
+                  f"cores 0 and 1. Command: `python bench/bench_serving.py`.\n\n")
+        (ROOT / "bench" / "RESULTS.md").write_text(header + report + "\n\n![](serving.png)\n")
+
+
+if __name__ == "__main__":
+    main()
