@@ -122,3 +122,32 @@ def test_scheduler_is_fifo_and_a_cancelled_waiter_leaves_the_queue():
 
     order, full, running, waiting = run(scenario())
     assert order == ["a", "c"] and "full" in full and (running, waiting) == (0, 0)
+
+
+def test_request_past_its_deadline_is_stopped_and_frees_kv(model_dir, workers):
+    import grpc
+
+    path = model_dir(SPEC)
+
+    async def scenario():
+        async with Serving(path, workers) as s:
+            req = inference_pb2.GenerateRequest(
+                prompt_token_ids=list(range(20, 60)),
+                sampling=inference_pb2.SamplingParams(max_tokens=1500))
+            code = None
+            try:
+                async for _ in s.stub.Generate(req, timeout=0.5):
+                    pass
+            except grpc.aio.AioRpcError as e:
+                code = e.code().name
+            for _ in range(100):
+                infos = [await w.stub.Info(worker_pb2.InfoRequest())
+                         for w in s.coordinator.cluster.workers]
+                if all(i.sessions == 0 for i in infos):
+                    break
+                await asyncio.sleep(0.05)
+            return code, [i.sessions for i in infos], s.coordinator.engine.scheduler.running
+
+    code, sessions, running = run(scenario())
+    assert code == "DEADLINE_EXCEEDED"
+    assert sessions == [0, 0, 0] and running == 0
