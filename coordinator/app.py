@@ -13,6 +13,7 @@ from coordinator.cluster import Cluster
 from coordinator.engine import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, Engine
 from coordinator.http_api import HttpServer
 from coordinator.local import LocalWorkers
+from coordinator.metrics import CoordinatorMetrics
 from coordinator.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
 from coordinator.service import InferenceService, set_serving, start_server, watch_health
 
@@ -63,6 +64,8 @@ class Coordinator:
         self.server = None
         self.health = None
         self.grpc_port = 0
+        self.metrics = CoordinatorMetrics()
+        self.metrics.watch(self)
         self.http: HttpServer | None = None
         self.http_port = 0
         self._health_task: asyncio.Task | None = None
@@ -114,12 +117,14 @@ class Coordinator:
         await self.start_api(service)
         self.progress(f"loading {self.model.model_id} on {len(plan.stages)} worker(s)...")
         await self.cluster.load(self.progress)
+        self.metrics.replans.labels("initial").inc()
         config = json.loads((self.model.path / "config.json").read_text())
         self.engine = Engine(
             load_tokenizer(self.model.path), self.cluster, vocab_size=int(config["vocab_size"]),
             context=plan.context, prefill_chunk=opts.prefill_chunk,
             max_running=plan.max_sequences, max_waiting=opts.max_waiting,
             prefix_cache_tokens=opts.prefix_cache_tokens if self.cluster.forkable else 0,
+            metrics=self.metrics,
         )
         service.engine = self.engine
         await set_serving(self.health, True)
@@ -130,7 +135,7 @@ class Coordinator:
         """gRPC and HTTP up before the shards load; health says NOT_SERVING until they have."""
         opts = self.options
         self.server, self.health, self.grpc_port = await start_server(
-            service, opts.host, opts.grpc_port
+            service, opts.host, opts.grpc_port, interceptors=[self.metrics.interceptor]
         )
         self.http = HttpServer(self, opts.host, opts.http_port)
         self.http_port = self.http.port

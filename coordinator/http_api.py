@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 import protos
 from coordinator.engine import Chunk, RequestError
+from coordinator.metrics import sd_targets
 from coordinator.requests import FieldError, Request, from_openai, model_not_found, prompt_ids
 from coordinator.service import not_ready
 from protos import inference_pb2
@@ -137,6 +138,8 @@ class HttpApi:
         self.app = Starlette(
             routes=[
                 Route("/health", self.health, methods=["GET"]),
+                Route("/metrics", self.prometheus, methods=["GET"]),
+                Route("/sd/workers", self.sd_workers, methods=["GET"]),
                 Route("/v1/models", self.models, methods=["GET"]),
                 Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -163,6 +166,14 @@ class HttpApi:
         if reason is None:
             return JSONResponse({"status": "ok"})
         return JSONResponse({"status": "unavailable", "reason": reason}, 503)
+
+    async def prometheus(self, request: HttpRequest) -> Response:
+        body, content_type = self.source.metrics.render()
+        return Response(body, headers={"Content-Type": content_type})
+
+    async def sd_workers(self, request: HttpRequest) -> Response:
+        """Prometheus http_sd_configs; ?loopback=HOST rewrites 127.0.0.1 workers to HOST."""
+        return JSONResponse(sd_targets(self.source.cluster, request.query_params.get("loopback")))
 
     def _card(self) -> dict:
         m = self.source.model
@@ -208,6 +219,8 @@ class HttpApi:
             chunks = engine.generate(ids, req.sampling)
             first = await anext(chunks)  # refusals come before any byte of the response
         except RequestError as e:
+            if engine is not None:
+                engine.metrics.count_failure(e)
             return request_error(e)
         out = Output(req, chat, req.model or served, engine.tokenizer)
         if req.stream:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -49,6 +50,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                     msg.usage.CopyFrom(chunk.usage)
                 yield msg
         except RequestError as e:
+            if self.engine is not None:
+                self.engine.metrics.count_failure(e)
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: Any):
@@ -81,10 +84,11 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         return self.cluster.state()
 
 
-async def start_server(service: InferenceService, host: str, port: int
+async def start_server(service: InferenceService, host: str, port: int,
+                       interceptors: Sequence[Any] = ()
                        ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """Start the API server with health (NOT_SERVING until marked) and reflection."""
-    server = grpc.aio.server(options=protos.channel_options())
+    server = grpc.aio.server(options=protos.channel_options(), interceptors=list(interceptors))
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
