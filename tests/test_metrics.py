@@ -1,0 +1,319 @@
+"""Metrics: SPEC names, right values, promtool-clean endpoints; dashboards and deploy files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+import pytest
+import yaml
+from conftest import ROOT, Serving, run
+from prometheus_client.parser import text_string_to_metric_families
+
+from coordinator.demo import ModelSpec
+from coordinator.metrics import sd_targets
+from protos import inference_pb2
+
+SPEC_MODEL = ModelSpec(family="qwen3")
+COORDINATOR_METRICS = {
+    "shardline_requests_running", "shardline_requests_waiting", "shardline_prompt_tokens_total",
+    "shardline_generation_tokens_total", "shardline_request_success_total",
+    "shardline_request_failure_total", "shardline_time_to_first_token_seconds",
+    "shardline_inter_token_latency_seconds", "shardline_e2e_request_latency_seconds",
+    "shardline_workers", "shardline_worker_layers", "shardline_replans_total",
+    "shardline_build_info",
+}
+WORKER_METRICS = {
+    "shardline_stage_forward_seconds", "shardline_activation_bytes_total",
+    "shardline_activation_transfer_seconds", "shardline_worker_memory_bytes",
+    "shardline_kv_cache_usage_ratio", "shardline_sessions",
+}
+GRPC_METRICS = {"grpc_server_started_total", "grpc_server_handled_total",
+                "grpc_server_handling_seconds"}
+HISTOGRAMS = {"shardline_time_to_first_token_seconds", "shardline_inter_token_latency_seconds",
+              "shardline_e2e_request_latency_seconds", "shardline_stage_forward_seconds",
+              "shardline_activation_transfer_seconds", "grpc_server_handling_seconds"}
+ALLOWED = (COORDINATOR_METRICS | WORKER_METRICS | GRPC_METRICS
+           | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")})
+DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
+NO_PROMTOOL = "promtool not installed (Debian package prometheus; .ci/run installs it)"
+PROMQL_WORDS = {"bool", "offset", "and", "or", "unless", "inf", "nan", "Inf", "NaN"}
+
+
+def panels(dashboard: dict) -> list[dict]:
+    out = []
+    for p in dashboard["panels"]:
+        out.append(p)
+        out.extend(p.get("panels", []))
+    return out
+
+
+def panel_targets() -> list[tuple[str, str, dict]]:
+    """(dashboard file, panel title, target) for every query of every dashboard panel."""
+    out = []
+    for path in DASHBOARDS:
+        for p in panels(json.loads(path.read_text())):
+            out.extend((path.name, p["title"], t) for t in p.get("targets", []))
+    return out
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (functions, labels and keywords left out)."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    names = set()
+    for m in re.finditer(r"(?<![\w.])[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        if not expr[m.end():].lstrip().startswith("(") and m.group(0) not in PROMQL_WORDS:
+            names.add(m.group(0))
+    return names
+
+
+def families(text: str) -> dict[str, list]:
+    """Sample lists by sample name (`x_total`, `x_bucket`, ...) of a Prometheus text page."""
+    out: dict[str, list] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append(s)
+    return out
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    found = [s.value for s in samples.get(name, []) if all(s.labels.get(k) == v
+                                                           for k, v in labels.items())]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+def get(url: str) -> tuple[str, str]:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.read().decode(), r.headers.get("Content-Type", "")
+
+
+# -- dashboards and deploy (no cluster) ----------------------------------------------------------
+def test_metric_name_extraction():
+    expr = ('histogram_quantile(0.95, sum by (le, worker) (rate(shardline_x_bucket'
+            '{worker=~"$worker", a="b c"}[$__rate_interval]))) / on (worker) shardline_y > bool 0')
+    assert metric_names(expr) == {"shardline_x_bucket", "shardline_y"}
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_structure(path: Path):
+    board = json.loads(path.read_text())
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    ds = variables["DS_PROMETHEUS"]
+    assert ds["type"] == "datasource" and ds["query"] == "prometheus"
+    assert board["uid"] and board["title"].startswith("Shardline")
+    ids = [p["id"] for p in panels(board)]
+    assert len(ids) == len(set(ids)), f"duplicate panel ids in {path.name}"
+    for p in panels(board):
+        if p["type"] == "row":
+            continue
+        assert p["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, p["title"]
+        assert p.get("description") and p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] == "${DS_PROMETHEUS}", p["title"]
+            names = metric_names(t["expr"])
+            assert names and names <= ALLOWED, (p["title"], names - ALLOWED)
+
+
+def test_dashboards_cover_the_issue():
+    exprs = " ".join(t["expr"] for _, _, t in panel_targets())
+    for name in COORDINATOR_METRICS | WORKER_METRICS:
+        assert name in exprs, f"no dashboard panel uses {name}"
+    assert [p.name for p in DASHBOARDS] == ["cluster-overview.json", "request-latency.json",
+                                            "stage-detail.json"]
+
+
+def test_every_panel_is_described_in_the_docs():
+    doc = (ROOT / "docs" / "observability.md").read_text()
+    for name, title, _ in panel_targets():
+        assert f"**{title}**" in doc, f"docs/observability.md does not describe {name}: {title}"
+
+
+def test_deploy_provisions_prometheus_and_grafana():
+    deploy = ROOT / "deploy"
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    assert {"prometheus", "grafana"} <= set(compose["services"])
+    for service in compose["services"].values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (deploy / source).exists(), volume
+    prom = yaml.safe_load((deploy / "prometheus.yml").read_text())
+    jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
+    sd = jobs["shardline-workers"]["http_sd_configs"][0]["url"]
+    assert sd.startswith("http://host.docker.internal:") and "/sd/workers" in sd
+    datasources = yaml.safe_load(
+        (deploy / "grafana/provisioning/datasources/prometheus.yaml").read_text())["datasources"]
+    assert datasources[0]["type"] == "prometheus" and datasources[0]["url"].endswith(":9090")
+    providers = yaml.safe_load(
+        (deploy / "grafana/provisioning/dashboards/shardline.yaml").read_text())["providers"]
+    mounted = [v for v in compose["services"]["grafana"]["volumes"] if v.startswith("../dash")]
+    assert mounted and mounted[0].split(":")[1] == providers[0]["options"]["path"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason=NO_PROMTOOL)
+def test_promtool_accepts_the_prometheus_config():
+    proc = subprocess.run(["promtool", "check", "config", str(ROOT / "deploy/prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_sd_targets_labels_loopback_and_dead_workers():
+    def worker(name, address, status="serving", mport=9100, layers=(0, 3), stage=0):
+        spec = SimpleNamespace(layer_start=layers[0], layer_end=layers[1], stage_index=stage)
+        return SimpleNamespace(address=address, status=status,
+                               info=SimpleNamespace(name=name, id=f"id-{name}", metrics_port=mport),
+                               shard=SimpleNamespace(spec=spec))
+
+    cluster = SimpleNamespace(workers=[
+        worker("mini", "127.0.0.1:50061"), worker("mini", "10.0.0.7:50061", layers=(3, 6), stage=1),
+        worker("gone", "10.0.0.8:50061", status="lost"), worker("old", "10.0.0.9:1", mport=0),
+    ])
+    assert sd_targets(None) == []
+    assert sd_targets(cluster, "host.docker.internal") == [
+        {"targets": ["host.docker.internal:9100"],
+         "labels": {"worker": "mini@127.0.0.1:50061", "worker_id": "id-mini",
+                    "layers": "[0, 3)", "stage": "0"}},
+        {"targets": ["10.0.0.7:9100"],
+         "labels": {"worker": "mini@10.0.0.7:50061", "worker_id": "id-mini",
+                    "layers": "[3, 6)", "stage": "1"}},
+    ]
+    assert sd_targets(cluster)[0]["targets"] == ["127.0.0.1:9100"]
+
+
+# -- a live cluster ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scraped(model_dir, workers):
+    """Scrapes of coordinator and workers around a known request mix on a two-worker cluster."""
+    path = model_dir(SPEC_MODEL)
+    prompt, max_tokens = list(range(20, 45)), 12
+
+    async def scenario():
+        async with Serving(path, workers[:2]) as s:
+            base = f"http://127.0.0.1:{s.coordinator.http_port}"
+            sd = json.loads((await asyncio.to_thread(get, f"{base}/sd/workers"))[0])
+            urls = [f"http://{t['targets'][0]}/metrics" for t in sd]
+            before = [families((await asyncio.to_thread(get, u))[0]) for u in urls]
+            tokens, finish, _ = await s.generate(prompt, max_tokens)
+            await asyncio.sleep(0.5)  # the release step reaches every stage
+            after = [await asyncio.to_thread(get, u) for u in urls]
+            codes = []
+            for ids, model in (([10**6], ""), ([1, 2], "no-such-model")):
+                try:
+                    await s.stub.Generate(inference_pb2.GenerateRequest(
+                        model=model, prompt_token_ids=ids)).read()
+                except grpc.aio.AioRpcError as e:
+                    codes.append(e.code().name)
+            call = s.stub.Generate(inference_pb2.GenerateRequest(
+                prompt_token_ids=prompt, sampling=inference_pb2.SamplingParams(max_tokens=500)))
+            await call.read()
+            call.cancel()
+            metrics = s.coordinator.metrics
+            for _ in range(100):
+                if metrics.failure.labels("cancelled")._value.get():
+                    break
+                await asyncio.sleep(0.05)
+            coordinator = await asyncio.to_thread(get, f"{base}/metrics")
+            return SimpleNamespace(tokens=tokens, finish=finish, codes=codes, sd=sd,
+                                   prompt=prompt, before=before, after=after,
+                                   coordinator=coordinator,
+                                   layers=[(w.shard.spec.layer_start, w.shard.spec.layer_end)
+                                           for w in s.coordinator.cluster.workers])
+
+    return run(scenario())
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason=NO_PROMTOOL)
+def test_promtool_check_metrics_passes_on_coordinator_and_workers(scraped):
+    for text, _ in [scraped.coordinator, *scraped.after]:
+        proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_endpoints_export_every_spec_metric_in_text_format(scraped):
+    text, content_type = scraped.coordinator
+    assert content_type.startswith("text/plain")
+    names = {f.name for f in text_string_to_metric_families(text)}
+    # the parser drops _total from counter family names
+    norm = {n.removesuffix("_total") for n in COORDINATOR_METRICS | GRPC_METRICS}
+    assert norm <= names, norm - names
+    for worker_text, _ in scraped.after:
+        names = {f.name for f in text_string_to_metric_families(worker_text)}
+        norm = {n.removesuffix("_total") for n in WORKER_METRICS | GRPC_METRICS}
+        assert norm <= names, norm - names
+        assert "_created" not in worker_text and "request_id" not in worker_text
+
+
+def test_coordinator_counts_tokens_latencies_and_outcomes(scraped):
+    c = families(scraped.coordinator[0])
+    n = len(scraped.tokens)
+    assert scraped.codes == ["INVALID_ARGUMENT", "NOT_FOUND"]
+    assert value(c, "shardline_prompt_tokens_total") == 2 * len(scraped.prompt)  # + cancelled
+    assert value(c, "shardline_generation_tokens_total") >= n + 1
+    reason = {1: "stop", 2: "length"}[scraped.finish]
+    assert value(c, "shardline_request_success_total", finished_reason=reason) == 1
+    for why in ("invalid_argument", "not_found", "cancelled"):
+        assert value(c, "shardline_request_failure_total", reason=why) == 1, why
+    assert value(c, "shardline_time_to_first_token_seconds_count") == 2
+    assert value(c, "shardline_e2e_request_latency_seconds_count") == 1
+    assert value(c, "shardline_inter_token_latency_seconds_count") >= n - 1
+    inf = value(c, "shardline_e2e_request_latency_seconds_bucket", le="+Inf")
+    assert inf == 1 and value(c, "shardline_e2e_request_latency_seconds_bucket", le="7680.0") == 1
+    assert value(c, "shardline_requests_running") == 0
+    assert value(c, "shardline_requests_waiting") == 0
+    assert value(c, "shardline_workers", state="serving") == 2
+    layers = {s.labels["worker"]: s.value for s in c["shardline_worker_layers"]}
+    assert layers == {"w1": scraped.layers[0][1] - scraped.layers[0][0],
+                      "w2": scraped.layers[1][1] - scraped.layers[1][0]}
+    assert value(c, "shardline_replans_total", reason="initial") == 1
+    assert value(c, "shardline_build_info", version="0.1.0", api="1") == 1
+    handled = {(s.labels["grpc_method"], s.labels["grpc_code"]): s.value
+               for s in c["grpc_server_handled_total"]}
+    assert handled[("Generate", "OK")] == 1
+    assert handled[("Generate", "INVALID_ARGUMENT")] == 1
+    assert handled[("Generate", "NOT_FOUND")] == 1
+    assert handled[("Generate", "CANCELLED")] == 1
+
+
+def test_workers_count_steps_bytes_memory_and_sessions(scraped):
+    n = len(scraped.tokens)
+    before = scraped.before
+    after = [families(t) for t, _ in scraped.after]
+
+    def delta(i: int, name: str, **labels: str) -> float:
+        return value(after[i], name, **labels) - value(before[i], name, **labels)
+
+    for i in range(2):
+        # prompt[:-1] is one prefill chunk; the last prompt token and n - 1 tokens are decoded
+        assert delta(i, "shardline_stage_forward_seconds_count", phase="prefill") == 1
+        assert delta(i, "shardline_stage_forward_seconds_count", phase="decode") == n
+        weights = value(after[i], "shardline_worker_memory_bytes", kind="weights")
+        total = value(after[i], "shardline_worker_memory_bytes", kind="total")
+        assert 0 < weights < value(after[i], "shardline_worker_memory_bytes", kind="peak")
+        assert total == (1 << 30) * (i + 1)
+        assert 0 <= value(after[i], "shardline_kv_cache_usage_ratio") <= 1
+    sent = delta(0, "shardline_activation_bytes_total", direction="out")
+    positions = len(scraped.prompt) + n - 1
+    assert sent > 0 and sent % positions == 0
+    assert delta(1, "shardline_activation_bytes_total", direction="in") == sent
+    assert delta(0, "shardline_activation_bytes_total", direction="in") == 0
+    assert delta(1, "shardline_activation_bytes_total", direction="out") == 0
+    assert delta(0, "shardline_activation_transfer_seconds_count") == n + 1
+    assert delta(1, "shardline_activation_transfer_seconds_count") == 0
+
+
+def test_sd_workers_lists_each_worker_metrics_endpoint(scraped):
+    assert [t["labels"]["worker"] for t in scraped.sd] == ["w1", "w2"]
+    for t, (start, end) in zip(scraped.sd, scraped.layers, strict=True):
+        assert t["labels"]["layers"] == f"[{start}, {end})"
+        assert t["labels"]["worker_id"] and t["targets"][0].startswith("127.0.0.1:")
