@@ -217,12 +217,12 @@ def scraped(model_dir, workers):
                 prompt_token_ids=prompt, sampling=inference_pb2.SamplingParams(max_tokens=500)))
             await call.read()
             call.cancel()
-            metrics = s.coordinator.metrics
-            for _ in range(100):
-                if metrics.failure.labels("cancelled")._value.get():
+            for _ in range(100):  # the server notices the cancel a moment later
+                coordinator = await asyncio.to_thread(get, f"{base}/metrics")
+                if 'grpc_code="CANCELLED"' in coordinator[0] and re.search(
+                        r'failure_total\{reason="cancelled"\} 1', coordinator[0]):
                     break
                 await asyncio.sleep(0.05)
-            coordinator = await asyncio.to_thread(get, f"{base}/metrics")
             return SimpleNamespace(tokens=tokens, finish=finish, codes=codes, sd=sd,
                                    prompt=prompt, before=before, after=after,
                                    coordinator=coordinator,
