@@ -111,6 +111,7 @@ async def set_serving(health_servicer: Any, serving: bool) -> None:
               else health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)
+    health_servicer.shardline_serving = serving
 
 
 def not_ready(source: Any) -> str | None:
@@ -123,10 +124,8 @@ def not_ready(source: Any) -> str | None:
 
 async def watch_health(health_servicer: Any, source: Any, interval: float = 0.2) -> None:
     """Keep gRPC health in step with `source` (SERVING only while its cluster can serve)."""
-    serving = None
     while True:
         now = not_ready(source) is None
-        if now != serving:
+        if now != getattr(health_servicer, "shardline_serving", None):
             await set_serving(health_servicer, now)
-            serving = now
         await asyncio.sleep(interval)
