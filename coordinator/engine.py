@@ -44,6 +44,8 @@ class Chunk:
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    # Per token: (token id, logprob) of the most likely tokens, when SamplingParams.logprobs > 0.
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: int = 0
     usage: inference_pb2.Usage | None = None
 
@@ -199,7 +201,9 @@ class Engine:
                     break
                 detok.add_token(token)
                 text, hit = stops.feed(detok.last_segment)
-                yield Chunk(text=text, token_ids=[token], logprobs=[out.logprob])
+                yield Chunk(text=text, token_ids=[token], logprobs=[out.logprob],
+                            top_logprobs=[list(zip(out.top_tokens, out.top_logprobs,
+                                                   strict=True))])
                 if hit:
                     finish = FINISH_STOP
                     break

@@ -72,17 +72,24 @@ class Output:
     def logprobs(self, chunks: list[Chunk]) -> dict | None:
         if not self.req.logprobs:
             return None
-        tokens = [(self.tokenizer.decode([t]), lp) for c in chunks
-                  for t, lp in zip(c.token_ids, c.logprobs, strict=False)]
+        decode = self.tokenizer.decode
+        tokens, tops = [], []
+        for c in chunks:
+            top = c.top_logprobs or [[] for _ in c.token_ids]
+            for t, lp, alts in zip(c.token_ids, c.logprobs, top, strict=False):
+                tokens.append((decode([t]), lp))
+                tops.append([(decode([a]), alp) for a, alp in alts])
         if self.chat:
-            return {"content": [{"token": s, "logprob": lp, "bytes": list(s.encode()),
-                                 "top_logprobs": []} for s, lp in tokens]}
+            return {"content": [
+                {"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": [
+                    {"token": a, "logprob": alp, "bytes": list(a.encode())} for a, alp in alts]}
+                for (s, lp), alts in zip(tokens, tops, strict=True)]}
         offsets = []
         for s, _ in tokens:
             offsets.append(self.offset)
             self.offset += len(s)
         return {"tokens": [s for s, _ in tokens], "token_logprobs": [lp for _, lp in tokens],
-                "top_logprobs": [{} for _ in tokens] if self.req.top_logprobs else None,
+                "top_logprobs": [dict(alts) for alts in tops] if self.req.top_logprobs else None,
                 "text_offset": offsets}
 
     def _object(self, choices: list[dict], stream: bool) -> dict:

@@ -29,16 +29,18 @@ def _loaded(path):
     return load_model(path)[0], load_tokenizer(path)
 
 
-def reference(path, ids, n, repetition_penalty=None):
-    """Greedy (token, logprob) pairs from single-process mlx-lm."""
+def reference(path, ids, n, repetition_penalty=None, top=0):
+    """Greedy (token, logprob) pairs from single-process mlx-lm (+ the `top` best logprobs)."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
     from mlx_lm.sample_utils import make_logits_processors
 
     net, _ = _loaded(path)
     procs = make_logits_processors(repetition_penalty=repetition_penalty)
-    return [(t, lp[t].item()) for t, lp in generate_step(mx.array(ids), net, max_tokens=n,
-                                                           logits_processors=procs)]
+    steps = generate_step(mx.array(ids), net, max_tokens=n, logits_processors=procs)
+    if top:
+        return [(t, sorted(lp.tolist(), reverse=True)[:top]) for t, lp in steps]
+    return [(t, lp[t].item()) for t, lp in steps]
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +159,17 @@ def test_logprobs_are_the_chosen_tokens_log_probabilities(server, client):
     lps = [x.logprob for c in streamed if c.choices and c.choices[0].logprobs
            for x in c.choices[0].logprobs.content]
     assert lps == pytest.approx([lp for _, lp in want], abs=1e-3)
+    best = reference(server.path, ids, 8, top=3)
+    r = client.chat.completions.create(model="", messages=MESSAGES[:2], max_tokens=8,
+                                       logprobs=True, top_logprobs=3)
+    for g, (t, values) in zip(r.choices[0].logprobs.content, best, strict=True):
+        assert [a.logprob for a in g.top_logprobs] == pytest.approx(values, abs=1e-3)
+        assert g.top_logprobs[0].logprob == pytest.approx(g.logprob, abs=1e-6)  # greedy
+        assert g.top_logprobs[0].token == g.token == server.tokenizer.decode([t])
+    c = client.completions.create(model="", prompt=ids, max_tokens=8, logprobs=2)
+    assert [sorted(d.values(), reverse=True) for d in c.choices[0].logprobs.top_logprobs] == \
+        [pytest.approx(v[:len(d)], abs=1e-3) for (_, v), d in
+         zip(best, c.choices[0].logprobs.top_logprobs, strict=True)]
     c = client.completions.create(model="", prompt=ids, max_tokens=8, logprobs=0)
     lp = c.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx([x for _, x in want], abs=1e-3)

@@ -20,6 +20,7 @@ class Sampler:
     min_p: float = 0.0
     repetition_penalty: float | None = None
     seed: int = 0
+    top_logprobs: int = 0
     history: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -39,10 +40,14 @@ class Sampler:
             min_p=params.min_p if params.HasField("min_p") else 0.0,
             repetition_penalty=penalty if penalty and penalty != 1.0 else None,
             seed=params.seed if params.HasField("seed") else 0,
+            top_logprobs=params.logprobs if params.HasField("logprobs") else 0,
         )
 
-    def sample(self, logits: mx.array) -> tuple[mx.array, mx.array]:
+    def sample(self, logits: mx.array) -> tuple[mx.array, ...]:
         """Pick a token from logits of shape (1, vocab); returns (token, its logprob), lazily.
+
+        With `top_logprobs` > 0 it also returns the ids and logprobs of that many most likely
+        tokens, best first.
 
         The random key depends only on (seed, position), so a sequence re-run from its prompt
         and the tokens already produced samples the same continuation.
@@ -55,4 +60,9 @@ class Sampler:
         if self.temperature > 0:
             mx.random.seed((self.seed * 1_000_003 + len(self.history)) % (1 << 63))
         token = self._sample(logprobs)
-        return token, mx.take_along_axis(logprobs, token.reshape(1, 1), axis=-1)
+        chosen = mx.take_along_axis(logprobs, token.reshape(1, 1), axis=-1)
+        if self.top_logprobs <= 0:
+            return token, chosen
+        k = min(self.top_logprobs, logprobs.shape[-1])
+        top = mx.argsort(-logprobs[0])[:k]
+        return token, chosen, top, logprobs[0, top]

@@ -203,10 +203,13 @@ class StageRunner:
                 fwd.hidden.CopyFrom(codec.encode(h))
                 out.forward.seqs.append(fwd)
             elif sampled is not None:
-                token, logprob = sampled
+                token, logprob, *top = sampled
                 out.outputs.append(
                     worker_pb2.SeqOutput(
                         seq_id=seq.seq_id, token=token.item(), logprob=logprob.item()
                     )
                 )
+                if top:  # SamplingParams.logprobs > 0: the alternatives, best first
+                    out.outputs[-1].top_tokens.extend(top[0].tolist())
+                    out.outputs[-1].top_logprobs.extend(top[1].tolist())
         return out
