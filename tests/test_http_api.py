@@ -239,3 +239,18 @@ def test_bad_input_through_openai_raises_and_serving_goes_on(server, client):
         assert code in (404, 405) and "message" in reply["error"]
     r = client.chat.completions.create(model="", messages=MESSAGES, max_tokens=3)
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
+    import time
+
+    engine = server.coordinator.engine
+    stream = client.chat.completions.create(model="", messages=MESSAGES, max_tokens=500,
+                                            stream=True)
+    next(iter(stream))
+    assert engine.scheduler.running == 1
+    stream.close()
+    deadline = time.monotonic() + 10
+    while engine.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.scheduler.running == 0
