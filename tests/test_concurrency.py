@@ -151,3 +151,33 @@ def test_request_past_its_deadline_is_stopped_and_frees_kv(model_dir, workers):
     code, sessions, running = run(scenario())
     assert code == "DEADLINE_EXCEEDED"
     assert sessions == [0, 0, 0] and running == 0
+
+
+def test_full_queue_over_http_is_429_in_openai_shape(model_dir, workers):
+    import json
+    import urllib.error
+    import urllib.request
+
+    path = model_dir(SPEC)
+
+    def post(url: str) -> tuple[int, dict]:
+        req = urllib.request.Request(url, data=json.dumps({"prompt": "hello", "max_tokens": 4})
+                                     .encode(), headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    async def scenario():
+        async with Serving(path, workers[:2], max_sequences=1, max_waiting=0) as s:
+            busy = asyncio.create_task(s.generate([20, 21, 22], 400))
+            await asyncio.sleep(0.2)
+            url = f"http://127.0.0.1:{s.coordinator.http_port}/v1/completions"
+            result = await asyncio.to_thread(post, url)
+            await busy
+            return result
+
+    status, body = run(scenario())
+    assert status == 429
+    assert body["error"]["type"] == "rate_limit_error" and "retry later" in body["error"]["message"]
