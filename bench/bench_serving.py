@@ -135,7 +135,8 @@ async def with_cluster(path: Path, workers: int, fn, *, prefill_chunk: int = 512
     addresses = local.start()
     coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
                                      grpc_port=0, max_sequences=16, context=4096,
-                                     prefill_chunk=prefill_chunk), progress=lambda m: None)
+                                     prefill_chunk=prefill_chunk, prefix_cache_tokens=0),
+                        progress=lambda m: None)
     try:
         await coord.start()
         return await fn(coord)

@@ -166,6 +166,7 @@ class StageRunner:
         sessions = [self._session(seq) for seq in seqs]
         inputs = [self._input(seq) for seq in seqs]
         rows: list[tuple[mx.array, Any]] = [None] * len(seqs)  # (hidden, sampled) per sequence
+        targets: list[Any] = []
         for group in self._groups(seqs):
             ids = tuple(seqs[i].seq_id for i in group)
             caches = self._batch_caches(ids) if len(group) > 1 else self._own_caches(ids[0])
@@ -182,7 +183,13 @@ class StageRunner:
                     if seqs[i].sample:
                         sampled = sessions[i].sampler.sample(logits[row : row + 1])
                 rows[i] = (h if len(group) == 1 else h[row : row + 1], sampled)
-        mx.eval([sampled if sampled is not None else h for h, sampled in rows])
+                targets.append(sampled if sampled is not None else rows[i][0])
+            if self.shard.is_last and logits is None:
+                # A prompt chunk on the last stage only fills caches: like mlx-lm, evaluate
+                # those and skip the last layer's attention output and MLP.
+                del targets[-len(group) :]
+                targets += [c.state for c in caches]
+        mx.eval(targets)
         return self._output(msg, seqs, sessions, rows)
 
     def _output(self, msg: worker_pb2.StageMessage, seqs: list[worker_pb2.SeqInput],
