@@ -117,6 +117,8 @@ def zeroconf_interfaces(selected: Iterable[Interface]) -> list[str | int]:
     """`Zeroconf(interfaces=...)` for these: IPv4 addresses, and IPv6 as interface indexes."""
     out: list[str | int] = []
     for iface in selected:
+        if iface.loopback_only:
+            continue
         out += [a for a in iface.ipv4 if not ipaddress.ip_address(a).is_loopback]
         if iface.ipv6 and iface.index and iface.index not in out:
             out.append(iface.index)
