@@ -13,6 +13,7 @@ from coordinator.cluster import Cluster
 from coordinator.engine import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, Engine
 from coordinator.http_api import HttpServer
 from coordinator.local import LocalWorkers
+from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
 from coordinator.service import InferenceService, set_serving, start_server, watch_health
@@ -40,6 +41,12 @@ class ServeOptions:
     max_waiting: int = DEFAULT_MAX_WAITING
     prefix_cache_tokens: int = 4096
     cache_dir: Path | None = None
+    # discovery (docs/discovery.md); the CLI browses by default, an embedded Coordinator not
+    discover: bool = False
+    min_workers: int = 1
+    discover_timeout: float | None = None
+    interface: str | None = None
+    rebalance: bool = True
 
 
 def load_tokenizer(path: Path):
@@ -60,6 +67,7 @@ class Coordinator:
         self.local: LocalWorkers | None = None
         self.model: ModelInfo | None = None
         self.cluster: Cluster | None = None
+        self.membership: Membership | None = None
         self.engine: Engine | None = None
         self.server = None
         self.health = None
@@ -105,11 +113,16 @@ class Coordinator:
         opts = self.options
         self.model = self.resolve_model()
         addresses = list(opts.workers) + self.start_local_workers()
-        if not addresses:
+        if not addresses and not opts.discover:
             raise ValueError("no workers: pass --workers HOST:PORT,... or --local-workers N")
-        self.cluster = await Cluster.connect(
-            self.model, addresses, partition=opts.partition, context=opts.context,
-            max_sequences=opts.max_sequences,
+        self.membership = Membership(
+            cluster=opts.cluster, discover=opts.discover, min_workers=opts.min_workers,
+            timeout=opts.discover_timeout, interface=opts.interface, rebalance=opts.rebalance,
+            progress=self.progress,
+        )
+        self.cluster = Cluster(
+            self.model, await self.membership.gather(addresses), partition=opts.partition,
+            context=opts.context, max_sequences=opts.max_sequences,
         )
         plan = self.cluster.make_plan()
         self.progress(plan.describe())
@@ -130,6 +143,7 @@ class Coordinator:
         await set_serving(self.health, True)
         self.progress(f"serving {self.model.model_id} on gRPC {opts.host}:{self.grpc_port}, "
                       f"HTTP {opts.host}:{self.http_port}")
+        await self.membership.watch(self)
 
     async def start_api(self, service: InferenceService) -> None:
         """gRPC and HTTP up before the shards load; health says NOT_SERVING until they have."""
@@ -145,6 +159,8 @@ class Coordinator:
     async def stop(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+        if self.membership is not None:
+            await self.membership.close()
         if self.http is not None:
             await self.http.stop()
         if self.server is not None:

@@ -34,8 +34,19 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--demo", action="store_true",
                    help="serve a small built-in random-weight model on two local workers")
     p.add_argument("--workers", type=_csv, default=[], help="static worker list H:P,H:P")
-    p.add_argument("--no-discover", action="store_true", help="do not browse mDNS for workers")
-    p.add_argument("--min-workers", type=int, default=1, help="wait for this many workers")
+    p.add_argument("--no-discover", action="store_true",
+                   help="no mDNS: do not browse for workers nor announce the API "
+                   "(--demo never browses)")
+    p.add_argument("--min-workers", type=int, default=1,
+                   help="plan once this many workers are usable, static ones included; "
+                   "waits for more on mDNS (default 1)")
+    p.add_argument("--discover-timeout", type=float, default=0,
+                   help="give up waiting for --min-workers after this many seconds (0: never)")
+    p.add_argument("--interface", default=None,
+                   help="browse and announce on this interface only (name or address; "
+                   "default: every LAN interface, no docker/VPN)")
+    p.add_argument("--no-rebalance", action="store_true",
+                   help="workers that join later stay on standby (no re-plan)")
     p.add_argument("--local-workers", type=int, default=0,
                    help="start N workers on this machine (stopped on exit)")
     p.add_argument("--local-memory", type=_sizes, default=None,
@@ -94,6 +105,9 @@ async def _serve(args: argparse.Namespace) -> None:
         context=args.context, max_sequences=args.max_sequences,
         prefill_chunk=args.prefill_chunk, cache_dir=args.cache_dir,
         max_waiting=args.max_waiting, prefix_cache_tokens=args.prefix_cache_tokens,
+        discover=not (args.no_discover or args.demo), min_workers=args.min_workers,
+        discover_timeout=args.discover_timeout or None, interface=args.interface,
+        rebalance=not args.no_rebalance,
     )
     coordinator = Coordinator(options, progress=lambda m: print(m, flush=True))
     stop = asyncio.Event()

@@ -75,6 +75,8 @@ class Cluster:
     plan: Plan | None = None
     pipeline: Pipeline | None = None
     plan_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # rows of workers seen but not in the plan (set by coordinator.membership)
+    extra_states: Callable[[], list[inference_pb2.WorkerState]] | None = None
 
     @classmethod
     async def connect(cls, model: ModelInfo, addresses: Sequence[str], **kwargs) -> Cluster:
@@ -163,6 +165,8 @@ class Cluster:
                     status=w.status,
                 )
             )
+        if self.extra_states is not None:
+            out.workers.extend(self.extra_states())
         return out
 
     async def close(self) -> None:

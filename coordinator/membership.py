@@ -1,0 +1,353 @@
+"""Cluster membership over time: wait for workers, health-check them, re-plan on joins.
+
+`Membership.gather` connects the static workers, browses mDNS and waits until `--min-workers`
+are usable. `Membership.watch` then keeps the view current while serving: an mDNS goodbye or
+expiry, or two failed health checks, marks a worker within seconds; a serving worker that goes
+marks the pipeline broken (requests get UNAVAILABLE, health turns NOT_SERVING). A worker that
+joins never disturbs running requests: it enters the plan at the next re-plan, which happens
+only while no request runs or waits (never with `--no-rebalance`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+
+import protos
+from coordinator.cluster import ClusterError, Worker, connect
+from coordinator.discovery import Browser, Member, MemberTable, ask_info, resolve_ips
+from coordinator.planner import PlanError
+from protos import inference_pb2, worker_pb2, worker_pb2_grpc
+from protos.discovery import ApiAd, WorkerAd, check_cluster_name
+from protos.netif import describe, list_interfaces
+from protos.units import format_size
+
+log = logging.getLogger("shardline.membership")
+
+
+async def dial(address: str, timeout: float = 3.0) -> Worker | None:
+    """Connect and ask Info (any wire version: the table judges); None if it does not answer."""
+    channel = grpc.aio.insecure_channel(address, options=protos.channel_options())
+    try:
+        info = await worker_pb2_grpc.WorkerStub(channel).Info(
+            worker_pb2.InfoRequest(), timeout=timeout, wait_for_ready=True)
+    except (grpc.aio.AioRpcError, ValueError):
+        await channel.close()
+        return None
+    return Worker(address=address, info=info, channel=channel)
+
+
+class Membership:
+    """Who is in the cluster, kept current by mDNS events and health checks."""
+
+    def __init__(self, *, cluster: str = "default", discover: bool = True, min_workers: int = 1,
+                 timeout: float | None = None, interface: str | None = None,
+                 rebalance: bool = True, progress: Callable[[str], None] = print,
+                 health_interval: float = 2.0, settle: float = 1.0) -> None:
+        check_cluster_name(cluster)
+        if min_workers < 1:
+            raise ValueError("--min-workers must be at least 1")
+        self.cluster_name = cluster
+        self.discover = discover
+        self.min_workers = min_workers
+        self.timeout = timeout
+        self.interface = interface
+        self.rebalance = rebalance
+        self.progress = progress
+        self.health_interval = health_interval
+        self.settle = settle
+        local = [a for i in list_interfaces() for a in i.addresses]
+        self.table = MemberTable(cluster, local_ips=local)
+        self.browser: Browser | None = None
+        self.source: Any = None  # the Coordinator, once serving
+        self.changed = asyncio.Event()
+        self._last_change = 0.0
+        self._tasks: set[asyncio.Task] = set()
+        self._loop_task: asyncio.Task | None = None
+        self._broken_mark: str | None = None
+        self._replanning = False
+        self._refused: set[int] = set()  # ids of worker sets a re-plan already failed on
+        self.replans = 0
+
+    # -- events ----------------------------------------------------------------------------
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _changed(self) -> None:
+        self._last_change = time.monotonic()
+        self.changed.set()
+        if self.source is not None:
+            self._check_plan()
+
+    def _on_seen(self, key: str, ad: WorkerAd | None, ips: list[str], port: int,
+                 error: str) -> None:
+        old = self.table.members.get(key)
+        member, should_dial = self.table.saw(key, ad, [ip for ip in ips if ip], port, error)
+        if old is not None and old is not member and old.worker is not None:
+            self._release(old.worker)
+        if should_dial:
+            self._spawn(self._dial(member))
+        self._changed()
+
+    def _on_gone(self, key: str) -> None:
+        if self.table.left(key, "left") is not None:
+            self._changed()
+
+    async def _dial(self, member: Member) -> None:
+        for address in member.addresses:
+            worker = await dial(address)
+            if worker is not None:
+                if self.table.members.get(member.key) is not member or member.gone == "left":
+                    await worker.channel.close()  # superseded while we dialled
+                    return
+                self.table.identified(member, worker)
+                if member.reason:
+                    self._release(worker)
+                    member.worker = None
+                self._changed()
+                return
+        if not member.gone:
+            member.gone, member.gone_since = "unreachable", time.monotonic()
+            self._changed()
+
+    def _release(self, worker: Worker) -> None:
+        cluster = self.source.cluster if self.source is not None else None
+        if cluster is None or worker not in cluster.workers:
+            self._spawn(worker.channel.close())
+
+    # -- health checks ---------------------------------------------------------------------
+    async def _check(self, member: Member) -> None:
+        try:
+            info = await ask_info(member.worker, timeout=max(self.health_interval, 2.0))
+        except grpc.aio.AioRpcError:
+            member.failures += 1
+            if member.failures >= 2 and not member.gone:
+                member.gone, member.gone_since = "unreachable", time.monotonic()
+                log.warning("worker %s does not answer health checks", member.label)
+                self._changed()
+            return
+        member.failures = 0
+        member.worker.info = info
+        if member.gone == "unreachable":
+            member.gone = ""
+            self._changed()
+
+    async def _tick(self) -> None:
+        checks = []
+        for m in list(self.table.members.values()):
+            if m.reason or m.alias_of or m.gone == "left":
+                continue
+            if m.worker is not None:
+                checks.append(self._check(m))
+            elif m.source == "mdns" and m.gone == "unreachable":
+                checks.append(self._dial(m))
+        for m in self.table.recheck_duplicates():
+            checks.append(self._dial(m))
+        await asyncio.gather(*checks)
+        in_plan = set(map(id, self.source.cluster.workers)) if self.source else set()
+        for m in self.table.forget(300.0, keep=lambda m: id(m.worker) in in_plan):
+            if m.worker is not None:
+                self._release(m.worker)
+        if self.source is not None:
+            self._check_plan()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_interval)
+            try:
+                await self._tick()
+            except Exception:  # noqa: BLE001 - never let one bad check end the loop
+                log.exception("membership check failed")
+
+    # -- startup ---------------------------------------------------------------------------
+    async def gather(self, static: Sequence[str]) -> list[Worker]:
+        """Connect the static workers, browse, wait for `min_workers`; the usable workers."""
+        outcomes = await asyncio.gather(*(connect(a) for a in static), return_exceptions=True)
+        errors = [str(o) for o in outcomes if isinstance(o, BaseException)]
+        if errors:
+            for o in outcomes:
+                if isinstance(o, Worker):
+                    await o.channel.close()
+            raise ClusterError("; ".join(errors))
+        for address, worker in zip(static, outcomes, strict=True):
+            member = self.table.add_static(address, await resolve_ips(address))
+            self.table.identified(member, worker)
+            if member.reason:
+                self.progress(f"  left out {member.label}: {member.reason}")
+        if self.discover:
+            self.browser = Browser(self._on_seen, self._on_gone, self.interface)
+            if not await self.browser.start():
+                self.progress("mDNS: no LAN interface found, not browsing (use --workers, or "
+                              "--interface NAME)")
+                self.browser = None
+        self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+        if len(self.table.usable()) < self.min_workers:
+            await self._wait()
+        return [m.worker for m in self.table.usable()]
+
+    def _summary(self) -> str:
+        seen = [f"{m.label} ({m.status()})" for m in self.table.members.values()
+                if not m.alias_of]
+        return "seen: " + ("; ".join(seen) if seen else "none")
+
+    async def _wait(self) -> None:
+        need = self.min_workers
+        if self.browser is None:
+            raise ClusterError(f"{len(self.table.usable())} usable worker(s), --min-workers "
+                               f"{need} and no mDNS to find more; {self._summary()}")
+        self.progress(f"waiting for {need} worker(s) of cluster {self.cluster_name!r} on mDNS "
+                      f"({describe(self.browser.interfaces)})...")
+        deadline = None if not self.timeout else time.monotonic() + self.timeout
+        told: dict[str, str] = {}
+        while True:
+            self._tell(told)
+            if len(self.table.usable()) >= need:
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise ClusterError(f"found {len(self.table.usable())} of {need} workers in "
+                                   f"{self.timeout:g}s; {self._summary()}")
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), remaining)
+        await asyncio.sleep(self.settle)  # workers announced in the same moment join this plan
+        self._tell(told)
+
+    def _tell(self, told: dict[str, str]) -> None:
+        """Print each worker found or left out, once per status."""
+        count = len(self.table.usable())
+        for m in list(self.table.members.values()):
+            status = m.status()
+            if m.alias_of or told.get(m.key) == status or status == "joining":
+                continue
+            told[m.key] = status
+            if m.usable:
+                info = m.worker.info
+                self.progress(f"  found {info.name} at {m.address}: {info.backend}, "
+                              f"{format_size(info.memory_bytes)} [{count}/{self.min_workers}]")
+            else:
+                self.progress(f"  left out {m.label}: {m.reason or status}")
+
+    # -- serving ---------------------------------------------------------------------------
+    async def watch(self, source: Any) -> None:
+        """Follow membership while `source` (the Coordinator) serves; announce its API."""
+        self.source = source
+        source.cluster.extra_states = self.rows
+        if self.browser is not None:
+            await self.browser.register_api(source.grpc_port, ApiAd(
+                cluster=self.cluster_name, http_port=getattr(source, "http_port", 0) or 0,
+                model=source.model.model_id))
+        self._check_plan()
+
+    def rows(self) -> list[inference_pb2.WorkerState]:
+        """GetCluster rows for workers seen but not in the plan."""
+        plan = self.source.cluster.workers if self.source is not None else []
+        return self.table.rows(exclude=plan)
+
+    def _check_plan(self) -> None:
+        """Mark plan workers that went or came back; start a re-plan when one is due."""
+        cluster = self.source.cluster
+        lost = []
+        for w in cluster.workers[: len(cluster.plan.stages) if cluster.plan else 0]:
+            m = self.table.member_of(w)
+            if m is None or m.gone:
+                w.status = m.gone if m is not None and m.gone else "left"
+                lost.append(w.info.name)
+            elif w.status in ("left", "unreachable"):
+                w.status = "serving"
+        pipeline = cluster.pipeline
+        if pipeline is not None:
+            if lost and (not pipeline.broken or pipeline.broken == self._broken_mark):
+                self._broken_mark = f"worker {', '.join(lost)} left the cluster"
+                pipeline.broken = self._broken_mark
+            elif not lost and self._broken_mark and pipeline.broken == self._broken_mark:
+                pipeline.broken = None
+                self._broken_mark = None
+        if self._due() and not self._replanning:
+            self._replanning = True
+            self._spawn(self._replan())
+
+    def _due(self) -> bool:
+        if not self.rebalance or self.source.engine is None:
+            return False
+        plan = self.source.cluster.workers
+        usable = [m.worker for m in self.table.usable()]
+        joined = [w for w in usable if w not in plan]
+        return bool(joined) and frozenset(map(id, usable)) not in self._refused
+
+    async def _replan(self) -> None:
+        try:
+            while self._due():
+                scheduler = self.source.engine.scheduler
+                idle = scheduler.running == 0 and scheduler.waiting == 0
+                if idle and time.monotonic() - self._last_change >= self.settle:
+                    async with contextlib.AsyncExitStack() as stack:
+                        for _ in range(scheduler.max_running):  # hold every slot: none can start
+                            await stack.enter_async_context(scheduler.slot())
+                        await self._reload()
+                    return
+                await asyncio.sleep(0.2)
+        finally:
+            self._replanning = False
+
+    async def _reload(self) -> None:
+        """Plan over the usable workers (plan order kept, joiners last) and load the shards."""
+        cluster, engine = self.source.cluster, self.source.engine
+        for attempt in range(2):
+            usable = [m.worker for m in self.table.usable()]
+            workers = [w for w in cluster.workers if w in usable]
+            workers += [w for w in usable if w not in workers]
+            old_workers, old_plan = cluster.workers, cluster.plan
+            cluster.workers = workers
+            try:
+                plan = cluster.make_plan()
+            except PlanError as e:
+                cluster.workers, cluster.plan = old_workers, old_plan
+                self._refused.add(frozenset(map(id, usable)))
+                self.progress(f"not re-planning over {len(workers)} worker(s): {e}")
+                return
+            self.progress(f"re-planning over {len(workers)} worker(s):\n{plan.describe()}")
+            if engine.prefix is not None:
+                engine.prefix.clear()  # cached sequences live on the old shards
+            try:
+                await cluster.load(self.progress)
+            except ClusterError as e:
+                self.progress(f"re-plan failed: {e}")
+                for w in workers:
+                    m = self.table.member_of(w)
+                    if w.status == "failed" and m is not None:
+                        m.reason = "could not load its shard"
+                if cluster.pipeline is not None:
+                    cluster.pipeline.broken = f"re-plan failed: {e}"
+                if attempt == 0 and len(self.table.usable()) >= 1:
+                    continue
+                return
+            self.replans += 1
+            if (metrics := getattr(self.source, "metrics", None)) is not None:
+                metrics.replans.labels("worker_joined").inc()
+            self._broken_mark = None
+            for w in old_workers:
+                if w not in workers and self.table.member_of(w) is None:
+                    await w.channel.close()
+            self.progress(f"serving on {len(plan.stages)} worker(s) after the re-plan")
+            return
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.browser is not None:
+            await self.browser.close()
+        plan = self.source.cluster.workers if self.source is not None else []
+        for m in self.table.members.values():
+            if m.worker is not None and m.worker not in plan:
+                await m.worker.channel.close()
