@@ -1,0 +1,242 @@
+"""Discovery across real hosts: network namespaces on a bridge, real multicast DNS (needs root).
+
+Hosts h1-h3 run workers, h4 the coordinator (`--min-workers 3`, no `--workers`), h5 a worker
+that joins later, h6 a worker of another cluster and one with a copied node id. Every host is
+a namespace with its own address on a private bridge; nothing reaches outside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, reference_tokens
+
+from coordinator.demo import ModelSpec
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                       reason="the lab builds network namespaces, which needs root"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (`ip`)"),
+]
+
+GRPC = "127.0.0.1:50051"
+PROMPT = [1, 17, 42, 99, 7, 250, 31]
+
+# Runs inside the coordinator's namespace: print the cluster and health, or generate.
+PROBE = r"""
+import json, sys, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from protos import inference_pb2, inference_pb2_grpc
+address, what = sys.argv[1], sys.argv[2]
+with grpc.insecure_channel(address) as channel:
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    if what == "state":
+        state = stub.GetCluster(inference_pb2.GetClusterRequest(), timeout=5)
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                            timeout=5).status
+        print(json.dumps({"serving": health == health_pb2.HealthCheckResponse.SERVING,
+              "workers": [{"name": w.name, "status": w.status, "id": w.id, "address": w.address,
+                           "layers": [w.layer_start, w.layer_end]} for w in state.workers]}))
+    else:
+        request = inference_pb2.GenerateRequest(
+            prompt_token_ids=[int(t) for t in sys.argv[3].split(",")],
+            sampling=inference_pb2.SamplingParams(max_tokens=int(sys.argv[4])))
+        try:
+            tokens = [t for m in stub.Generate(request, timeout=60) for t in m.token_ids]
+            print(json.dumps({"tokens": tokens}))
+        except grpc.RpcError as e:
+            print(json.dumps({"error": e.code().name, "message": e.details()}))
+"""
+
+
+def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
+
+
+class Lab:
+    """Namespaces `h1..hN` on one bridge, with a unique name and a random 10.x/24 subnet."""
+
+    def __init__(self, hosts: int, workdir: Path) -> None:
+        tag = secrets.token_hex(2)
+        self.prefix = f"sl{tag}"
+        self.bridge = f"{self.prefix}br"
+        self.subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
+        self.hosts = [f"{self.prefix}h{i}" for i in range(1, hosts + 1)]
+        self.workdir = workdir
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+
+    def ip(self, host: int) -> str:
+        return f"{self.subnet}.{host}"
+
+    def build(self) -> None:
+        sh("ip", "link", "add", self.bridge, "type", "bridge")
+        sh("ip", "link", "set", self.bridge, "up")
+        for i, ns in enumerate(self.hosts, 1):
+            veth = f"{self.prefix}v{i}"
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            sh("ip", "link", "set", veth, "master", self.bridge, "up")
+            sh("ip", "-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
+            sh("ip", "-n", ns, "link", "set", "eth0", "up")
+            sh("ip", "-n", ns, "link", "set", "lo", "up")
+
+    def start(self, host: int, name: str, *args: str) -> subprocess.Popen:
+        """Run `python -m ARGS` on host `host`; output goes to a log file named `name`."""
+        log = self.workdir / f"{name}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.hosts[host - 1], sys.executable, "-m", *args],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        self.procs.append((proc, log))
+        return proc
+
+    def run(self, host: int, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.hosts[host - 1], sys.executable,
+                               *args], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
+                         for _, log in self.procs if log.exists())
+
+    def teardown(self) -> None:
+        for proc, _ in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc, _ in self.procs:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for ns in self.hosts:
+            pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
+            for pid in pids:  # anything still in our namespaces was started by this test
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            sh("ip", "netns", "del", ns, check=False)
+        sh("ip", "link", "del", self.bridge, check=False)
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = Lab(6, tmp_path)
+    try:
+        try:
+            lab.build()
+        except subprocess.CalledProcessError as e:
+            pytest.skip(f"cannot build network namespaces here: {e.stderr.strip()}")
+        yield lab
+    finally:
+        lab.teardown()
+    leftover = sh("ip", "-o", "link", "show", check=False).stdout
+    assert lab.prefix not in leftover and not any(
+        ns in sh("ip", "netns", "list", check=False).stdout for ns in lab.hosts)
+
+
+def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tmp_path):
+    t0 = time.monotonic()
+    model = model_dir(ModelSpec(family="llama"))
+    cluster = f"lab-{lab.prefix}"
+
+    def worker(host: int, name: str, *extra: str, cache: str | None = None) -> subprocess.Popen:
+        return lab.start(host, name, "worker", "serve", "--port", "50061", "--name", name,
+                         "--memory", "1GiB", "--cache-dir", str(tmp_path / (cache or name)),
+                         "--cluster", cluster, *extra)
+
+    def probe(*args: str) -> dict:
+        proc = lab.run(4, "-c", PROBE, GRPC, *args)
+        assert proc.returncode == 0, proc.stderr + lab.logs()
+        return json.loads(proc.stdout)
+
+    def wait_for(what: str, ok: Callable[[dict], bool], timeout: float = 20) -> float:
+        start, state = time.monotonic(), None
+        while time.monotonic() - start < timeout:
+            state = probe("state")
+            if ok(state):
+                return time.monotonic() - start
+            time.sleep(0.3)
+        pytest.fail(f"{what} did not happen in {timeout}s; last state {state}\n{lab.logs()}")
+
+    def status(state: dict) -> dict[str, str]:
+        return {w["name"]: w["status"] for w in state["workers"]}
+
+    # w1's node id is also given to a worker started later on h6 (a copied cache dir)
+    (tmp_path / "w1").mkdir()
+    (tmp_path / "w1" / "w1.id").write_text("copiedcachedir01\n")
+    shutil.copytree(tmp_path / "w1", tmp_path / "dup")
+    for i in (1, 2, 3):
+        worker(i, f"w{i}")
+    lab.start(6, "decoy", "worker", "serve", "--port", "50062", "--name", "decoy",
+              "--memory", "1GiB", "--cache-dir", str(tmp_path / "decoy"),
+              "--cluster", "someone-else")
+    coordinator = lab.start(4, "coordinator", "coordinator", "serve", "--model", str(model),
+                            "--cluster", cluster, "--min-workers", "3", "--grpc-port", "50051",
+                            "--http-port", "8080", "--discover-timeout", "40")
+    log = lab.procs[-1][1]
+    deadline = time.monotonic() + 60
+    while "ready" not in log.read_text():
+        assert coordinator.poll() is None and time.monotonic() < deadline, lab.logs()
+        time.sleep(0.2)
+    startup = log.read_text()
+    assert "waiting for 3 worker(s)" in startup and startup.count("  found w") == 3, startup
+    t_ready = time.monotonic() - t0
+
+    # 1. found over mDNS, each with its own address, planned over all three; decoy left out
+    wait_for("decoy seen", lambda s: "decoy" in status(s))
+    state = probe("state")
+    rows = status(state)
+    assert state["serving"] and all(rows[f"w{i}"] == "serving" for i in (1, 2, 3)), state
+    assert rows["decoy"].startswith("excluded: other cluster 'someone-else'"), rows
+    addresses = {w["name"]: w["address"] for w in state["workers"]}
+    assert {addresses[f"w{i}"] for i in (1, 2, 3)} == {f"{lab.ip(i)}:50061" for i in (1, 2, 3)}
+    expected = reference_tokens(model, PROMPT, 12)
+    assert probe("generate", ",".join(map(str, PROMPT)), "12") == {"tokens": expected}
+
+    # 2. a copy of w1's node id is refused, and w1 keeps serving
+    worker(6, "w1", cache="dup")
+    wait_for("duplicate refused", lambda s: any(
+        w["status"].startswith("excluded: duplicate node id copiedcachedir01")
+        for w in s["workers"]))
+    assert status(probe("state"))["w1"] == "serving"
+
+    # 3. a serving worker leaves (SIGTERM: mDNS goodbye): marked within seconds, not serving
+    lab.procs[1][0].send_signal(signal.SIGTERM)
+    t_left = wait_for("w2 left", lambda s: status(s).get("w2") == "left" and not s["serving"])
+    assert probe("generate", "1,2,3", "4")["error"] == "UNAVAILABLE"
+
+    # 4. a worker joins on h5: re-planned while idle over w1, w3, w5, and serving again
+    worker(5, "w5")
+    t_join = wait_for("w5 joined", lambda s: s["serving"] and all(
+        status(s).get(n) == "serving" for n in ("w1", "w3", "w5")))
+    state = probe("state")
+    serving = [w for w in state["workers"] if w["status"] == "serving"]
+    assert sorted(w["name"] for w in serving) == ["w1", "w3", "w5"]
+    assert sorted(w["layers"] for w in serving)[0][0] == 0 and \
+        sorted(w["layers"] for w in serving)[-1][1] == 6
+    assert probe("generate", ",".join(map(str, PROMPT)), "12") == {"tokens": expected}
+
+    # 5. a worker killed without a goodbye fails its health checks
+    lab.procs[2][0].kill()
+    t_dead = wait_for("w3 unreachable", lambda s: status(s).get("w3") == "unreachable")
+
+    table = lab.run(4, "-m", "coordinator", "status", "--address", GRPC)
+    assert table.returncode == 0, table.stderr
+    for word in ("w5", "unreachable", "other cluster", "duplicate node id"):
+        assert word in table.stdout, table.stdout
+    print(f"\nlab: ready after {t_ready:.1f}s; left seen in {t_left:.1f}s, join served in "
+          f"{t_join:.1f}s, kill seen in {t_dead:.1f}s; total {time.monotonic() - t0:.1f}s")
