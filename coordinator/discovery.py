@@ -70,7 +70,7 @@ def exclusion(cluster: str, api: int, want_cluster: str, want_api: int = WIRE_VE
 class Member:
     """One worker as seen: from mDNS (`key` = instance name) or static (`key` = `static:ADDR`)."""
 
-    key: str
+    key: str  # instance name, plus `@server` for mDNS (unique per worker process)
     name: str
     address: str  # host:port dialled (the first of `addresses` that answered)
     source: str  # "mdns" | "static"
@@ -82,6 +82,7 @@ class Member:
     reason: str = ""  # why it is left out; "" = may be used
     gone: str = ""  # "left" (goodbye or expiry) | "unreachable" | "" (present)
     gone_since: float = 0.0
+    instance: str = ""  # mDNS instance name (two processes may claim the same one)
     alias_of: str = ""  # key of the member that is the same worker seen another way
     dup_of: str = ""  # key of the member whose node id this one repeats
     failures: int = 0
@@ -141,14 +142,17 @@ class MemberTable:
         return self.members.setdefault(member.key, member)
 
     def saw(self, key: str, ad: WorkerAd | None, ips: Iterable[str], port: int,
-            error: str = "") -> tuple[Member, bool]:
-        """An mDNS announcement (new or updated); returns (member, whether to dial it)."""
+            error: str = "", instance: str = "") -> tuple[Member, bool]:
+        """An mDNS announcement (new or updated); returns (member, whether to dial it).
+
+        `key` tells worker processes apart (instance name and SRV host); `instance` is the
+        instance name alone (default: `key`)."""
         ordered = order_addresses(ips)
         addresses = tuple(join_address(ip, port) for ip in ordered)
         old = self.members.get(key)
-        member = Member(key=key, name=instance_label(key), address=addresses[0] if addresses
-                        else "?", source="mdns", addresses=addresses, port=port,
-                        ips=self._ips(ordered), ad=ad)
+        member = Member(key=key, name=instance_label(instance or key), address=addresses[0]
+                        if addresses else "?", source="mdns", addresses=addresses, port=port,
+                        ips=self._ips(ordered), ad=ad, instance=instance or key)
         if old is not None and not old.gone and old.worker is not None and \
                 old.port == port and old.address in addresses and old.ad == ad:
             return old, False  # a repeat announcement of what we already use
@@ -200,16 +204,22 @@ class MemberTable:
         return member
 
     def recheck_duplicates(self) -> list[Member]:
-        """Duplicates whose original has gone: they may be used now (returned to be dialled)."""
+        """Duplicates and aliases whose original has gone (a worker restarted at the same
+        address without a goodbye, say): judged again; returned if they may be dialled now."""
         freed = []
         for member in self.members.values():
-            original = self.members.get(member.dup_of)
-            if member.dup_of and (original is None or original.gone) and not member.gone:
-                member.reason = member.dup_of = ""
+            original = self.members.get(member.dup_of or member.alias_of)
+            if (member.dup_of or member.alias_of) and not member.gone and \
+                    (original is None or original.gone):
+                member.reason = member.dup_of = member.alias_of = ""
                 self._check_id(member, member.node_id)
-                if not member.reason:
+                if not (member.reason or member.alias_of or member.worker):
                     freed.append(member)
         return freed
+
+    def claiming(self, instance: str) -> list[Member]:
+        """Present members announced under this mDNS instance name (normally one)."""
+        return [m for m in self.members.values() if m.instance == instance and not m.gone]
 
     def forget(self, older_than: float, keep: Callable[[Member], bool] = lambda m: False
                ) -> list[Member]:
@@ -230,8 +240,10 @@ class MemberTable:
     def rows(self, exclude: Iterable[Worker] = ()) -> list[inference_pb2.WorkerState]:
         """GetCluster rows of everyone seen except the plan's workers and aliases."""
         skip = {id(w) for w in exclude}
+        present = {m.node_id for m in self.members.values() if not m.gone}
         return [m.state() for m in self.members.values()
-                if not m.alias_of and (m.worker is None or id(m.worker) not in skip)]
+                if not m.alias_of and (m.worker is None or id(m.worker) not in skip)
+                and not (m.gone and m.node_id in present)]  # an older run of a live worker
 
 
 def _is_loopback(ip: str) -> bool:
@@ -255,7 +267,8 @@ async def resolve_ips(address: str) -> list[str]:
     return list(dict.fromkeys(str(i[4][0]) for i in infos))
 
 
-Seen = Callable[[str, WorkerAd | None, list[str], int, str], None]
+# (instance name, TXT or None, addresses, port, TXT error, SRV host) of one announcement
+Seen = Callable[[str, WorkerAd | None, list[str], int, str, str], None]
 
 
 class Browser:
@@ -307,7 +320,8 @@ class Browser:
             ad = decode_worker_txt(info.properties or {})
         except TxtError as e:
             error = f"unreadable TXT record ({e})"
-        self.on_seen(name, ad, info.parsed_scoped_addresses(), int(info.port), error)
+        self.on_seen(name, ad, info.parsed_scoped_addresses(), int(info.port), error,
+                     info.server or "")
 
     async def register_api(self, port: int, ad: ApiAd) -> None:
         """Announce `_shardline-api._tcp.local.` (best effort: a failure is only logged)."""

@@ -87,18 +87,35 @@ class Membership:
         if self.source is not None:
             self._check_plan()
 
-    def _on_seen(self, key: str, ad: WorkerAd | None, ips: list[str], port: int,
-                 error: str) -> None:
+    def _on_seen(self, name: str, ad: WorkerAd | None, ips: list[str], port: int,
+                 error: str, server: str = "") -> None:
+        # keyed by instance name and SRV host: workers make their host name unique per
+        # process, so two processes claiming one instance name stay apart
+        key = f"{name}@{server}" if server else name
         old = self.table.members.get(key)
-        member, should_dial = self.table.saw(key, ad, [ip for ip in ips if ip], port, error)
+        member, should_dial = self.table.saw(key, ad, [ip for ip in ips if ip], port, error,
+                                             instance=name)
         if old is not None and old is not member and old.worker is not None:
             self._release(old.worker)
         if should_dial:
             self._spawn(self._dial(member))
         self._changed()
 
-    def _on_gone(self, key: str) -> None:
-        if self.table.left(key, "left") is not None:
+    def _on_gone(self, name: str) -> None:
+        claiming = self.table.claiming(name)
+        if len(claiming) == 1:
+            self.table.left(claiming[0].key, "left")
+            self._changed()
+        elif len(claiming) > 1:  # a shared name: find out who really left
+            for member in claiming:
+                self._spawn(self._verify(member))
+
+    async def _verify(self, member: Member) -> None:
+        await asyncio.sleep(1.5)  # a leaving worker answers during its shutdown grace
+        worker = await dial(member.address, timeout=1.5)
+        if worker is not None:
+            await worker.channel.close()
+        elif self.table.left(member.key, "left") is not None:
             self._changed()
 
     async def _dial(self, member: Member) -> None:
@@ -262,11 +279,18 @@ class Membership:
                 w.status = m.gone if m is not None and m.gone else "left"
                 lost.append(w.info.name)
             elif w.status in ("left", "unreachable"):
-                w.status = "serving"
+                # back: still serving if it kept its shard, else it restarted and needs one
+                kept = w.info.shard.spec.plan_id == cluster.plan_id
+                w.status = "serving" if kept else "restarted"
+                if not kept:
+                    lost.append(w.info.name)
+            elif w.status == "restarted":
+                lost.append(w.info.name)
         pipeline = cluster.pipeline
         if pipeline is not None:
             if lost and (not pipeline.broken or pipeline.broken == self._broken_mark):
-                self._broken_mark = f"worker {', '.join(lost)} left the cluster"
+                self._broken_mark = (f"lost worker {', '.join(lost)} (left, unreachable or "
+                                     "restarted); serving again after a re-plan")
                 pipeline.broken = self._broken_mark
             elif not lost and self._broken_mark and pipeline.broken == self._broken_mark:
                 pipeline.broken = None
@@ -280,7 +304,7 @@ class Membership:
             return False
         plan = self.source.cluster.workers
         usable = [m.worker for m in self.table.usable()]
-        joined = [w for w in usable if w not in plan]
+        joined = [w for w in usable if w not in plan or w.status == "restarted"]
         return bool(joined) and frozenset(map(id, usable)) not in self._refused
 
     async def _replan(self) -> None:

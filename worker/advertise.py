@@ -74,6 +74,7 @@ class Advertiser:
         self.info: Any = None
         self._browser: Any = None
         self._tasks: set[asyncio.Task] = set()
+        self._warned: set[str] = set()
 
     def service_info(self, addresses: list[str]) -> Any:
         from zeroconf.asyncio import AsyncServiceInfo
@@ -107,8 +108,7 @@ class Advertiser:
         return True
 
     def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
-        if self.info is not None and name.lower() != self.info.name.lower() and \
-                state_change.name != "Removed":
+        if self.info is not None and state_change.name != "Removed":
             task = asyncio.get_running_loop().create_task(self._check_duplicate(name))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -118,13 +118,22 @@ class Advertiser:
         from zeroconf.asyncio import AsyncServiceInfo
 
         info = AsyncServiceInfo(WORKER_SERVICE_TYPE, name)
-        if not await info.async_request(self.zc.zeroconf, 3000):
+        if not await info.async_request(self.zc.zeroconf, 3000) or \
+                (info.server or "").lower() == self.info.server.lower():
+            return  # not resolved, or ourselves (each process has its own SRV host)
+        if info.server in self._warned:
             return
         try:
             other = decode_worker_txt(info.properties or {})
         except ValueError:
             return
-        if other.id == self.config.node_id:
+        if other.id == self.config.node_id or name.lower() == self.info.name.lower():
+            self._warned.add(info.server)
+        if other.id != self.config.node_id and name.lower() == self.info.name.lower():
+            log.warning("another worker (node id %s at %s) announces the same name %r; give "
+                        "one of them another --name", other.id,
+                        ", ".join(info.parsed_scoped_addresses()) or "?", self.config.name)
+        elif other.id == self.config.node_id:
             log.warning(
                 "another worker (%s at %s) uses this worker's node id %s; coordinators will "
                 "refuse one of them. Was the cache dir copied? Delete the id file of one "
