@@ -298,3 +298,66 @@ def test_coordinator_refuses_an_unknown_interface(model_dir):
         cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no interface 'nonexistent9'")
+
+
+def test_a_join_waits_for_the_running_request_then_enters_the_plan(model_dir, workers):
+    """A worker announced mid-request changes nothing until the cluster is idle."""
+    import asyncio
+
+    from conftest import Serving, reference_tokens
+
+    from coordinator.demo import ModelSpec
+    from coordinator.discovery import split_address
+    from coordinator.membership import dial
+
+    path = model_dir(ModelSpec(family="llama"))
+    prompt = [1, 5, 9, 200, 33, 4]
+    expected = reference_tokens(path, prompt, 60)
+
+    async def scenario():
+        async with Serving(path, workers[:2], context=256) as s:
+            membership = s.coordinator.membership
+            membership.settle = 0.1
+            joiner = await dial(workers[2])
+            node_id = joiner.info.id
+            await joiner.channel.close()
+            running = asyncio.create_task(s.generate(prompt, 60))
+            while s.coordinator.engine.scheduler.running == 0:
+                await asyncio.sleep(0.005)
+            host, port = split_address(workers[2])  # as if announced on mDNS
+            membership._on_seen("w3._shardline._tcp.local.",
+                                WorkerAd(id=node_id, cluster="default"), [host], port, "")
+            while not membership.table.usable()[2:]:
+                await asyncio.sleep(0.01)
+            assert membership.replans == 0  # a request is running: no re-plan yet
+            tokens, _, _ = await running
+            for _ in range(200):
+                if membership.replans:
+                    break
+                await asyncio.sleep(0.05)
+            state = s.coordinator.cluster.state()
+            again, _, _ = await s.generate(prompt, 60)
+            return tokens, again, membership.replans, state
+
+    tokens, again, replans, state = run(scenario())
+    assert tokens == expected and again == expected and replans == 1
+    assert [(w.name, w.status) for w in state.workers] == \
+        [("w1", "serving"), ("w2", "serving"), ("w3", "serving")]
+    assert [w.layer_end - w.layer_start for w in state.workers] == [1, 2, 3]  # 1, 2, 3 GiB
+
+
+def test_a_worker_restarted_without_goodbye_replaces_its_old_run():
+    table = MemberTable("lab")
+    old, _ = table.saw("w1@a-111111.local.", WorkerAd(id="n1", cluster="lab"), ["10.0.0.1"],
+                       50061, instance="w1._shardline._tcp.local.")
+    table.identified(old, worker("10.0.0.1:50061", "n1"))
+    # the new run announces before the old one's health checks have failed: same endpoint
+    new, dial = table.saw("w1@a-222222.local.", WorkerAd(id="n1", cluster="lab"),
+                          ["10.0.0.1"], 50061, instance="w1._shardline._tcp.local.")
+    assert not dial and new.alias_of == old.key and new.name == "w1"
+    assert len(table.claiming("w1._shardline._tcp.local.")) == 2
+    old.gone = "unreachable"
+    assert table.recheck_duplicates() == [new] and not new.alias_of
+    table.identified(new, worker("10.0.0.1:50061", "n1"))
+    assert [m.key for m in table.usable()] == [new.key]
+    assert [r.status for r in table.rows()] == ["standby"]  # the old run is not listed

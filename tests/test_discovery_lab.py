@@ -130,6 +130,13 @@ class Lab:
                     pass
             sh("ip", "netns", "del", ns, check=False)
         sh("ip", "link", "del", self.bridge, check=False)
+        deadline = time.monotonic() + 10  # veth peers go away asynchronously with their netns
+        while self.prefix in sh("ip", "-o", "link", "show", check=False).stdout and \
+                time.monotonic() < deadline:
+            time.sleep(0.1)
+        for i in range(1, len(self.hosts) + 1):
+            if f"{self.prefix}v{i}" in sh("ip", "-o", "link", "show", check=False).stdout:
+                sh("ip", "link", "del", f"{self.prefix}v{i}", check=False)
 
 
 @pytest.fixture
@@ -154,7 +161,7 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     cluster = f"lab-{lab.prefix}"
 
     def worker(host: int, name: str, *extra: str, cache: str | None = None) -> subprocess.Popen:
-        return lab.start(host, name, "worker", "serve", "--port", "50061", "--name", name,
+        return lab.start(host, cache or name, "worker", "serve", "--port", "50061", "--name", name,
                          "--memory", "1GiB", "--cache-dir", str(tmp_path / (cache or name)),
                          "--cluster", cluster, *extra)
 
@@ -212,7 +219,13 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     wait_for("duplicate refused", lambda s: any(
         w["status"].startswith("excluded: duplicate node id copiedcachedir01")
         for w in s["workers"]))
-    assert status(probe("state"))["w1"] == "serving"
+    w1 = [w["status"] for w in probe("state")["workers"] if w["address"].startswith(lab.ip(1))]
+    assert w1 == ["serving"]
+    assert "refusing worker" in log.read_text()  # a clear warning on both sides
+    deadline = time.monotonic() + 10
+    while "uses this worker's node id" not in (tmp_path / "dup.log").read_text():
+        assert time.monotonic() < deadline, lab.logs()
+        time.sleep(0.2)
 
     # 3. a serving worker leaves (SIGTERM: mDNS goodbye): marked within seconds, not serving
     lab.procs[1][0].send_signal(signal.SIGTERM)
