@@ -233,7 +233,9 @@ def main() -> None:
     if not args.quick:
         header = (f"# Serving benchmark\n\nModel: {SPEC.key()} (llama, 8 layers, hidden 512, "
                   f"bf16), {os.cpu_count()} CPU cores, mlx-lm pinned to core 0, workers pinned to "
-                  f"cores 0 and 1. Command: `python bench/bench_serving.py`.\n\n")
+                  f"cores 0 and 1. Command: `python bench/bench_serving.py`. mlx-lm serves one "
+                  f"stream with `stream_generate` and several with `batch_generate`, which does "
+                  f"not stream, so its TTFT and ITL are measured at one stream only.\n\n")
         (ROOT / "bench" / "RESULTS.md").write_text(header + report + "\n\n![](serving.png)\n")
 
 
