@@ -204,8 +204,18 @@ class _Base:
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
 
+    _stub: Any
+
     def _call(self, stub_method: Any, request: Any) -> Any:
         return stub_method(request, timeout=self.timeout, metadata=self._metadata)
+
+    def _start(self, prompt: str | Sequence[int] | None, messages: Iterable[Message] | None,
+               options: Sampling) -> Any:
+        """The streaming call for a prompt (Generate) or messages (Chat)."""
+        request = _request(prompt, messages, options)
+        method = self._stub.Chat if isinstance(request, inference_pb2.ChatRequest) \
+            else self._stub.Generate
+        return self._call(method, request)
 
 
 # -- blocking -----------------------------------------------------------------------------------
@@ -222,10 +232,7 @@ class Client(_Base):
                messages: Iterable[Message] | None = None,
                **options: Unpack[Sampling]) -> Iterator[Delta]:
         """Stream a completion of `prompt` (text or token ids) or a chat of `messages`."""
-        request = _request(prompt, messages, options)
-        method = self._stub.Chat if isinstance(request, inference_pb2.ChatRequest) \
-            else self._stub.Generate
-        call = self._call(method, request)
+        call = self._start(prompt, messages, options)
         try:
             for msg in call:
                 yield _delta(msg)
@@ -285,10 +292,7 @@ class AsyncClient(_Base):
                      messages: Iterable[Message] | None = None,
                      **options: Unpack[Sampling]) -> AsyncIterator[Delta]:
         """Stream a completion of `prompt` (text or token ids) or a chat of `messages`."""
-        request = _request(prompt, messages, options)
-        method = self._stub.Chat if isinstance(request, inference_pb2.ChatRequest) \
-            else self._stub.Generate
-        call = self._call(method, request)
+        call = self._start(prompt, messages, options)
         try:
             async for msg in call:
                 yield _delta(msg)

@@ -63,6 +63,19 @@ async def connect(address: str, timeout: float = 5.0) -> Worker:
     return Worker(address=address, info=info, channel=channel)
 
 
+async def connect_all(addresses: Sequence[str]) -> list[Worker]:
+    """Reach every address in parallel; ClusterError naming each worker that did not answer
+    (the channels that did open are closed)."""
+    outcomes = await asyncio.gather(*(connect(a) for a in addresses), return_exceptions=True)
+    errors = [str(o) for o in outcomes if isinstance(o, BaseException)]
+    if errors:
+        for o in outcomes:
+            if isinstance(o, Worker):
+                await o.channel.close()
+        raise ClusterError("; ".join(errors))
+    return list(outcomes)
+
+
 @dataclass
 class Cluster:
     """Workers, the plan over them and the pipeline through them, for one model."""
@@ -81,14 +94,7 @@ class Cluster:
     @classmethod
     async def connect(cls, model: ModelInfo, addresses: Sequence[str], **kwargs) -> Cluster:
         """Reach every address (in parallel); fail naming each worker that did not answer."""
-        outcomes = await asyncio.gather(*(connect(a) for a in addresses), return_exceptions=True)
-        errors = [str(o) for o in outcomes if isinstance(o, BaseException)]
-        if errors:
-            for o in outcomes:
-                if isinstance(o, Worker):
-                    await o.channel.close()
-            raise ClusterError("; ".join(errors))
-        return cls(model=model, workers=list(outcomes), **kwargs)
+        return cls(model=model, workers=await connect_all(addresses), **kwargs)
 
     def make_plan(self) -> Plan:
         nodes = [

@@ -23,6 +23,7 @@ from protos.discovery import (
     ApiAd,
     TxtError,
     WorkerAd,
+    close_zeroconf,
     decode_worker_txt,
     encode_api_txt,
     instance_label,
@@ -347,17 +348,7 @@ class Browser:
         zc, self.zc = self.zc, None
         if zc is None:
             return
-        for task in list(self._tasks):
-            task.cancel()
-        try:
-            if self._browser is not None:
-                await self._browser.async_cancel()
-            if self._api is not None:
-                await (await zc.async_unregister_service(self._api))
-        except Exception as e:  # noqa: BLE001 - shutting down anyway
-            log.debug("mDNS shutdown: %s", e)
-        finally:
-            await zc.async_close()
+        await close_zeroconf(zc, self._tasks, self._browser, self._api, log)
 
 
 async def ask_info(worker: Worker, timeout: float) -> worker_pb2.WorkerInfo:

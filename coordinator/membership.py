@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 import protos
-from coordinator.cluster import ClusterError, Worker, connect
+from coordinator.cluster import ClusterError, Worker, connect_all
 from coordinator.discovery import Browser, Member, MemberTable, ask_info, resolve_ips
 from coordinator.planner import PlanError
 from protos import inference_pb2, worker_pb2, worker_pb2_grpc
@@ -187,14 +187,7 @@ class Membership:
     # -- startup ---------------------------------------------------------------------------
     async def gather(self, static: Sequence[str]) -> list[Worker]:
         """Connect the static workers, browse, wait for `min_workers`; the usable workers."""
-        outcomes = await asyncio.gather(*(connect(a) for a in static), return_exceptions=True)
-        errors = [str(o) for o in outcomes if isinstance(o, BaseException)]
-        if errors:
-            for o in outcomes:
-                if isinstance(o, Worker):
-                    await o.channel.close()
-            raise ClusterError("; ".join(errors))
-        for address, worker in zip(static, outcomes, strict=True):
+        for address, worker in zip(static, await connect_all(static), strict=True):
             member = self.table.add_static(address, await resolve_ips(address))
             self.table.identified(member, worker)
             if member.reason:

@@ -11,9 +11,12 @@ True
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from protos import API_SERVICE_TYPE, WIRE_VERSION, WORKER_SERVICE_TYPE, __version__
 
@@ -209,3 +212,19 @@ def instance_label(name: str, service_type: str = WORKER_SERVICE_TYPE) -> str:
     """The instance label of a full service name (`w1._shardline._tcp.local.` -> `w1`)."""
     suffix = "." + service_type
     return name[: -len(suffix)] if name.lower().endswith(suffix.lower()) else name
+
+
+async def close_zeroconf(zc: Any, tasks: Iterable[asyncio.Task], browser: Any, service: Any,
+                         log: logging.Logger) -> None:
+    """Cancel `tasks` and `browser`, unregister `service` (the goodbye) and close `zc`."""
+    for task in list(tasks):
+        task.cancel()
+    try:
+        if browser is not None:
+            await browser.async_cancel()
+        if service is not None:
+            await (await zc.async_unregister_service(service))
+    except Exception as e:  # noqa: BLE001 - shutting down anyway
+        log.debug("mDNS shutdown: %s", e)
+    finally:
+        await zc.async_close()

@@ -12,7 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 from protos import WORKER_SERVICE_TYPE
-from protos.discovery import WorkerAd, decode_worker_txt, encode_worker_txt, instance_name
+from protos.discovery import (
+    WorkerAd,
+    close_zeroconf,
+    decode_worker_txt,
+    encode_worker_txt,
+    instance_name,
+)
 from protos.netif import (
     Interface,
     advertised_addresses,
@@ -145,17 +151,7 @@ class Advertiser:
         zc, self.zc = self.zc, None
         if zc is None:
             return
-        for task in list(self._tasks):
-            task.cancel()
-        try:
-            if self._browser is not None:
-                await self._browser.async_cancel()
-            if self.info is not None:
-                await (await zc.async_unregister_service(self.info))
-        except Exception as e:  # noqa: BLE001 - shutting down anyway
-            log.debug("goodbye failed: %s", e)
-        finally:
-            await zc.async_close()
+        await close_zeroconf(zc, self._tasks, self._browser, self.info, log)
 
 
 async def serve_advertised(config: WorkerConfig, host: str, port: int,
