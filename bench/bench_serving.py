@@ -7,6 +7,8 @@ bench/serving.png.
 
     python bench/bench_serving.py            # about 5 minutes on 2 CPU cores
     python bench/bench_serving.py --quick    # a smoke run
+    python bench/bench_serving.py --gpu      # CUDA/Metal: a 0.9B-parameter model, no pinning,
+                                             # writes bench/RESULTS-gpu.md and serving-gpu.png
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ from coordinator.demo import ModelSpec, cached_model  # noqa: E402
 SPEC = ModelSpec(family="llama", num_layers=8, hidden_size=512, intermediate_size=1536,
                  num_attention_heads=8, num_key_value_heads=4, vocab_size=2048,
                  max_position_embeddings=4096)
+GPU_SPEC = ModelSpec(family="llama", num_layers=16, hidden_size=2048, intermediate_size=5632,
+                     num_attention_heads=16, num_key_value_heads=8, vocab_size=8192,
+                     max_position_embeddings=4096)
 GiB = 1 << 30
+PIN = True  # CPU runs pin mlx-lm to core 0 and worker i to core i; --gpu turns it off
 
 
 @dataclass
@@ -62,7 +68,8 @@ def bench_mlx_lm(path: Path, streams: int, prompt_len: int, new: int) -> Result:
     """(a) mlx-lm alone, in a process pinned to core 0 from its start (all its threads too)."""
     cmd = [sys.executable, __file__, "--mlx-lm", str(path), str(streams), str(prompt_len),
            str(new)]
-    pin_child = (lambda: os.sched_setaffinity(0, {0})) if hasattr(os, "sched_setaffinity") else None
+    pin_child = (lambda: os.sched_setaffinity(0, {0})) \
+        if PIN and hasattr(os, "sched_setaffinity") else None
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=pin_child)
     data = json.loads(out.stdout.strip().splitlines()[-1])
     return Result("mlx-lm", streams, data["tokens"], data["wall"], data["ttft"], data["itl"])
@@ -74,7 +81,12 @@ def run_mlx_lm(path: str, streams: int, prompt_len: int, new: int) -> None:
 
     model, tokenizer = load(path)
     res = Result("mlx-lm", streams)
-    stream_generate(model, tokenizer, prompts(1, 8)[0], max_tokens=4)  # warm up
+    # warm up with the timed shapes (GPU backends compile kernels per shape on first use)
+    if streams == 1:
+        for _ in stream_generate(model, tokenizer, prompts(1, prompt_len)[0], max_tokens=4):
+            pass
+    else:
+        batch_generate(model, tokenizer, prompts(streams, prompt_len), max_tokens=4)
     t0 = time.perf_counter()
     if streams == 1:
         last = None
@@ -94,7 +106,7 @@ def run_mlx_lm(path: str, streams: int, prompt_len: int, new: int) -> None:
 
 
 async def bench_shardline(coordinator, label: str, streams: int, prompt_len: int,
-                          new: int) -> Result:
+                          new: int, warm: bool = True) -> Result:
     import grpc
 
     from protos import inference_pb2, inference_pb2_grpc
@@ -103,9 +115,9 @@ async def bench_shardline(coordinator, label: str, streams: int, prompt_len: int
     async with grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.grpc_port}") as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
 
-        async def one(ids: list[int]) -> None:
+        async def one(ids: list[int], max_tokens: int = new) -> None:
             req = inference_pb2.GenerateRequest(
-                prompt_token_ids=ids, sampling=inference_pb2.SamplingParams(max_tokens=new))
+                prompt_token_ids=ids, sampling=inference_pb2.SamplingParams(max_tokens=max_tokens))
             t0 = time.perf_counter()
             last = None
             async for msg in stub.Generate(req):
@@ -118,7 +130,9 @@ async def bench_shardline(coordinator, label: str, streams: int, prompt_len: int
                     last = now
                     res.tokens += len(msg.token_ids)
 
-        await one(prompts(1, 8)[0])  # warm up
+        # warm up with the timed shapes, as for mlx-lm
+        if warm:
+            await asyncio.gather(*(one(p, 4) for p in prompts(streams, prompt_len)))
         res.tokens, res.ttft, res.itl = 0, [], []
         t0 = time.perf_counter()
         await asyncio.gather(*(one(p) for p in prompts(streams, prompt_len)))
@@ -130,7 +144,8 @@ async def with_cluster(path: Path, workers: int, fn, *, prefill_chunk: int = 512
     from coordinator.app import Coordinator, ServeOptions
     from coordinator.local import LocalWorkers
 
-    local = LocalWorkers(workers, memory=[4 * GiB] * workers, cpus=list(range(workers)),
+    local = LocalWorkers(workers, memory=[(32 if not PIN else 4) * GiB] * workers,
+                         cpus=list(range(workers)) if PIN else None,
                          cache_dir=Path(tempfile.mkdtemp()))
     addresses = local.start()
     coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
@@ -147,8 +162,8 @@ async def with_cluster(path: Path, workers: int, fn, *, prefill_chunk: int = 512
 
 async def long_prompt_ttft(coordinator, length: int, repeats: int) -> float:
     res = Result("ttft", 1)
-    for _ in range(repeats):
-        res.ttft += (await bench_shardline(coordinator, "ttft", 1, length, 1)).ttft
+    for i in range(repeats):
+        res.ttft += (await bench_shardline(coordinator, "ttft", 1, length, 1, warm=i == 0)).ttft
     return statistics.median(res.ttft)
 
 
@@ -159,7 +174,11 @@ def row(r: Result) -> str:
 
 
 def plot(results: list[Result], out: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"matplotlib is not installed: no {out.name}", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -178,7 +197,8 @@ def plot(results: list[Result], out: Path) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> str:
-    path = cached_model(SPEC)
+    spec = GPU_SPEC if args.gpu else SPEC
+    path = cached_model(spec)
     streams = [1, 4] if args.quick else [1, 4, 8, 16]
     new = 16 if args.quick else 64
     plen = 64 if args.quick else 128
@@ -216,27 +236,48 @@ async def main_async(args: argparse.Namespace) -> str:
         f"whole {whole * 1e3:.0f} ms, ratio {chunked / whole:.2f} (target <= 0.7)",
     ]
     if not args.quick:
-        plot(results, ROOT / "bench" / "serving.png")
+        plot(results, ROOT / "bench" / ("serving-gpu.png" if args.gpu else "serving.png"))
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--gpu", action="store_true",
+                        help="bigger model, no core pinning, results in RESULTS-gpu.md")
     parser.add_argument("--mlx-lm", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global PIN
+    PIN = not args.gpu
     if args.mlx_lm:
         path, streams, prompt_len, new = args.mlx_lm
         return run_mlx_lm(path, int(streams), int(prompt_len), int(new))
     report = asyncio.run(main_async(args))
     print(report)
     if not args.quick:
-        header = (f"# Serving benchmark\n\nModel: {SPEC.key()} (llama, 8 layers, hidden 512, "
-                  f"bf16), {os.cpu_count()} CPU cores, mlx-lm pinned to core 0, workers pinned to "
-                  f"cores 0 and 1. Command: `python bench/bench_serving.py`. mlx-lm serves one "
-                  f"stream with `stream_generate` and several with `batch_generate`, which does "
-                  f"not stream, so its TTFT and ITL are measured at one stream only.\n\n")
-        (ROOT / "bench" / "RESULTS.md").write_text(header + report + "\n\n![](serving.png)\n")
+        (ROOT / "bench" / ("RESULTS-gpu.md" if args.gpu else "RESULTS.md")).write_text(
+            header(args) + report + f"\n\n![]({'serving-gpu' if args.gpu else 'serving'}.png)\n")
+
+
+def header(args: argparse.Namespace) -> str:
+    spec = GPU_SPEC if args.gpu else SPEC
+    shape = (f"{spec.family}, {spec.num_layers} layers, hidden {spec.hidden_size}, "
+             f"{spec.dtype}")
+    mlx_lm_note = ("mlx-lm serves one stream with `stream_generate` and several with "
+                   "`batch_generate`, which does not stream, so its TTFT and ITL are measured at "
+                   "one stream only.")
+    if args.gpu:
+        from worker.backend import detect
+
+        where = (f"{detect().chip}; mlx-lm and every worker share that one "
+                 f"GPU (the 2-worker rows measure pipelining overhead, not added compute)")
+        cmd = "python bench/bench_serving.py --gpu"
+    else:
+        where = (f"{os.cpu_count()} CPU cores, mlx-lm pinned to core 0, workers pinned to "
+                 f"cores 0 and 1")
+        cmd = "python bench/bench_serving.py"
+    return (f"# Serving benchmark\n\nModel: {spec.key()} ({shape}), {where}. Command: "
+            f"`{cmd}`. {mlx_lm_note}\n\n")
 
 
 if __name__ == "__main__":

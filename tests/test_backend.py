@@ -47,6 +47,11 @@ def test_memory_override() -> None:
         ("Apple M3 Ultra", 819),
         ("M2 max", 400),
         ("Apple M4 Pro (14-core)", 273),
+        ("NVIDIA H100 80GB HBM3", 3350),  # what CUDA reported on the GPU machine
+        ("NVIDIA H100 PCIe", 2000),
+        ("NVIDIA H200", 4800),
+        ("NVIDIA A100-SXM4-80GB", 2039),
+        ("NVIDIA GeForce RTX 4090", 1008),
     ],
 )
 def test_chip_bandwidth_known(chip: str, gbps: float) -> None:
@@ -55,7 +60,7 @@ def test_chip_bandwidth_known(chip: str, gbps: float) -> None:
 
 @pytest.mark.parametrize(
     "chip",
-    ["", "AMD EPYC", "Intel(R) Xeon(R) CPU", "NVIDIA H100 80GB HBM3", "Apple M9", "Tesla M60"],
+    ["", "AMD EPYC", "Intel(R) Xeon(R) CPU", "NVIDIA GeForce GT 710", "Apple M9", "Tesla M60"],
 )
 def test_chip_bandwidth_unknown(chip: str) -> None:
     assert chip_bandwidth(chip) is None
@@ -99,7 +104,7 @@ def test_cuda_path() -> None:
         "free_memory": 79 * 10**9,
     }
     hw = backend._detect_mlx(fake_mx(False, True, info))
-    assert hw == Hardware("cuda", "NVIDIA H100 80GB HBM3", 79 * 10**9, None, 80 * 10**9)
+    assert hw == Hardware("cuda", "NVIDIA H100 80GB HBM3", 79 * 10**9, 3350.0, 80 * 10**9)
 
 
 def test_cuda_path_with_missing_keys() -> None:

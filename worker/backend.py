@@ -37,6 +37,21 @@ CHIP_BANDWIDTH_GBPS: dict[str, float] = {
     "M4 Max": 546.0,
 }
 
+# NVIDIA GPUs by what CUDA calls them (first match wins), GB/s (NVIDIA's published figures).
+NVIDIA_BANDWIDTH_GBPS: tuple[tuple[str, float], ...] = (
+    ("H200", 4800.0),
+    ("H100 PCIe", 2000.0),
+    ("H100 NVL", 3900.0),
+    ("H100", 3350.0),
+    ("A100-SXM4-80GB", 2039.0),
+    ("A100 80GB", 1935.0),
+    ("A100", 1555.0),
+    ("L40S", 864.0),
+    ("RTX 4090", 1008.0),
+    ("RTX 3090", 936.0),
+    ("A10", 600.0),
+)
+
 _APPLE_CHIP = re.compile(r"\bM(\d+)(?:\s+(Pro|Max|Ultra))?\b", re.IGNORECASE)
 
 
@@ -52,9 +67,13 @@ class Hardware:
 
 
 def chip_bandwidth(chip: str) -> float | None:
-    """Memory bandwidth in GB/s of an Apple chip named like "Apple M2 Max"; None if unknown."""
+    """Memory bandwidth in GB/s of an Apple chip named like "Apple M2 Max" or an NVIDIA GPU
+    named like "NVIDIA H100 80GB HBM3"; None if unknown."""
     if not chip:
         return None
+    if "nvidia" in chip.lower():
+        return next((bw for name, bw in NVIDIA_BANDWIDTH_GBPS if name.lower() in chip.lower()),
+                    None)
     match = _APPLE_CHIP.search(chip)
     if match is None:
         return None

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Run Shardline's CUDA checks on a Linux GPU machine with no network, from carried wheels.
+#
+#   bench/gpu.sh stash DIR   # copy DIR's files (part of the split mlx-cuda wheel, deps) to /root/parts
+#   bench/gpu.sh test DIR    # add DIR's files, install, detect, parity tests on the GPU
+#   bench/gpu.sh bench       # the --gpu serving benchmark (after `test`, on the same machine)
+#
+# The mlx-cuda-13 wheel (~90 MB) is split with `split -b 46000000` so each half fits one carry.
+# Results (detect.txt, tests.txt, RESULTS-gpu.md, serving-gpu.png) go to $OUT when it is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+parts=/root/parts
+mkdir -p "$parts"
+[ -n "${2:-}" ] && find "$2" -type f -exec cp {} "$parts/" \;
+[ "$1" = stash ] && { ls -la "$parts"; exit 0; }
+
+out=${OUT:-/tmp/gpu-out}
+mkdir -p "$out"
+export PYTHONPATH=/root/site:$PWD SHARDLINE_CACHE_DIR=/root/cache
+if [ "$1" = bench ]; then
+    timeout "${BENCH_TIMEOUT:-560}" python3 bench/bench_serving.py --gpu 2>&1 \
+        | grep -v fork_posix | tail -30 || true
+    cp bench/RESULTS-gpu.md bench/serving-gpu.png "$out/" 2>/dev/null || true
+    exit 0
+fi
+cat "$parts"/part.* > "$parts/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl"
+python3 -m pip install -q --no-deps --target /root/site "$parts"/*.whl
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$out/detect.txt"
+python3 - <<'EOF' | tee -a "$out/detect.txt"
+import mlx.core as mx
+from worker.backend import detect
+print("mlx", mx.__version__, "default device", mx.default_device())
+print(detect())
+EOF
+timeout "${TEST_TIMEOUT:-500}" python3 -m pytest -q -p no:cacheprovider -rA --durations=5 \
+    tests/test_pipeline_parity.py tests/test_batched_decode.py tests/test_concurrency.py \
+    2>&1 | grep -v fork_posix | tail -120 > "$out/tests.txt" || true
+grep -E "passed|failed|PASSED|FAILED" "$out/tests.txt" | tail -5
