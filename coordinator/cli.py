@@ -191,6 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns that PyTorch is missing; Shardline only uses its tokenizers.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        refusal = protos.refuse_unchecked_secrets(("--secret-file", args.secret_file),
+                                                  ("--api-key-file", args.api_key_file))
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from coordinator.plan_cli import run_plan

@@ -102,6 +102,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    refusal = protos.refuse_unchecked_secrets(("--secret-file", args.secret_file))
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
