@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import protos
 from coordinator.cluster import Cluster
 from coordinator.engine import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, Engine
 from coordinator.http_api import HttpServer
@@ -17,6 +18,7 @@ from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
 from coordinator.service import InferenceService, set_serving, start_server, watch_health
+from protos.units import format_size
 
 log = logging.getLogger("shardline.coordinator")
 
@@ -112,6 +114,13 @@ class Coordinator:
     async def start(self) -> None:
         opts = self.options
         self.model = self.resolve_model()
+        limit = self.model.max_prefill_chunk(protos.DEFAULT_MAX_MESSAGE_BYTES)
+        if not 1 <= opts.prefill_chunk <= limit:
+            raise ValueError(
+                f"--prefill-chunk {opts.prefill_chunk}: must be 1 to {limit} for this model "
+                f"(a chunk's activations, {self.model.hidden_size} x {self.model.activation_bytes}"
+                f" bytes a token, must fit the {format_size(protos.DEFAULT_MAX_MESSAGE_BYTES)} "
+                f"gRPC message limit)")
         addresses = list(opts.workers) + self.start_local_workers()
         if not addresses and not opts.discover:
             raise ValueError("no workers: pass --workers HOST:PORT,... or --local-workers N")

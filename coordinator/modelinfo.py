@@ -54,6 +54,11 @@ class ModelInfo:
     kv_bytes_per_token: tuple[int, ...]
     max_context: int = DEFAULT_MAX_CONTEXT
     quantization: dict | None = None
+    activation_bytes: int = 2  # bytes per hidden-state element sent between stages
+
+    def max_prefill_chunk(self, max_message_bytes: int) -> int:
+        """The most prompt tokens whose activations fit one gRPC message (1 MiB kept spare)."""
+        return max(1, (max_message_bytes - (1 << 20)) // (self.hidden_size * self.activation_bytes))
 
     @property
     def weight_bytes(self) -> int:
@@ -251,7 +256,8 @@ def read_model_info(path: str | Path, model_id: str | None = None) -> ModelInfo:
 
     # mlx-lm drops lm_head from tied checkpoints, so its absence is what ties the head.
     tied = head == 0
-    kv_token = 2 * kv_heads * head_dim * _activation_bytes(config, tensors)
+    act_bytes = _activation_bytes(config, tensors)
+    kv_token = 2 * kv_heads * head_dim * act_bytes
     quantization = config.get("quantization") or config.get("quantization_config")
     return ModelInfo(
         path=path,
@@ -267,6 +273,7 @@ def read_model_info(path: str | Path, model_id: str | None = None) -> ModelInfo:
         kv_bytes_per_token=(kv_token,) * num_layers,
         max_context=config.get("max_position_embeddings") or DEFAULT_MAX_CONTEXT,
         quantization=quantization if isinstance(quantization, dict) else None,
+        activation_bytes=act_bytes,
     )
 
 

@@ -71,6 +71,14 @@ def test_model_that_does_not_fit_is_refused_with_numbers(model_dir):
     assert_one_line_error(proc, "needs 6.55 MiB", "97.66 KiB")
 
 
+@pytest.mark.parametrize("chunk", ["0", "3000000"])
+def test_prefill_chunk_over_the_message_limit_is_refused(model_dir, chunk):
+    # hidden 64 x 2 bytes a token: 2,088,960 tokens fit 256 MiB less 1 MiB
+    proc = coordinator("serve", "--model", str(model_dir(SPEC)), "--local-workers", "1",
+                       "--prefill-chunk", chunk, "--grpc-port", "0", "--no-discover")
+    assert_one_line_error(proc, f"--prefill-chunk {chunk}", "1 to 2088960", "256.00 MiB")
+
+
 def test_unreachable_worker_at_start_is_named(model_dir):
     proc = coordinator("serve", "--model", str(model_dir(SPEC)), "--workers",
                        "127.0.0.1:9", "--grpc-port", "0")
