@@ -43,12 +43,17 @@ class Microbatcher:
         self.active.discard(seq_id)
         self._kick()
 
-    async def step(self, seq: worker_pb2.SeqInput) -> worker_pb2.SeqOutput:
-        """Run one decode step of `seq` in some microbatch; returns its sampled token."""
+    def submit(self, seq: worker_pb2.SeqInput) -> asyncio.Future:
+        """Queue one decode step of `seq` for some microbatch; the future resolves with its
+        sampled token (cancel it to drop the step if it has not been sent yet)."""
         future = asyncio.get_running_loop().create_future()
         self._pending.append((seq, future))
         self._kick()
-        return await future
+        return future
+
+    async def step(self, seq: worker_pb2.SeqInput) -> worker_pb2.SeqOutput:
+        """Run one decode step of `seq` in some microbatch; returns its sampled token."""
+        return await self.submit(seq)
 
     def _target(self) -> int:
         return min(self.max_batch, max(1, math.ceil(len(self.active) / self.stages)))
@@ -59,7 +64,8 @@ class Microbatcher:
         self._kick()
 
     def _kick(self) -> None:
-        self._pending = [(s, f) for s, f in self._pending if not f.done()]
+        if any(f.done() for _, f in self._pending):
+            self._pending = [(s, f) for s, f in self._pending if not f.done()]
         while self._pending and self.in_flight < self.stages:
             target = self._target()
             if len(self._pending) < target and not self._expired:
@@ -71,25 +77,41 @@ class Microbatcher:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            self.in_flight += 1
-            asyncio.get_running_loop().create_task(self._send(group))
+            self._send(group)
 
-    async def _send(self, group: list[tuple[worker_pb2.SeqInput, asyncio.Future]]) -> None:
+    def _send(self, group: list[tuple[worker_pb2.SeqInput, asyncio.Future]]) -> None:
+        """Queue the group on the pipeline now (in order); its result resolves the futures."""
         self.batches += 1
         self.batched_steps += len(group)
         try:
-            result = await self._source.pipeline.step([seq for seq, _ in group])
-            outputs = {o.seq_id: o for o in result.outputs}
-            for seq, future in group:
-                if not future.done():
-                    if seq.seq_id in outputs:
-                        future.set_result(outputs[seq.seq_id])
-                    else:
-                        future.set_exception(PipelineError(f"no token for {seq.seq_id}"))
+            sent = self._source.pipeline.send([seq for seq, _ in group])
         except (PipelineError, AttributeError) as e:
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(PipelineError(str(e)))
-        finally:
+            _fail(group, str(e))
+            return
+        self.in_flight += 1
+
+        def done(sent: asyncio.Future) -> None:
             self.in_flight -= 1
+            try:
+                result = sent.result()
+                if result.error:
+                    raise PipelineError(result.error)
+            except (PipelineError, asyncio.CancelledError) as e:
+                _fail(group, str(e) or "pipeline closed")
+            else:
+                outputs = {o.seq_id: o for o in result.outputs}
+                for seq, future in group:
+                    if not future.done():
+                        if seq.seq_id in outputs:
+                            future.set_result(outputs[seq.seq_id])
+                        else:
+                            future.set_exception(PipelineError(f"no token for {seq.seq_id}"))
             self._kick()
+
+        sent.add_done_callback(done)
+
+
+def _fail(group: list[tuple[worker_pb2.SeqInput, asyncio.Future]], reason: str) -> None:
+    for _, future in group:
+        if not future.done():
+            future.set_exception(PipelineError(reason))

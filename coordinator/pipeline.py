@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import deque
 from typing import Any
 
 import grpc
@@ -38,13 +39,18 @@ class Pipeline:
         self._reader: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
-        self._write_lock = asyncio.Lock()
+        # Messages wait here in call order; one writer task drains them (gRPC takes one write
+        # at a time), so a step is ordered when it is queued, without a task or lock per step.
+        self._outbox: deque[tuple[worker_pb2.StageMessage, asyncio.Future | None]] = deque()
+        self._writer: asyncio.Task | None = None
+        self._wake: asyncio.Future | None = None
         self.broken: str | None = None
 
     async def open(self) -> None:
         stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._call = stub.Forward(metadata=((PLAN_METADATA_KEY, self.plan_id),))
         self._reader = asyncio.create_task(self._read())
+        self._writer = asyncio.create_task(self._write())
 
     async def _read(self) -> None:
         try:
@@ -62,18 +68,56 @@ class Pipeline:
     def _fail(self, reason: str) -> None:
         self.broken = reason
         pending, self._pending = self._pending, {}
-        for future in pending.values():
+        outbox, self._outbox = self._outbox, deque()
+        for future in [*pending.values(), *(f for _, f in outbox if f is not None)]:
             if not future.done():
                 future.set_exception(PipelineError(reason))
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
-    async def _send(self, msg: worker_pb2.StageMessage) -> None:
-        if self.broken:
-            raise PipelineError(self.broken)
-        async with self._write_lock:
+    async def _write(self) -> None:
+        """Write queued messages in order; a failed write breaks the pipeline."""
+        loop = asyncio.get_running_loop()
+        while not self.broken:
+            if not self._outbox:
+                self._wake = loop.create_future()
+                await self._wake
+                self._wake = None
+                continue
+            msg, written = self._outbox.popleft()
             try:
                 await self._call.write(msg)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
-                raise PipelineError(f"pipeline broken: {e}") from e
+                error = PipelineError(f"pipeline broken: {e}")
+                if written is not None and not written.done():
+                    written.set_exception(error)
+                self._fail(str(error))
+                return
+            if written is not None and not written.done():
+                written.set_result(None)
+
+    def _queue(self, msg: worker_pb2.StageMessage, written: asyncio.Future | None = None) -> None:
+        if self.broken:
+            raise PipelineError(self.broken)
+        self._outbox.append((msg, written))
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _send(self, msg: worker_pb2.StageMessage) -> None:
+        """Queue `msg` and wait until it is written."""
+        written = asyncio.get_running_loop().create_future()
+        self._queue(msg, written)
+        await written
+
+    def send(self, seqs: list[worker_pb2.SeqInput],
+             release: list[str] | None = None) -> asyncio.Future:
+        """Queue one step for stage 0 now (no await); the future resolves with the last stage's
+        result, or fails with PipelineError. Steps are written in call order."""
+        step_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._queue(worker_pb2.StageMessage(step_id=step_id, seqs=seqs, release=release or []))
+        self._pending[step_id] = future
+        return future
 
     async def submit(self, seqs: list[worker_pb2.SeqInput],
                      release: list[str] | None = None) -> asyncio.Future:
@@ -82,16 +126,7 @@ class Pipeline:
         Steps are sent in call order, so a request may submit several prefill chunks back to
         back and let the stages work on them at once.
         """
-        step_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
-        self._pending[step_id] = future
-        try:
-            await self._send(worker_pb2.StageMessage(step_id=step_id, seqs=seqs,
-                                                     release=release or []))
-        except PipelineError:
-            self._pending.pop(step_id, None)
-            raise
-        return future
+        return self.send(seqs, release)
 
     @staticmethod
     async def result(future: asyncio.Future) -> worker_pb2.StageResult:
@@ -116,6 +151,9 @@ class Pipeline:
                 log.warning("could not release %s: %s", seq_ids, e)
 
     async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.cancel()
+            await asyncio.gather(self._writer, return_exceptions=True)
         if self._call is not None and not self.broken:
             try:
                 await self._call.done_writing()
