@@ -185,6 +185,7 @@ class Engine:
         finish = FINISH_LENGTH
         hit = done = False
         sampled: list[int] = []
+        step: asyncio.Future | None = None  # the next decode step, sent before the yield
         try:
             fork = self.prefix.lookup(ids) if self.prefix else None
             self.prefilled_tokens += len(ids) - (fork[1] if fork else 0)
@@ -201,21 +202,29 @@ class Engine:
                     break
                 detok.add_token(token)
                 text, hit = stops.feed(detok.last_segment)
+                if not hit and n < max_tokens:
+                    # The next step depends only on this token: send it now, so the stages
+                    # compute while this chunk travels to the client.
+                    step = self.batcher.submit(worker_pb2.SeqInput(
+                        seq_id=seq_id, token_ids=[token], offset=len(ids) + n - 1,
+                        sample=True))
+                top = ([list(zip(out.top_tokens, out.top_logprobs, strict=True))]
+                       if out.top_tokens else [[]])
                 yield Chunk(text=text, token_ids=[token], logprobs=[out.logprob],
-                            top_logprobs=[list(zip(out.top_tokens, out.top_logprobs,
-                                                   strict=True))])
+                            top_logprobs=top)
                 if hit:
                     finish = FINISH_STOP
                     break
                 if n >= max_tokens:
                     break
-                step = worker_pb2.SeqInput(seq_id=seq_id, token_ids=[token],
-                                           offset=len(ids) + n - 1, sample=True)
-                out = await self.batcher.step(step)
+                out = await step
+                step = None
             done = True
         except PipelineError as e:
             raise RequestError("UNAVAILABLE", str(e)) from None
         finally:
+            if step is not None and not step.done():
+                step.cancel()  # dropped if not yet sent; its result is ignored if it was
             # Keep a finished sequence for follow-ups (its KV holds all but the last token).
             self.batcher.leave(seq_id)
             kept = done and self.prefix is not None
