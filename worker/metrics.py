@@ -80,10 +80,9 @@ class WorkerMetrics:
                                   "Time to hand one step's activations to the next stage's "
                                   "stream (includes flow-control backpressure).",
                                   buckets=TRANSFER_BUCKETS, registry=r)
-        for phase in ("prefill", "decode"):
-            self.forward.labels(phase)
-        for direction in ("in", "out"):
-            self.activation_bytes.labels(direction)
+        # labelled children looked up once, not on every step
+        self._forward = {phase: self.forward.labels(phase) for phase in ("prefill", "decode")}
+        self._bytes = {d: self.activation_bytes.labels(d) for d in ("in", "out")}
         self.lock = threading.Lock()
         self.memory: dict[str, int] = {"total": total_memory_bytes}
         self.sessions = 0
@@ -96,11 +95,11 @@ class WorkerMetrics:
 
     def step(self, seconds: float, prefill_tokens: int, bytes_in: int, bytes_out: int) -> None:
         """Record one step: its forward time and the activation bytes it took in and put out."""
-        self.forward.labels("prefill" if prefill_tokens else "decode").observe(seconds)
+        self._forward["prefill" if prefill_tokens else "decode"].observe(seconds)
         if bytes_in:
-            self.activation_bytes.labels("in").inc(bytes_in)
+            self._bytes["in"].inc(bytes_in)
         if bytes_out:
-            self.activation_bytes.labels("out").inc(bytes_out)
+            self._bytes["out"].inc(bytes_out)
 
     def sample(self, runner: Any, weight_bytes: int, force: bool = False) -> None:
         """Refresh memory, KV and session gauges. Call on the MLX thread (after a step or load).
