@@ -200,6 +200,8 @@ async def main_async(args: argparse.Namespace) -> str:
     spec = GPU_SPEC if args.gpu else SPEC
     path = cached_model(spec)
     streams = [1, 4] if args.quick else [1, 4, 8, 16]
+    if args.streams:
+        streams = [int(n) for n in args.streams.split(",")]
     new = 16 if args.quick else 64
     plen = 64 if args.quick else 128
     results = [bench_mlx_lm(path, s, plen, new) for s in streams]
@@ -217,13 +219,16 @@ async def main_async(args: argparse.Namespace) -> str:
     async def ttft(coord):
         return await long_prompt_ttft(coord, long, reps)
 
-    chunked = await with_cluster(path, 2, ttft, prefill_chunk=256)
-    whole = await with_cluster(path, 2, ttft, prefill_chunk=long)
+    chunked = whole = float("nan")
+    if not args.no_ttft:
+        chunked = await with_cluster(path, 2, ttft, prefill_chunk=256)
+        whole = await with_cluster(path, 2, ttft, prefill_chunk=long)
 
     by = {(r.label, r.streams): r for r in results}
     a1, b1 = by[("mlx-lm", 1)], by[("shardline 1 worker", 1)]
     c1 = by[("shardline 2 workers", 1)]
     c8 = by.get(("shardline 2 workers", 8)) or by[("shardline 2 workers", streams[-1])]
+    args.partial = args.quick or bool(args.streams) or args.no_ttft
     lines = [
         "| system | streams | tokens/s | TTFT p50 ms | ITL p50 ms | ITL p99 ms |",
         "|---|---|---|---|---|---|",
@@ -235,7 +240,7 @@ async def main_async(args: argparse.Namespace) -> str:
         f"- TTFT of a {long}-token prompt on 2 workers: chunked (256) {chunked * 1e3:.0f} ms, "
         f"whole {whole * 1e3:.0f} ms, ratio {chunked / whole:.2f} (target <= 0.7)",
     ]
-    if not args.quick:
+    if not args.partial:
         plot(results, ROOT / "bench" / ("serving-gpu.png" if args.gpu else "serving.png"))
     return "\n".join(lines)
 
@@ -245,6 +250,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--gpu", action="store_true",
                         help="bigger model, no core pinning, results in RESULTS-gpu.md")
+    parser.add_argument("--streams", help="comma-separated stream counts (no results written)")
+    parser.add_argument("--no-ttft", action="store_true",
+                        help="skip the long-prompt TTFT comparison (no results written)")
     parser.add_argument("--mlx-lm", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     global PIN
@@ -254,7 +262,7 @@ def main() -> None:
         return run_mlx_lm(path, int(streams), int(prompt_len), int(new))
     report = asyncio.run(main_async(args))
     print(report)
-    if not args.quick:
+    if not args.partial:
         (ROOT / "bench" / ("RESULTS-gpu.md" if args.gpu else "RESULTS.md")).write_text(
             header(args) + report + f"\n\n![]({'serving-gpu' if args.gpu else 'serving'}.png)\n")
 

@@ -3,7 +3,7 @@
 #
 #   bench/gpu.sh stash DIR   # copy DIR's files (part of the split mlx-cuda wheel, deps) to /root/parts
 #   bench/gpu.sh test DIR    # add DIR's files, install, detect, parity tests on the GPU
-#   bench/gpu.sh bench       # the --gpu serving benchmark (after `test`, on the same machine)
+#   bench/gpu.sh bench [DIR] # the --gpu serving benchmark (installs first if `test` did not)
 #
 # The mlx-cuda-13 wheel (~90 MB) is split with `split -b 46000000` so each half fits one carry.
 # Results (detect.txt, tests.txt, RESULTS-gpu.md, serving-gpu.png) go to $OUT when it is set.
@@ -17,14 +17,18 @@ mkdir -p "$parts"
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
 export PYTHONPATH=/root/site:$PWD SHARDLINE_CACHE_DIR=/root/cache
+install() {
+    cat "$parts"/part.* > "$parts/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl"
+    python3 -m pip install -q --no-deps --target /root/site "$parts"/*.whl
+}
 if [ "$1" = bench ]; then
+    [ -d /root/site/mlx ] || install
     timeout "${BENCH_TIMEOUT:-560}" python3 bench/bench_serving.py --gpu 2>&1 \
         | grep -v fork_posix | tail -30 || true
     cp bench/RESULTS-gpu.md bench/serving-gpu.png "$out/" 2>/dev/null || true
     exit 0
 fi
-cat "$parts"/part.* > "$parts/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl"
-python3 -m pip install -q --no-deps --target /root/site "$parts"/*.whl
+install
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv | tee "$out/detect.txt"
 python3 - <<'EOF' | tee -a "$out/detect.txt"
 import mlx.core as mx
