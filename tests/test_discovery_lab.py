@@ -186,6 +186,8 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     (tmp_path / "w1").mkdir()
     (tmp_path / "w1" / "w1.id").write_text("copiedcachedir01\n")
     shutil.copytree(tmp_path / "w1", tmp_path / "dup")
+    # (another host, so another name: a clash of instance names too is a separate case)
+    (tmp_path / "dup" / "w1-copy.id").write_text("copiedcachedir01\n")
     for i in (1, 2, 3):
         worker(i, f"w{i}")
     lab.start(6, "decoy", "worker", "serve", "--port", "50062", "--name", "decoy",
@@ -215,7 +217,7 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     assert probe("generate", ",".join(map(str, PROMPT)), "12") == {"tokens": expected}
 
     # 2. a copy of w1's node id is refused, and w1 keeps serving
-    worker(6, "w1", cache="dup")
+    worker(6, "w1-copy", cache="dup")
     wait_for("duplicate refused", lambda s: any(
         w["status"].startswith("excluded: duplicate node id copiedcachedir01")
         for w in s["workers"]))
@@ -234,8 +236,9 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
 
     # 4. a worker joins on h5: re-planned while idle over w1, w3, w5, and serving again
     worker(5, "w5")
-    t_join = wait_for("w5 joined", lambda s: s["serving"] and all(
-        status(s).get(n) == "serving" for n in ("w1", "w3", "w5")))
+    # (two rows are named w1, the real one and the refused copy: match on status, not name)
+    t_join = wait_for("w5 joined", lambda s: s["serving"] and {"w1", "w3", "w5"} <= {
+        w["name"] for w in s["workers"] if w["status"] == "serving"})
     state = probe("state")
     serving = [w for w in state["workers"] if w["status"] == "serving"]
     assert sorted(w["name"] for w in serving) == ["w1", "w3", "w5"]

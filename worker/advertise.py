@@ -67,6 +67,19 @@ def _interfaces_for(host: str, interface: str | None,
     return selected, addresses
 
 
+def _txt_pairs(text: bytes) -> dict[bytes, bytes | None]:
+    """A TXT record's wire form (length-prefixed `key=value` strings) as a mapping."""
+    pairs: dict[bytes, bytes | None] = {}
+    i = 0
+    while i < len(text):
+        item = text[i + 1 : i + 1 + text[i]]
+        i += 1 + text[i]
+        key, eq, value = item.partition(b"=")
+        if key:
+            pairs.setdefault(key, value if eq else None)
+    return pairs
+
+
 class Advertiser:
     """Registers one worker instance; `close()` sends the goodbye."""
 
@@ -120,31 +133,78 @@ class Advertiser:
             task.add_done_callback(self._tasks.discard)
 
     async def _check_duplicate(self, name: str) -> None:
-        """Warn when another worker announces this worker's node id (a copied cache dir)."""
+        """Warn when another worker announces this worker's node id (a copied cache dir) or its
+        instance name."""
         from zeroconf.asyncio import AsyncServiceInfo
 
         info = AsyncServiceInfo(WORKER_SERVICE_TYPE, name)
-        if not await info.async_request(self.zc.zeroconf, 3000) or \
-                (info.server or "").lower() == self.info.server.lower():
-            return  # not resolved, or ourselves (each process has its own SRV host)
-        if info.server in self._warned:
+        resolved = await info.async_request(self.zc.zeroconf, 3000)
+        if name.lower() == self.info.name.lower():
+            # Our own name: resolving it may give our own records, so read every SRV and TXT
+            # record of the name that the LAN sent, and look for a host other than ours.
+            for _ in range(5):
+                self._ask_for(name)
+                await asyncio.sleep(0.5)
+                found = self._others_under_our_name(name)
+                if found is not None:
+                    self._warn(name, *found)
+                    return
+                await asyncio.sleep(1.0)
             return
+        if not resolved or (info.server or "").lower() == self.info.server.lower():
+            return  # not resolved, or ourselves (each process has its own SRV host)
         try:
             other = decode_worker_txt(info.properties or {})
         except ValueError:
             return
-        if other.id == self.config.node_id or name.lower() == self.info.name.lower():
-            self._warned.add(info.server)
-        if other.id != self.config.node_id and name.lower() == self.info.name.lower():
+        self._warn(name, info.server or "", other.id,
+                   ", ".join(info.parsed_scoped_addresses()) or "?")
+
+    def _ask_for(self, name: str) -> None:
+        """Multicast a query for the SRV and TXT records of `name` (everyone who holds it
+        answers; ServiceInfo would settle for our own records)."""
+        from zeroconf import DNSOutgoing, DNSQuestion
+        from zeroconf.const import _CLASS_IN, _FLAGS_QR_QUERY, _TYPE_SRV, _TYPE_TXT
+
+        out = DNSOutgoing(_FLAGS_QR_QUERY)
+        out.add_question(DNSQuestion(name, _TYPE_SRV, _CLASS_IN))
+        out.add_question(DNSQuestion(name, _TYPE_TXT, _CLASS_IN))
+        self.zc.zeroconf.async_send(out)
+
+    def _others_under_our_name(self, name: str) -> tuple[str, str, str] | None:
+        """(server, node id, where) of another process announcing `name`, from the cache."""
+        from zeroconf.const import _CLASS_IN, _TYPE_SRV, _TYPE_TXT
+
+        cache = self.zc.zeroconf.cache
+        ours = self.info.server.lower()
+        servers = [r.server for r in cache.get_all_by_details(name, _TYPE_SRV, _CLASS_IN)
+                   if r.server.lower() != ours]
+        if not servers:
+            return None
+        ids = set()
+        for record in cache.get_all_by_details(name, _TYPE_TXT, _CLASS_IN):
+            try:
+                ids.add(decode_worker_txt(_txt_pairs(record.text)).id)
+            except ValueError:
+                continue
+        other_ids = ids - {self.config.node_id}
+        other_id = next(iter(other_ids)) if other_ids else self.config.node_id
+        return servers[0], other_id, servers[0].rstrip(".")
+
+    def _warn(self, name: str, server: str, other_id: str, where: str) -> None:
+        if server in self._warned:
+            return
+        if other_id == self.config.node_id or name.lower() == self.info.name.lower():
+            self._warned.add(server)
+        if other_id != self.config.node_id and name.lower() == self.info.name.lower():
             log.warning("another worker (node id %s at %s) announces the same name %r; give "
-                        "one of them another --name", other.id,
-                        ", ".join(info.parsed_scoped_addresses()) or "?", self.config.name)
-        elif other.id == self.config.node_id:
+                        "one of them another --name", other_id, where, self.config.name)
+        elif other_id == self.config.node_id:
             log.warning(
                 "another worker (%s at %s) uses this worker's node id %s; coordinators will "
                 "refuse one of them. Was the cache dir copied? Delete the id file of one "
-                "(<cache dir>/%s.id) and restart it.", name,
-                ", ".join(info.parsed_scoped_addresses()) or "?", other.id, self.config.name)
+                "(<cache dir>/%s.id) and restart it.", name, where, other_id, self.config.name)
+
 
     async def close(self) -> None:
         """Send the goodbye and close the sockets (safe to call twice)."""
