@@ -95,10 +95,11 @@ class Membership:
         old = self.table.members.get(key)
         member, should_dial = self.table.saw(key, ad, [ip for ip in ips if ip], port, error,
                                              instance=name)
-        if old is not None and old is not member and old.worker is not None:
-            self._release(old.worker)
+        replaced = old.worker if old is not None and old is not member else None
         if should_dial:
-            self._spawn(self._dial(member))
+            self._spawn(self._dial(member, replaced))
+        elif replaced is not None:
+            self._release(replaced)
         self._changed()
 
     def _on_gone(self, name: str) -> None:
@@ -118,27 +119,54 @@ class Membership:
         elif self.table.left(member.key, "left") is not None:
             self._changed()
 
-    async def _dial(self, member: Member) -> None:
-        for address in member.addresses:
-            worker = await dial(address)
-            if worker is not None:
+    async def _dial(self, member: Member, replaced: Worker | None = None) -> None:
+        """Dial a member announced on mDNS; `replaced` is what its previous record held."""
+        try:
+            for address in member.addresses:
+                worker = await dial(address)
+                if worker is None:
+                    continue
                 if self.table.members.get(member.key) is not member or member.gone == "left":
                     await worker.channel.close()  # superseded while we dialled
                     return
+                worker = self._adopt(worker, replaced)
                 self.table.identified(member, worker)
                 if member.reason:
                     self._release(worker)
                     member.worker = None
                 self._changed()
                 return
-        if not member.gone:
-            member.gone, member.gone_since = "unreachable", time.monotonic()
-            self._changed()
+            if not member.gone:
+                member.gone, member.gone_since = "unreachable", time.monotonic()
+                self._changed()
+        finally:
+            if replaced is not None and replaced is not member.worker:
+                self._release(replaced)
+
+    def _adopt(self, fresh: Worker, replaced: Worker | None) -> Worker:
+        """The Worker already held for this process (same node id at the same address), with
+        the fresh Info, else `fresh`: a re-announcement (a TXT that changed, two processes
+        sharing an instance name) must not turn a plan's worker into a stranger and re-plan."""
+        held = [replaced] if replaced is not None else []
+        if self.source is not None:
+            held += self.source.cluster.workers
+        held += [m.worker for m in self.table.members.values() if m.worker is not None]
+        for w in held:
+            if w is not fresh and w.info.id == fresh.info.id and w.address == fresh.address \
+                    and all(m.worker is not w or m.gone for m in self.table.members.values()):
+                w.info = fresh.info
+                self._spawn(fresh.channel.close())
+                return w
+        return fresh
 
     def _release(self, worker: Worker) -> None:
+        """Close a worker's channel unless the plan or a present member still uses it."""
         cluster = self.source.cluster if self.source is not None else None
-        if cluster is None or worker not in cluster.workers:
-            self._spawn(worker.channel.close())
+        if cluster is not None and worker in cluster.workers:
+            return
+        if any(m.worker is worker and not m.gone for m in self.table.members.values()):
+            return
+        self._spawn(worker.channel.close())
 
     # -- health checks ---------------------------------------------------------------------
     async def _check(self, member: Member) -> None:
