@@ -11,7 +11,12 @@ from pathlib import Path
 
 import protos
 from coordinator.cluster import Cluster
-from coordinator.engine import DEFAULT_MAX_WAITING, DEFAULT_PREFILL_CHUNK, Engine
+from coordinator.engine import (
+    DEFAULT_MAX_WAITING,
+    DEFAULT_PREFILL_CHUNK,
+    DEFAULT_RECOVER_TIMEOUT,
+    Engine,
+)
 from coordinator.http_api import HttpServer
 from coordinator.local import LocalWorkers
 from coordinator.membership import Membership
@@ -49,6 +54,7 @@ class ServeOptions:
     discover_timeout: float | None = None
     interface: str | None = None
     rebalance: bool = True
+    recover_timeout: float = DEFAULT_RECOVER_TIMEOUT  # 0: a lost worker fails its requests
 
 
 def load_tokenizer(path: Path):
@@ -146,7 +152,7 @@ class Coordinator:
             context=plan.context, prefill_chunk=opts.prefill_chunk,
             max_running=plan.max_sequences, max_waiting=opts.max_waiting,
             prefix_cache_tokens=opts.prefix_cache_tokens if self.cluster.forkable else 0,
-            metrics=self.metrics,
+            metrics=self.metrics, recover_timeout=opts.recover_timeout,
         )
         service.engine = self.engine
         await set_serving(self.health, True)

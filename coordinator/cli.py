@@ -47,6 +47,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    "default: every LAN interface, no docker/VPN)")
     p.add_argument("--no-rebalance", action="store_true",
                    help="workers that join later stay on standby (no re-plan)")
+    p.add_argument("--recover-timeout", type=float, default=120.0,
+                   help="seconds a request waits for the re-plan after a worker is lost, then "
+                   "continues where it was (0: fail it at once with UNAVAILABLE)")
     p.add_argument("--local-workers", type=int, default=0,
                    help="start N workers on this machine (stopped on exit)")
     p.add_argument("--local-memory", type=_sizes, default=None,
@@ -107,7 +110,7 @@ async def _serve(args: argparse.Namespace) -> None:
         max_waiting=args.max_waiting, prefix_cache_tokens=args.prefix_cache_tokens,
         discover=not (args.no_discover or args.demo), min_workers=args.min_workers,
         discover_timeout=args.discover_timeout or None, interface=args.interface,
-        rebalance=not args.no_rebalance,
+        rebalance=not args.no_rebalance, recover_timeout=args.recover_timeout,
     )
     coordinator = Coordinator(options, progress=lambda m: print(m, flush=True))
     stop = asyncio.Event()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,9 @@ class Cluster:
     plan_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     # rows of workers seen but not in the plan (set by coordinator.membership)
     extra_states: Callable[[], list[inference_pb2.WorkerState]] | None = None
+    # told when the pipeline breaks (coordinator.membership re-plans over the live workers)
+    on_broken: Callable[[str], None] | None = None
+    recovering: bool = False  # a re-plan after a failure is under way: requests wait for it
 
     @classmethod
     async def connect(cls, model: ModelInfo, addresses: Sequence[str], **kwargs) -> Cluster:
@@ -147,7 +151,20 @@ class Cluster:
         if self.pipeline is not None:
             await self.pipeline.close()
         self.pipeline = Pipeline(self.workers[0].address, self.plan_id)
+        self.pipeline.on_broken = self.on_broken
         await self.pipeline.open()
+
+    async def wait_serving(self, timeout: float) -> Pipeline | None:
+        """The pipeline once it can serve: now, or after the recovery under way (up to
+        `timeout` seconds); None when it cannot."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pipeline = self.pipeline
+            if pipeline is not None and not pipeline.broken:
+                return pipeline
+            if not self.recovering or time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.05)
 
     @property
     def forkable(self) -> bool:

@@ -26,6 +26,8 @@ FINISH_CANCELLED = inference_pb2.FINISH_REASON_CANCELLED
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_PREFILL_CHUNK = 512
 DEFAULT_MAX_WAITING = 64
+DEFAULT_RECOVER_TIMEOUT = 120.0  # seconds a request waits for a re-plan after a worker is lost
+MAX_RESUMES = 3  # re-plans one request may ride through before it gives up
 
 
 class RequestError(Exception):
@@ -56,7 +58,8 @@ class Engine:
     def __init__(self, tokenizer: Any, pipeline_source: Any, *, vocab_size: int,
                  context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  max_running: int = 4, max_waiting: int = DEFAULT_MAX_WAITING,
-                 prefix_cache_tokens: int = 0, metrics: CoordinatorMetrics | None = None) -> None:
+                 prefix_cache_tokens: int = 0, metrics: CoordinatorMetrics | None = None,
+                 recover_timeout: float = DEFAULT_RECOVER_TIMEOUT) -> None:
         self.tokenizer = tokenizer
         self.metrics = metrics or CoordinatorMetrics()
         self._source = pipeline_source  # anything with a `.pipeline` attribute (the Cluster)
@@ -67,6 +70,8 @@ class Engine:
         self.scheduler = Scheduler(max_running, max_waiting)
         self.prefix = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.prefilled_tokens = 0
+        self.recover_timeout = recover_timeout  # 0: a lost worker fails its requests at once
+        self.resumed = 0  # requests that continued on a re-planned pipeline
         stages = len(getattr(getattr(pipeline_source, "plan", None), "stages", ()))
         self.batcher = Microbatcher(pipeline_source, stages)
 
@@ -154,6 +159,16 @@ class Engine:
             result = await pipeline.result(in_flight.popleft())
         return result.outputs[0]
 
+    async def _start(self, pipeline: Pipeline, seq_id: str, ids: list[int],
+                     sampling: inference_pb2.SamplingParams) -> worker_pb2.SeqOutput:
+        """Prefill `ids` as a new sequence (from the prefix cache where it can) and join the
+        decode microbatches; returns the first sampled token."""
+        fork = self.prefix.lookup(ids) if self.prefix else None
+        self.prefilled_tokens += len(ids) - (fork[1] if fork else 0)
+        out = await self._prefill(pipeline, self._chunks(seq_id, ids, sampling, fork))
+        self.batcher.join(seq_id)
+        return out
+
     async def generate(self, ids: list[int], sampling: inference_pb2.SamplingParams
                        ) -> AsyncIterator[Chunk]:
         """Stream the completion of `ids` once a running slot is free (recorded in metrics)."""
@@ -171,10 +186,39 @@ class Engine:
         except QueueFull as e:
             raise RequestError("RESOURCE_EXHAUSTED", str(e)) from None
 
+    def _seq_id(self) -> str:
+        return f"{uuid.uuid4().hex[:8]}-{next(self._ids)}"
+
+    async def _serving(self) -> Pipeline:
+        """The pipeline, waiting out a recovery under way; UNAVAILABLE if there is none."""
+        pipeline = self._source.pipeline
+        if pipeline is not None and not pipeline.broken:
+            return pipeline
+        wait = getattr(self._source, "wait_serving", None)
+        if wait is not None and self.recover_timeout > 0:
+            pipeline = await wait(self.recover_timeout)
+            if pipeline is not None:
+                return pipeline
+        return self.pipeline  # raises UNAVAILABLE with the reason
+
+    async def _resume(self, error: PipelineError, pipeline: Pipeline, resumes: int) -> Pipeline:
+        """After a step failed: the new pipeline once the cluster has re-planned, or
+        UNAVAILABLE. Only a broken pipeline is waited for (a stage's error is final)."""
+        if not pipeline.broken or resumes >= MAX_RESUMES or self.recover_timeout <= 0:
+            raise RequestError("UNAVAILABLE", str(error)) from None
+        wait = getattr(self._source, "wait_serving", None)
+        fresh = await wait(self.recover_timeout) if wait is not None else None
+        if fresh is None or fresh is pipeline:
+            now = self._source.pipeline
+            why = now.broken if now is not None and now.broken else str(error)
+            raise RequestError("UNAVAILABLE", f"the cluster cannot serve now: {why}") from None
+        self.resumed += 1
+        return fresh
+
     async def _run(self, ids: list[int], sampling: inference_pb2.SamplingParams,
                    max_tokens: int) -> AsyncIterator[Chunk]:
-        pipeline = self.pipeline
-        seq_id = f"{uuid.uuid4().hex[:8]}-{next(self._ids)}"
+        pipeline = await self._serving()
+        seq_id = self._seq_id()
         eos = set(self.tokenizer.eos_token_ids or ())
         detok = self.tokenizer.detokenizer
         detok.reset()
@@ -186,42 +230,54 @@ class Engine:
         hit = done = False
         sampled: list[int] = []
         step: asyncio.Future | None = None  # the next decode step, sent before the yield
+        out: worker_pb2.SeqOutput | None = None  # the step result not yet streamed
+        resumes = 0
         try:
-            fork = self.prefix.lookup(ids) if self.prefix else None
-            self.prefilled_tokens += len(ids) - (fork[1] if fork else 0)
-            out = await self._prefill(pipeline, self._chunks(seq_id, ids, sampling, fork))
-            self.batcher.join(seq_id)
-            while True:
-                n += 1
-                if t_first is None:
-                    t_first = time.perf_counter()
-                token = out.token
-                sampled.append(token)
-                if token in eos:
-                    finish = FINISH_STOP
-                    break
-                detok.add_token(token)
-                text, hit = stops.feed(detok.last_segment)
-                if not hit and n < max_tokens:
-                    # The next step depends only on this token: send it now, so the stages
-                    # compute while this chunk travels to the client.
-                    step = self.batcher.submit(worker_pb2.SeqInput(
-                        seq_id=seq_id, token_ids=[token], offset=len(ids) + n - 1,
-                        sample=True))
-                top = ([list(zip(out.top_tokens, out.top_logprobs, strict=True))]
-                       if out.top_tokens else [[]])
-                yield Chunk(text=text, token_ids=[token], logprobs=[out.logprob],
-                            top_logprobs=top)
-                if hit:
-                    finish = FINISH_STOP
-                    break
-                if n >= max_tokens:
-                    break
-                out = await step
-                step = None
-            done = True
-        except PipelineError as e:
-            raise RequestError("UNAVAILABLE", str(e)) from None
+            while not done:
+                try:
+                    if out is None:
+                        # The prompt; after a failure, the prompt and every token streamed so
+                        # far, on the re-planned pipeline: the client sees a pause, then the
+                        # same continuation (sampling keys depend on (seed, position) only).
+                        out = await self._start(pipeline, seq_id, ids + sampled, sampling)
+                    while True:
+                        n += 1
+                        if t_first is None:
+                            t_first = time.perf_counter()
+                        token = out.token
+                        sampled.append(token)
+                        if token in eos:
+                            finish = FINISH_STOP
+                            break
+                        detok.add_token(token)
+                        text, hit = stops.feed(detok.last_segment)
+                        if not hit and n < max_tokens:
+                            # The next step depends only on this token: send it now, so the
+                            # stages compute while this chunk travels to the client.
+                            step = self.batcher.submit(worker_pb2.SeqInput(
+                                seq_id=seq_id, token_ids=[token], offset=len(ids) + n - 1,
+                                sample=True))
+                        top = ([list(zip(out.top_tokens, out.top_logprobs, strict=True))]
+                               if out.top_tokens else [[]])
+                        yield Chunk(text=text, token_ids=[token], logprobs=[out.logprob],
+                                    top_logprobs=top)
+                        if hit:
+                            finish = FINISH_STOP
+                            break
+                        if n >= max_tokens:
+                            break
+                        out = None
+                        out = await step
+                        step = None
+                    done = True
+                except PipelineError as e:
+                    if step is not None and not step.done():
+                        step.cancel()
+                    step = None
+                    self.batcher.leave(seq_id)
+                    pipeline = await self._resume(e, pipeline, resumes)
+                    resumes += 1
+                    seq_id, out = self._seq_id(), None
         finally:
             if step is not None and not step.done():
                 step.cancel()  # dropped if not yet sent; its result is ignored if it was

@@ -70,8 +70,8 @@ class Membership:
         self._last_change = 0.0
         self._tasks: set[asyncio.Task] = set()
         self._loop_task: asyncio.Task | None = None
-        self._broken_mark: str | None = None
         self._replanning = False
+        self._probing = 0  # probes after a break under way: re-plan once they have answered
         self._refused: set[int] = set()  # ids of worker sets a re-plan already failed on
         self.replans = 0
 
@@ -97,6 +97,8 @@ class Membership:
                                              instance=name)
         replaced = old.worker if old is not None and old is not member else None
         if should_dial:
+            if replaced is not None and not old.gone:
+                member.worker = replaced  # still the plan's worker while it is re-dialled
             self._spawn(self._dial(member, replaced))
         elif replaced is not None:
             self._release(replaced)
@@ -129,7 +131,7 @@ class Membership:
                 if self.table.members.get(member.key) is not member or member.gone == "left":
                     await worker.channel.close()  # superseded while we dialled
                     return
-                worker = self._adopt(worker, replaced)
+                worker = self._adopt(worker, replaced, member)
                 self.table.identified(member, worker)
                 if member.reason:
                     self._release(worker)
@@ -143,7 +145,7 @@ class Membership:
             if replaced is not None and replaced is not member.worker:
                 self._release(replaced)
 
-    def _adopt(self, fresh: Worker, replaced: Worker | None) -> Worker:
+    def _adopt(self, fresh: Worker, replaced: Worker | None, member: Member) -> Worker:
         """The Worker already held for this process (same node id at the same address), with
         the fresh Info, else `fresh`: a re-announcement (a TXT that changed, two processes
         sharing an instance name) must not turn a plan's worker into a stranger and re-plan."""
@@ -153,7 +155,8 @@ class Membership:
         held += [m.worker for m in self.table.members.values() if m.worker is not None]
         for w in held:
             if w is not fresh and w.info.id == fresh.info.id and w.address == fresh.address \
-                    and all(m.worker is not w or m.gone for m in self.table.members.values()):
+                    and all(m.worker is not w or m.gone or m is member
+                            for m in self.table.members.values()):
                 w.info = fresh.info
                 self._spawn(fresh.channel.close())
                 return w
@@ -279,6 +282,9 @@ class Membership:
         """Follow membership while `source` (the Coordinator) serves; announce its API."""
         self.source = source
         source.cluster.extra_states = self.rows
+        source.cluster.on_broken = self._on_broken
+        if source.cluster.pipeline is not None:
+            source.cluster.pipeline.on_broken = self._on_broken
         if self.browser is not None:
             await self.browser.register_api(source.grpc_port, ApiAd(
                 cluster=self.cluster_name, http_port=getattr(source, "http_port", 0) or 0,
@@ -291,7 +297,10 @@ class Membership:
         return self.table.rows(exclude=plan)
 
     def _check_plan(self) -> None:
-        """Mark plan workers that went or came back; start a re-plan when one is due."""
+        """Mark plan workers that went or came back; start a re-plan when one is due.
+
+        Losing a plan worker (gone, unreachable, or back without its shard) breaks the
+        pipeline at once, so its requests stop waiting on it and resume after the re-plan."""
         cluster = self.source.cluster
         lost = []
         for w in cluster.workers[: len(cluster.plan.stages) if cluster.plan else 0]:
@@ -308,43 +317,84 @@ class Membership:
             elif w.status == "restarted":
                 lost.append(w.info.name)
         pipeline = cluster.pipeline
-        if pipeline is not None:
-            if lost and (not pipeline.broken or pipeline.broken == self._broken_mark):
-                self._broken_mark = (f"lost worker {', '.join(lost)} (left, unreachable or "
-                                     "restarted); serving again after a re-plan")
-                pipeline.broken = self._broken_mark
-            elif not lost and self._broken_mark and pipeline.broken == self._broken_mark:
-                pipeline.broken = None
-                self._broken_mark = None
+        if lost and pipeline is not None and not pipeline.broken:
+            pipeline.fail(f"lost worker {', '.join(lost)} (left, unreachable or restarted)")
         if self._due() and not self._replanning:
             self._replanning = True
             self._spawn(self._replan())
 
-    def _due(self) -> bool:
-        if not self.rebalance or self.source.engine is None:
-            return False
-        plan = self.source.cluster.workers
+    def _on_broken(self, reason: str) -> None:
+        """The pipeline broke (called before its requests hear of it): find out who is still
+        there and re-plan over them; requests wait for that (Cluster.recovering)."""
+        log.warning("pipeline broken: %s; re-planning over the live workers", reason)
+        self.source.cluster.recovering = True
+        self._spawn(self._after_break())
+
+    async def _after_break(self) -> None:
+        cluster = self.source.cluster
+        self._probing += 1
+        try:
+            plan = cluster.workers[: len(cluster.plan.stages) if cluster.plan else 0]
+            members = [m for w in plan if (m := self.table.member_of(w)) is not None]
+            await asyncio.gather(*(self._probe(m) for m in members if not m.gone))
+        finally:
+            self._probing -= 1
+        try:
+            self._check_plan()
+        finally:
+            if not self._replanning:
+                cluster.recovering = False
+
+    async def _probe(self, member: Member) -> None:
+        """One quick health check: after a break, a worker that does not answer is gone."""
+        try:
+            member.worker.info = await ask_info(member.worker, timeout=1.5)
+        except grpc.aio.AioRpcError:
+            if not member.gone:
+                member.gone, member.gone_since = "unreachable", time.monotonic()
+                log.warning("worker %s does not answer after the pipeline broke", member.label)
+
+    def _due(self) -> str:
+        """Why a re-plan is due ("worker_lost": the pipeline is broken; "worker_joined"), or
+        "" (none, or the last re-plan over these same workers failed)."""
+        if self.source.engine is None or self._probing:
+            return ""
+        cluster = self.source.cluster
         usable = [m.worker for m in self.table.usable()]
-        joined = [w for w in usable if w not in plan or w.status == "restarted"]
-        return bool(joined) and frozenset(map(id, usable)) not in self._refused
+        if not usable or frozenset(map(id, usable)) in self._refused:
+            return ""
+        if cluster.pipeline is not None and cluster.pipeline.broken:
+            return "worker_lost"
+        joined = [w for w in usable if w not in cluster.workers or w.status == "restarted"]
+        return "worker_joined" if joined and self.rebalance else ""
 
     async def _replan(self) -> None:
+        cluster = self.source.cluster
         try:
-            while self._due():
+            while why := self._due():
+                if why == "worker_lost":
+                    # nothing can run on a broken pipeline: re-plan now; the requests that
+                    # were running wait for it and then resume
+                    cluster.recovering = True
+                    await self._reload(why)
+                    continue
                 scheduler = self.source.engine.scheduler
                 idle = scheduler.running == 0 and scheduler.waiting == 0
                 if idle and time.monotonic() - self._last_change >= self.settle:
                     async with contextlib.AsyncExitStack() as stack:
                         for _ in range(scheduler.max_running):  # hold every slot: none can start
                             await stack.enter_async_context(scheduler.slot())
-                        await self._reload()
-                    return
+                        if self._due() == why:
+                            await self._reload(why)
+                    continue
                 await asyncio.sleep(0.2)
         finally:
             self._replanning = False
+            cluster.recovering = False
 
-    async def _reload(self) -> None:
-        """Plan over the usable workers (plan order kept, joiners last) and load the shards."""
+    async def _reload(self, why: str) -> None:
+        """Plan over the usable workers (plan order kept, joiners last) and load the shards;
+        a failure is remembered for this set of workers (`_due` skips it until it changes)."""
         cluster, engine = self.source.cluster, self.source.engine
         for attempt in range(2):
             usable = [m.worker for m in self.table.usable()]
@@ -358,6 +408,8 @@ class Membership:
                 cluster.workers, cluster.plan = old_workers, old_plan
                 self._refused.add(frozenset(map(id, usable)))
                 self.progress(f"not re-planning over {len(workers)} worker(s): {e}")
+                if cluster.pipeline is not None and cluster.pipeline.broken:
+                    cluster.pipeline.broken = f"the live workers cannot hold the model: {e}"
                 return
             self.progress(f"re-planning over {len(workers)} worker(s):\n{plan.describe()}")
             if engine.prefix is not None:
@@ -371,14 +423,14 @@ class Membership:
                     if w.status == "failed" and m is not None:
                         m.reason = "could not load its shard"
                 if cluster.pipeline is not None:
-                    cluster.pipeline.broken = f"re-plan failed: {e}"
+                    cluster.pipeline.fail(f"re-plan failed: {e}")  # its shards are gone
                 if attempt == 0 and len(self.table.usable()) >= 1:
                     continue
+                self._refused.add(frozenset(map(id, self.table.usable())))
                 return
             self.replans += 1
             if (metrics := getattr(self.source, "metrics", None)) is not None:
-                metrics.replans.labels("worker_joined").inc()
-            self._broken_mark = None
+                metrics.replans.labels(why).inc()
             for w in old_workers:
                 if w not in workers and self.table.member_of(w) is None:
                     await w.channel.close()

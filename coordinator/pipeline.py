@@ -45,6 +45,9 @@ class Pipeline:
         self._writer: asyncio.Task | None = None
         self._wake: asyncio.Future | None = None
         self.broken: str | None = None
+        # called once, synchronously, when the pipeline breaks (before any step fails), so the
+        # cluster can start recovering before the requests hear of it
+        self.on_broken: Any = None
 
     async def open(self) -> None:
         stub = worker_pb2_grpc.WorkerStub(self._channel)
@@ -65,8 +68,18 @@ class Pipeline:
             self._fail("pipeline closed")
             raise
 
+    def fail(self, reason: str) -> None:
+        """Break the pipeline now: every step in flight or queued fails with `reason`."""
+        self._fail(reason)
+
     def _fail(self, reason: str) -> None:
+        first = self.broken is None
         self.broken = reason
+        if first and self.on_broken is not None:
+            try:
+                self.on_broken(reason)
+            except Exception:  # noqa: BLE001 - a failing observer must not hide the failure
+                log.exception("pipeline break handler failed")
         pending, self._pending = self._pending, {}
         outbox, self._outbox = self._outbox, deque()
         for future in [*pending.values(), *(f for _, f in outbox if f is not None)]:
@@ -151,6 +164,7 @@ class Pipeline:
                 log.warning("could not release %s: %s", seq_ids, e)
 
     async def close(self) -> None:
+        self.on_broken = None  # closing is not breaking
         if self._writer is not None:
             self._writer.cancel()
             await asyncio.gather(self._writer, return_exceptions=True)
