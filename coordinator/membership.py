@@ -2,10 +2,12 @@
 
 `Membership.gather` connects the static workers, browses mDNS and waits until `--min-workers`
 are usable. `Membership.watch` then keeps the view current while serving: an mDNS goodbye or
-expiry, or two failed health checks, marks a worker within seconds; a serving worker that goes
-marks the pipeline broken (requests get UNAVAILABLE, health turns NOT_SERVING). A worker that
-joins never disturbs running requests: it enters the plan at the next re-plan, which happens
-only while no request runs or waits (never with `--no-rebalance`).
+expiry, or two failed health checks, marks a worker within seconds. A serving worker that goes,
+or a pipeline stream that breaks, breaks the pipeline: the plan's workers are probed and the
+model re-planned over those that answer at once, while running requests wait to resume
+(coordinator.engine); if they cannot hold it, requests get UNAVAILABLE with the numbers. A
+worker that joins never disturbs running requests: it enters the plan at the next re-plan,
+which happens only while no request runs or waits (never with `--no-rebalance`).
 """
 
 from __future__ import annotations
