@@ -23,9 +23,14 @@ from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
 from coordinator.service import InferenceService, set_serving, start_server, watch_health
+from protos import auth
 from protos.units import format_size
 
 log = logging.getLogger("shardline.coordinator")
+
+# gRPC services open without an API key: health checks (load balancers, Kubernetes) and
+# reflection (the schema, which protos/ publishes anyway)
+OPEN_GRPC = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 @dataclass
@@ -55,6 +60,8 @@ class ServeOptions:
     interface: str | None = None
     rebalance: bool = True
     recover_timeout: float = DEFAULT_RECOVER_TIMEOUT  # 0: a lost worker fails its requests
+    secret: bytes | None = field(default=None, repr=False)  # the cluster secret (protos/auth)
+    api_key: str | None = field(default=None, repr=False)  # clients must send it as a bearer
 
 
 def load_tokenizer(path: Path):
@@ -114,7 +121,8 @@ class Coordinator:
 
             memory = [detect().memory_bytes // count] * count
         self.progress(f"starting {count} local worker(s)...")
-        self.local = LocalWorkers(count, memory=memory, cache_dir=opts.cache_dir)
+        self.local = LocalWorkers(count, memory=memory, cache_dir=opts.cache_dir,
+                                  secret=opts.secret)
         return self.local.start()
 
     async def start(self) -> None:
@@ -133,11 +141,11 @@ class Coordinator:
         self.membership = Membership(
             cluster=opts.cluster, discover=opts.discover, min_workers=opts.min_workers,
             timeout=opts.discover_timeout, interface=opts.interface, rebalance=opts.rebalance,
-            progress=self.progress,
+            progress=self.progress, secret=opts.secret,
         )
         self.cluster = Cluster(
             self.model, await self.membership.gather(addresses), partition=opts.partition,
-            context=opts.context, max_sequences=opts.max_sequences,
+            context=opts.context, max_sequences=opts.max_sequences, secret=opts.secret,
         )
         plan = self.cluster.make_plan()
         self.progress(plan.describe())
@@ -163,9 +171,11 @@ class Coordinator:
     async def start_api(self, service: InferenceService) -> None:
         """gRPC and HTTP up before the shards load; health says NOT_SERVING until they have."""
         opts = self.options
+        interceptors = [self.metrics.interceptor]  # first: refused calls are counted too
+        if opts.api_key:
+            interceptors.append(auth.api_key_auth(opts.api_key, OPEN_GRPC))
         self.server, self.health, self.grpc_port = await start_server(
-            service, opts.host, opts.grpc_port, interceptors=[self.metrics.interceptor]
-        )
+            service, opts.host, opts.grpc_port, interceptors=interceptors)
         self.http = HttpServer(self, opts.host, opts.http_port)
         self.http_port = self.http.port
         await self.http.start()

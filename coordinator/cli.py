@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 
 import protos
+from protos import auth
 from protos.units import format_size, parse_size
 
 
@@ -59,8 +60,12 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=protos.DEFAULT_HTTP_PORT)
     p.add_argument("--partition", choices=("memory", "balanced"), default="memory")
     p.add_argument("--cluster", default="default", help="cluster name")
-    p.add_argument("--secret-file", type=Path, default=None)
-    p.add_argument("--api-key-file", type=Path, default=None)
+    p.add_argument("--secret-file", type=Path, default=None,
+                   help="file holding the cluster secret the workers share (or set "
+                   "SHARDLINE_SECRET); calls to workers are signed with it")
+    p.add_argument("--api-key-file", type=Path, default=None,
+                   help="file holding the API key clients must send as 'Authorization: Bearer' "
+                   "(or set SHARDLINE_API_KEY)")
     p.add_argument("--context", type=int, default=None,
                    help="longest sequence (prompt + output) to reserve KV for")
     p.add_argument("--max-sequences", type=int, default=4,
@@ -79,6 +84,9 @@ def add_client_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--address", default=default, help=f"coordinator gRPC address ({default})")
     g = sub.add_parser("generate", help="stream a completion to stdout")
     g.add_argument("--address", default=default, help=f"coordinator gRPC address ({default})")
+    for p in (s, g):
+        p.add_argument("--api-key-file", type=Path, default=None,
+                       help="file holding the coordinator's API key (or set SHARDLINE_API_KEY)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None)
@@ -111,6 +119,7 @@ async def _serve(args: argparse.Namespace) -> None:
         discover=not (args.no_discover or args.demo), min_workers=args.min_workers,
         discover_timeout=args.discover_timeout or None, interface=args.interface,
         rebalance=not args.no_rebalance, recover_timeout=args.recover_timeout,
+        secret=args.secret, api_key=args.api_key,
     )
     coordinator = Coordinator(options, progress=lambda m: print(m, flush=True))
     stop = asyncio.Event()
@@ -143,7 +152,14 @@ def run_serve(args: argparse.Namespace) -> int:
 def _rpc_error(e: grpc.RpcError, address: str) -> CLIError:
     if e.code() == grpc.StatusCode.UNAVAILABLE:
         return CLIError(f"cannot reach the coordinator at {address}: {e.details()}")
+    if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return CLIError(f"the coordinator at {address} refused: {e.details()} (set "
+                        f"{auth.API_KEY_ENV} or pass --api-key-file)")
     return CLIError(f"{e.code().name}: {e.details()}")
+
+
+def _key_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    return ((auth.BEARER_KEY, f"Bearer {args.api_key}"),) if args.api_key else ()
 
 
 def run_status(args: argparse.Namespace) -> int:
@@ -152,7 +168,8 @@ def run_status(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
-            state = stub.GetCluster(inference_pb2.GetClusterRequest(), timeout=10)
+            state = stub.GetCluster(inference_pb2.GetClusterRequest(), timeout=10,
+                                    metadata=_key_metadata(args))
         except grpc.RpcError as e:
             raise _rpc_error(e, args.address) from None
     print(f"model {state.model}  partition {state.partition}  workers {len(state.workers)}")
@@ -181,7 +198,7 @@ def run_generate(args: argparse.Namespace) -> int:
     with grpc.insecure_channel(args.address, options=protos.channel_options()) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
-            for msg in stub.Generate(request):
+            for msg in stub.Generate(request, metadata=_key_metadata(args)):
                 sys.stdout.write(msg.text)
                 sys.stdout.flush()
         except grpc.RpcError as e:
@@ -194,12 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     # transformers warns that PyTorch is missing; Shardline only uses its tokenizers.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        refusal = protos.refuse_unchecked_secrets(("--secret-file", args.secret_file),
-                                                  ("--api-key-file", args.api_key_file))
-        if refusal:
-            print(f"error: {refusal}", file=sys.stderr)
-            return 2
+    try:
+        if args.command == "serve":
+            args.secret = auth.read_secret(args.secret_file)
+        if args.command in ("serve", "status", "generate"):
+            key = auth.read_secret(args.api_key_file, auth.API_KEY_ENV, "API key", minimum=1)
+            args.api_key = key.decode() if key else None
+    except (auth.AuthError, UnicodeDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from coordinator.plan_cli import run_plan

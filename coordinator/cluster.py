@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from secrets import token_bytes
 
 import grpc
 
@@ -15,7 +16,7 @@ import protos
 from coordinator.modelinfo import ModelInfo
 from coordinator.pipeline import Pipeline
 from coordinator.planner import NodeCapacity, Plan, plan
-from protos import inference_pb2, worker_pb2, worker_pb2_grpc
+from protos import auth, inference_pb2, worker_pb2, worker_pb2_grpc
 from protos.units import format_size
 
 log = logging.getLogger("shardline.cluster")
@@ -44,30 +45,53 @@ class Worker:
         return f"{self.info.name} ({self.address})"
 
 
-async def connect(address: str, timeout: float = 5.0) -> Worker:
-    """Ask the worker at `address` what it is; ClusterError if it does not answer in time."""
-    channel = grpc.aio.insecure_channel(address, options=protos.channel_options())
+class WorkerRefused(ClusterError):
+    """A worker and this coordinator do not share the cluster secret (one of them refused)."""
+
+
+async def open_worker(address: str, timeout: float = 5.0, secret: bytes | None = None
+                      ) -> Worker:
+    """A channel to `address` (calls signed with `secret`) and the worker's Info, any wire
+    version. With a secret the worker must prove it knows it too (protos/auth.py).
+
+    ClusterError when it does not answer in time; WorkerRefused when the secrets disagree."""
+    channel = auth.worker_channel(address, secret, protos.channel_options())
+    challenge = token_bytes(16) if secret else b""
     try:
         info = await worker_pb2_grpc.WorkerStub(channel).Info(
-            worker_pb2.InfoRequest(), timeout=timeout, wait_for_ready=True
-        )
+            worker_pb2.InfoRequest(challenge=challenge), timeout=timeout, wait_for_ready=True)
     except grpc.aio.AioRpcError as e:
         await channel.close()
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise WorkerRefused(f"worker at {address} refused this coordinator: "
+                                f"{e.details()}") from None
         reason = "no answer" if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED else e.details()
         raise ClusterError(f"cannot reach worker at {address}: {reason}") from None
-    if info.api != protos.WIRE_VERSION:
+    if secret and not auth.proves(secret, challenge, info.proof):
         await channel.close()
-        raise ClusterError(
-            f"worker {info.name} at {address} speaks wire version {info.api}, "
-            f"this coordinator {protos.WIRE_VERSION}"
-        )
+        raise WorkerRefused(f"worker {info.name} at {address} cannot prove the cluster secret "
+                            "(start it with the same --secret-file)")
     return Worker(address=address, info=info, channel=channel)
 
 
-async def connect_all(addresses: Sequence[str]) -> list[Worker]:
+async def connect(address: str, timeout: float = 5.0, secret: bytes | None = None) -> Worker:
+    """Ask the worker at `address` what it is; ClusterError if it does not answer in time,
+    refuses our secret, or speaks another wire version."""
+    worker = await open_worker(address, timeout, secret)
+    if worker.info.api != protos.WIRE_VERSION:
+        await worker.channel.close()
+        raise ClusterError(
+            f"worker {worker.info.name} at {address} speaks wire version {worker.info.api}, "
+            f"this coordinator {protos.WIRE_VERSION}"
+        )
+    return worker
+
+
+async def connect_all(addresses: Sequence[str], secret: bytes | None = None) -> list[Worker]:
     """Reach every address in parallel; ClusterError naming each worker that did not answer
     (the channels that did open are closed)."""
-    outcomes = await asyncio.gather(*(connect(a) for a in addresses), return_exceptions=True)
+    outcomes = await asyncio.gather(*(connect(a, secret=secret) for a in addresses),
+                                    return_exceptions=True)
     errors = [str(o) for o in outcomes if isinstance(o, BaseException)]
     if errors:
         for o in outcomes:
@@ -94,11 +118,13 @@ class Cluster:
     # told when the pipeline breaks (coordinator.membership re-plans over the live workers)
     on_broken: Callable[[str], None] | None = None
     recovering: bool = False  # a re-plan after a failure is under way: requests wait for it
+    secret: bytes | None = field(default=None, repr=False)  # signs every call to a worker
 
     @classmethod
     async def connect(cls, model: ModelInfo, addresses: Sequence[str], **kwargs) -> Cluster:
         """Reach every address (in parallel); fail naming each worker that did not answer."""
-        return cls(model=model, workers=await connect_all(addresses), **kwargs)
+        return cls(model=model, workers=await connect_all(addresses, kwargs.get("secret")),
+                   **kwargs)
 
     def make_plan(self) -> Plan:
         nodes = [
@@ -150,7 +176,7 @@ class Cluster:
         await asyncio.gather(*(load_one(i, w) for i, w in enumerate(self.workers[: len(stages)])))
         if self.pipeline is not None:
             await self.pipeline.close()
-        self.pipeline = Pipeline(self.workers[0].address, self.plan_id)
+        self.pipeline = Pipeline(self.workers[0].address, self.plan_id, secret=self.secret)
         self.pipeline.on_broken = self.on_broken
         await self.pipeline.open()
 

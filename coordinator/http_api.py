@@ -9,7 +9,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import uvicorn
@@ -24,7 +24,7 @@ from coordinator.engine import Chunk, RequestError
 from coordinator.metrics import sd_targets
 from coordinator.requests import FieldError, Request, from_openai, model_not_found, prompt_ids
 from coordinator.service import not_ready
-from protos import inference_pb2
+from protos import auth, inference_pb2
 
 log = logging.getLogger("shardline.http")
 
@@ -147,13 +147,31 @@ class HttpApi:
                 Route("/health", self.health, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 Route("/sd/workers", self.sd_workers, methods=["GET"]),
-                Route("/v1/models", self.models, methods=["GET"]),
-                Route("/v1/models/{model:path}", self.model, methods=["GET"]),
-                Route("/v1/chat/completions", self.chat, methods=["POST"]),
-                Route("/v1/completions", self.completions, methods=["POST"]),
+                Route("/v1/models", self._guard(self.models), methods=["GET"]),
+                Route("/v1/models/{model:path}", self._guard(self.model), methods=["GET"]),
+                Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
+                Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
             ],
             exception_handlers={HTTPException: self.http_error, Exception: self.crash},
         )
+
+    def _guard(self, handler: Callable[[HttpRequest], Awaitable[Response]]
+               ) -> Callable[[HttpRequest], Awaitable[Response]]:
+        """`handler`, behind the API key when the coordinator has one (`/health`, `/metrics`
+        and `/sd/workers` stay open for load balancers and Prometheus)."""
+        key = getattr(getattr(self.source, "options", None), "api_key", None)
+        if not key:
+            return handler
+
+        async def guarded(request: HttpRequest) -> Response:
+            if auth.bearer_matches(request.headers.get("authorization"), key):
+                return await handler(request)
+            return JSONResponse(
+                error_body("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key"),
+                401, headers={"WWW-Authenticate": "Bearer"})
+
+        return guarded
 
     @staticmethod
     async def http_error(request: HttpRequest, exc: Exception) -> Response:

@@ -26,7 +26,8 @@ class LocalWorkers:
 
     def __init__(self, count: int, *, memory: Sequence[int] | None = None,
                  cache_dir: Path | None = None, names: Sequence[str] | None = None,
-                 extra_args: Sequence[str] = (), cpus: Sequence[int] | None = None) -> None:
+                 extra_args: Sequence[str] = (), cpus: Sequence[int] | None = None,
+                 secret: bytes | None = None) -> None:
         if count < 1:
             raise ValueError("--local-workers must be at least 1")
         self.count = count
@@ -35,6 +36,10 @@ class LocalWorkers:
         self.names = list(names) if names else [f"local-{i}" for i in range(count)]
         self.extra_args = list(extra_args)
         self.cpus = list(cpus) if cpus else None  # pin worker i to CPU cpus[i] (Linux only)
+        self.env = dict(os.environ)
+        self.env.pop("SHARDLINE_SECRET", None)
+        if secret:  # through the environment, never argv (visible in ps)
+            self.env["SHARDLINE_SECRET"] = os.fsdecode(secret)
         self._tmp = tempfile.TemporaryDirectory(prefix="shardline-local-")
         self.procs: list[subprocess.Popen] = []
         self.addresses: list[str] = []
@@ -63,7 +68,7 @@ class LocalWorkers:
             log = open(self.log_path(i), "wb")  # noqa: SIM115 - the child owns it
             self.procs.append(subprocess.Popen(self._command(i, ready), stdout=log,
                                                stderr=subprocess.STDOUT,
-                                               preexec_fn=self._pin(i)))
+                                               preexec_fn=self._pin(i), env=self.env))
         deadline = time.monotonic() + timeout
         for i, (proc, ready) in enumerate(zip(self.procs, readies, strict=True)):
             while not ready.exists():

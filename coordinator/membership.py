@@ -21,11 +21,10 @@ from typing import Any
 
 import grpc
 
-import protos
-from coordinator.cluster import ClusterError, Worker, connect_all
+from coordinator.cluster import ClusterError, Worker, WorkerRefused, connect_all, open_worker
 from coordinator.discovery import Browser, Member, MemberTable, ask_info, resolve_ips
 from coordinator.planner import PlanError
-from protos import inference_pb2, worker_pb2, worker_pb2_grpc
+from protos import inference_pb2
 from protos.discovery import ApiAd, WorkerAd, check_cluster_name
 from protos.netif import describe, list_interfaces
 from protos.units import format_size
@@ -33,16 +32,18 @@ from protos.units import format_size
 log = logging.getLogger("shardline.membership")
 
 
-async def dial(address: str, timeout: float = 3.0) -> Worker | None:
-    """Connect and ask Info (any wire version: the table judges); None if it does not answer."""
-    channel = grpc.aio.insecure_channel(address, options=protos.channel_options())
+async def dial(address: str, timeout: float = 3.0, secret: bytes | None = None,
+               refused: list[str] | None = None) -> Worker | None:
+    """Connect and ask Info (any wire version: the table judges); None if it does not answer
+    or the cluster secrets disagree (then why is appended to `refused`)."""
     try:
-        info = await worker_pb2_grpc.WorkerStub(channel).Info(
-            worker_pb2.InfoRequest(), timeout=timeout, wait_for_ready=True)
-    except (grpc.aio.AioRpcError, ValueError):
-        await channel.close()
+        return await open_worker(address, timeout, secret)
+    except WorkerRefused as e:
+        if refused is not None:
+            refused.append(str(e))
         return None
-    return Worker(address=address, info=info, channel=channel)
+    except (ClusterError, ValueError):
+        return None
 
 
 class Membership:
@@ -51,7 +52,8 @@ class Membership:
     def __init__(self, *, cluster: str = "default", discover: bool = True, min_workers: int = 1,
                  timeout: float | None = None, interface: str | None = None,
                  rebalance: bool = True, progress: Callable[[str], None] = print,
-                 health_interval: float = 2.0, settle: float = 1.0) -> None:
+                 health_interval: float = 2.0, settle: float = 1.0,
+                 secret: bytes | None = None) -> None:
         check_cluster_name(cluster)
         if min_workers < 1:
             raise ValueError("--min-workers must be at least 1")
@@ -64,6 +66,7 @@ class Membership:
         self.progress = progress
         self.health_interval = health_interval
         self.settle = settle
+        self.secret = secret
         local = [a for i in list_interfaces() for a in i.addresses]
         self.table = MemberTable(cluster, local_ips=local)
         self.browser: Browser | None = None
@@ -117,7 +120,7 @@ class Membership:
 
     async def _verify(self, member: Member) -> None:
         await asyncio.sleep(1.5)  # a leaving worker answers during its shutdown grace
-        worker = await dial(member.address, timeout=1.5)
+        worker = await dial(member.address, timeout=1.5, secret=self.secret)
         if worker is not None:
             await worker.channel.close()
         elif self.table.left(member.key, "left") is not None:
@@ -125,9 +128,10 @@ class Membership:
 
     async def _dial(self, member: Member, replaced: Worker | None = None) -> None:
         """Dial a member announced on mDNS; `replaced` is what its previous record held."""
+        refused: list[str] = []
         try:
             for address in member.addresses:
-                worker = await dial(address)
+                worker = await dial(address, secret=self.secret, refused=refused)
                 if worker is None:
                     continue
                 if self.table.members.get(member.key) is not member or member.gone == "left":
@@ -140,7 +144,11 @@ class Membership:
                     member.worker = None
                 self._changed()
                 return
-            if not member.gone:
+            if refused:
+                member.reason = refused[0]
+                log.warning("leaving out %s: %s", member.label, refused[0])
+                self._changed()
+            elif not member.gone:
                 member.gone, member.gone_since = "unreachable", time.monotonic()
                 self._changed()
         finally:
@@ -220,7 +228,7 @@ class Membership:
     # -- startup ---------------------------------------------------------------------------
     async def gather(self, static: Sequence[str]) -> list[Worker]:
         """Connect the static workers, browse, wait for `min_workers`; the usable workers."""
-        for address, worker in zip(static, await connect_all(static), strict=True):
+        for address, worker in zip(static, await connect_all(static, self.secret), strict=True):
             member = self.table.add_static(address, await resolve_ips(address))
             self.table.identified(member, worker)
             if member.reason:

@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 import protos
-from protos import worker_pb2, worker_pb2_grpc
+from protos import auth, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("shardline.pipeline")
 
@@ -29,12 +29,12 @@ class Pipeline:
     """
 
     def __init__(self, first_address: str, plan_id: str,
-                 max_message_bytes: int = protos.DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = protos.DEFAULT_MAX_MESSAGE_BYTES,
+                 secret: bytes | None = None) -> None:
         self.first_address = first_address
         self.plan_id = plan_id
-        self._channel = grpc.aio.insecure_channel(
-            first_address, options=protos.channel_options(max_message_bytes)
-        )
+        self._channel = auth.worker_channel(first_address, secret,
+                                            protos.channel_options(max_message_bytes))
         self._call: Any = None
         self._reader: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}

@@ -52,17 +52,3 @@ def default_cache_dir() -> Path:
         return Path.home() / "Library" / "Caches" / "shardline"
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "shardline"
-
-
-NO_AUTH_YET = ("cluster secrets and API keys are not implemented yet: nothing would check "
-               "{what}, so Shardline refuses to start rather than pretend. Run workers and "
-               "the coordinator only on a network you trust, and leave {what} out.")
-
-
-def refuse_unchecked_secrets(*flags: tuple[str, object]) -> str | None:
-    """The error to stop with when a secret flag or variable is given that nothing checks yet."""
-    import os
-
-    given = [name for name, value in flags if value]
-    given += [v for v in ("SHARDLINE_SECRET", "SHARDLINE_API_KEY") if os.environ.get(v)]
-    return NO_AUTH_YET.format(what=" and ".join(given)) if given else None

@@ -8,8 +8,10 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class InfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("challenge",)
+    CHALLENGE_FIELD_NUMBER: _ClassVar[int]
+    challenge: bytes
+    def __init__(self, challenge: _Optional[bytes] = ...) -> None: ...
 
 class ShardSpec(_message.Message):
     __slots__ = ("model_id", "model_path", "layer_start", "layer_end", "num_layers", "stage_index", "num_stages", "next_address", "max_message_bytes", "plan_id")
@@ -52,7 +54,7 @@ class ShardInfo(_message.Message):
     def __init__(self, spec: _Optional[_Union[ShardSpec, _Mapping]] = ..., model_type: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., active_memory_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., forkable: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "name", "version", "api", "memory_bytes", "bandwidth_gbps", "chip", "backend", "cluster", "metrics_port", "shard", "sessions")
+    __slots__ = ("id", "name", "version", "api", "memory_bytes", "bandwidth_gbps", "chip", "backend", "cluster", "metrics_port", "shard", "sessions", "proof")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,7 @@ class WorkerInfo(_message.Message):
     METRICS_PORT_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    PROOF_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     version: str
@@ -77,7 +80,8 @@ class WorkerInfo(_message.Message):
     metrics_port: int
     shard: ShardInfo
     sessions: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., bandwidth_gbps: _Optional[float] = ..., chip: _Optional[str] = ..., backend: _Optional[str] = ..., cluster: _Optional[str] = ..., metrics_port: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., sessions: _Optional[int] = ...) -> None: ...
+    proof: bytes
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., bandwidth_gbps: _Optional[float] = ..., chip: _Optional[str] = ..., backend: _Optional[str] = ..., cluster: _Optional[str] = ..., metrics_port: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., sessions: _Optional[int] = ..., proof: _Optional[bytes] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
     __slots__ = ("spec",)

@@ -42,19 +42,6 @@ def unsupported_model(model_dir, tmp_path):
     return path
 
 
-@pytest.mark.parametrize("command, flag", [
-    (("coordinator", "serve", "--demo"), "--api-key-file"),
-    (("coordinator", "serve", "--demo"), "--secret-file"),
-    (("worker", "serve", "--no-advertise"), "--secret-file"),
-])
-def test_secret_flags_are_refused_until_something_checks_them(command, flag, tmp_path):
-    secret = tmp_path / "secret"
-    secret.write_text("s3cret\n")
-    proc = subprocess.run([sys.executable, "-m", *command, flag, str(secret)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-    assert_one_line_error(proc, flag, "not implemented yet")
-
-
 def test_unsupported_family_is_refused_at_plan_time(unsupported_model, workers):
     proc = coordinator("plan", "--model", str(unsupported_model), "--memory", "1GiB")
     assert_one_line_error(proc, "'mamba'", "not supported", "llama")

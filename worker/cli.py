@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import protos
+from protos import auth
 from protos.units import format_size, parse_size
 
 
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="usable memory for weights and KV, e.g. 16GiB (default: detected)")
     serve.add_argument("--cluster", default="default", help="cluster name (default: default)")
     serve.add_argument("--secret-file", type=Path, default=None,
-                       help="file holding the cluster secret (or set SHARDLINE_SECRET)")
+                       help="file holding the cluster secret, at least 16 bytes (or set "
+                       "SHARDLINE_SECRET); every call to this worker must then prove it")
     serve.add_argument("--models-dir", type=Path, default=None,
                        help="directory of MLX models, looked up by model id")
     serve.add_argument("--cache-dir", type=Path, default=None, help="where the node id is kept")
@@ -69,12 +71,17 @@ def run_serve(args: argparse.Namespace) -> int:
         hardware=hardware,
         cluster=args.cluster,
         models_dir=args.models_dir,
+        secret=args.secret,
     )
     print(
         f"worker {name}: {hardware.backend} {hardware.chip}, "
         f"{format_size(hardware.memory_bytes)} usable",
         file=sys.stderr,
     )
+    if not args.secret:
+        print(f"worker {name}: no cluster secret: anyone who can reach this port can load "
+              "models on it and run them (pass --secret-file or set SHARDLINE_SECRET)",
+              file=sys.stderr)
 
     metrics = WorkerMetrics(hardware.memory_bytes)
     try:
@@ -102,9 +109,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    refusal = protos.refuse_unchecked_secrets(("--secret-file", args.secret_file))
-    if refusal:
-        print(f"error: {refusal}", file=sys.stderr)
+    try:
+        args.secret = auth.read_secret(args.secret_file)
+    except auth.AuthError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

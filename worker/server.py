@@ -16,7 +16,7 @@ import grpc
 import mlx.core as mx
 
 import protos
-from protos import worker_pb2, worker_pb2_grpc
+from protos import auth, worker_pb2, worker_pb2_grpc
 from worker.backend import Hardware
 from worker.metrics import WorkerMetrics, hidden_bytes
 from worker.shard import ShardError, load_shard
@@ -37,6 +37,7 @@ class WorkerConfig:
     cluster: str = "default"
     models_dir: Path | None = None
     metrics_port: int = 0
+    secret: bytes | None = None  # the cluster secret: every call must be signed with it
 
 
 class MLXThread:
@@ -124,6 +125,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             metrics_port=self.config.metrics_port,
             shard=self.shard_info,
             sessions=len(self.runner.sessions) if self.runner else 0,
+            proof=auth.prove(self.config.secret, request.challenge)
+            if self.config.secret and request.challenge else b"",
         )
 
     # -- LoadShard --------------------------------------------------------------------------
@@ -185,10 +188,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def _downstream(self, spec: worker_pb2.ShardSpec) -> Any:
         channel = self._channels.get(spec.next_address)
         if channel is None:
-            channel = grpc.aio.insecure_channel(
-                spec.next_address, options=protos.channel_options(spec.max_message_bytes or
-                                                                  protos.DEFAULT_MAX_MESSAGE_BYTES)
-            )
+            channel = auth.worker_channel(
+                spec.next_address, self.config.secret,
+                protos.channel_options(spec.max_message_bytes or protos.DEFAULT_MAX_MESSAGE_BYTES))
             self._channels[spec.next_address] = channel
         stub = worker_pb2_grpc.WorkerStub(channel)
         return stub.Forward(metadata=((PLAN_METADATA_KEY, spec.plan_id),))
@@ -289,8 +291,10 @@ async def serve(config: WorkerConfig, host: str, port: int,
                 ready: Any = None, metrics: WorkerMetrics | None = None) -> None:
     """Run the worker's gRPC server until cancelled; `ready(port)` is called once it listens."""
     service = WorkerService(config, metrics)
-    server = grpc.aio.server(options=protos.channel_options(),
-                             interceptors=[service.metrics.interceptor])
+    interceptors = [service.metrics.interceptor]  # first: refused calls are counted too
+    if config.secret:
+        interceptors.append(auth.worker_auth(config.secret))
+    server = grpc.aio.server(options=protos.channel_options(), interceptors=interceptors)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
