@@ -9,6 +9,7 @@ with one worker, (c) Shardline with two workers, each warmed up with the same sh
     python bench/bench_overhead.py               # about a minute on 2 CPU cores
     python bench/bench_overhead.py --runs 1 --new 64
     python bench/bench_overhead.py --pin         # pin as bench_serving does (core i per worker)
+    python bench/bench_overhead.py --secret      # also (b) and (c) with a cluster secret
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=256, help="new tokens per run")
     parser.add_argument("--pin", action="store_true",
                         help="pin mlx-lm to core 0 and worker i to core i")
+    parser.add_argument("--secret", action="store_true",
+                        help="also run (b) and (c) with a cluster secret (signed calls)")
     args = parser.parse_args()
     bench_serving.PIN = args.pin
     path = cached_model(SPEC)
@@ -66,6 +69,10 @@ def main() -> None:
         "(b) shardline 1 worker": asyncio.run(shardline(path, 1, args.runs, args.new)),
         "(c) shardline 2 workers": asyncio.run(shardline(path, 2, args.runs, args.new)),
     }
+    if args.secret:
+        bench_serving.SECRET = b"a-benchmark-cluster-secret"
+        results["(b) 1 worker, secret"] = asyncio.run(shardline(path, 1, args.runs, args.new))
+        results["(c) 2 workers, secret"] = asyncio.run(shardline(path, 2, args.runs, args.new))
     stats = {k: summary(v) for k, v in results.items()}
     print(f"model {SPEC.key()}, prompt {PROMPT}, {args.new} new tokens, greedy, 1 stream, "
           f"medians of {args.runs} runs")
@@ -78,6 +85,11 @@ def main() -> None:
     c = stats["(c) shardline 2 workers"]["p50"]
     print(f"per-token overhead (ITL p50): (b)-(a) {b - a:.3f} ms, (c)-(a) {c - a:.3f} ms, "
           f"extra hop (c)-(b) {c - b:.3f} ms")
+    if args.secret:
+        bs = stats["(b) 1 worker, secret"]["p50"]
+        cs = stats["(c) 2 workers, secret"]["p50"]
+        print(f"cost of the cluster secret (ITL p50): 1 worker {bs - b:+.3f} ms, "
+              f"2 workers {cs - c:+.3f} ms")
 
 
 if __name__ == "__main__":

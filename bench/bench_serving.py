@@ -38,6 +38,7 @@ GPU_SPEC = ModelSpec(family="llama", num_layers=16, hidden_size=2048, intermedia
                      max_position_embeddings=4096)
 GiB = 1 << 30
 PIN = True  # CPU runs pin mlx-lm to core 0 and worker i to core i; --gpu turns it off
+SECRET: bytes | None = None  # a cluster secret for the workers (bench_overhead --secret)
 
 
 @dataclass
@@ -146,11 +147,12 @@ async def with_cluster(path: Path, workers: int, fn, *, prefill_chunk: int = 512
 
     local = LocalWorkers(workers, memory=[(32 if not PIN else 4) * GiB] * workers,
                          cpus=list(range(workers)) if PIN else None,
-                         cache_dir=Path(tempfile.mkdtemp()))
+                         cache_dir=Path(tempfile.mkdtemp()), secret=SECRET)
     addresses = local.start()
     coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
                                      grpc_port=0, max_sequences=16, context=4096,
-                                     prefill_chunk=prefill_chunk, prefix_cache_tokens=0),
+                                     prefill_chunk=prefill_chunk, prefix_cache_tokens=0,
+                                     secret=SECRET),
                         progress=lambda m: None)
     try:
         await coord.start()
