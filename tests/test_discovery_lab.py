@@ -1,8 +1,9 @@
 """Discovery across real hosts: network namespaces on a bridge, real multicast DNS (needs root).
 
 Hosts h1-h3 run workers, h4 the coordinator (`--min-workers 3`, no `--workers`), h5 a worker
-that joins later, h6 a worker of another cluster and one with a copied node id. Every host is
-a namespace with its own address on a private bridge; nothing reaches outside it.
+that joins later, h6 a worker of another cluster, one with a copied node id, and a stranger
+without the cluster secret (announced in our cluster's name, and calling a worker directly).
+Every host is a namespace with its own address on a private bridge; nothing reaches outside it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ with grpc.insecure_channel(address) as channel:
             print(json.dumps({"tokens": tokens}))
         except grpc.RpcError as e:
             print(json.dumps({"error": e.code().name, "message": e.details()}))
+"""
+
+# Runs on another host of the LAN: call a worker's Info without the cluster secret.
+STRANGER = r"""
+import grpc, sys
+from protos import worker_pb2, worker_pb2_grpc
+with grpc.insecure_channel(sys.argv[1]) as channel:
+    try:
+        worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest(), timeout=5)
+        print("OK")
+    except grpc.RpcError as e:
+        print(e.code().name, e.details())
 """
 
 
@@ -160,10 +173,15 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     model = model_dir(ModelSpec(family="llama"))
     cluster = f"lab-{lab.prefix}"
 
-    def worker(host: int, name: str, *extra: str, cache: str | None = None) -> subprocess.Popen:
-        return lab.start(host, cache or name, "worker", "serve", "--port", "50061", "--name", name,
-                         "--memory", "1GiB", "--cache-dir", str(tmp_path / (cache or name)),
-                         "--cluster", cluster, *extra)
+    secret = tmp_path / "cluster-secret"
+    secret.write_text("a-lab-cluster-secret-0123456789\n")
+
+    def worker(host: int, name: str, *extra: str, cache: str | None = None,
+               port: int = 50061, keyed: bool = True) -> subprocess.Popen:
+        return lab.start(host, cache or name, "worker", "serve", "--port", str(port), "--name",
+                         name, "--memory", "1GiB", "--cache-dir", str(tmp_path / (cache or name)),
+                         "--cluster", cluster, *(("--secret-file", str(secret)) if keyed else ()),
+                         *extra)
 
     def probe(*args: str) -> dict:
         proc = lab.run(4, "-c", PROBE, GRPC, *args)
@@ -193,9 +211,12 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     lab.start(6, "decoy", "worker", "serve", "--port", "50062", "--name", "decoy",
               "--memory", "1GiB", "--cache-dir", str(tmp_path / "decoy"),
               "--cluster", "someone-else")
+    # a stranger in our cluster's name, without the secret: it must not get a place in the plan
+    worker(6, "impostor", port=50063, keyed=False)
     coordinator = lab.start(4, "coordinator", "coordinator", "serve", "--model", str(model),
                             "--cluster", cluster, "--min-workers", "3", "--grpc-port", "50051",
-                            "--http-port", "8080", "--discover-timeout", "40")
+                            "--http-port", "8080", "--discover-timeout", "40",
+                            "--secret-file", str(secret))
     log = lab.procs[-1][1]
     deadline = time.monotonic() + 60
     while "ready" not in log.read_text():
@@ -205,12 +226,17 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     assert "waiting for 3 worker(s)" in startup and startup.count("  found w") == 3, startup
     t_ready = time.monotonic() - t0
 
-    # 1. found over mDNS, each with its own address, planned over all three; decoy left out
-    wait_for("decoy seen", lambda s: "decoy" in status(s))
+    # 1. found over mDNS, each with its own address, planned over all three; decoy and the
+    # impostor without the secret left out; a stranger's call to a worker refused
+    wait_for("decoy and impostor seen", lambda s: "decoy" in status(s) and any(
+        "cannot prove the cluster secret" in w["status"] for w in s["workers"]))
     state = probe("state")
     rows = status(state)
     assert state["serving"] and all(rows[f"w{i}"] == "serving" for i in (1, 2, 3)), state
     assert rows["decoy"].startswith("excluded: other cluster 'someone-else'"), rows
+    stranger = lab.run(6, "-c", STRANGER, f"{lab.ip(1)}:50061")
+    assert stranger.stdout.startswith("UNAUTHENTICATED") and "cluster secret" in \
+        stranger.stdout, stranger.stdout + stranger.stderr
     addresses = {w["name"]: w["address"] for w in state["workers"]}
     assert {addresses[f"w{i}"] for i in (1, 2, 3)} == {f"{lab.ip(i)}:50061" for i in (1, 2, 3)}
     expected = reference_tokens(model, PROMPT, 12)
