@@ -448,6 +448,11 @@ class Membership:
             return
 
     async def close(self) -> None:
+        if self.source is not None:  # shutting down: workers stopping now is no failure
+            cluster = self.source.cluster
+            cluster.on_broken = None
+            if cluster.pipeline is not None:
+                cluster.pipeline.on_broken = None
         if self._loop_task is not None:
             self._loop_task.cancel()
         for task in list(self._tasks):
