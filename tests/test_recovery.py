@@ -112,3 +112,33 @@ def test_a_loss_the_rest_cannot_hold_fails_the_requests_with_the_numbers(model_d
         assert "cannot hold the model" in e.details() and "needs 1.30 MiB" in e.details(), \
             e.details()
     assert replans == 0
+
+
+def test_recover_timeout_zero_fails_running_requests_but_the_cluster_still_recovers(
+        model_dir, cache_dir):
+    path = model_dir(SPEC)
+    expected = reference_tokens(path, PROMPTS[1], 16)
+    local = LocalWorkers(2, memory=[1 * GiB, 1 * GiB], cache_dir=cache_dir, names=["z1", "z2"])
+    addresses = local.start()
+
+    async def scenario():
+        async with Serving(path, addresses, context=256, recover_timeout=0) as s:
+            got: list[list[int]] = [[]]
+            task = asyncio.create_task(stream(s, PROMPTS[0], MAX_TOKENS, got[0]))
+            await kill_when_streaming(local, 1, got)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await task
+            for _ in range(200):  # the re-plan over z1 goes on without the request
+                if s.coordinator.membership.replans:
+                    break
+                await asyncio.sleep(0.05)
+            later: list[int] = []
+            await stream(s, PROMPTS[1], 16, later)
+            return err.value, later, s.coordinator.engine.resumed
+
+    try:
+        error, later, resumed = run(scenario())
+    finally:
+        local.stop()
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and resumed == 0
+    assert later == expected  # served by z1 alone after the re-plan
