@@ -189,25 +189,26 @@ class Engine:
     def _seq_id(self) -> str:
         return f"{uuid.uuid4().hex[:8]}-{next(self._ids)}"
 
+    async def _wait_serving(self) -> Pipeline | None:
+        """The source's serving pipeline, waiting out a recovery under way (none: None)."""
+        wait = getattr(self._source, "wait_serving", None)
+        if wait is None or self.recover_timeout <= 0:
+            return None
+        return await wait(self.recover_timeout)
+
     async def _serving(self) -> Pipeline:
         """The pipeline, waiting out a recovery under way; UNAVAILABLE if there is none."""
         pipeline = self._source.pipeline
         if pipeline is not None and not pipeline.broken:
             return pipeline
-        wait = getattr(self._source, "wait_serving", None)
-        if wait is not None and self.recover_timeout > 0:
-            pipeline = await wait(self.recover_timeout)
-            if pipeline is not None:
-                return pipeline
-        return self.pipeline  # raises UNAVAILABLE with the reason
+        return await self._wait_serving() or self.pipeline  # .pipeline raises UNAVAILABLE
 
     async def _resume(self, error: PipelineError, pipeline: Pipeline, resumes: int) -> Pipeline:
         """After a step failed: the new pipeline once the cluster has re-planned, or
         UNAVAILABLE. Only a broken pipeline is waited for (a stage's error is final)."""
         if not pipeline.broken or resumes >= MAX_RESUMES or self.recover_timeout <= 0:
             raise RequestError("UNAVAILABLE", str(error)) from None
-        wait = getattr(self._source, "wait_serving", None)
-        fresh = await wait(self.recover_timeout) if wait is not None else None
+        fresh = await self._wait_serving()
         if fresh is None or fresh is pipeline:
             now = self._source.pipeline
             why = now.broken if now is not None and now.broken else str(error)

@@ -182,12 +182,16 @@ class Membership:
         self._spawn(worker.channel.close())
 
     # -- health checks ---------------------------------------------------------------------
-    async def _check(self, member: Member) -> None:
+    async def _check(self, member: Member, timeout: float | None = None, misses: int = 2
+                     ) -> None:
+        """A health check: `misses` failures in a row make the worker unreachable (after a
+        pipeline break one quick try is enough)."""
         try:
-            info = await ask_info(member.worker, timeout=max(self.health_interval, 2.0))
+            info = await ask_info(member.worker,
+                                  timeout=timeout or max(self.health_interval, 2.0))
         except grpc.aio.AioRpcError:
             member.failures += 1
-            if member.failures >= 2 and not member.gone:
+            if member.failures >= misses and not member.gone:
                 member.gone, member.gone_since = "unreachable", time.monotonic()
                 log.warning("worker %s does not answer health checks", member.label)
                 self._changed()
@@ -346,7 +350,8 @@ class Membership:
         try:
             plan = cluster.workers[: len(cluster.plan.stages) if cluster.plan else 0]
             members = [m for w in plan if (m := self.table.member_of(w)) is not None]
-            await asyncio.gather(*(self._probe(m) for m in members if not m.gone))
+            await asyncio.gather(*(self._check(m, timeout=1.5, misses=1)
+                                   for m in members if not m.gone))
         finally:
             self._probing -= 1
         try:
@@ -354,15 +359,6 @@ class Membership:
         finally:
             if not self._replanning:
                 cluster.recovering = False
-
-    async def _probe(self, member: Member) -> None:
-        """One quick health check: after a break, a worker that does not answer is gone."""
-        try:
-            member.worker.info = await ask_info(member.worker, timeout=1.5)
-        except grpc.aio.AioRpcError:
-            if not member.gone:
-                member.gone, member.gone_since = "unreachable", time.monotonic()
-                log.warning("worker %s does not answer after the pipeline broke", member.label)
 
     def _due(self) -> str:
         """Why a re-plan is due ("worker_lost": the pipeline is broken; "worker_joined"), or

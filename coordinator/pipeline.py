@@ -61,18 +61,15 @@ class Pipeline:
                 future = self._pending.pop(result.step_id, None)
                 if future is not None and not future.done():
                     future.set_result(result)
-            self._fail("the pipeline stream ended")
+            self.fail("the pipeline stream ended")
         except grpc.aio.AioRpcError as e:
-            self._fail(f"pipeline broken: {e.details() or e.code().name}")
+            self.fail(f"pipeline broken: {e.details() or e.code().name}")
         except asyncio.CancelledError:
-            self._fail("pipeline closed")
+            self.fail("pipeline closed")
             raise
 
     def fail(self, reason: str) -> None:
         """Break the pipeline now: every step in flight or queued fails with `reason`."""
-        self._fail(reason)
-
-    def _fail(self, reason: str) -> None:
         first = self.broken is None
         self.broken = reason
         if first and self.on_broken is not None:
@@ -104,7 +101,7 @@ class Pipeline:
                 error = PipelineError(f"pipeline broken: {e}")
                 if written is not None and not written.done():
                     written.set_exception(error)
-                self._fail(str(error))
+                self.fail(str(error))
                 return
             if written is not None and not written.done():
                 written.set_result(None)
