@@ -33,10 +33,11 @@ MAX_RESUMES = 3  # re-plans one request may ride through before it gives up
 class RequestError(Exception):
     """A request the engine refuses; `code` is the gRPC status name (SPEC: Errors)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param  # the request field at fault, as the client named it (or None)
 
 
 @dataclass
@@ -84,41 +85,46 @@ class Engine:
         return pipeline
 
     # -- prompts ----------------------------------------------------------------------------
-    def encode_prompt(self, prompt: str) -> list[int]:
+    def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
+        """Token ids of a plain-text prompt; `param` names its field in errors."""
         if not prompt:
-            raise RequestError("INVALID_ARGUMENT", "prompt is empty")
+            raise RequestError("INVALID_ARGUMENT", f"{param} is empty", param)
         bos = self.tokenizer.bos_token
         add_special = bos is None or not prompt.startswith(bos)
         return list(self.tokenizer.encode(prompt, add_special_tokens=add_special))
 
-    def encode_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        if not messages:
-            raise RequestError("INVALID_ARGUMENT", "messages is empty")
-        for i, (role, _) in enumerate(messages):
-            if role not in ("system", "user", "assistant", "tool", "developer"):
-                raise RequestError("INVALID_ARGUMENT", f"messages[{i}].role {role!r} is not one "
-                                   "of system, user, assistant, tool")
-        chat = [{"role": r, "content": c} for r, c in messages]
-        return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True,
-                                                       tokenize=True))
+    def check(self, ids: Sequence[int], max_tokens: int | None, *,
+              param: str = "prompt_token_ids", max_tokens_param: str = "max_tokens") -> None:
+        """Refuse prompts that are empty, out of vocabulary or do not fit the context.
 
-    def check(self, ids: Sequence[int], max_tokens: int) -> None:
-        """Refuse prompts that are empty, out of vocabulary or do not fit the context."""
+        `param` names the prompt's field as the client sent it (`prompt`, `messages`,
+        `prompt_token_ids`) and `max_tokens_param` the field of `max_tokens`; `max_tokens`
+        None means the client left it unset (the default, cut to what the context leaves).
+        """
         if not ids:
-            raise RequestError("INVALID_ARGUMENT", "prompt is empty")
-        bad = next((t for t in ids if not 0 <= t < self.vocab_size), None)
+            raise RequestError("INVALID_ARGUMENT", f"{param} is empty", param)
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.vocab_size), None)
         if bad is not None:
             raise RequestError("INVALID_ARGUMENT",
-                               f"prompt_token_ids: {bad} is outside the vocabulary "
-                               f"(0..{self.vocab_size - 1})")
+                               f"{param}[{bad}] is {ids[bad]}, outside the vocabulary "
+                               f"(0..{self.vocab_size - 1})", param)
+        if max_tokens is None:
+            if len(ids) >= self.context:
+                raise RequestError(
+                    "INVALID_ARGUMENT",
+                    f"{param} is {len(ids)} tokens, which leaves no room to generate in the "
+                    f"context of {self.context} tokens ({max_tokens_param} was not set; its "
+                    f"default, {DEFAULT_MAX_TOKENS}, is cut to what the context leaves)", param)
+            return
         if max_tokens < 1:
-            raise RequestError("INVALID_ARGUMENT", f"max_tokens must be >= 1, got {max_tokens}")
+            raise RequestError("INVALID_ARGUMENT",
+                               f"{max_tokens_param} must be >= 1, got {max_tokens}",
+                               max_tokens_param)
         if len(ids) + max_tokens > self.context:
             raise RequestError(
                 "INVALID_ARGUMENT",
-                f"prompt is {len(ids)} tokens; with max_tokens {max_tokens} that exceeds the "
-                f"context of {self.context} tokens",
-            )
+                f"{param} is {len(ids)} tokens; with {max_tokens_param} {max_tokens} that "
+                f"exceeds the context of {self.context} tokens", param)
 
     # -- generation -------------------------------------------------------------------------
     def _chunks(self, seq_id: str, ids: list[int], sampling: inference_pb2.SamplingParams,
