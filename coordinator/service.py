@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import protos
 from coordinator.cluster import Cluster
 from coordinator.engine import Engine, RequestError
-from coordinator.requests import check_sampling, encode_chat, fill_max_tokens, model_not_found
+from coordinator.requests import (
+    check_prompt,
+    check_sampling,
+    encode_chat,
+    fill_max_tokens,
+    model_not_found,
+)
 from protos import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("shardline.api")
@@ -39,7 +47,8 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 raise RequestError("UNAVAILABLE", "the cluster cannot serve now: shards are "
                                    "not loaded")
             sampling = check_sampling(sampling, context=self.engine.context, prefix="sampling.")
-            ids = ids_fn()
+            ids, param = ids_fn()
+            check_prompt(self.engine, ids, sampling, param, "sampling.max_tokens")
             fill_max_tokens(sampling, len(ids), self.engine.context)
             async for chunk in self.engine.generate(ids, sampling):
                 msg = inference_pb2.GenerateResponse(
@@ -55,22 +64,23 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
             await context.abort(getattr(grpc.StatusCode, e.code), e.message)
 
     async def Generate(self, request: inference_pb2.GenerateRequest, context: Any):
-        def ids() -> list[int]:
+        def ids() -> tuple[list[int], str]:
             self._check_model(request.model)
             if request.prompt and request.prompt_token_ids:
                 raise RequestError("INVALID_ARGUMENT",
-                                   "set exactly one of prompt and prompt_token_ids")
+                                   "set exactly one of prompt and prompt_token_ids", "prompt")
             if request.prompt_token_ids:
-                return list(request.prompt_token_ids)
-            return self.engine.encode_prompt(request.prompt)
+                return list(request.prompt_token_ids), "prompt_token_ids"
+            return self.engine.encode_prompt(request.prompt), "prompt"
 
         async for msg in self._stream(ids, request.request_id, request.sampling, context):
             yield msg
 
     async def Chat(self, request: inference_pb2.ChatRequest, context: Any):
-        def ids() -> list[int]:
+        def ids() -> tuple[list[int], str]:
             self._check_model(request.model)
-            return encode_chat(self.engine, [(m.role, m.content) for m in request.messages])
+            messages = [(m.role, m.content) for m in request.messages]
+            return encode_chat(self.engine, messages), "messages"
 
         async for msg in self._stream(ids, request.request_id, request.sampling, context):
             yield msg
@@ -84,11 +94,56 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         return self.cluster.state()
 
 
+class _Undecodable:
+    """What a request that does not parse becomes, so its handler can refuse it."""
+
+    def __init__(self, error: DecodeError) -> None:
+        self.message = (f"the request does not parse: {error} (protobuf strings must be valid "
+                        "UTF-8)")
+
+
+class RefuseUndecodable(grpc.aio.ServerInterceptor):
+    """Unary-request calls whose message does not parse (a string field that is not UTF-8)
+    end with INVALID_ARGUMENT, not grpc's UNKNOWN for a failing deserializer."""
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except DecodeError as e:
+                return _Undecodable(e)
+
+        kind = "unary_stream" if handler.response_streaming else "unary_unary"
+        behavior = getattr(handler, kind)
+
+        async def refuse(request: Any, context: Any) -> None:
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+
+        if inspect.isasyncgenfunction(behavior):
+            async def checked(request: Any, context: Any) -> Any:
+                await refuse(request, context)
+                async for msg in behavior(request, context):
+                    yield msg
+        else:  # a coroutine (unary, or streaming through context.write)
+            async def checked(request: Any, context: Any) -> Any:
+                await refuse(request, context)
+                return await behavior(request, context)
+
+        return handler._replace(request_deserializer=deserialize, **{kind: checked})
+
+
 async def start_server(service: InferenceService, host: str, port: int,
                        interceptors: Sequence[Any] = ()
                        ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
     """Start the API server with health (NOT_SERVING until marked) and reflection."""
-    server = grpc.aio.server(options=protos.channel_options(), interceptors=list(interceptors))
+    server = grpc.aio.server(options=protos.channel_options(),
+                             interceptors=[*interceptors, RefuseUndecodable()])
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -99,9 +154,7 @@ async def start_server(service: InferenceService, host: str, port: int,
     )
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = protos.listen(server, host, port)
     await server.start()
     return server, health_servicer, bound
 

@@ -6,6 +6,7 @@ import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 try:
     __version__ = version("shardline")
@@ -42,6 +43,21 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]
+
+
+def listen(server: Any, host: str, port: int) -> int:
+    """Bind a gRPC server to host:port and return the bound port; OSError if it cannot.
+
+    grpcio returns 0 or raises RuntimeError on a busy or invalid address, by version.
+    """
+    why = f"cannot listen on {host}:{port} (in use, or not an address of this host)"
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        raise OSError(why) from None
+    if bound == 0:
+        raise OSError(why)
+    return bound
 
 
 def default_cache_dir() -> Path:

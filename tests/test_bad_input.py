@@ -120,3 +120,20 @@ def test_bad_requests_get_status_codes_and_the_server_keeps_serving(model_dir, w
     assert codes["chat_empty"][0] == "INVALID_ARGUMENT"
     assert codes["chat_role"][0] == "INVALID_ARGUMENT" and "role" in codes["chat_role"][1]
     assert len(tokens) == 5 and finish == inference_pb2.FINISH_REASON_LENGTH
+
+
+def test_a_busy_port_is_a_one_line_error(model_dir):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        proc = subprocess.run([sys.executable, "-m", "worker", "serve", "--host", "127.0.0.1",
+                               "--port", port, "--no-advertise"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+        assert_one_line_error(proc, f"cannot listen on 127.0.0.1:{port}", "in use")
+        proc = coordinator("serve", "--model", str(model_dir(SPEC)), "--local-workers", "1",
+                           "--no-discover", "--host", "127.0.0.1", "--grpc-port", port,
+                           "--http-port", "0")
+        assert_one_line_error(proc, f"cannot listen on 127.0.0.1:{port}", "in use")

@@ -296,9 +296,7 @@ async def serve(config: WorkerConfig, host: str, port: int,
         interceptors.append(auth.worker_auth(config.secret))
     server = grpc.aio.server(options=protos.channel_options(), interceptors=interceptors)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+    bound = protos.listen(server, host, port)
     await server.start()
     log.info("worker %s (%s) listening on %s:%d", config.name, config.node_id, host, bound)
     if ready is not None:
