@@ -45,13 +45,14 @@ def demo():
     if not lines or not lines[-1].startswith("ready"):
         proc.kill()
         pytest.fail("demo did not start:\n" + "".join(lines))
-    yield f"127.0.0.1:{port}", "".join(lines)
-    proc.terminate()
-    assert proc.wait(20) == 0
+    yield f"127.0.0.1:{port}", "".join(lines), proc
+    if proc.poll() is None:
+        proc.terminate()
+        assert proc.wait(20) == 0
 
 
 def test_demo_serves_on_two_local_workers_and_prints_its_plan(demo):
-    address, startup = demo
+    address, startup, _ = demo
     assert "local-0" in startup and "local-1" in startup and "[0, 4)" in startup
     proc = cli("status", "--address", address)
     assert proc.returncode == 0, proc.stderr
@@ -65,7 +66,7 @@ def test_generate_prints_the_text_single_process_mlx_lm_gives(demo, cache_dir):
 
     from coordinator.demo import DEMO_SPEC, cached_model
 
-    address, _ = demo
+    address, _, _ = demo
     prompt = "The quick brown fox jumps over the lazy dog while the cluster hums along."
     proc = cli("generate", "--address", address, "--prompt", prompt, "--max-tokens", "32")
     assert proc.returncode == 0, proc.stderr
@@ -75,7 +76,7 @@ def test_generate_prints_the_text_single_process_mlx_lm_gives(demo, cache_dir):
 
 
 def test_chat_models_and_cluster_over_grpc(demo):
-    address, _ = demo
+    address, _, _ = demo
     with grpc.insecure_channel(address) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         models = stub.ListModels(inference_pb2.ListModelsRequest()).models
@@ -94,3 +95,30 @@ def test_chat_models_and_cluster_over_grpc(demo):
         last = out[-1]
         assert last.finish_reason == inference_pb2.FINISH_REASON_LENGTH
         assert last.usage.completion_tokens == 12 and last.usage.prompt_tokens > 10
+
+
+def test_generate_refuses_an_empty_or_over_long_prompt_in_one_line(demo):
+    from test_bad_input import assert_one_line_error
+
+    address, _, _ = demo
+    assert_one_line_error(cli("generate", "--address", address, "--prompt", ""),
+                          "INVALID_ARGUMENT", "prompt is empty")
+    assert_one_line_error(cli("generate", "--address", address, "--prompt", "word " * 3000),
+                          "INVALID_ARGUMENT", "context of")
+    proc = cli("generate", "--address", address, "--prompt", "still serving", "--max-tokens", "3")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_stopping_the_coordinator_stops_its_local_workers(demo):
+    """Runs last in this module: it stops the demo and checks its workers' ports close."""
+    address, _, proc = demo
+    with grpc.insecure_channel(address) as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        workers = [w.address for w in stub.GetCluster(inference_pb2.GetClusterRequest()).workers]
+    assert len(workers) == 2
+    proc.terminate()
+    assert proc.wait(20) == 0
+    for worker in workers:
+        host, port = worker.rsplit(":", 1)
+        with socket.socket() as s:
+            assert s.connect_ex((host, int(port))) != 0, f"worker {worker} still listens"
