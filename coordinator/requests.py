@@ -21,8 +21,7 @@ class FieldError(RequestError):
     """A bad value in one request field; `param` names it (OpenAI's `error.param`)."""
 
     def __init__(self, param: str, message: str, code: str = "INVALID_ARGUMENT") -> None:
-        super().__init__(code, f"{param} {message}")
-        self.param = param
+        super().__init__(code, f"{param} {message}", param)
 
 
 def model_not_found(model: str, served: str) -> FieldError:
@@ -41,6 +40,7 @@ class Request:
     sampling: inference_pb2.SamplingParams = field(default_factory=inference_pb2.SamplingParams)
     stream: bool = False
     include_usage: bool = False
+    max_tokens_param: str = "max_tokens"  # or max_completion_tokens, as the client sent it
     logprobs: bool = False
     top_logprobs: int = 0
 
@@ -127,14 +127,25 @@ def encode_chat(engine: Engine, messages: Sequence[tuple[str, str]]) -> list[int
     return list(ids)
 
 
+def check_prompt(engine: Engine, ids: Sequence[int], sampling: inference_pb2.SamplingParams,
+                 param: str, max_tokens_param: str) -> None:
+    """Refuse a prompt that is empty, out of vocabulary or too long for the context, naming
+    the fields as the client sent them (before the default max_tokens is filled in)."""
+    max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else None
+    engine.check(ids, max_tokens, param=param, max_tokens_param=max_tokens_param)
+
+
 def prompt_ids(engine: Engine, req: Request) -> list[int]:
-    """Tokenize a request (prompt, token ids or chat) and fill its default max_tokens."""
+    """Tokenize an OpenAI request (prompt, token ids or chat), check it against the engine and
+    fill its default max_tokens."""
     if req.messages is not None:
         ids = encode_chat(engine, req.messages)
     elif req.prompt_token_ids:
         ids = list(req.prompt_token_ids)
     else:
         ids = engine.encode_prompt(req.prompt or "")
+    check_prompt(engine, ids, req.sampling, "messages" if req.messages is not None else "prompt",
+                 req.max_tokens_param)
     fill_max_tokens(req.sampling, len(ids), engine.context)
     return ids
 
@@ -160,12 +171,12 @@ def _integer(body: dict, name: str) -> int | None:
     return v
 
 
-def _boolean(body: dict, name: str) -> bool:
+def _boolean(body: dict, name: str, prefix: str = "") -> bool:
     v = body.get(name)
     if v is None:
         return False
     if not isinstance(v, bool):
-        raise FieldError(name, f"must be true or false, got {type(v).__name__}")
+        raise FieldError(prefix + name, f"must be true or false, got {type(v).__name__}")
     return v
 
 
@@ -285,9 +296,11 @@ def from_openai(body: Any, *, chat: bool, context: int | None = None) -> Request
     req = Request(model=model or "", stream=_boolean(body, "stream"))
     options = body.get("stream_options")
     if options is not None:
+        if not req.stream:
+            raise FieldError("stream_options", "is only allowed with stream: true")
         if not isinstance(options, dict):
             raise FieldError("stream_options", "must be an object")
-        req.include_usage = _boolean(options, "include_usage")
+        req.include_usage = _boolean(options, "include_usage", "stream_options.")
     if chat:
         req.messages = _messages(body)
         req.logprobs = _boolean(body, "logprobs")
@@ -304,6 +317,8 @@ def from_openai(body: Any, *, chat: bool, context: int | None = None) -> Request
             raise FieldError("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
         req.logprobs, req.top_logprobs = top is not None, top or 0
     req.sampling = _sampling(body, context)
+    if body.get("max_completion_tokens") is not None:
+        req.max_tokens_param = "max_completion_tokens"
     if req.logprobs:
         req.sampling.logprobs = req.top_logprobs
     return req

@@ -86,6 +86,10 @@ def test_bad_requests_get_status_codes_and_the_server_keeps_serving(model_dir, w
             cases = {
                 "empty": inference_pb2.GenerateRequest(prompt=""),
                 "too_long": inference_pb2.GenerateRequest(prompt_token_ids=[20] * 260),
+                "too_long_set": inference_pb2.GenerateRequest(
+                    prompt_token_ids=[20] * 200,
+                    sampling=inference_pb2.SamplingParams(max_tokens=100)),
+                "too_long_text": inference_pb2.GenerateRequest(prompt="the dog " * 200),
                 "both": inference_pb2.GenerateRequest(prompt="a", prompt_token_ids=[20]),
                 "vocab": inference_pb2.GenerateRequest(prompt_token_ids=[10**6]),
                 "model": inference_pb2.GenerateRequest(model="nope", prompt="hello"),
@@ -93,12 +97,16 @@ def test_bad_requests_get_status_codes_and_the_server_keeps_serving(model_dir, w
                     prompt="hello", sampling=inference_pb2.SamplingParams(max_tokens=-3)),
                 "chat_empty": None,
                 "chat_role": None,
+                "chat_long": None,
             }
+            chats = {"chat_empty": [],
+                     "chat_role": [inference_pb2.ChatMessage(role="wizard", content="hi")],
+                     "chat_long": [inference_pb2.ChatMessage(role="user",
+                                                             content="the dog " * 200)]}
             for name, req in cases.items():
                 try:
                     if name.startswith("chat"):
-                        msgs = [] if name == "chat_empty" else [
-                            inference_pb2.ChatMessage(role="wizard", content="hi")]
+                        msgs = chats[name]
                         call = s.stub.Chat(inference_pb2.ChatRequest(messages=msgs))
                     else:
                         call = s.stub.Generate(req)
@@ -113,6 +121,15 @@ def test_bad_requests_get_status_codes_and_the_server_keeps_serving(model_dir, w
     codes, tokens, finish = run(scenario())
     assert codes["empty"] == ("INVALID_ARGUMENT", "prompt is empty")
     assert codes["too_long"][0] == "INVALID_ARGUMENT" and "context of 256" in codes["too_long"][1]
+    # the prompt's field is named as sent, and max_tokens says whether the client set it
+    assert codes["too_long"][1].startswith("prompt_token_ids is 260 tokens")
+    assert "sampling.max_tokens was not set" in codes["too_long"][1]
+    assert codes["too_long_set"] == ("INVALID_ARGUMENT", "prompt_token_ids is 200 tokens; with "
+                                     "sampling.max_tokens 100 that exceeds the context of 256 "
+                                     "tokens")
+    assert codes["too_long_text"][1].startswith("prompt is "), codes["too_long_text"]
+    assert codes["chat_long"][1].startswith("messages is "), codes["chat_long"]
+    assert codes["vocab"][1].startswith("prompt_token_ids[0] is 1000000, outside"), codes["vocab"]
     assert codes["both"][0] == "INVALID_ARGUMENT"
     assert codes["vocab"][0] == "INVALID_ARGUMENT" and "vocabulary" in codes["vocab"][1]
     assert codes["model"][0] == "NOT_FOUND" and "'nope'" in codes["model"][1]
