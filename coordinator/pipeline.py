@@ -98,7 +98,11 @@ class Pipeline:
             try:
                 await self._call.write(msg)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as e:
-                error = PipelineError(f"pipeline broken: {e}")
+                # the first reason, said once: the reader may have broken the pipeline already
+                # (its reason has the prefix), and str() of an AioRpcError is its whole repr
+                why = (e.details() or e.code().name) if isinstance(e, grpc.aio.AioRpcError) \
+                    else str(e)
+                error = PipelineError(self.broken or f"pipeline broken: {why}")
                 if written is not None and not written.done():
                     written.set_exception(error)
                 self.fail(str(error))

@@ -138,12 +138,15 @@ def test_health_is_not_serving_while_loading_and_after_a_worker_dies(model_dir, 
             assert not start.done(), start.exception()
             await asyncio.sleep(0.01)
         url = f"http://127.0.0.1:{c.http_port}/health"
+        chat_url = f"http://127.0.0.1:{c.http_port}/v1/chat/completions"
+        chat = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{c.grpc_port}")
         stub = inference_pb2_grpc.InferenceStub(channel)
         watch = health_pb2_grpc.HealthStub(channel).Watch(
             health_pb2.HealthCheckRequest(service=SERVICE))
         seen = {"loading": (await watch.read()).status,
-                "loading_http": await asyncio.to_thread(http, "GET", url)}
+                "loading_http": await asyncio.to_thread(http, "GET", url),
+                "loading_chat": await asyncio.to_thread(http, "POST", chat_url, chat)}
         try:
             async for _ in stub.Generate(inference_pb2.GenerateRequest(prompt="hi")):
                 pass
@@ -156,11 +159,13 @@ def test_health_is_not_serving_while_loading_and_after_a_worker_dies(model_dir, 
         await asyncio.to_thread(local.stop)
         seen["lost"] = (await asyncio.wait_for(watch.read(), 15)).status
         seen["lost_http"] = await asyncio.to_thread(http, "GET", url)
+        seen["lost_chat"] = await asyncio.to_thread(http, "POST", chat_url, chat)
         try:
             async for _ in stub.Generate(inference_pb2.GenerateRequest(prompt="hi")):
                 pass
         except grpc.aio.AioRpcError as e:
             seen["lost_generate"] = e.code().name
+            seen["lost_details"] = e.details()
         seen["models"] = len((await stub.ListModels(inference_pb2.ListModelsRequest())).models)
         watch.cancel()
         await channel.close()
@@ -179,3 +184,72 @@ def test_health_is_not_serving_while_loading_and_after_a_worker_dies(model_dir, 
     assert seen["lost"] == NOT_SERVING and seen["lost_http"][0] == 503
     assert seen["lost_http"][1]["reason"], seen["lost_http"]
     assert seen["lost_generate"] == "UNAVAILABLE" and seen["models"] == 1
+    # /v1/* says 503 in OpenAI's shape while the cluster cannot serve
+    for state in ("loading_chat", "lost_chat"):
+        code, body = seen[state]
+        assert code == 503, (state, body)
+        assert set(body["error"]) == {"message", "type", "param", "code"}, body
+        assert body["error"]["type"] == "server_error" and body["error"]["code"] == "unavailable"
+        assert body["error"]["message"].startswith("the cluster cannot serve now: "), body
+    assert "shards are not loaded" in seen["loading_chat"][1]["error"]["message"]
+    # the reason is said once, not as "pipeline broken: pipeline broken: ..."
+    for message in (seen["lost_details"], seen["lost_chat"][1]["error"]["message"],
+                    seen["lost_http"][1]["reason"]):
+        assert message.count("pipeline broken") <= 1 and "AioRpcError" not in message, message
+
+
+@pytest.mark.parametrize("reader_broke_first", [False, True])
+def test_a_failed_write_to_stage_0_says_why_once(reader_broke_first):
+    from coordinator.pipeline import Pipeline, PipelineError
+    from protos import worker_pb2
+
+    first = "pipeline broken: Socket closed"
+
+    class DeadCall:
+        """A Forward call whose write fails, the reader having seen the break or not."""
+
+        def __init__(self, pipeline: Pipeline) -> None:
+            self.pipeline = pipeline
+
+        async def write(self, msg) -> None:
+            if reader_broke_first:
+                self.pipeline.fail(first)
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                       grpc.aio.Metadata(), details="Socket closed")
+
+    async def scenario():
+        p = Pipeline("127.0.0.1:9", "plan")
+        p._call = DeadCall(p)
+        p._writer = asyncio.create_task(p._write())
+        step = p.send([worker_pb2.SeqInput(seq_id="s", token_ids=[1])])
+        with pytest.raises(PipelineError) as e:
+            await p.result(step)
+        await p.close()
+        return str(e.value), p.broken
+
+    error, broken = run(scenario())
+    assert error == broken == first  # not "pipeline broken: <AioRpcError of RPC ...>"
+
+
+def test_a_request_that_does_not_parse_is_invalid_argument(server):
+    # protobuf strings must be UTF-8; a client that sends other bytes gets INVALID_ARGUMENT
+    # (not UNKNOWN from a failing deserializer), and serving goes on
+    bad_prompt = b"\x12\x03\xed\xa0\x80"  # GenerateRequest.prompt = a UTF-16 surrogate
+    message = b"\x0a\x04user\x12\x03\xed\xa0\x80"  # ChatMessage, content not UTF-8
+    bad_chat = b"\x12" + bytes([len(message)]) + message
+    with grpc.insecure_channel(server.grpc_address) as channel:
+        for method, body in (("Generate", bad_prompt), ("Chat", bad_chat),
+                             ("ListModels", b"\xff")):
+            call = channel.unary_stream if method != "ListModels" else channel.unary_unary
+            rpc = call(f"/{SERVICE}/{method}", request_serializer=lambda b: b,
+                       response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as e:
+                result = rpc(body)
+                if method != "ListModels":
+                    list(result)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, e.value)
+            assert "UTF-8" in e.value.details() or "parse" in e.value.details()
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        msgs = list(stub.Generate(inference_pb2.GenerateRequest(
+            prompt="Hello", sampling=inference_pb2.SamplingParams(max_tokens=3))))
+        assert sum(len(m.token_ids) for m in msgs) == 3
