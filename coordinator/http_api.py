@@ -24,6 +24,7 @@ from coordinator.engine import Chunk, RequestError
 from coordinator.metrics import sd_targets
 from coordinator.requests import FieldError, Request, from_openai, model_not_found, prompt_ids
 from coordinator.service import not_ready
+from coordinator.token_bytes import TokenBytes
 from protos import auth, inference_pb2
 
 log = logging.getLogger("shardline.http")
@@ -51,7 +52,58 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 def request_error(e: RequestError) -> JSONResponse:
     status, type_ = STATUS.get(e.code, (500, "server_error"))
     code = "model_not_found" if e.code == "NOT_FOUND" else e.code.lower()
-    return JSONResponse(error_body(e.message, type_, getattr(e, "param", None), code), status)
+    return JSONResponse(error_body(e.message, type_, e.param, code), status)
+
+
+def check_unicode(body: Any) -> None:
+    """Refuse a string anywhere in a parsed JSON body that is not valid Unicode (JSON lets a
+    lone UTF-16 surrogate such as `\\ud800` through), naming the field by its path."""
+    todo = [(body, "")]
+    while todo:  # no recursion: a body nested as deep as json.loads allows is fine
+        value, path = todo.pop()
+        if isinstance(value, str):
+            _unicode(value, path or "body")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _unicode(key, path or "body", "has a key that")
+                todo.append((item, f"{path}.{key}" if path else key))
+        elif isinstance(value, list):
+            todo.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def _unicode(text: str, param: str, what: str = "") -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise FieldError(param, f"{what + ' ' if what else ''}is not valid Unicode: a lone "
+                         f"UTF-16 surrogate ({text[e.start]!a}) at character {e.start}") from None
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its response was ready."""
+
+
+async def until_disconnect(request: HttpRequest, work: Awaitable[Any]) -> Any:
+    """`await work`, unless the client disconnects first: then `work` is cancelled (so a
+    generation stops and frees its slot and KV) and ClientGone is raised."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(watch, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone
+    return task.result()
 
 
 def usage_dict(chunk: Chunk) -> dict:
@@ -67,29 +119,45 @@ class Output:
         self.req, self.chat, self.model, self.tokenizer = req, chat, model, tokenizer
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.offset = 0  # text_offset of the next token (completions logprobs)
+        self.emitted = 0  # characters of text sent so far
+        self.token_bytes = TokenBytes(tokenizer) if req.logprobs else None
+        # A detokenizer of our own over the same tokens: where each token's text begins
+        # (completions text_offset), as the engine's detokenizer emits it.
+        self.detok = getattr(tokenizer, "detokenizer", None) if req.logprobs and not chat \
+            else None
+
+    def _text_offset(self, token: int) -> int:
+        """Where `token`'s text begins in the full text: the detokenizer's text before it (a
+        token of a partial UTF-8 character begins where that character will), never past the
+        text sent so far (held back for stop strings, or cut by one)."""
+        if self.detok is None:
+            return self.emitted
+        begin = len(self.detok.text)
+        self.detok.add_token(token)
+        return min(begin, self.emitted)
 
     def logprobs(self, chunks: list[Chunk]) -> dict | None:
+        """The logprobs of these chunks' tokens; call once per chunk, in order."""
         if not self.req.logprobs:
             return None
-        decode = self.tokenizer.decode
-        tokens, tops = [], []
+        decode, raw = self.tokenizer.decode, self.token_bytes
+        tokens, tops, offsets = [], [], []
         for c in chunks:
+            self.emitted += len(c.text)
             top = c.top_logprobs or [[] for _ in c.token_ids]
             for t, lp, alts in zip(c.token_ids, c.logprobs, top, strict=False):
-                tokens.append((decode([t]), lp))
-                tops.append([(decode([a]), alp) for a, alp in alts])
+                tokens.append((t, decode([t]), lp))
+                tops.append([(a, decode([a]), alp) for a, alp in alts])
+                if not self.chat:
+                    offsets.append(self._text_offset(t))
         if self.chat:
             return {"content": [
-                {"token": s, "logprob": lp, "bytes": list(s.encode()), "top_logprobs": [
-                    {"token": a, "logprob": alp, "bytes": list(a.encode())} for a, alp in alts]}
-                for (s, lp), alts in zip(tokens, tops, strict=True)]}
-        offsets = []
-        for s, _ in tokens:
-            offsets.append(self.offset)
-            self.offset += len(s)
-        return {"tokens": [s for s, _ in tokens], "token_logprobs": [lp for _, lp in tokens],
-                "top_logprobs": [dict(alts) for alts in tops] if self.req.top_logprobs else None,
+                {"token": s, "logprob": lp, "bytes": list(raw(t)), "top_logprobs": [
+                    {"token": a, "logprob": alp, "bytes": list(raw(i))} for i, a, alp in alts]}
+                for (t, s, lp), alts in zip(tokens, tops, strict=True)]}
+        return {"tokens": [s for _, s, _ in tokens], "token_logprobs": [lp for *_, lp in tokens],
+                "top_logprobs": [{a: alp for _, a, alp in alts} for alts in tops]
+                if self.req.top_logprobs else None,
                 "text_offset": offsets}
 
     def _object(self, choices: list[dict], stream: bool) -> dict:
@@ -226,9 +294,13 @@ class HttpApi:
             raise FieldError("Content-Type", f"must be application/json, got {kind!r}")
         raw = await request.body()
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise FieldError("body", f"is not valid JSON: {e}") from None
+        except RecursionError:
+            raise FieldError("body", "is nested too deeply") from None
+        check_unicode(body)
+        return body
 
     async def _complete(self, request: HttpRequest, chat: bool) -> Response:
         engine = self.source.engine
@@ -241,27 +313,46 @@ class HttpApi:
             if req.model and req.model != served:
                 raise model_not_found(req.model, served)
             ids = prompt_ids(engine, req)
-            chunks = engine.generate(ids, req.sampling)
-            first = await anext(chunks)  # refusals come before any byte of the response
         except RequestError as e:
             if engine is not None:
                 engine.metrics.count_failure(e)
             return request_error(e)
-        out = Output(req, chat, req.model or served, engine.tokenizer)
-        if req.stream:
-            return StreamingResponse(self._events(out, first, chunks),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache",
-                                              "X-Accel-Buffering": "no"})
-        got = [first]
+        chunks = engine.generate(ids, req.sampling)
+        streaming = False
         try:
+            try:
+                # refusals come before any byte of the response; a client that leaves while
+                # its request waits or prefills stops it there
+                first = await until_disconnect(request, anext(chunks))
+            except RequestError as e:
+                engine.metrics.count_failure(e)
+                return request_error(e)
+            out = Output(req, chat, req.model or served, engine.tokenizer)
+            if req.stream:
+                streaming = True  # _events owns the chunks from here
+                return StreamingResponse(self._events(out, first, chunks),
+                                         media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache",
+                                                  "X-Accel-Buffering": "no"})
+            try:
+                got = await until_disconnect(request, self._collect(first, chunks))
+            except RequestError as e:
+                return request_error(e)
+            return JSONResponse(out.whole(got))
+        except ClientGone:
+            return Response(status_code=499)  # nobody reads it
+        finally:
+            if not streaming:
+                await chunks.aclose()
+
+    @staticmethod
+    async def _collect(first: Chunk, chunks: AsyncIterator[Chunk]) -> list[Chunk]:
+        """Every chunk of a non-streamed response, up to the one with finish_reason."""
+        got = [first]
+        with contextlib.suppress(StopAsyncIteration):
             while not got[-1].finish_reason:
                 got.append(await anext(chunks))
-        except RequestError as e:
-            return request_error(e)
-        except StopAsyncIteration:
-            pass
-        return JSONResponse(out.whole(got))
+        return got
 
     async def _events(self, out: Output, first: Chunk,
                       chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
@@ -280,7 +371,7 @@ class HttpApi:
                 chunk = await anext(chunks)
         except RequestError as e:
             status, type_ = STATUS.get(e.code, (500, "server_error"))
-            yield sse(error_body(e.message, type_, getattr(e, "param", None), e.code.lower()))
+            yield sse(error_body(e.message, type_, e.param, e.code.lower()))
         except StopAsyncIteration:
             pass
         finally:

@@ -10,6 +10,11 @@ import pytest
 from serving_thread import ServingThread, http
 
 from coordinator.demo import ModelSpec
+from coordinator.engine import FINISH_LENGTH, Chunk
+from coordinator.http_api import Output
+from coordinator.requests import Request
+from coordinator.token_bytes import byte_decoder
+from protos import inference_pb2, worker_pb2
 
 SPEC = ModelSpec(family="llama")
 MESSAGES = [
@@ -93,6 +98,17 @@ def test_chat_applies_the_template_over_system_and_turns(server, client):
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
     assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.usage is None for c in chunks)
+    # streamed with include_usage: one last chunk without choices carries the usage
+    chunks = list(client.chat.completions.create(model=server.model_id, messages=MESSAGES,
+                                                 max_tokens=10, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].object == "chat.completion.chunk"
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens,
+            chunks[-1].usage.total_tokens) == (len(ids), 10, len(ids) + 10)
+    assert all(c.usage is None for c in chunks[:-1])
     # content as a list of text parts is the same message
     parts = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in MESSAGES]
     r2 = client.chat.completions.create(model=server.model_id, messages=parts, max_tokens=10)
@@ -153,7 +169,7 @@ def test_logprobs_are_the_chosen_tokens_log_probabilities(server, client):
     got = r.choices[0].logprobs.content
     assert [g.token for g in got] == [server.tokenizer.decode([t]) for t, _ in want]
     assert [g.logprob for g in got] == pytest.approx([lp for _, lp in want], abs=1e-3)
-    assert all(g.bytes == list(g.token.encode()) for g in got)
+    assert [g.bytes for g in got] == [list(raw_bytes(server.tokenizer, t)) for t, _ in want]
     streamed = client.chat.completions.create(model="", messages=MESSAGES[:2], max_tokens=8,
                                               logprobs=True, stream=True)
     lps = [x.logprob for c in streamed if c.choices and c.choices[0].logprobs
@@ -175,6 +191,58 @@ def test_logprobs_are_the_chosen_tokens_log_probabilities(server, client):
     assert lp.token_logprobs == pytest.approx([x for _, x in want], abs=1e-3)
     assert "".join(lp.tokens) == c.choices[0].text
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert lp.text_offset[-1] <= len(c.choices[0].text)
+
+
+def raw_bytes(tokenizer, token: int) -> bytes:
+    """A byte-level BPE token's bytes, through GPT-2's table (the demo has no added tokens
+    among ordinary ids)."""
+    return bytes(byte_decoder()[ch] for ch in tokenizer.convert_ids_to_tokens(token))
+
+
+def engine_chunks(tokenizer, ids: list[int]) -> list[Chunk]:
+    """The chunks the engine streams for these sampled tokens (no stop strings)."""
+    detok = tokenizer.detokenizer
+    out = []
+    for i, t in enumerate(ids):
+        detok.add_token(t)
+        out.append(Chunk(text=detok.last_segment, token_ids=[t], logprobs=[-0.1 * i],
+                         top_logprobs=[[(t, -0.1 * i), (ids[0], -9.0)]]))
+    detok.finalize()
+    out.append(Chunk(text=detok.last_segment, finish_reason=FINISH_LENGTH,
+                     usage=inference_pb2.Usage(prompt_tokens=1, completion_tokens=len(ids))))
+    return out
+
+
+def test_logprobs_bytes_are_raw_and_text_offsets_follow_the_text(server):
+    tok = server.tokenizer
+    text = "naïve café ☕ ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [tok.decode([t]) for t in ids]
+    assert "\ufffd" in pieces  # some tokens are parts of a UTF-8 character
+    chunks = engine_chunks(tok, ids)
+    # chat: `bytes` is each token's own bytes, not the UTF-8 of its lossy decode
+    chat = Output(Request(logprobs=True, top_logprobs=2), True, "m", tok).whole(chunks)
+    content = chat["choices"][0]["logprobs"]["content"]
+    assert chat["choices"][0]["message"]["content"] == text
+    assert [e["bytes"] for e in content] == [list(raw_bytes(tok, t)) for t in ids]
+    assert [e["top_logprobs"][0]["bytes"] for e in content] == [e["bytes"] for e in content]
+    assert b"".join(bytes(e["bytes"]) for e in content).decode() == text
+    assert content[2]["bytes"] == [0xC3] and content[2]["token"] == "\ufffd"
+    # completions: text_offset is where each token's text begins in `text` (a token of a
+    # partial character, or a held-back lone space, begins where the unsent text does)
+    whole = Output(Request(logprobs=True), False, "m", tok).whole(chunks)
+    assert whole["choices"][0]["text"] == text
+    offsets = whole["choices"][0]["logprobs"]["text_offset"]
+    assert pieces == ["n", "a", "\ufffd", "\ufffd", "v", "e", " c", "a", "f", "\ufffd",
+                      "\ufffd", " ", "\ufffd", "\ufffd", "\ufffd", " o", "k"]
+    assert offsets == [0, 1, 2, 2, 3, 4, 5, 7, 8, 9, 9, 10, 10, 10, 10, 12, 14]
+    assert text[offsets[6]:].startswith(" c") and text[offsets[-1]:] == "k"
+    # streamed, the offsets are the same
+    out = Output(Request(logprobs=True, stream=True), False, "m", tok)
+    streamed = [x for c in chunks for x in
+                (out.piece(c.text, [c])["choices"][0]["logprobs"]["text_offset"])]
+    assert streamed == offsets
 
 
 def test_models_and_health(server, client):
@@ -206,6 +274,24 @@ BAD = [  # (body or raw bytes, content type, status, param, words in the message
     (b"[1, 2]", None, 400, "body", "JSON object"),
     (b"messages=hi", "application/x-www-form-urlencoded", 400, "Content-Type",
      "application/json"),
+    # strings that are not Unicode (a lone UTF-16 surrogate), named by their path
+    ({"messages": [{"role": "user", "content": "hi \ud800"}]}, None, 400,
+     "messages[0].content", "not valid Unicode"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, None,
+     400, "messages[0].content[0].text", "not valid Unicode"),
+    ({"stop": "\udc00"}, None, 400, "stop", "not valid Unicode"),
+    ({"stop": ["ok", "\ud800x"]}, None, 400, "stop[1]", "not valid Unicode"),
+    ({"user": "\ud800"}, None, 400, "user", "not valid Unicode"),
+    # stream_options needs stream: true; its fields are named under it
+    ({"stream_options": {"include_usage": True}}, None, 400, "stream_options", "stream: true"),
+    ({"stream": False, "stream_options": {}}, None, 400, "stream_options", "stream: true"),
+    ({"stream": True, "stream_options": {"include_usage": "yes"}}, None, 400,
+     "stream_options.include_usage", "true or false"),
+    # the context: the prompt's field is named, and max_tokens as the client set it (or not)
+    ({"max_tokens": 2040}, None, 400, "messages", "with max_tokens 2040"),
+    ({"max_completion_tokens": 2040}, None, 400, "messages", "with max_completion_tokens 2040"),
+    ({"messages": [{"role": "user", "content": "the dog " * 1200}]}, None, 400, "messages",
+     "max_tokens was not set"),
 ]
 
 
@@ -217,6 +303,28 @@ def test_bad_input_is_refused_with_openai_errors(server, body, ctype, status, pa
     code, reply = http("POST", server.http_url + "/v1/chat/completions", body,
                        ctype or "application/json")
     assert code == status, reply
+    err = reply["error"]
+    assert err["param"] == param and words in err["message"], err
+    assert err["message"].startswith(param) and err["type"] == "invalid_request_error"
+
+
+COMPLETIONS_BAD = [  # (body, param, words in the message)
+    ({"prompt": "\ud800"}, "prompt", "not valid Unicode"),
+    ({"prompt": ["ok \udbff"]}, "prompt[0]", "not valid Unicode"),
+    ({"prompt": "hi", "stop": "\udc00"}, "stop", "not valid Unicode"),
+    ({"prompt": [20, 10**6]}, "prompt", "prompt[1] is 1000000, outside the vocabulary"),
+    ({"prompt": [20] * 3000}, "prompt", "max_tokens was not set"),
+    ({"prompt": [20] * 3000, "max_tokens": 4}, "prompt", "with max_tokens 4 that exceeds"),
+    ({"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options",
+     "stream: true"),
+]
+
+
+@pytest.mark.parametrize("body,param,words", COMPLETIONS_BAD,
+                         ids=[f"{b[1]}-{i}" for i, b in enumerate(COMPLETIONS_BAD)])
+def test_bad_completions_name_the_field_as_sent(server, body, param, words):
+    code, reply = http("POST", server.http_url + "/v1/completions", json.dumps(body).encode())
+    assert code == 400, reply
     err = reply["error"]
     assert err["param"] == param and words in err["message"], err
     assert err["message"].startswith(param) and err["type"] == "invalid_request_error"
@@ -254,3 +362,55 @@ def test_a_client_that_leaves_mid_stream_frees_its_slot(server, client):
     while engine.scheduler.running and time.monotonic() < deadline:
         time.sleep(0.05)
     assert engine.scheduler.running == 0
+
+
+def scraped(server, name: str) -> float:
+    """One sample's value from the coordinator's /metrics (0 when absent)."""
+    import urllib.request
+
+    with urllib.request.urlopen(server.http_url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def test_a_client_that_leaves_a_whole_response_frees_its_slot_and_kv(server):
+    import socket
+    import time
+
+    engine = server.coordinator.engine
+
+    async def infos() -> list[int]:
+        return [(await w.stub.Info(worker_pb2.InfoRequest())).sessions
+                for w in server.coordinator.cluster.workers]
+
+    def sessions() -> list[int]:
+        return server.call(infos())
+
+    def wait(cond, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while not cond() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return cond()
+
+    finished = 'shardline_request_success_total{finished_reason="length"}'
+    cancelled = 'shardline_request_failure_total{reason="cancelled"}'
+    def held(extra: int) -> bool:  # every stage holds the prefix cache's sequences + extra
+        return sessions() == [len(engine.prefix) + extra] * len(server.coordinator.cluster.workers)
+
+    assert wait(lambda: held(0), 5)  # earlier tests' releases have all arrived
+    counts = scraped(server, finished), scraped(server, cancelled)
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 2000}).encode()
+    sock = socket.create_connection(("127.0.0.1", server.coordinator.http_port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                 b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert wait(lambda: engine.scheduler.running == 1 and held(1), 30)
+    sock.close()  # the client gives up before the (not streamed) response is ready
+    t0 = time.monotonic()
+    assert wait(lambda: engine.scheduler.running == 0, 10)
+    freed = time.monotonic() - t0
+    assert wait(lambda: held(0), 5)
+    # it was stopped, not run to its 2000 tokens
+    assert (scraped(server, finished), scraped(server, cancelled)) == (counts[0], counts[1] + 1)
+    assert freed < 3, freed
