@@ -6,7 +6,6 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,7 +73,8 @@ class Engine:
         self.recover_timeout = recover_timeout  # 0: a lost worker fails its requests at once
         self.resumed = 0  # requests that continued on a re-planned pipeline
         stages = len(getattr(getattr(pipeline_source, "plan", None), "stages", ()))
-        self.batcher = Microbatcher(pipeline_source, stages)
+        # decode groups and prompt chunks share one cap of `stages` steps in flight
+        self.batcher = Microbatcher(pipeline_source, stages, prefill_tokens=prefill_chunk)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -150,28 +150,30 @@ class Engine:
             out[0].fork_from, out[0].fork_length = fork
         return out
 
-    async def _prefill(self, pipeline: Pipeline, chunks: list[worker_pb2.SeqInput]
-                       ) -> worker_pb2.SeqOutput:
-        """Send the prompt's chunks, keeping one per stage in flight so every stage works and
-        other requests' decode steps can slip in between."""
-        window = max(1, len(getattr(self._source.plan, "stages", ())))
-        in_flight: deque[asyncio.Future] = deque()
-        result = None
-        for chunk in chunks:
-            if len(in_flight) >= window:
-                await pipeline.result(in_flight.popleft())
-            in_flight.append(await pipeline.submit([chunk]))
-        while in_flight:
-            result = await pipeline.result(in_flight.popleft())
-        return result.outputs[0]
+    async def _prefill(self, chunks: list[worker_pb2.SeqInput]) -> worker_pb2.SeqOutput:
+        """Run the prompt's chunks through the microbatcher, which keeps up to one step per
+        stage in flight, shared with the decode groups (so a lone prompt's chunks fill every
+        stage and running streams keep decoding). Returns the last chunk's sampled token; a
+        failure is PipelineError, and cancelling drops the chunks not sent yet."""
+        futures = self.batcher.prefill(chunks)
+        try:
+            for future in futures:
+                out = await future
+            return out
+        finally:
+            for future in futures:
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled():
+                    future.exception()  # retrieved: a failure after the first is not logged
 
-    async def _start(self, pipeline: Pipeline, seq_id: str, ids: list[int],
+    async def _start(self, seq_id: str, ids: list[int],
                      sampling: inference_pb2.SamplingParams) -> worker_pb2.SeqOutput:
         """Prefill `ids` as a new sequence (from the prefix cache where it can) and join the
         decode microbatches; returns the first sampled token."""
         fork = self.prefix.lookup(ids) if self.prefix else None
         self.prefilled_tokens += len(ids) - (fork[1] if fork else 0)
-        out = await self._prefill(pipeline, self._chunks(seq_id, ids, sampling, fork))
+        out = await self._prefill(self._chunks(seq_id, ids, sampling, fork))
         self.batcher.join(seq_id)
         return out
 
@@ -246,7 +248,7 @@ class Engine:
                         # The prompt; after a failure, the prompt and every token streamed so
                         # far, on the re-planned pipeline: the client sees a pause, then the
                         # same continuation (sampling keys depend on (seed, position) only).
-                        out = await self._start(pipeline, seq_id, ids + sampled, sampling)
+                        out = await self._start(seq_id, ids + sampled, sampling)
                     while True:
                         n += 1
                         if t_first is None:
@@ -292,7 +294,7 @@ class Engine:
             self.batcher.leave(seq_id)
             kept = done and self.prefix is not None
             evicted = self.prefix.insert(seq_id, ids + sampled[:-1]) if kept else [seq_id]
-            await asyncio.shield(pipeline.release(evicted))
+            await asyncio.shield(self.batcher.release(pipeline, evicted))
         tail = ""
         if not hit:
             detok.finalize()
