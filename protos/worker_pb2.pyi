@@ -54,7 +54,7 @@ class ShardInfo(_message.Message):
     def __init__(self, spec: _Optional[_Union[ShardSpec, _Mapping]] = ..., model_type: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., active_memory_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., forkable: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "name", "version", "api", "memory_bytes", "bandwidth_gbps", "chip", "backend", "cluster", "metrics_port", "shard", "sessions", "proof")
+    __slots__ = ("id", "name", "version", "api", "memory_bytes", "bandwidth_gbps", "chip", "backend", "cluster", "metrics_port", "shard", "sessions", "proof", "kv_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class WorkerInfo(_message.Message):
     SHARD_FIELD_NUMBER: _ClassVar[int]
     SESSIONS_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     version: str
@@ -81,7 +82,8 @@ class WorkerInfo(_message.Message):
     shard: ShardInfo
     sessions: int
     proof: bytes
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., bandwidth_gbps: _Optional[float] = ..., chip: _Optional[str] = ..., backend: _Optional[str] = ..., cluster: _Optional[str] = ..., metrics_port: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., sessions: _Optional[int] = ..., proof: _Optional[bytes] = ...) -> None: ...
+    kv_bytes: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., bandwidth_gbps: _Optional[float] = ..., chip: _Optional[str] = ..., backend: _Optional[str] = ..., cluster: _Optional[str] = ..., metrics_port: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., sessions: _Optional[int] = ..., proof: _Optional[bytes] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
     __slots__ = ("spec",)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from functools import cache
 
+import pytest
 from conftest import Serving, reference_tokens, run
 
 from coordinator.demo import ModelSpec
@@ -12,35 +15,104 @@ from protos import inference_pb2, worker_pb2
 SPEC = ModelSpec(family="qwen3")
 
 
-def test_sixteen_concurrent_requests_each_match_mlx_lm_alone(model_dir, workers):
+@cache
+def expected(path, prompt: tuple[int, ...], max_tokens: int) -> list[int]:
+    """mlx-lm's tokens for this request alone (each reference loads the model: kept)."""
+    return reference_tokens(path, list(prompt), max_tokens)
+
+
+def watch_in_flight(s: Serving) -> list[int]:
+    """Record the steps in flight on the pipeline after every send (its peak is the last)."""
+    pipeline = s.coordinator.cluster.pipeline
+    send, peak = pipeline.send, [0]
+
+    def counting_send(seqs, release=None):
+        future = send(seqs, release)
+        peak[0] = max(peak[0], len(pipeline._pending))
+        return future
+
+    pipeline.send = counting_send
+    return peak
+
+
+@pytest.mark.parametrize("chunk", [512, 7])
+def test_sixteen_concurrent_requests_each_match_mlx_lm_alone(model_dir, workers, chunk):
     path = model_dir(SPEC)
     requests = [([(13 * i + 5 * j) % 480 + 10 for j in range(3 + 5 * i)], 4 + (i * 7) % 25)
                 for i in range(16)]
-    expected = [reference_tokens(path, p, n) for p, n in requests]
+    want = [expected(path, tuple(p), n) for p, n in requests]
 
     async def scenario():
-        async with Serving(path, workers, max_sequences=16) as s:
+        async with Serving(path, workers, max_sequences=16, prefill_chunk=chunk) as s:
+            peak = watch_in_flight(s)
             out = await asyncio.gather(*(s.generate(p, n) for p, n in requests))
-            batcher = s.coordinator.engine.batcher
-            return out, batcher.batches, batcher.batched_steps
+            return out, s.coordinator.engine.batcher, peak[0]
 
-    results, batches, steps = run(scenario())
-    assert steps > 1.5 * batches, "decode steps were not grouped into microbatches"
-    for i, ((tokens, _, _), want) in enumerate(zip(results, expected, strict=True)):
-        assert tokens == want, f"request {i} (prompt {len(requests[i][0])} tokens) diverged"
+    results, batcher, peak = run(scenario())
+    assert batcher.batched_steps > 1.5 * batcher.batches, "decode steps were not grouped"
+    # decode groups and prefill chunks share one cap: the 3 stages overlap, never more
+    assert 1 < batcher.max_in_flight <= 3 and 1 < peak <= 3, (batcher.max_in_flight, peak)
+    # with chunk 7 the prompts (up to 78 tokens) really go in many chunks
+    chunks = sum(-(-(len(p) - 1) // chunk) + 1 for p, _ in requests)
+    assert batcher.prefill_chunks == chunks
+    for i, ((tokens, _, _), w) in enumerate(zip(results, want, strict=True)):
+        assert tokens == w, f"request {i} (prompt {len(requests[i][0])} tokens) diverged"
+
+
+def test_long_prompt_prefills_in_chunks_while_running_streams_keep_decoding(model_dir,
+                                                                            workers):
+    path = model_dir(SPEC)
+    streams = [([(17 * i + 3 * j) % 480 + 10 for j in range(6 + i)], 150) for i in range(4)]
+    long = [(7 * j + 11) % 480 + 10 for j in range(300)]
+
+    async def stream(s: Serving, prompt: list[int], n: int, times: list[float]) -> list[int]:
+        req = inference_pb2.GenerateRequest(
+            prompt_token_ids=prompt, sampling=inference_pb2.SamplingParams(max_tokens=n))
+        tokens = []
+        async for msg in s.stub.Generate(req):
+            if msg.token_ids:
+                times.append(time.perf_counter())
+            tokens += list(msg.token_ids)
+        return tokens
+
+    async def scenario():
+        async with Serving(path, workers, max_sequences=8, prefill_chunk=16) as s:
+            times: list[list[float]] = [[] for _ in streams]
+            running = [asyncio.create_task(stream(s, p, n, t))
+                       for (p, n), t in zip(streams, times, strict=True)]
+            while min(len(t) for t in times) < 3:
+                await asyncio.sleep(0.005)
+            long_times: list[float] = []
+            sent = time.perf_counter()
+            long_tokens = await stream(s, long, 8, long_times)
+            outs = await asyncio.gather(*running)
+            during = [sum(sent < t < long_times[0] for t in ts) for ts in times]
+            return outs, long_tokens, during, s.coordinator.engine.batcher
+
+    outs, long_tokens, during, batcher = run(scenario())
+    assert long_tokens == expected(path, tuple(long), 8)
+    for i, ((p, n), tokens) in enumerate(zip(streams, outs, strict=True)):
+        assert tokens == expected(path, tuple(p), n), f"stream {i} diverged"
+    # 19 chunks of 16 and the last token: the running streams got tokens in between
+    assert all(k >= 2 for k in during), during
+    assert batcher.max_in_flight <= 3
 
 
 def test_cancelled_request_frees_its_kv_on_every_stage(model_dir, workers):
     path = model_dir(SPEC)
 
-    async def sessions(s: Serving) -> list[int]:
+    async def sessions(s: Serving) -> list[tuple[int, int]]:
         out = []
         for w in s.coordinator.cluster.workers:
-            out.append((await w.stub.Info(worker_pb2.InfoRequest())).sessions)
+            info = await w.stub.Info(worker_pb2.InfoRequest())
+            out.append((info.sessions, info.kv_bytes))
         return out
 
     async def scenario():
         async with Serving(path, workers) as s:
+            # a finished request stays in the prefix cache: the baseline holds its KV
+            await s.generate(list(range(100, 130)), 4)
+            baseline = await sessions(s)
             req = inference_pb2.GenerateRequest(
                 prompt_token_ids=list(range(20, 60)),
                 sampling=inference_pb2.SamplingParams(max_tokens=1000))
@@ -54,15 +126,17 @@ def test_cancelled_request_frees_its_kv_on_every_stage(model_dir, workers):
             call.cancel()
             for _ in range(100):
                 after = await sessions(s)
-                if after == [0, 0, 0]:
+                if after == baseline:
                     break
                 await asyncio.sleep(0.05)
             tokens, _, _ = await s.generate([20, 30, 40], 3)
-            return during, after, tokens
+            return baseline, during, after, tokens
 
-    during, after, tokens = run(scenario())
-    assert during == [1, 1, 1]
-    assert after == [0, 0, 0]
+    baseline, during, after, tokens = run(scenario())
+    assert [n for n, _ in baseline] == [1, 1, 1] and all(kv > 0 for _, kv in baseline)
+    assert [n for n, _ in during] == [2, 2, 2]
+    assert all(kv > base for (_, kv), (_, base) in zip(during, baseline, strict=True))
+    assert after == baseline  # sessions and KV bytes back to what they were, on every stage
     assert len(tokens) == 3
 
 

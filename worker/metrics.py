@@ -93,6 +93,12 @@ class WorkerMetrics:
         PlatformCollector(registry=r)
         self.interceptor: MetricsInterceptor = server_interceptor(r)
 
+    @property
+    def kv_bytes(self) -> int:
+        """KV cache bytes of the last sample (read from any thread)."""
+        with self.lock:
+            return self.memory.get("kv", 0)
+
     def step(self, seconds: float, prefill_tokens: int, bytes_in: int, bytes_out: int) -> None:
         """Record one step: its forward time and the activation bytes it took in and put out."""
         self._forward["prefill" if prefill_tokens else "decode"].observe(seconds)

@@ -127,6 +127,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             sessions=len(self.runner.sessions) if self.runner else 0,
             proof=auth.prove(self.config.secret, request.challenge)
             if self.config.secret and request.challenge else b"",
+            kv_bytes=self.metrics.kv_bytes if self.runner else 0,
         )
 
     # -- LoadShard --------------------------------------------------------------------------
