@@ -22,6 +22,7 @@ from coordinator.local import LocalWorkers
 from coordinator.membership import Membership
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
+from coordinator.planner import DEFAULT_PREFIX_CACHE_TOKENS
 from coordinator.service import InferenceService, set_serving, start_server, watch_health
 from protos import auth
 from protos.units import format_size
@@ -51,7 +52,7 @@ class ServeOptions:
     max_sequences: int = 4
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
     max_waiting: int = DEFAULT_MAX_WAITING
-    prefix_cache_tokens: int = 4096
+    prefix_cache_tokens: int = DEFAULT_PREFIX_CACHE_TOKENS
     cache_dir: Path | None = None
     # discovery (docs/discovery.md); the CLI browses by default, an embedded Coordinator not
     discover: bool = False
@@ -145,7 +146,8 @@ class Coordinator:
         )
         self.cluster = Cluster(
             self.model, await self.membership.gather(addresses), partition=opts.partition,
-            context=opts.context, max_sequences=opts.max_sequences, secret=opts.secret,
+            context=opts.context, max_sequences=opts.max_sequences,
+            prefix_cache_tokens=max(0, opts.prefix_cache_tokens), secret=opts.secret,
         )
         plan = self.cluster.make_plan()
         self.progress(plan.describe())

@@ -74,7 +74,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=int, default=64,
                    help="requests that may wait for a running slot; more get RESOURCE_EXHAUSTED")
     p.add_argument("--prefix-cache-tokens", type=int, default=4096,
-                   help="tokens of finished sequences kept for follow-up turns (0 disables)")
+                   help="tokens of finished sequences kept for follow-up turns, their KV "
+                   "reserved by the plan on every worker (0 disables)")
     p.add_argument("--cache-dir", type=Path, default=None)
 
 

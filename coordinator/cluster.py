@@ -110,6 +110,7 @@ class Cluster:
     partition: str = "memory"
     context: int | None = None
     max_sequences: int = 4
+    prefix_cache_tokens: int = 0  # KV the prefix cache may keep, reserved by the plan
     plan: Plan | None = None
     pipeline: Pipeline | None = None
     plan_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
@@ -132,7 +133,8 @@ class Cluster:
             for w in self.workers
         ]
         self.plan = plan(self.model, nodes, partition=self.partition, context=self.context,
-                         max_sequences=self.max_sequences)
+                         max_sequences=self.max_sequences,
+                         prefix_cache_tokens=self.prefix_cache_tokens)
         return self.plan
 
     async def load(self, progress: Callable[[str], None] | None = None) -> None:

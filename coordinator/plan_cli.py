@@ -14,7 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.modelinfo import ModelError, check_family, read_model_info, resolve_model
-from coordinator.planner import PARTITIONS, NodeCapacity, PlanError, plan
+from coordinator.planner import (
+    DEFAULT_PREFIX_CACHE_TOKENS,
+    PARTITIONS,
+    NodeCapacity,
+    PlanError,
+    plan,
+)
 from protos.units import parse_size
 
 
@@ -38,6 +44,10 @@ def add_plan_parser(subparsers: Any) -> None:
                    "(default: the model's maximum, at most 4096)")
     p.add_argument("--max-sequences", type=int, default=4,
                    help="concurrent sequences to reserve KV cache for (default 4)")
+    p.add_argument("--prefix-cache-tokens", type=int, default=DEFAULT_PREFIX_CACHE_TOKENS,
+                   help="tokens of finished sequences the prefix cache keeps on every stage, "
+                   f"reserved too, as `serve` does (default {DEFAULT_PREFIX_CACHE_TOKENS}; "
+                   "0: none)")
     p.set_defaults(func=run_plan)
 
 
@@ -82,7 +92,7 @@ def run_plan(args: argparse.Namespace) -> int:
         check_family(info)
         result = plan(
             info, nodes, partition=args.partition, context=args.context,
-            max_sequences=args.max_sequences,
+            max_sequences=args.max_sequences, prefix_cache_tokens=args.prefix_cache_tokens,
         )
     except (ModelError, PlanError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from protos.units import format_size
 
 PARTITIONS = ("memory", "balanced")
 DEFAULT_CONTEXT = 4096
+DEFAULT_PREFIX_CACHE_TOKENS = 4096  # `serve --prefix-cache-tokens` and `plan` default
 
 
 class PlanError(Exception):
@@ -63,7 +64,8 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Stages in pipeline order, and the context and batch the KV reservation was made for."""
+    """Stages in pipeline order, and the context, batch and prefix cache the KV reservation
+    was made for."""
 
     model_id: str
     partition: str
@@ -71,6 +73,7 @@ class Plan:
     context: int
     max_sequences: int
     reserve_fraction: float = 0.0
+    prefix_cache_tokens: int = 0
 
     @property
     def num_layers(self) -> int:
@@ -107,8 +110,8 @@ class Plan:
         widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
         reserve = f", {self.reserve_fraction:.0%} of memory held back" * bool(self.reserve_fraction)
         lines = [
-            f"model {self.model_id}: partition {self.partition}, "
-            f"KV reserved for {self.max_sequences} x {self.context} tokens{reserve}"
+            f"model {self.model_id}: partition {self.partition}, KV reserved for "
+            f"{_kv_tokens(self.max_sequences, self.context, self.prefix_cache_tokens)}{reserve}"
         ]
         lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
         lines.append(
@@ -116,6 +119,16 @@ class Plan:
             "(estimate: each stage streams its weights once per token; network time not counted)"
         )
         return "\n".join(line.rstrip() for line in lines)
+
+
+def _kv_tokens(max_sequences: int, context: int, prefix_cache_tokens: int) -> str:
+    """What the KV reservation holds, in words.
+
+    >>> _kv_tokens(4, 4096, 4096)
+    '4 x 4096 tokens + 4096 prefix-cache tokens'
+    """
+    extra = f" + {prefix_cache_tokens} prefix-cache tokens" if prefix_cache_tokens else ""
+    return f"{max_sequences} x {context} tokens{extra}"
 
 
 def _sizes(weights: int, kv: int, capacity: int) -> list[str]:
@@ -132,9 +145,11 @@ def usable_bytes(node: NodeCapacity, reserve_fraction: float = 0.0) -> int:
     return int(node.memory_bytes * (1.0 - reserve_fraction))
 
 
-def kv_reservation(info: ModelInfo, start: int, end: int, context: int, max_sequences: int) -> int:
-    """KV cache bytes for layers [start, end) at full context for max_sequences sequences."""
-    return info.kv_bytes(start, end) * context * max_sequences
+def kv_reservation(info: ModelInfo, start: int, end: int, context: int, max_sequences: int,
+                   prefix_cache_tokens: int = 0) -> int:
+    """KV cache bytes for layers [start, end): max_sequences sequences at full context, plus
+    the finished sequences the prefix cache keeps live on every stage (up to its tokens)."""
+    return info.kv_bytes(start, end) * (context * max_sequences + prefix_cache_tokens)
 
 
 def plan(
@@ -145,21 +160,29 @@ def plan(
     context: int | None = None,
     max_sequences: int = 4,
     reserve_fraction: float = 0.0,
+    prefix_cache_tokens: int = 0,
 ) -> Plan:
-    """Assign contiguous layer ranges to `nodes` in order; raise PlanError if none fits."""
+    """Assign contiguous layer ranges to `nodes` in order; raise PlanError if none fits.
+
+    Every stage reserves KV for `max_sequences` x `context` tokens and for the
+    `prefix_cache_tokens` the prefix cache may keep (coordinator/prefix_cache.py).
+    """
     context = min(info.max_context, DEFAULT_CONTEXT) if context is None else context
     _validate(info, nodes, partition, context, max_sequences, reserve_fraction)
+    if prefix_cache_tokens < 0:
+        raise ValueError("prefix_cache_tokens must be >= 0")
     capacities = [usable_bytes(node, reserve_fraction) for node in nodes]
 
+    def kv(start: int, end: int) -> int:
+        return kv_reservation(info, start, end, context, max_sequences, prefix_cache_tokens)
+
     def need(start: int, end: int) -> int:
-        return info.stage_bytes(start, end) + kv_reservation(
-            info, start, end, context, max_sequences
-        )
+        return info.stage_bytes(start, end) + kv(start, end)
 
     def fits(i: int, start: int, end: int) -> bool:
         return need(start, end) <= capacities[i]
 
-    _check_total(info, nodes, capacities, context, max_sequences)
+    _check_total(info, nodes, capacities, context, max_sequences, prefix_cache_tokens)
     targets = proportional_boundaries(info.num_layers, capacities)
     if partition == "memory":
         bounds = _memory_split(info.num_layers, fits, targets)
@@ -170,11 +193,12 @@ def plan(
     stages = tuple(
         StagePlan(
             node=node, layer_start=a, layer_end=b, weight_bytes=info.stage_bytes(a, b),
-            kv_bytes=kv_reservation(info, a, b, context, max_sequences),
+            kv_bytes=kv(a, b),
         )
         for node, (a, b) in zip(nodes, pairwise(bounds), strict=True)
     )
-    return Plan(info.model_id, partition, stages, context, max_sequences, reserve_fraction)
+    return Plan(info.model_id, partition, stages, context, max_sequences, reserve_fraction,
+                prefix_cache_tokens)
 
 
 def _validate(
@@ -203,18 +227,19 @@ def _validate(
 
 def _check_total(
     info: ModelInfo, nodes: Sequence[NodeCapacity], capacities: Sequence[int], context: int,
-    max_sequences: int,
+    max_sequences: int, prefix_cache_tokens: int = 0,
 ) -> None:
     # With several stages a tied embedding is loaded twice: by the first and by the last.
     weights = info.stage_bytes(0, info.num_layers)
     if len(nodes) > 1:
         weights = info.weight_bytes + (info.head_bytes if info.tied else 0)
-    kv = kv_reservation(info, 0, info.num_layers, context, max_sequences)
+    kv = kv_reservation(info, 0, info.num_layers, context, max_sequences, prefix_cache_tokens)
     if weights + kv > sum(capacities):
         raise PlanError(
             f"model needs {format_size(weights + kv)} (weights {format_size(weights)} + KV "
-            f"{format_size(kv)} for {max_sequences} x {context} tokens) but the workers have "
-            f"{format_size(sum(capacities))}: {_list_nodes(nodes, capacities)}"
+            f"{format_size(kv)} for {_kv_tokens(max_sequences, context, prefix_cache_tokens)})"
+            f" but the workers have {format_size(sum(capacities))}: "
+            f"{_list_nodes(nodes, capacities)}"
         )
 
 

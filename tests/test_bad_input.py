@@ -52,10 +52,10 @@ def test_unsupported_family_is_refused_at_plan_time(unsupported_model, workers):
 
 def test_model_that_does_not_fit_is_refused_with_numbers(model_dir):
     proc = coordinator("plan", "--model", str(model_dir(SPEC)), "--memory", "100KB,200KB")
-    assert_one_line_error(proc, "needs 6.55 MiB", "w0 97.66 KiB", "w1 195.31 KiB")
+    assert_one_line_error(proc, "needs 9.55 MiB", "w0 97.66 KiB", "w1 195.31 KiB")
     proc = coordinator("serve", "--model", str(model_dir(SPEC)), "--local-workers", "1",
                        "--local-memory", "100KB", "--grpc-port", "0")
-    assert_one_line_error(proc, "needs 6.55 MiB", "97.66 KiB")
+    assert_one_line_error(proc, "needs 9.55 MiB", "97.66 KiB")
 
 
 @pytest.mark.parametrize("chunk", ["0", "3000000"])

@@ -344,3 +344,36 @@ def test_plan_command_reports_model_errors(monkeypatch, capsys):
 def test_named_workers_on_the_command_line():
     ns = plan_cli.parse_nodes("mini=16GiB, studio=64GiB", "120,546")
     assert ns == [NodeCapacity("mini", 16 * GiB, 120.0), NodeCapacity("studio", 64 * GiB, 546.0)]
+
+
+def test_the_prefix_cache_is_in_the_kv_reservation():
+    info = model(4, MiB, kv=8)
+    p = plan(info, nodes(1, 1), context=100, max_sequences=3, prefix_cache_tokens=50)
+    assert [s.kv_bytes for s in p.stages] == [2 * 8 * (100 * 3 + 50)] * 2
+    assert kv_reservation(info, 1, 4, 100, 3, 50) == 3 * 8 * (100 * 3 + 50)
+    assert p.prefix_cache_tokens == 50
+    assert "KV reserved for 3 x 100 tokens + 50 prefix-cache tokens" in p.describe()
+    assert plan(info, nodes(1, 1), prefix_cache_tokens=50) == plan(
+        info, list(nodes(1, 1)), prefix_cache_tokens=50)
+    # 4 MiB of weights + 4 x 4096 x 4 x 64 B (4 MiB) of KV fit 8.5 MiB; the 4096 cached tokens
+    # (1 MiB more) do not, and the refusal says so with the numbers
+    big = model(4, MiB, kv=64)
+    plan(big, nodes(8.5 / 1024), prefix_cache_tokens=0)
+    with pytest.raises(PlanError, match=r"model needs 9.00 MiB \(weights 4.00 MiB \+ KV 5.00 "
+                       r"MiB for 4 x 4096 tokens \+ 4096 prefix-cache tokens\) but the workers "
+                       r"have 8.50 MiB"):
+        plan(big, nodes(8.5 / 1024), prefix_cache_tokens=4096)
+    with pytest.raises(ValueError, match="prefix_cache_tokens"):
+        plan(info, nodes(1), prefix_cache_tokens=-1)
+
+
+def test_plan_command_reserves_the_prefix_cache_like_serve(monkeypatch, capsys):
+    info = model(4, MiB, kv=64)
+    assert run_cli(monkeypatch, info, "--memory", "1GiB") == 0
+    assert "4 x 4096 tokens + 4096 prefix-cache tokens" in capsys.readouterr().out
+    assert run_cli(monkeypatch, info, "--memory", "1GiB", "--prefix-cache-tokens", "0") == 0
+    out = capsys.readouterr().out
+    assert "KV reserved for 4 x 4096 tokens\n" in out
+    assert "prefix-cache" not in out
+    assert run_cli(monkeypatch, info, "--memory", "8.5MiB") == 2
+    assert "+ 4096 prefix-cache tokens) but the workers have 8.50 MiB" in capsys.readouterr().err
