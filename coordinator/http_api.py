@@ -266,7 +266,7 @@ class HttpApi:
 
     async def sd_workers(self, request: HttpRequest) -> Response:
         """Prometheus http_sd_configs; ?loopback=HOST rewrites 127.0.0.1 workers to HOST."""
-        return JSONResponse(sd_targets(self.source.cluster, request.query_params.get("loopback")))
+        return JSONResponse(sd_targets(self.source, request.query_params.get("loopback")))
 
     def _card(self) -> dict:
         m = self.source.model

@@ -37,9 +37,30 @@ FINISH_REASONS = {inference_pb2.FINISH_REASON_STOP: "stop",
 FAILURE_REASONS = ("cancelled", "invalid_argument", "not_found", "resource_exhausted",
                    "unavailable", "internal")
 REPLAN_REASONS = ("initial", "worker_joined", "worker_lost")
-WORKER_STATES = ("ready", "loading", "serving", "failed")
-DEAD_STATES = ("down", "lost", "gone")
+# A plan worker's status (cluster.py, membership.py), then those of workers seen outside the
+# plan (discovery.Member.status; "excluded: why" is counted as "excluded").
+WORKER_STATES = ("ready", "loading", "serving", "failed", "restarted", "left", "unreachable",
+                 "standby", "joining", "excluded")
+GONE_STATES = ("left", "unreachable")  # no process to scrape any more
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
+
+
+def known_workers(source: Any) -> tuple[list[Any], list[str]]:
+    """(the plan's workers, then the live standby ones; the state of every worker known).
+
+    `source` is the Coordinator (its `cluster` and, when it has one, its `membership`).
+    """
+    plan = list(getattr(getattr(source, "cluster", None), "workers", None) or [])
+    states = [w.status for w in plan]
+    standby = []
+    membership = getattr(source, "membership", None)
+    if membership is not None and getattr(membership, "table", None) is not None:
+        states += [row.status.split(":")[0] for row in membership.rows()]
+        in_plan = {id(w) for w in plan}
+        standby = [m.worker for m in membership.table.members.values()
+                   if m.worker is not None and id(m.worker) not in in_plan
+                   and not m.alias_of and m.status() == "standby"]
+    return plan + standby, states
 
 
 def worker_labels(workers: list[Any]) -> list[str]:
@@ -65,11 +86,11 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("shardline_requests_waiting",
                                 "Requests queued for a running slot.",
                                 value=float(getattr(scheduler, "waiting", 0)))
-        cluster = getattr(source, "cluster", None)
-        workers = list(getattr(cluster, "workers", None) or [])
+        workers, known = known_workers(source)
+        plan = len(getattr(getattr(source, "cluster", None), "workers", None) or [])
         states = dict.fromkeys(WORKER_STATES, 0)
-        for w in workers:
-            states[w.status] = states.get(w.status, 0) + 1
+        for state in known:
+            states[state] = states.get(state, 0) + 1
         family = GaugeMetricFamily("shardline_workers", "Workers known to the coordinator, by "
                                    "state.", labels=["state"])
         for state, count in states.items():
@@ -78,7 +99,7 @@ class _StateCollector(Collector):
         layers = GaugeMetricFamily("shardline_worker_layers",
                                    "Layers assigned to each worker by the current plan.",
                                    labels=["worker"])
-        for label, w in zip(worker_labels(workers), workers, strict=True):
+        for label, w in list(zip(worker_labels(workers), workers, strict=True))[:plan]:
             spec = w.shard.spec if w.shard is not None else None
             layers.add_metric([label], float(spec.layer_end - spec.layer_start if spec else 0))
         yield layers
@@ -201,16 +222,18 @@ def _split_address(address: str) -> str:
     return host if sep else address
 
 
-def sd_targets(cluster: Any, loopback_host: str | None = None) -> list[dict]:
-    """Prometheus `http_sd_configs` JSON: every live worker's metrics endpoint with its labels.
+def sd_targets(source: Any, loopback_host: str | None = None) -> list[dict]:
+    """Prometheus `http_sd_configs` JSON: every live worker's metrics endpoint with its labels
+    (the plan's workers and standby ones; `worker` as in shardline_worker_layers).
 
     `loopback_host` replaces a loopback worker host (a local worker seen from a Prometheus in
     Docker: `host.docker.internal`).
     """
-    workers = [w for w in (getattr(cluster, "workers", None) or [])
-               if w.status not in DEAD_STATES and w.info.metrics_port]
+    workers, _ = known_workers(source)
     out = []
     for label, w in zip(worker_labels(workers), workers, strict=True):
+        if w.status in GONE_STATES or not w.info.metrics_port:
+            continue
         host = _split_address(w.address)
         if loopback_host and (host in LOOPBACK or host.startswith("127.")):
             host = loopback_host

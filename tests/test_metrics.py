@@ -174,12 +174,16 @@ def test_sd_targets_labels_loopback_and_dead_workers():
                                info=SimpleNamespace(name=name, id=f"id-{name}", metrics_port=mport),
                                shard=SimpleNamespace(spec=spec))
 
+    # the states membership really sets on plan workers it lost (membership._check_plan)
     cluster = SimpleNamespace(workers=[
         worker("mini", "127.0.0.1:50061"), worker("mini", "10.0.0.7:50061", layers=(3, 6), stage=1),
-        worker("gone", "10.0.0.8:50061", status="lost"), worker("old", "10.0.0.9:1", mport=0),
+        worker("gone", "10.0.0.8:50061", status="left"),
+        worker("dead", "10.0.0.10:50061", status="unreachable"),
+        worker("old", "10.0.0.9:1", mport=0),
     ])
+    source = SimpleNamespace(cluster=cluster)
     assert sd_targets(None) == []
-    assert sd_targets(cluster, "host.docker.internal") == [
+    assert sd_targets(source, "host.docker.internal") == [
         {"targets": ["host.docker.internal:9100"],
          "labels": {"worker": "mini@127.0.0.1:50061", "worker_id": "id-mini",
                     "layers": "[0, 3)", "stage": "0"}},
@@ -187,7 +191,44 @@ def test_sd_targets_labels_loopback_and_dead_workers():
          "labels": {"worker": "mini@10.0.0.7:50061", "worker_id": "id-mini",
                     "layers": "[3, 6)", "stage": "1"}},
     ]
-    assert sd_targets(cluster)[0]["targets"] == ["127.0.0.1:9100"]
+    assert sd_targets(source)[0]["targets"] == ["127.0.0.1:9100"]
+
+
+def test_standby_and_lost_workers_are_counted_and_standby_ones_scraped():
+    """Workers outside the plan (standby joiners, excluded, left) show in shardline_workers,
+    live standby ones in /sd/workers, with the labels shardline_worker_layers uses."""
+    from coordinator.metrics import CoordinatorMetrics
+
+    def worker(name, address, status="serving", layers=None):
+        spec = (SimpleNamespace(layer_start=layers[0], layer_end=layers[1], stage_index=0)
+                if layers else None)
+        return SimpleNamespace(address=address, status=status,
+                               info=SimpleNamespace(name=name, id=f"id-{name}", metrics_port=9100),
+                               shard=SimpleNamespace(spec=spec) if spec else None)
+
+    serving, lost = worker("a", "10.0.0.1:1", layers=(0, 6)), worker("b", "10.0.0.2:1", "left")
+    joiner = worker("a", "10.0.0.3:1", status="ready")
+    members = {
+        "1": SimpleNamespace(worker=serving, alias_of=None, status=lambda: "serving"),
+        "2": SimpleNamespace(worker=joiner, alias_of=None, status=lambda: "standby"),
+        "3": SimpleNamespace(worker=None, alias_of=None, status=lambda: "excluded: cluster x"),
+    }
+    rows = [SimpleNamespace(status="standby"), SimpleNamespace(status="excluded: cluster x")]
+    membership = SimpleNamespace(table=SimpleNamespace(members=members), rows=lambda: rows)
+    source = SimpleNamespace(cluster=SimpleNamespace(workers=[serving, lost]),
+                             membership=membership, engine=None)
+    targets = sd_targets(source)
+    assert [t["labels"]["worker"] for t in targets] == ["a@10.0.0.1:1", "a@10.0.0.3:1"]
+    assert "layers" not in targets[1]["labels"]
+
+    metrics = CoordinatorMetrics()
+    metrics.source = source
+    text = metrics.render()[0].decode()
+    for state, n in (("serving", 1), ("left", 1), ("standby", 1), ("excluded", 1),
+                     ("unreachable", 0)):
+        assert f'shardline_workers{{state="{state}"}} {n}.0' in text, state
+    assert 'shardline_worker_layers{worker="a@10.0.0.1:1"} 6.0' in text
+    assert 'worker="a@10.0.0.3:1"' not in text.split("shardline_worker_layers")[-1]
 
 
 # -- a live cluster ------------------------------------------------------------------------------
