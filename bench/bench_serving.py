@@ -37,7 +37,7 @@ GPU_SPEC = ModelSpec(family="llama", num_layers=16, hidden_size=2048, intermedia
                      num_attention_heads=16, num_key_value_heads=8, vocab_size=8192,
                      max_position_embeddings=4096)
 GiB = 1 << 30
-PIN = True  # CPU runs pin the 2 workers of (c) to a core each; --gpu turns it off
+PIN = True  # CPU runs pin mlx-lm to core 0 and worker i to core i; --gpu turns it off
 SECRET: bytes | None = None  # a cluster secret for the workers (bench_overhead --secret)
 
 
@@ -66,10 +66,12 @@ def prompts(n: int, length: int) -> list[list[int]]:
 
 
 def bench_mlx_lm(path: Path, streams: int, prompt_len: int, new: int) -> Result:
-    """(a) mlx-lm alone, in a process of its own with the whole machine, as (b) has it."""
+    """(a) mlx-lm alone, in a process pinned to core 0 from its start (all its threads too)."""
     cmd = [sys.executable, __file__, "--mlx-lm", str(path), str(streams), str(prompt_len),
            str(new)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    pin_child = (lambda: os.sched_setaffinity(0, {0})) \
+        if PIN and hasattr(os, "sched_setaffinity") else None
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=pin_child)
     data = json.loads(out.stdout.strip().splitlines()[-1])
     return Result("mlx-lm", streams, data["tokens"], data["wall"], data["ttft"], data["itl"])
 
@@ -143,10 +145,8 @@ async def with_cluster(path: Path, workers: int, fn, *, prefill_chunk: int = 512
     from coordinator.app import Coordinator, ServeOptions
     from coordinator.local import LocalWorkers
 
-    # (b), one worker, has the whole machine like mlx-lm; (c) pins worker i to core i.
-    pin = PIN and workers > 1
     local = LocalWorkers(workers, memory=[(32 if not PIN else 4) * GiB] * workers,
-                         cpus=list(range(workers)) if pin else None,
+                         cpus=list(range(workers)) if PIN else None,
                          cache_dir=Path(tempfile.mkdtemp()), secret=SECRET)
     addresses = local.start()
     coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
@@ -283,9 +283,10 @@ def header(args: argparse.Namespace) -> str:
                  f"GPU (the 2-worker rows measure pipelining overhead, not added compute)")
         cmd = "python bench/bench_serving.py --gpu"
     else:
-        where = (f"{os.cpu_count()} CPU cores; mlx-lm and Shardline with 1 worker (coordinator "
-                 "and worker) each have the whole machine, the 2 workers are pinned to cores 0 "
-                 "and 1 (the coordinator and the clients are not pinned)")
+        where = (f"{os.cpu_count()} CPU cores, mlx-lm pinned to core 0, workers pinned to "
+                 "cores 0 and 1; the coordinator and the clients are not pinned (the compute "
+                 "gets one core in (a) and (b) alike; the coordinator's work runs beside it, as "
+                 "on a Mac whose GPU computes while its CPU cores are free)")
         cmd = "python bench/bench_serving.py"
     return (f"# Serving benchmark\n\nModel: {spec.key()} ({shape}), {where}. Command: "
             f"`{cmd}`. {mlx_lm_note}\n\n")
