@@ -22,6 +22,12 @@ from protos.units import format_size
 log = logging.getLogger("shardline.cluster")
 
 
+# A plan worker's status (Worker.status) while the cluster runs it; coordinator.discovery names
+# the states membership adds (left, unreachable, restarted) and those of workers not in the plan.
+READY, LOADING, SERVING, FAILED = "ready", "loading", "serving", "failed"
+WORKER_STATES = (READY, LOADING, SERVING, FAILED)
+
+
 class ClusterError(RuntimeError):
     """The cluster cannot serve: a worker is unreachable, refused its shard, or the plan failed."""
 
@@ -34,7 +40,7 @@ class Worker:
     info: worker_pb2.WorkerInfo
     channel: grpc.aio.Channel
     shard: worker_pb2.ShardInfo | None = None
-    status: str = "ready"
+    status: str = READY
 
     @property
     def stub(self) -> worker_pb2_grpc.WorkerStub:
@@ -158,16 +164,16 @@ class Cluster:
                 max_message_bytes=protos.DEFAULT_MAX_MESSAGE_BYTES,
                 plan_id=self.plan_id,
             )
-            worker.status = "loading"
+            worker.status = LOADING
             try:
                 async for step in worker.stub.LoadShard(worker_pb2.LoadShardRequest(spec=spec)):
                     if step.HasField("shard"):
                         worker.shard = step.shard
             except grpc.aio.AioRpcError as e:
-                worker.status = "failed"
+                worker.status = FAILED
                 raise ClusterError(f"worker {worker.label} could not load its shard: "
                                    f"{e.details()}") from None
-            worker.status = "serving"
+            worker.status = SERVING
             if progress:
                 progress(
                     f"  {worker.info.name}: layers [{stage.layer_start}, {stage.layer_end}) "

@@ -33,6 +33,17 @@ from protos.netif import Interface, list_interfaces, select_interfaces, zeroconf
 
 log = logging.getLogger("shardline.discovery")
 
+# Membership states (set by coordinator.membership; shown by GetCluster, counted by metrics).
+# A worker seen but not in the plan is `joining` (announced, not dialled yet), `standby`
+# (usable, waiting for the next re-plan), `excluded` (left out, with a reason), or gone: `left`
+# (mDNS goodbye or expiry) or `unreachable` (failed health checks). A plan worker gone is `left`
+# or `unreachable` too, and `restarted` when it came back without its shard; otherwise it has
+# one of coordinator.cluster.WORKER_STATES.
+JOINING, STANDBY, EXCLUDED = "joining", "standby", "excluded"
+LEFT, UNREACHABLE, RESTARTED = "left", "unreachable", "restarted"
+GONE_STATES = (LEFT, UNREACHABLE)
+MEMBER_STATES = (JOINING, STANDBY, EXCLUDED, LEFT, UNREACHABLE)
+
 
 def split_address(address: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` -> (host, port); ValueError if there is no port."""
@@ -81,7 +92,7 @@ class Member:
     ad: WorkerAd | None = None
     worker: Worker | None = None
     reason: str = ""  # why it is left out; "" = may be used
-    gone: str = ""  # "left" (goodbye or expiry) | "unreachable" | "" (present)
+    gone: str = ""  # LEFT (goodbye or expiry) | UNREACHABLE | "" (present)
     gone_since: float = 0.0
     instance: str = ""  # mDNS instance name (two processes may claim the same one)
     alias_of: str = ""  # key of the member that is the same worker seen another way
@@ -100,12 +111,17 @@ class Member:
     def label(self) -> str:
         return f"{self.name} at {self.address}"
 
-    def status(self) -> str:
+    @property
+    def state_name(self) -> str:
+        """One of MEMBER_STATES (`status()` without the reason)."""
         if self.reason:
-            return f"excluded: {self.reason}"
+            return EXCLUDED
         if self.gone:
             return self.gone
-        return "standby" if self.worker else "joining"
+        return STANDBY if self.worker else JOINING
+
+    def status(self) -> str:
+        return f"{EXCLUDED}: {self.reason}" if self.reason else self.state_name
 
     def state(self) -> inference_pb2.WorkerState:
         """A row for GetCluster (layers empty: it is not in the plan)."""
@@ -194,8 +210,8 @@ class MemberTable:
                         member.label, node_id, other.label)
             return
 
-    def left(self, key: str, why: str = "left") -> Member | None:
-        """mDNS goodbye or expiry (`why`="left"), or failed health checks ("unreachable")."""
+    def left(self, key: str, why: str = LEFT) -> Member | None:
+        """mDNS goodbye or expiry (`why`=LEFT), or failed health checks (UNREACHABLE)."""
         member = self.members.get(key)
         if member is not None and not member.gone:
             member.gone, member.gone_since = why, time.monotonic()
@@ -238,13 +254,18 @@ class MemberTable:
     def member_of(self, worker: Worker) -> Member | None:
         return next((m for m in self.members.values() if m.worker is worker), None)
 
-    def rows(self, exclude: Iterable[Worker] = ()) -> list[inference_pb2.WorkerState]:
-        """GetCluster rows of everyone seen except the plan's workers and aliases."""
+    def others(self, exclude: Iterable[Worker] = ()) -> list[Member]:
+        """Everyone seen except the plan's workers (`exclude`), aliases, and older runs of a
+        live worker."""
         skip = {id(w) for w in exclude}
         present = {m.node_id for m in self.members.values() if not m.gone}
-        return [m.state() for m in self.members.values()
+        return [m for m in self.members.values()
                 if not m.alias_of and (m.worker is None or id(m.worker) not in skip)
-                and not (m.gone and m.node_id in present)]  # an older run of a live worker
+                and not (m.gone and m.node_id in present)]
+
+    def rows(self, exclude: Iterable[Worker] = ()) -> list[inference_pb2.WorkerState]:
+        """GetCluster rows of everyone seen except the plan's workers and aliases."""
+        return [m.state() for m in self.others(exclude)]
 
 
 def _is_loopback(ip: str) -> bool:

@@ -21,8 +21,25 @@ from typing import Any
 
 import grpc
 
-from coordinator.cluster import ClusterError, Worker, WorkerRefused, connect_all, open_worker
-from coordinator.discovery import Browser, Member, MemberTable, ask_info, resolve_ips
+from coordinator.cluster import (
+    SERVING,
+    ClusterError,
+    Worker,
+    WorkerRefused,
+    connect_all,
+    open_worker,
+)
+from coordinator.discovery import (
+    JOINING,
+    LEFT,
+    RESTARTED,
+    UNREACHABLE,
+    Browser,
+    Member,
+    MemberTable,
+    ask_info,
+    resolve_ips,
+)
 from coordinator.planner import PlanError
 from protos import inference_pb2
 from protos.discovery import ApiAd, WorkerAd, check_cluster_name
@@ -112,7 +129,7 @@ class Membership:
     def _on_gone(self, name: str) -> None:
         claiming = self.table.claiming(name)
         if len(claiming) == 1:
-            self.table.left(claiming[0].key, "left")
+            self.table.left(claiming[0].key, LEFT)
             self._changed()
         elif len(claiming) > 1:  # a shared name: find out who really left
             for member in claiming:
@@ -123,7 +140,7 @@ class Membership:
         worker = await dial(member.address, timeout=1.5, secret=self.secret)
         if worker is not None:
             await worker.channel.close()
-        elif self.table.left(member.key, "left") is not None:
+        elif self.table.left(member.key, LEFT) is not None:
             self._changed()
 
     async def _dial(self, member: Member, replaced: Worker | None = None) -> None:
@@ -134,7 +151,7 @@ class Membership:
                 worker = await dial(address, secret=self.secret, refused=refused)
                 if worker is None:
                     continue
-                if self.table.members.get(member.key) is not member or member.gone == "left":
+                if self.table.members.get(member.key) is not member or member.gone == LEFT:
                     await worker.channel.close()  # superseded while we dialled
                     return
                 worker = self._adopt(worker, replaced, member)
@@ -149,7 +166,7 @@ class Membership:
                 log.warning("leaving out %s: %s", member.label, refused[0])
                 self._changed()
             elif not member.gone:
-                member.gone, member.gone_since = "unreachable", time.monotonic()
+                member.gone, member.gone_since = UNREACHABLE, time.monotonic()
                 self._changed()
         finally:
             if replaced is not None and replaced is not member.worker:
@@ -192,24 +209,24 @@ class Membership:
         except grpc.aio.AioRpcError:
             member.failures += 1
             if member.failures >= misses and not member.gone:
-                member.gone, member.gone_since = "unreachable", time.monotonic()
+                member.gone, member.gone_since = UNREACHABLE, time.monotonic()
                 log.warning("worker %s does not answer health checks", member.label)
                 self._changed()
             return
         member.failures = 0
         member.worker.info = info
-        if member.gone == "unreachable":
+        if member.gone == UNREACHABLE:
             member.gone = ""
             self._changed()
 
     async def _tick(self) -> None:
         checks = []
         for m in list(self.table.members.values()):
-            if m.reason or m.alias_of or m.gone == "left":
+            if m.reason or m.alias_of or m.gone == LEFT:
                 continue
             if m.worker is not None:
                 checks.append(self._check(m))
-            elif m.source == "mdns" and m.gone == "unreachable":
+            elif m.source == "mdns" and m.gone == UNREACHABLE:
                 checks.append(self._dial(m))
         for m in self.table.recheck_duplicates():
             checks.append(self._dial(m))
@@ -281,7 +298,7 @@ class Membership:
         count = len(self.table.usable())
         for m in list(self.table.members.values()):
             status = m.status()
-            if m.alias_of or told.get(m.key) == status or status == "joining":
+            if m.alias_of or told.get(m.key) == status or status == JOINING:
                 continue
             told[m.key] = status
             if m.usable:
@@ -320,15 +337,15 @@ class Membership:
         for w in cluster.workers[: len(cluster.plan.stages) if cluster.plan else 0]:
             m = self.table.member_of(w)
             if m is None or m.gone:
-                w.status = m.gone if m is not None and m.gone else "left"
+                w.status = m.gone if m is not None and m.gone else LEFT
                 lost.append(w.info.name)
-            elif w.status in ("left", "unreachable"):
+            elif w.status in (LEFT, UNREACHABLE):
                 # back: still serving if it kept its shard, else it restarted and needs one
                 kept = w.info.shard.spec.plan_id == cluster.plan_id
-                w.status = "serving" if kept else "restarted"
+                w.status = SERVING if kept else RESTARTED
                 if not kept:
                     lost.append(w.info.name)
-            elif w.status == "restarted":
+            elif w.status == RESTARTED:
                 lost.append(w.info.name)
         pipeline = cluster.pipeline
         if lost and pipeline is not None and not pipeline.broken:
@@ -371,7 +388,7 @@ class Membership:
             return ""
         if cluster.pipeline is not None and cluster.pipeline.broken:
             return "worker_lost"
-        joined = [w for w in usable if w not in cluster.workers or w.status == "restarted"]
+        joined = [w for w in usable if w not in cluster.workers or w.status == RESTARTED]
         return "worker_joined" if joined and self.rebalance else ""
 
     async def _replan(self) -> None:

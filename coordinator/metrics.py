@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import prometheus_client
@@ -21,6 +22,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import protos
+from coordinator.cluster import WORKER_STATES
+from coordinator.discovery import GONE_STATES, MEMBER_STATES, RESTARTED, STANDBY
 from protos import inference_pb2
 from protos.grpc_metrics import MetricsInterceptor, server_interceptor
 
@@ -37,30 +40,10 @@ FINISH_REASONS = {inference_pb2.FINISH_REASON_STOP: "stop",
 FAILURE_REASONS = ("cancelled", "invalid_argument", "not_found", "resource_exhausted",
                    "unavailable", "internal")
 REPLAN_REASONS = ("initial", "worker_joined", "worker_lost")
-# A plan worker's status (cluster.py, membership.py), then those of workers seen outside the
-# plan (discovery.Member.status; "excluded: why" is counted as "excluded").
-WORKER_STATES = ("ready", "loading", "serving", "failed", "restarted", "left", "unreachable",
-                 "standby", "joining", "excluded")
-GONE_STATES = ("left", "unreachable")  # no process to scrape any more
+# every state shardline_workers reports (0 while no worker is in it): a plan worker's status,
+# then the membership states of workers outside the plan (names defined where they are set)
+STATES = (*WORKER_STATES, RESTARTED, *MEMBER_STATES)
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0")
-
-
-def known_workers(source: Any) -> tuple[list[Any], list[str]]:
-    """(the plan's workers, then the live standby ones; the state of every worker known).
-
-    `source` is the Coordinator (its `cluster` and, when it has one, its `membership`).
-    """
-    plan = list(getattr(getattr(source, "cluster", None), "workers", None) or [])
-    states = [w.status for w in plan]
-    standby = []
-    membership = getattr(source, "membership", None)
-    if membership is not None and getattr(membership, "table", None) is not None:
-        states += [row.status.split(":")[0] for row in membership.rows()]
-        in_plan = {id(w) for w in plan}
-        standby = [m.worker for m in membership.table.members.values()
-                   if m.worker is not None and id(m.worker) not in in_plan
-                   and not m.alias_of and m.status() == "standby"]
-    return plan + standby, states
 
 
 def worker_labels(workers: list[Any]) -> list[str]:
@@ -68,6 +51,43 @@ def worker_labels(workers: list[Any]) -> list[str]:
     names = [w.info.name for w in workers]
     return [n if names.count(n) == 1 else f"{n}@{w.address}"
             for n, w in zip(names, workers, strict=True)]
+
+
+@dataclass(frozen=True)
+class KnownWorker:
+    """One worker the coordinator knows, in the plan or not, with its state and label."""
+
+    state: str
+    worker: Any = None  # coordinator.cluster.Worker; None unless in the plan or on standby
+    label: str = ""  # the `worker` label ("" for members neither in the plan nor on standby)
+    in_plan: bool = False
+
+    @property
+    def scrapable(self) -> bool:
+        """An `/sd/workers` target: a live plan or standby worker with a metrics port."""
+        return (self.worker is not None and self.state not in GONE_STATES
+                and bool(self.worker.info.metrics_port))
+
+
+def known_workers(source: Any) -> list[KnownWorker]:
+    """The plan's workers (`source.cluster.workers`), then every other member the membership
+    of `source` (the Coordinator) knows: standby, excluded, joining, left, unreachable.
+
+    The `worker` labels are given here, once, over the plan's workers and the standby ones
+    together, so `shardline_worker_layers` and `/sd/workers` always agree."""
+    plan = list(getattr(getattr(source, "cluster", None), "workers", None) or [])
+    membership = getattr(source, "membership", None)
+    table = getattr(membership, "table", None)
+    members = table.others(exclude=plan) if table is not None else []
+    standby = [m.worker for m in members if m.state_name == STANDBY]
+    labels = dict(zip(map(id, plan + standby), worker_labels(plan + standby), strict=True))
+    out = [KnownWorker(w.status, w, labels[id(w)], True) for w in plan]
+    for m in members:
+        if m.state_name == STANDBY:
+            out.append(KnownWorker(STANDBY, m.worker, labels[id(m.worker)]))
+        else:
+            out.append(KnownWorker(m.state_name))
+    return out
 
 
 class _StateCollector(Collector):
@@ -86,22 +106,24 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily("shardline_requests_waiting",
                                 "Requests queued for a running slot.",
                                 value=float(getattr(scheduler, "waiting", 0)))
-        workers, known = known_workers(source)
-        plan = len(getattr(getattr(source, "cluster", None), "workers", None) or [])
-        states = dict.fromkeys(WORKER_STATES, 0)
-        for state in known:
-            states[state] = states.get(state, 0) + 1
+        known = known_workers(source)
+        states = dict.fromkeys(STATES, 0)
+        for k in known:
+            states[k.state] = states.get(k.state, 0) + 1
         family = GaugeMetricFamily("shardline_workers", "Workers known to the coordinator, by "
-                                   "state.", labels=["state"])
+                                   "state: in the plan, standby, excluded or gone.",
+                                   labels=["state"])
         for state, count in states.items():
             family.add_metric([state], float(count))
         yield family
         layers = GaugeMetricFamily("shardline_worker_layers",
                                    "Layers assigned to each worker by the current plan.",
                                    labels=["worker"])
-        for label, w in list(zip(worker_labels(workers), workers, strict=True))[:plan]:
-            spec = w.shard.spec if w.shard is not None else None
-            layers.add_metric([label], float(spec.layer_end - spec.layer_start if spec else 0))
+        for k in known:
+            if k.in_plan:
+                spec = k.worker.shard.spec if k.worker.shard is not None else None
+                layers.add_metric([k.label],
+                                  float(spec.layer_end - spec.layer_start if spec else 0))
         yield layers
 
 
@@ -229,16 +251,16 @@ def sd_targets(source: Any, loopback_host: str | None = None) -> list[dict]:
     `loopback_host` replaces a loopback worker host (a local worker seen from a Prometheus in
     Docker: `host.docker.internal`).
     """
-    workers, _ = known_workers(source)
     out = []
-    for label, w in zip(worker_labels(workers), workers, strict=True):
-        if w.status in GONE_STATES or not w.info.metrics_port:
+    for k in known_workers(source):
+        if not k.scrapable:
             continue
+        w = k.worker
         host = _split_address(w.address)
         if loopback_host and (host in LOOPBACK or host.startswith("127.")):
             host = loopback_host
-        spec = w.shard.spec if w.shard is not None else None
-        labels = {"worker": label, "worker_id": w.info.id}
+        spec = w.shard.spec if k.in_plan and w.shard is not None else None
+        labels = {"worker": k.label, "worker_id": w.info.id}
         if spec is not None:
             labels["layers"] = f"[{spec.layer_start}, {spec.layer_end})"
             labels["stage"] = str(spec.stage_index)

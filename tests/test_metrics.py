@@ -195,40 +195,80 @@ def test_sd_targets_labels_loopback_and_dead_workers():
 
 
 def test_standby_and_lost_workers_are_counted_and_standby_ones_scraped():
-    """Workers outside the plan (standby joiners, excluded, left) show in shardline_workers,
-    live standby ones in /sd/workers, with the labels shardline_worker_layers uses."""
+    """Workers outside the plan (standby joiners, excluded, joining, left, unreachable) show in
+    shardline_workers under the states membership sets; live plan and standby workers are in
+    /sd/workers, with the labels shardline_worker_layers uses; gone ones drop out."""
+    from coordinator.cluster import Worker
+    from coordinator.discovery import LEFT, UNREACHABLE
+    from coordinator.membership import Membership
     from coordinator.metrics import CoordinatorMetrics
+    from protos import WIRE_VERSION, worker_pb2
+    from protos.discovery import WorkerAd
 
-    def worker(name, address, status="serving", layers=None):
-        spec = (SimpleNamespace(layer_start=layers[0], layer_end=layers[1], stage_index=0)
-                if layers else None)
-        return SimpleNamespace(address=address, status=status,
-                               info=SimpleNamespace(name=name, id=f"id-{name}", metrics_port=9100),
-                               shard=SimpleNamespace(spec=spec) if spec else None)
+    plan_id = "p1"
 
-    serving, lost = worker("a", "10.0.0.1:1", layers=(0, 6)), worker("b", "10.0.0.2:1", "left")
-    joiner = worker("a", "10.0.0.3:1", status="ready")
-    members = {
-        "1": SimpleNamespace(worker=serving, alias_of=None, status=lambda: "serving"),
-        "2": SimpleNamespace(worker=joiner, alias_of=None, status=lambda: "standby"),
-        "3": SimpleNamespace(worker=None, alias_of=None, status=lambda: "excluded: cluster x"),
-    }
-    rows = [SimpleNamespace(status="standby"), SimpleNamespace(status="excluded: cluster x")]
-    membership = SimpleNamespace(table=SimpleNamespace(members=members), rows=lambda: rows)
-    source = SimpleNamespace(cluster=SimpleNamespace(workers=[serving, lost]),
-                             membership=membership, engine=None)
-    targets = sd_targets(source)
-    assert [t["labels"]["worker"] for t in targets] == ["a@10.0.0.1:1", "a@10.0.0.3:1"]
-    assert "layers" not in targets[1]["labels"]
+    def worker(name: str, ip: str, layers: tuple[int, int] | None = None) -> Worker:
+        info = worker_pb2.WorkerInfo(id=f"id-{ip}", name=name, cluster="lab", api=WIRE_VERSION,
+                                     memory_bytes=1 << 30, backend="cpu", metrics_port=9100)
+        w = Worker(address=f"{ip}:50061", info=info, channel=None)
+        if layers is not None:
+            w.shard = worker_pb2.ShardInfo(spec=worker_pb2.ShardSpec(
+                layer_start=layers[0], layer_end=layers[1], stage_index=layers[0] // 3,
+                plan_id=plan_id))
+            w.info.shard.CopyFrom(w.shard)
+            w.status = "serving"
+        return w
 
+    membership = Membership(cluster="lab", discover=False, progress=lambda s: None)
+    table = membership.table
+    a, b = worker("a", "10.0.0.1", (0, 3)), worker("b", "10.0.0.2", (3, 6))
+    joiner, stray = worker("a", "10.0.0.3"), worker("s", "10.0.0.4")
+    for w in (a, b, joiner, stray):
+        table.identified(table.add_static(w.address), w)
+    stray_key = table.member_of(stray).key
+    table.saw("x._shardline._tcp.local.", WorkerAd(id="x", cluster="prod"), ["10.0.0.5"], 1)
+    table.saw("y._shardline._tcp.local.", WorkerAd(id="y", cluster="lab"), ["10.0.0.6"], 1)
+    cluster = SimpleNamespace(workers=[a, b], plan=SimpleNamespace(stages=[0, 1]),
+                              plan_id=plan_id, pipeline=None)
+    source = SimpleNamespace(cluster=cluster, membership=membership, engine=None)
+    membership.source = source
     metrics = CoordinatorMetrics()
-    metrics.source = source
-    text = metrics.render()[0].decode()
-    for state, n in (("serving", 1), ("left", 1), ("standby", 1), ("excluded", 1),
-                     ("unreachable", 0)):
-        assert f'shardline_workers{{state="{state}"}} {n}.0' in text, state
-    assert 'shardline_worker_layers{worker="a@10.0.0.1:1"} 6.0' in text
-    assert 'worker="a@10.0.0.3:1"' not in text.split("shardline_worker_layers")[-1]
+    metrics.watch(source)
+
+    def counts() -> dict[str, float]:
+        c = families(metrics.render()[0].decode())
+        return {s.labels["state"]: s.value for s in c["shardline_workers"] if s.value}
+
+    def listed() -> dict[str, str]:
+        return {t["labels"]["worker"]: t["labels"].get("layers", "") for t in sd_targets(source)}
+
+    # the plan's a and the standby a share a name: both are name@address, in both places
+    assert listed() == {"a@10.0.0.1:50061": "[0, 3)", "b": "[3, 6)", "a@10.0.0.3:50061": "",
+                        "s": ""}
+    assert counts() == {"serving": 2, "standby": 2, "excluded": 1, "joining": 1}
+    layers = families(metrics.render()[0].decode())["shardline_worker_layers"]
+    assert {s.labels["worker"]: s.value for s in layers} == {"a@10.0.0.1:50061": 3, "b": 3}
+
+    # b leaves (mDNS goodbye): membership marks the plan worker, it leaves /sd/workers
+    table.left(table.member_of(b).key, LEFT)
+    membership._check_plan()
+    assert b.status == LEFT
+    assert set(listed()) == {"a@10.0.0.1:50061", "a@10.0.0.3:50061", "s"}
+    assert counts() == {"serving": 1, "left": 1, "standby": 2, "excluded": 1, "joining": 1}
+    # the re-plan drops b from the plan: still counted as left (membership remembers it)
+    cluster.workers = [a]
+    assert counts() == {"serving": 1, "left": 1, "standby": 2, "excluded": 1, "joining": 1}
+    # a standby worker stops answering health checks: out of /sd/workers, counted unreachable
+    table.left(stray_key, UNREACHABLE)
+    assert set(listed()) == {"a@10.0.0.1:50061", "a@10.0.0.3:50061"}
+    assert counts() == {"serving": 1, "left": 1, "standby": 1, "unreachable": 1, "excluded": 1,
+                        "joining": 1}
+    # a plan worker unreachable is out too (the standby a keeps its label while the lost a is
+    # still in the plan: the names stay those of shardline_worker_layers)
+    table.left(table.member_of(a).key, UNREACHABLE)
+    membership._check_plan()
+    assert a.status == UNREACHABLE and set(listed()) == {"a@10.0.0.3:50061"}
+    assert counts() == {"unreachable": 2, "left": 1, "standby": 1, "excluded": 1, "joining": 1}
 
 
 # -- a live cluster ------------------------------------------------------------------------------
