@@ -65,6 +65,11 @@ class ApiAd:
     model: str = ""
 
 
+def is_node_id(text: str) -> bool:
+    """Whether `text` can be a node id in TXT (1-64 letters, digits, '.', '_' or '-')."""
+    return bool(_NODE_ID.match(text))
+
+
 def check_cluster_name(name: str) -> str:
     """`name` if it is a valid cluster name (1-40 of A-Z a-z 0-9 . _ -), else TxtError."""
     if not _CLUSTER.match(name or ""):
@@ -107,7 +112,7 @@ def _fit(props: dict[str, str], shrinkable: str) -> dict[str, str]:
 
 def encode_worker_txt(ad: WorkerAd) -> dict[str, str]:
     """The worker's TXT properties, `txtvers` first; the chip name is shortened to fit."""
-    if not _NODE_ID.match(ad.id or ""):
+    if not is_node_id(ad.id or ""):
         raise TxtError(f"node id {ad.id!r} must be 1-64 letters, digits, '.', '_' or '-'")
     props = {
         "txtvers": TXT_VERSION,

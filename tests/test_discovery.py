@@ -277,6 +277,29 @@ def test_worker_advertisement_content(cache_dir):
     assert _interfaces_for("0.0.0.0", "eth0", IFACES)[1] == ["192.168.1.5", "fe80::5"]
 
 
+def test_node_id_is_generated_once_persisted_per_name_and_replaced_when_corrupt(tmp_path):
+    from protos.discovery import is_node_id
+    from worker.identity import node_id
+
+    cache = tmp_path / "cache"  # not there yet: created on the first call
+    first = node_id(cache, "studio")
+    assert is_node_id(first) and len(first) == 16
+    assert (cache / "studio.id").read_text().strip() == first
+    assert node_id(cache, "studio") == first  # a second call (a restart) reads it back
+    assert sorted(p.name for p in cache.iterdir()) == ["studio.id"]  # no temp file left
+    other = node_id(cache, "mini")
+    assert other != first and (cache / "mini.id").read_text().strip() == other
+    assert node_id(cache, "studio") == first  # each name keeps its own
+    encode_worker_txt(WorkerAd(id=first))  # what the worker advertises
+    for corrupt in (b"", b"  \n", b"\xff\xfe\x00garbage", b"has spaces in it\n", b"x" * 65):
+        (cache / "studio.id").write_bytes(corrupt)
+        fresh = node_id(cache, "studio")
+        assert is_node_id(fresh) and fresh != first, corrupt
+        assert (cache / "studio.id").read_text().strip() == fresh
+        assert node_id(cache, "studio") == fresh
+        first = fresh
+
+
 @pytest.mark.parametrize("args, words", [
     (["worker", "serve", "--cluster", "no spaces"], "cluster name 'no spaces'"),
     (["worker", "serve", "--interface", "nonexistent9"], "no interface 'nonexistent9'"),
