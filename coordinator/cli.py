@@ -47,7 +47,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="browse and announce on this interface only (name or address; "
                    "default: every LAN interface, no docker/VPN)")
     p.add_argument("--no-rebalance", action="store_true",
-                   help="workers that join later stay on standby (no re-plan)")
+                   help="workers that join later stay on standby until a "
+                   "worker is lost (no re-plan on a join)")
     p.add_argument("--recover-timeout", type=float, default=120.0,
                    help="seconds a request waits for the re-plan after a worker is lost, then "
                    "continues where it was (0: fail it at once with UNAVAILABLE)")

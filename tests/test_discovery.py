@@ -382,6 +382,87 @@ def test_a_join_waits_for_the_running_request_then_enters_the_plan(model_dir, wo
     assert [w.layer_end - w.layer_start for w in state.workers] == [1, 2, 3]  # 1, 2, 3 GiB
 
 
+def test_a_join_waits_for_the_running_request_and_with_no_rebalance_stays_standby(model_dir,
+                                                                                  workers):
+    """--no-rebalance: a worker announced mid-request stays on standby after the cluster goes
+    idle (no re-plan), is listed and counted as standby, and is pulled in only by the re-plan
+    that losing a plan worker forces."""
+    import asyncio
+    import json
+    import urllib.request
+
+    from conftest import Serving, reference_tokens
+
+    from coordinator.demo import ModelSpec
+    from coordinator.discovery import LEFT, split_address
+    from coordinator.membership import dial
+
+    path = model_dir(ModelSpec(family="llama"))
+    prompt = [1, 5, 9, 200, 33, 4]
+    expected = reference_tokens(path, prompt, 60)
+
+    def get(url: str) -> str:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+
+    async def scenario():
+        async with Serving(path, workers[:2], context=256, rebalance=False) as s:
+            membership = s.coordinator.membership
+            membership.settle = 0.1
+            base = f"http://127.0.0.1:{s.coordinator.http_port}"
+            joiner = await dial(workers[2])
+            node_id = joiner.info.id
+            await joiner.channel.close()
+            running = asyncio.create_task(s.generate(prompt, 60))
+            while s.coordinator.engine.scheduler.running == 0:
+                await asyncio.sleep(0.005)
+            host, port = split_address(workers[2])  # as if announced on mDNS
+            membership._on_seen("w3._shardline._tcp.local.",
+                                WorkerAd(id=node_id, cluster="default"), [host], port, "")
+            while not membership.table.usable()[2:]:
+                await asyncio.sleep(0.01)
+            tokens, _, _ = await running
+            idle = s.coordinator.engine.scheduler
+            assert idle.running == 0 and idle.waiting == 0
+            # the rebalancing variant re-plans within ~0.3 s of going idle (settle 0.1 s)
+            await asyncio.sleep(1.5)
+            standby = s.coordinator.cluster.state()
+            again, _, _ = await s.generate(prompt, 60)
+            await asyncio.sleep(0.5)
+            replans_idle = membership.replans
+            sd = json.loads(await asyncio.to_thread(get, f"{base}/sd/workers"))
+            metrics = await asyncio.to_thread(get, f"{base}/metrics")
+            # a plan worker lost: the re-plan it forces takes the standby joiner in
+            w2 = membership.table.member_of(s.coordinator.cluster.workers[1])
+            membership.table.left(w2.key, LEFT)
+            membership._changed()
+            for _ in range(200):
+                if membership.replans:
+                    break
+                await asyncio.sleep(0.05)
+            after_loss = s.coordinator.cluster.state()
+            third, _, _ = await s.generate(prompt, 60)
+            return (tokens, again, third, replans_idle, membership.replans, standby, sd,
+                    metrics, after_loss)
+
+    tokens, again, third, replans_idle, replans, standby, sd, metrics, after_loss = \
+        run(scenario())
+    assert tokens == expected and again == expected and third == expected
+    assert replans_idle == 0
+    assert [(w.name, w.status) for w in standby.workers] == \
+        [("w1", "serving"), ("w2", "serving"), ("w3", "standby")]
+    assert standby.workers[2].layer_end == standby.workers[2].layer_start == 0
+    assert [t["labels"]["worker"] for t in sd] == ["w1", "w2", "w3"]
+    assert "layers" not in sd[2]["labels"]
+    assert 'shardline_workers{state="standby"} 1.0' in metrics
+    assert 'shardline_workers{state="serving"} 2.0' in metrics
+    assert 'shardline_replans_total{reason="worker_joined"} 0.0' in metrics
+    assert replans == 1
+    rows = {w.name: (w.status, w.layer_end - w.layer_start) for w in after_loss.workers}
+    assert rows["w1"][0] == rows["w3"][0] == "serving" and rows["w2"][0] == LEFT
+    assert rows["w1"][1] + rows["w3"][1] == 6 and rows["w3"][1] > 0
+
+
 def test_a_worker_restarted_without_goodbye_replaces_its_old_run():
     table = MemberTable("lab")
     old, _ = table.saw("w1@a-111111.local.", WorkerAd(id="n1", cluster="lab"), ["10.0.0.1"],
