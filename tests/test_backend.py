@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -134,3 +135,55 @@ def test_meminfo_parsing(monkeypatch, tmp_path) -> None:
     )
     assert backend._meminfo()["MemTotal"] == 16000000 * 1024
     assert backend._meminfo()["MemAvailable"] == 8000000 * 1024
+
+
+def test_bandwidth_probe_times_a_copy_with_the_clock_it_is_given() -> None:
+    ticks = iter([0.0, 1.0, 10.0, 10.002, 20.0, 20.001, 30.0, 30.004])  # warm-up, then 3 runs
+    gbps = backend.measure_bandwidth(nbytes=1 << 20, repeats=3, clock=lambda: next(ticks))
+    assert gbps == pytest.approx(2 * (1 << 20) / 0.001 / 1e9)  # the fastest run, read + write
+
+
+def test_measured_bandwidth_is_plausible_cheap_and_kept_in_the_cache_dir(tmp_path) -> None:
+    import time
+
+    t0 = time.perf_counter()
+    gbps = backend.cached_bandwidth("cpu", "Some CPU", tmp_path)
+    assert time.perf_counter() - t0 < 5  # well under a second on an idle core
+    assert gbps is not None and 0.1 < gbps < 20000
+    assert json.loads((tmp_path / backend.BANDWIDTH_FILE).read_text()) == {"cpu:Some CPU": gbps}
+
+    def never() -> float:
+        raise AssertionError("measured again")
+
+    assert backend.cached_bandwidth("cpu", "Some CPU", tmp_path, measure=never) == gbps
+    # another chip in the same cache dir is measured once too, beside the first
+    calls = []
+    assert backend.cached_bandwidth("cpu", "Other", tmp_path,
+                                    measure=lambda: calls.append(1) or 42.04) == 42.0
+    assert backend.cached_bandwidth("cpu", "Other", tmp_path, measure=never) == 42.0
+    assert calls == [1] and len(json.loads((tmp_path / backend.BANDWIDTH_FILE).read_text())) == 2
+
+
+def test_a_broken_cache_file_or_probe_does_not_stop_detection(tmp_path) -> None:
+    (tmp_path / backend.BANDWIDTH_FILE).write_text("not json")
+    assert backend.cached_bandwidth("cpu", "X", tmp_path, measure=lambda: 7.0) == 7.0
+
+    def broken() -> float:
+        raise RuntimeError("no MLX device")
+
+    assert backend.cached_bandwidth("cpu", "Y", tmp_path, measure=broken) is None
+    assert backend.cached_bandwidth("cpu", "Z", tmp_path, measure=lambda: 0.0) is None
+    assert "cpu:Y" not in json.loads((tmp_path / backend.BANDWIDTH_FILE).read_text())
+
+
+def test_detect_measures_only_chips_the_tables_do_not_name(monkeypatch, tmp_path) -> None:
+    measured = []
+    monkeypatch.setattr(backend, "measure_bandwidth", lambda: measured.append(1) or 12.5)
+    monkeypatch.setattr(backend, "_detect_mlx", lambda mx=None: None)
+    monkeypatch.setattr(backend, "_cpu_model", lambda: "Unlisted CPU 9000")
+    assert detect().bandwidth_gbps is None and measured == []  # no cache dir: no probe
+    assert detect(cache_dir=tmp_path).bandwidth_gbps == 12.5
+    assert detect(cache_dir=tmp_path).bandwidth_gbps == 12.5 and measured == [1]
+    known = Hardware("metal", "Apple M2 Max", 1 << 30, 400.0, 2 << 30)
+    monkeypatch.setattr(backend, "_detect_mlx", lambda mx=None: known)
+    assert detect(cache_dir=tmp_path) == known and measured == [1]

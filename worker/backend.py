@@ -3,19 +3,28 @@
 Every probe is best-effort: a missing key, file or command falls back to the next source and
 never raises. Usable memory is what a worker may plan to fill with weights and KV cache:
 Metal's recommended working set on Apple silicon, free device memory on CUDA, and
-MemAvailable (capped by a cgroup limit) on a CPU-only host.
+MemAvailable (capped by a cgroup limit) on a CPU-only host. Bandwidth comes from the chip
+tables below; a chip they do not name is measured once (a timed copy through MLX) and the
+result kept in the cache dir.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 import os
 import platform
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("shardline.worker")
 
 # Apple silicon unified-memory bandwidth, GB/s (Apple's published figures). The M4 Max with
 # the 14-core CPU has 410; 546 is the full chip. Unknown chips get None (planner falls back).
@@ -82,14 +91,89 @@ def chip_bandwidth(chip: str) -> float | None:
     return CHIP_BANDWIDTH_GBPS.get(name)
 
 
-def detect(memory_override: int | None = None) -> Hardware:
-    """Probe this machine; `memory_override` (bytes) replaces the detected usable memory."""
+# The bandwidth probe: a timed copy of this many bytes (read once, written once) through MLX on
+# its default device, best of a few runs after a warm-up. 64 MiB takes about 0.25 s on one
+# CPU core, far less on a GPU; chips the tables name are never measured.
+PROBE_BYTES = 64 << 20
+PROBE_REPEATS = 3
+BANDWIDTH_FILE = "bandwidth.json"  # in the cache dir: {"backend:chip": GB/s}
+
+
+def measure_bandwidth(nbytes: int = PROBE_BYTES, repeats: int = PROBE_REPEATS,
+                      clock: Callable[[], float] = time.perf_counter) -> float:
+    """Memory bandwidth in GB/s seen by MLX: `nbytes` read and written by one elementwise
+    copy, the fastest of `repeats` timed runs (after one untimed run that warms the
+    allocator)."""
+    import mlx.core as mx
+
+    src = mx.zeros((max(nbytes // 4, 1),), dtype=mx.float32)
+    mx.eval(src)
+    best = math.inf
+    for i in range(repeats + 1):
+        t0 = clock()
+        dst = src + 1
+        mx.eval(dst)
+        elapsed = clock() - t0
+        del dst
+        if i:
+            best = min(best, elapsed)
+    nbytes = src.nbytes
+    del src
+    for name in ("clear_cache", "reset_peak_memory"):  # leave no trace in the memory metrics
+        if callable(release := getattr(mx, name, None)):
+            release()
+    if not best > 0:
+        raise RuntimeError(f"the bandwidth probe took {best} s")
+    return 2 * nbytes / best / 1e9
+
+
+def cached_bandwidth(backend: str, chip: str, cache_dir: Path,
+                     measure: Callable[[], float] | None = None) -> float | None:
+    """The measured bandwidth (GB/s) of this backend and chip: read from the cache dir, or
+    measured once (`measure`, default `measure_bandwidth`) and stored there; None when it
+    cannot be measured."""
+    path = Path(cache_dir) / BANDWIDTH_FILE
+    key = f"{backend}:{chip}"
+    try:
+        known = json.loads(path.read_text())
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    value = known.get(key)
+    if isinstance(value, int | float) and math.isfinite(value) and value > 0:
+        return float(value)
+    try:
+        value = round(float((measure or measure_bandwidth)()), 1)
+    except Exception as e:  # noqa: BLE001 - a worker without a bandwidth still serves
+        log.warning("could not measure memory bandwidth: %s", e)
+        return None
+    if not (math.isfinite(value) and value > 0):
+        return None
+    known[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("could not keep the measured bandwidth in %s: %s", path, e)
+    return value
+
+
+def detect(memory_override: int | None = None, cache_dir: Path | None = None) -> Hardware:
+    """Probe this machine; `memory_override` (bytes) replaces the detected usable memory.
+
+    With a `cache_dir`, a chip the bandwidth tables do not name gets a measured bandwidth
+    (once per chip and cache dir: `cached_bandwidth`); without one it is None."""
     try:
         hw = _detect_mlx()
     except Exception:  # an MLX without the expected API must not stop a worker from starting
         hw = None
     if hw is None:
         hw = _detect_cpu()
+    if hw.bandwidth_gbps is None and cache_dir is not None:
+        hw = replace(hw, bandwidth_gbps=cached_bandwidth(hw.backend, hw.chip, cache_dir))
     if memory_override is not None:
         if memory_override <= 0:
             raise ValueError(f"memory_override must be positive, not {memory_override}")

@@ -64,7 +64,7 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     name = args.name or socket.gethostname().split(".")[0]
     cache_dir = args.cache_dir or default_cache_dir()
-    hardware = detect(args.memory)
+    hardware = detect(args.memory, cache_dir)
     config = WorkerConfig(
         node_id=node_id(cache_dir, name),
         name=name,
