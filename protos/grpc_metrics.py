@@ -34,8 +34,9 @@ class GrpcServerMetrics:
                                "RPCs completed on the server, by status code.",
                                (*LABELS, "grpc_code"), registry=registry)
         self.handling = Histogram("grpc_server_handling_seconds",
-                                  "Time from the start of an RPC to its status, by method.",
-                                  LABELS, buckets=HANDLING_BUCKETS, registry=registry)
+                                  "Time from the start of an RPC to its status, by method and "
+                                  "status code.", (*LABELS, "grpc_code"),
+                                  buckets=HANDLING_BUCKETS, registry=registry)
 
 
 def _split(full_method: str) -> tuple[str, str]:
@@ -80,8 +81,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def _done(self, labels: tuple[str, str, str], context: Any, error: BaseException | None,
               t0: float) -> None:
-        self.metrics.handled.labels(*labels, _code(context, error)).inc()
-        self.metrics.handling.labels(*labels).observe(time.perf_counter() - t0)
+        code = _code(context, error)
+        self.metrics.handled.labels(*labels, code).inc()
+        self.metrics.handling.labels(*labels, code).observe(time.perf_counter() - t0)
 
     def _wrap(self, behavior: Callable, labels: tuple[str, str, str]) -> Callable:
         if inspect.isasyncgenfunction(behavior):

@@ -37,11 +37,13 @@ WORKER_METRICS = {
 }
 GRPC_METRICS = {"grpc_server_started_total", "grpc_server_handled_total",
                 "grpc_server_handling_seconds"}
-HISTOGRAMS = {"shardline_time_to_first_token_seconds", "shardline_inter_token_latency_seconds",
-              "shardline_e2e_request_latency_seconds", "shardline_stage_forward_seconds",
-              "shardline_activation_transfer_seconds", "grpc_server_handling_seconds"}
-ALLOWED = (COORDINATOR_METRICS | WORKER_METRICS | GRPC_METRICS
-           | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")})
+SPEC_HISTOGRAMS = {"shardline_time_to_first_token_seconds",
+                   "shardline_inter_token_latency_seconds",
+                   "shardline_e2e_request_latency_seconds", "shardline_stage_forward_seconds",
+                   "shardline_activation_transfer_seconds"}
+# what a dashboard may query: SPEC's metric names only (grpc_server_* are for ad-hoc queries)
+ALLOWED = (COORDINATOR_METRICS | WORKER_METRICS
+           | {h + s for h in SPEC_HISTOGRAMS for s in ("_bucket", "_sum", "_count")})
 DASHBOARDS = sorted((ROOT / "dashboards").glob("*.json"))
 NO_PROMTOOL = "promtool not installed (Debian package prometheus; .ci/run installs it)"
 PROMQL_WORDS = {"bool", "offset", "and", "or", "unless", "inf", "nan", "Inf", "NaN"}
@@ -335,6 +337,61 @@ def test_endpoints_export_every_spec_metric_in_text_format(scraped):
         assert "_created" not in worker_text and "request_id" not in worker_text
 
 
+# every label key a sample may carry: no per-request value (request_id, seq_id, prompt ...)
+GRPC_LABELS = {"grpc_type", "grpc_service", "grpc_method", "grpc_code"}
+PROCESS_LABELS = {"implementation", "major", "minor", "patchlevel", "version"}  # python_info
+COORDINATOR_LABELS = {"le", "finished_reason", "reason", "state", "worker", "version", "api",
+                      *GRPC_LABELS, *PROCESS_LABELS}
+WORKER_LABELS = {"le", "phase", "direction", "kind", *GRPC_LABELS, *PROCESS_LABELS}
+# the largest finite bucket of each histogram (the code's lists: up to minutes)
+TOP_BUCKETS = {"shardline_time_to_first_token_seconds": "2560.0",
+               "shardline_inter_token_latency_seconds": "80.0",
+               "shardline_e2e_request_latency_seconds": "7680.0",
+               "shardline_stage_forward_seconds": "300.0",
+               "shardline_activation_transfer_seconds": "30.0",
+               "grpc_server_handling_seconds": "600.0"}
+
+
+def label_keys(text: str) -> dict[str, set[str]]:
+    """Every label key of a Prometheus text page, with the samples that carry it."""
+    out: dict[str, set[str]] = {}
+    for name, samples in families(text).items():
+        for s in samples:
+            for key in s.labels:
+                out.setdefault(key, set()).add(name)
+    return out
+
+
+def test_no_sample_carries_a_label_outside_the_allowlist(scraped):
+    keys = label_keys(scraped.coordinator[0])
+    assert set(keys) <= COORDINATOR_LABELS, {k: keys[k] for k in set(keys) - COORDINATOR_LABELS}
+    assert {"state", "worker", "finished_reason", "reason", "grpc_code"} <= set(keys)
+    for text, _ in scraped.after:
+        keys = label_keys(text)
+        assert set(keys) <= WORKER_LABELS, {k: keys[k] for k in set(keys) - WORKER_LABELS}
+        assert {"phase", "direction", "kind", "grpc_method"} <= set(keys)
+
+
+def test_histograms_reach_minutes_and_the_top_bucket_holds_every_observation(scraped):
+    pages = [families(scraped.coordinator[0])] + [families(t) for t, _ in scraped.after]
+    seen = set()
+    for page in pages:
+        for name, top in TOP_BUCKETS.items():
+            buckets = page.get(f"{name}_bucket", [])
+            if not buckets:
+                continue
+            seen.add(name)
+            series: dict[tuple, dict[str, float]] = {}
+            for b in buckets:
+                rest = tuple(sorted((k, v) for k, v in b.labels.items() if k != "le"))
+                series.setdefault(rest, {})[b.labels["le"]] = b.value
+            for rest, by_le in series.items():
+                finite = max((le for le in by_le if le != "+Inf"), key=float)
+                assert finite == top, (name, rest, finite)
+                assert by_le[top] == by_le["+Inf"], (name, rest)  # nothing took longer
+    assert seen == set(TOP_BUCKETS)
+
+
 def test_coordinator_counts_tokens_latencies_and_outcomes(scraped):
     c = families(scraped.coordinator[0])
     n = len(scraped.tokens)
@@ -364,6 +421,14 @@ def test_coordinator_counts_tokens_latencies_and_outcomes(scraped):
     assert handled[("Generate", "INVALID_ARGUMENT")] == 1
     assert handled[("Generate", "NOT_FOUND")] == 1
     assert handled[("Generate", "CANCELLED")] == 1
+    # latency by method and code: the handling histogram carries grpc_code too
+    timed = {(s.labels["grpc_method"], s.labels["grpc_code"]): s.value
+             for s in c["grpc_server_handling_seconds_count"]}
+    for key in (("Generate", "OK"), ("Generate", "INVALID_ARGUMENT"), ("Generate", "NOT_FOUND"),
+                ("Generate", "CANCELLED")):
+        assert timed[key] == handled[key] == 1, key
+    assert value(c, "grpc_server_handling_seconds_bucket", grpc_method="Generate",
+                 grpc_code="NOT_FOUND", le="+Inf") == 1
 
 
 def test_workers_count_steps_bytes_memory_and_sessions(scraped):
@@ -391,6 +456,19 @@ def test_workers_count_steps_bytes_memory_and_sessions(scraped):
     assert delta(1, "shardline_activation_bytes_total", direction="out") == 0
     assert delta(0, "shardline_activation_transfer_seconds_count") == n + 1
     assert delta(1, "shardline_activation_transfer_seconds_count") == 0
+    # the gRPC interceptor is wired into every worker's server: it counted the shard load and
+    # the pipeline stream into it (coordinator -> stage 0, stage 0 -> stage 1)
+    for page in after:
+        ok = value(page, "grpc_server_handled_total", grpc_service="shardline.v1.Worker",
+                   grpc_method="LoadShard", grpc_code="OK")
+        assert ok >= 1
+        assert value(page, "grpc_server_handling_seconds_count", grpc_service="shardline.v1.Worker",
+                     grpc_method="LoadShard", grpc_code="OK") == ok
+        forward = [s for s in page["grpc_server_started_total"]
+                   if s.labels["grpc_service"] == "shardline.v1.Worker"
+                   and s.labels["grpc_method"] == "Forward"]
+        assert len(forward) == 1 and forward[0].labels["grpc_type"] == "bidi_stream"
+        assert forward[0].value >= 1
 
 
 def test_sd_workers_lists_each_worker_metrics_endpoint(scraped):
