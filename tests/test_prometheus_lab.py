@@ -15,7 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import Serving, run
+import yaml
+from conftest import ROOT, Serving, run
 from test_metrics import SPEC_MODEL, panel_targets
 
 from protos import inference_pb2
@@ -25,9 +26,17 @@ pytestmark = pytest.mark.skipif(
     reason="the prometheus binary is not installed (Debian package prometheus; .ci/run "
            "installs it)")
 
-SCRAPE = "1s"
+SHIPPED = ROOT / "deploy" / "prometheus.yml"
+SCRAPE = yaml.safe_load(SHIPPED.read_text())["global"]["scrape_interval"]  # the shipped one
 WINDOW = "30s"  # stands in for Grafana's $__rate_interval and $__range
 LOAD_SECONDS = 12.0
+
+
+def seconds(duration: str) -> float:
+    """A Prometheus duration such as `5s` or `1m` in seconds."""
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    unit = next(u for u in sorted(units, key=len, reverse=True) if duration.endswith(u))
+    return float(duration.removesuffix(unit)) * units[unit]
 
 
 def free_port() -> int:
@@ -51,16 +60,15 @@ def concrete(expr: str) -> str:
 
 
 def config(coordinator: str) -> str:
-    return f"""
-global:
-  scrape_interval: {SCRAPE}
-  evaluation_interval: {SCRAPE}
-scrape_configs:
-  - job_name: shardline-coordinator
-    static_configs: [{{targets: ["{coordinator}"]}}]
-  - job_name: shardline-workers
-    http_sd_configs: [{{url: "http://{coordinator}/sd/workers", refresh_interval: 1s}}]
-"""
+    """deploy/prometheus.yml as shipped, pointed at this coordinator instead of Docker's host
+    (Prometheus runs natively here, so loopback workers stay on 127.0.0.1)."""
+    text = SHIPPED.read_text()
+    for old, new in (("host.docker.internal:8080", coordinator),
+                     ("loopback=host.docker.internal", "loopback=127.0.0.1")):
+        assert old in text, f"deploy/prometheus.yml no longer has {old!r}"
+        text = text.replace(old, new)
+    assert "host.docker.internal" not in text, text
+    return text
 
 
 class Prometheus:
@@ -151,7 +159,7 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(model_dir, wo
             try:
                 await asyncio.to_thread(prom.wait_targets, 1 + len(workers))
                 completed = await load(s, LOAD_SECONDS)
-                await asyncio.sleep(2.5)  # two more scrapes after the load
+                await asyncio.sleep(2 * seconds(SCRAPE) + 0.5)  # two more scrapes after it
                 results = {}
                 for name, title, target in panel_targets():
                     expr = concrete(target["expr"])
