@@ -24,6 +24,7 @@ import pytest
 from conftest import ROOT, reference_tokens
 
 from coordinator.demo import ModelSpec
+from protos import WIRE_VERSION
 
 pytestmark = [
     pytest.mark.slow,
@@ -71,6 +72,47 @@ with grpc.insecure_channel(sys.argv[1]) as channel:
         print("OK")
     except grpc.RpcError as e:
         print(e.code().name, e.details())
+"""
+
+
+# Runs on another host: browse the coordinator's `_shardline-api._tcp.local.` over mDNS.
+BROWSE_API = r"""
+import json, sys, time
+from zeroconf import ServiceBrowser, ServiceListener, Zeroconf
+from protos import API_SERVICE_TYPE
+from protos.discovery import decode_api_txt
+zc, names = Zeroconf(), []
+class Found(ServiceListener):
+    def add_service(self, zc, type_, name): names.append(name)
+    def update_service(self, zc, type_, name): pass
+    def remove_service(self, zc, type_, name): pass
+browser = ServiceBrowser(zc, API_SERVICE_TYPE, Found())
+deadline = time.monotonic() + 10
+while not names and time.monotonic() < deadline:
+    time.sleep(0.05)
+out = []
+for name in names:
+    info = zc.get_service_info(API_SERVICE_TYPE, name, timeout=3000)
+    if info is not None:
+        ad = decode_api_txt(info.properties)
+        out.append({"name": name, "port": info.port, "addresses": info.parsed_addresses(),
+                    "cluster": ad.cluster, "api": ad.api, "http": ad.http_port,
+                    "model": ad.model})
+browser.cancel()
+zc.close()
+print(json.dumps(out))
+"""
+
+# Runs inside the coordinator's namespace: its /sd/workers and /metrics.
+SCRAPE = r"""
+import json, sys, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+def get(path):
+    with urllib.request.urlopen(f"http://127.0.0.1:8080{path}", timeout=5) as r:
+        return r.read().decode()
+workers = {s.labels["state"]: s.value for f in text_string_to_metric_families(get("/metrics"))
+           for s in f.samples if s.name == "shardline_workers" and s.value}
+print(json.dumps({"sd": json.loads(get("/sd/workers")), "workers": workers}))
 """
 
 
@@ -200,6 +242,31 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     def status(state: dict) -> dict[str, str]:
         return {w["name"]: w["status"] for w in state["workers"]}
 
+    def scrape() -> dict:
+        proc = lab.run(4, "-c", SCRAPE)
+        assert proc.returncode == 0, proc.stderr + lab.logs()
+        return json.loads(proc.stdout)
+
+    spent = {"api": 0.0, "follow": 0.0}
+
+    def follows(what: str, targets: set[str], workers: dict[str, int]) -> dict:
+        """/sd/workers lists exactly `targets` (worker labels), each at its host's address,
+        and shardline_workers counts `workers` by state (states at 0 left out)."""
+        start = time.monotonic()
+        deadline, seen = start + 10, None
+        while time.monotonic() < deadline:
+            seen = scrape()
+            labels = {t["labels"]["worker"] for t in seen["sd"]}
+            if labels == targets and seen["workers"] == workers:
+                spent["follow"] += time.monotonic() - start
+                for t in seen["sd"]:
+                    host = lab.ip(int(t["labels"]["worker"].removeprefix("w")))
+                    assert t["targets"][0].startswith(f"{host}:"), t
+                    assert t["labels"]["layers"].startswith("[") and t["labels"]["worker_id"]
+                return seen
+            time.sleep(0.3)
+        pytest.fail(f"/sd/workers and /metrics did not follow {what} in 10s: {seen}")
+
     # w1's node id is also given to a worker started later on h6 (a copied cache dir)
     (tmp_path / "w1").mkdir()
     (tmp_path / "w1" / "w1.id").write_text("copiedcachedir01\n")
@@ -226,6 +293,18 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     assert "waiting for 3 worker(s)" in startup and startup.count("  found w") == 3, startup
     t_ready = time.monotonic() - t0
 
+    # 0. the coordinator's API is announced: another host finds it, its gRPC port and HTTP port
+    t_api = time.monotonic()
+    browsed = lab.run(5, "-c", BROWSE_API, timeout=30)
+    spent["api"] = time.monotonic() - t_api
+    assert browsed.returncode == 0, browsed.stderr + lab.logs()
+    apis = json.loads(browsed.stdout)
+    assert len(apis) == 1, apis
+    assert apis[0]["port"] == 50051 and apis[0]["http"] == 8080 and lab.ip(4) in \
+        apis[0]["addresses"], apis
+    assert (apis[0]["cluster"], apis[0]["api"], apis[0]["model"]) == \
+        (cluster, WIRE_VERSION, model.name), apis
+
     # 1. found over mDNS, each with its own address, planned over all three; decoy and the
     # impostor without the secret left out; a stranger's call to a worker refused
     wait_for("decoy and impostor seen", lambda s: "decoy" in status(s) and any(
@@ -241,6 +320,7 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     assert {addresses[f"w{i}"] for i in (1, 2, 3)} == {f"{lab.ip(i)}:50061" for i in (1, 2, 3)}
     expected = reference_tokens(model, PROMPT, 12)
     assert probe("generate", ",".join(map(str, PROMPT)), "12") == {"tokens": expected}
+    follows("the start", {"w1", "w2", "w3"}, {"serving": 3, "excluded": 2})
 
     # 2. a copy of w1's node id is refused, and w1 keeps serving
     worker(6, "w1-copy", cache="dup")
@@ -265,6 +345,8 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     t_left_served = t_left + wait_for("served by w1, w3", lambda s: s["serving"] and
                                       serving(s) == ["w1", "w3"])
     assert probe("generate", ",".join(map(str, PROMPT)), "12") == {"tokens": expected}
+    # the leaver is out of /sd/workers and counted as left (decoy, impostor, copy excluded)
+    follows("w2 leaving", {"w1", "w3"}, {"serving": 2, "left": 1, "excluded": 3})
 
     # 4. a worker joins on h5: re-planned while idle over w1, w3, w5, and serving again
     worker(5, "w5")
@@ -276,6 +358,7 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     assert serving(state) == ["w1", "w3", "w5"]
     assert layers[0][0] == 0 and layers[-1][1] == 6
     assert probe("generate", ",".join(map(str, PROMPT)), "12") == {"tokens": expected}
+    follows("w5 joining", {"w1", "w3", "w5"}, {"serving": 3, "left": 1, "excluded": 3})
 
     # 5. a worker killed without a goodbye: the next request breaks on it, the coordinator
     # finds it unreachable, re-plans over w1 and w5, and that request still completes
@@ -285,6 +368,8 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
     t_dead = time.monotonic() - t_dead
     wait_for("w3 unreachable", lambda s: status(s).get("w3") == "unreachable" and
              serving(s) == ["w1", "w5"])
+    follows("w3 dying", {"w1", "w5"},
+            {"serving": 2, "left": 1, "unreachable": 1, "excluded": 3})
 
     table = lab.run(4, "-m", "coordinator", "status", "--address", GRPC)
     assert table.returncode == 0, table.stderr
@@ -292,4 +377,5 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
         assert word in table.stdout, table.stdout
     print(f"\nlab: ready after {t_ready:.1f}s; left seen in {t_left:.1f}s and served without "
           f"it after {t_left_served:.1f}s, join served in {t_join:.1f}s, a request across a "
-          f"kill took {t_dead:.1f}s; total {time.monotonic() - t0:.1f}s")
+          f"kill took {t_dead:.1f}s; API browsed in {spent['api']:.1f}s, /sd/workers and "
+          f"/metrics checked in {spent['follow']:.1f}s; total {time.monotonic() - t0:.1f}s")
