@@ -357,7 +357,7 @@ class Membership:
     def _on_broken(self, reason: str) -> None:
         """The pipeline broke (called before its requests hear of it): find out who is still
         there and re-plan over them; requests wait for that (Cluster.recovering)."""
-        log.warning("pipeline broken: %s; re-planning over the live workers", reason)
+        log.warning("%s; re-planning over the live workers", reason)
         self.source.cluster.recovering = True
         self._spawn(self._after_break())
 
