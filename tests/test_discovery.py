@@ -323,6 +323,29 @@ def test_coordinator_refuses_an_unknown_interface(model_dir):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no interface 'nonexistent9'")
 
 
+async def join_while_running(s, address: str, prompt: list[int]):
+    """Start a 60-token request on `s`, then announce the worker at `address` as w3 (as mDNS
+    would) and wait until membership can use it; returns (the request's task, (host, port))."""
+    import asyncio
+
+    from coordinator.discovery import split_address
+    from coordinator.membership import dial
+
+    membership = s.coordinator.membership
+    joiner = await dial(address)
+    node_id = joiner.info.id
+    await joiner.channel.close()
+    running = asyncio.create_task(s.generate(prompt, 60))
+    while s.coordinator.engine.scheduler.running == 0:
+        await asyncio.sleep(0.005)
+    host, port = split_address(address)
+    membership._on_seen("w3._shardline._tcp.local.",
+                        WorkerAd(id=node_id, cluster="default"), [host], port, "")
+    while not membership.table.usable()[2:]:
+        await asyncio.sleep(0.01)
+    return running, (host, port)
+
+
 def test_a_join_waits_for_the_running_request_then_enters_the_plan(model_dir, workers):
     """A worker announced mid-request changes nothing until the cluster is idle."""
     import asyncio
@@ -330,8 +353,6 @@ def test_a_join_waits_for_the_running_request_then_enters_the_plan(model_dir, wo
     from conftest import Serving, reference_tokens
 
     from coordinator.demo import ModelSpec
-    from coordinator.discovery import split_address
-    from coordinator.membership import dial
 
     path = model_dir(ModelSpec(family="llama"))
     prompt = [1, 5, 9, 200, 33, 4]
@@ -341,17 +362,7 @@ def test_a_join_waits_for_the_running_request_then_enters_the_plan(model_dir, wo
         async with Serving(path, workers[:2], context=256) as s:
             membership = s.coordinator.membership
             membership.settle = 0.1
-            joiner = await dial(workers[2])
-            node_id = joiner.info.id
-            await joiner.channel.close()
-            running = asyncio.create_task(s.generate(prompt, 60))
-            while s.coordinator.engine.scheduler.running == 0:
-                await asyncio.sleep(0.005)
-            host, port = split_address(workers[2])  # as if announced on mDNS
-            membership._on_seen("w3._shardline._tcp.local.",
-                                WorkerAd(id=node_id, cluster="default"), [host], port, "")
-            while not membership.table.usable()[2:]:
-                await asyncio.sleep(0.01)
+            running, (host, port) = await join_while_running(s, workers[2], prompt)
             assert membership.replans == 0  # a request is running: no re-plan yet
             tokens, _, _ = await running
             for _ in range(200):
@@ -394,8 +405,7 @@ def test_a_join_waits_for_the_running_request_and_with_no_rebalance_stays_standb
     from conftest import Serving, reference_tokens
 
     from coordinator.demo import ModelSpec
-    from coordinator.discovery import LEFT, split_address
-    from coordinator.membership import dial
+    from coordinator.discovery import LEFT
 
     path = model_dir(ModelSpec(family="llama"))
     prompt = [1, 5, 9, 200, 33, 4]
@@ -410,17 +420,7 @@ def test_a_join_waits_for_the_running_request_and_with_no_rebalance_stays_standb
             membership = s.coordinator.membership
             membership.settle = 0.1
             base = f"http://127.0.0.1:{s.coordinator.http_port}"
-            joiner = await dial(workers[2])
-            node_id = joiner.info.id
-            await joiner.channel.close()
-            running = asyncio.create_task(s.generate(prompt, 60))
-            while s.coordinator.engine.scheduler.running == 0:
-                await asyncio.sleep(0.005)
-            host, port = split_address(workers[2])  # as if announced on mDNS
-            membership._on_seen("w3._shardline._tcp.local.",
-                                WorkerAd(id=node_id, cluster="default"), [host], port, "")
-            while not membership.table.usable()[2:]:
-                await asyncio.sleep(0.01)
+            running, (host, port) = await join_while_running(s, workers[2], prompt)
             tokens, _, _ = await running
             idle = s.coordinator.engine.scheduler
             assert idle.running == 0 and idle.waiting == 0
