@@ -4,6 +4,8 @@
 #   bench/gpu.sh stash DIR   # copy DIR's files (part of the split mlx-cuda wheel, deps) to /root/parts
 #   bench/gpu.sh test DIR    # add DIR's files, install, detect, parity tests on the GPU
 #   bench/gpu.sh bench [DIR] # the --gpu serving benchmark (installs first if `test` did not)
+#   bench/gpu.sh hotpath DIR [ARGS]  # bench_hotpath.py --gpu ARGS (the 8B shape; DIR may be -)
+#   bench/gpu.sh profile DIR [ARGS]  # bench_profile.py --gpu ARGS
 #
 # The mlx-cuda-13 wheel (~90 MB) is split with `split -b 46000000` so each half fits one carry.
 # Results (detect.txt, tests.txt, RESULTS-gpu.md, serving-gpu.png) go to $OUT when it is set.
@@ -11,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 parts=/root/parts
 mkdir -p "$parts"
-[ -n "${2:-}" ] && find "$2" -type f -exec cp {} "$parts/" \;
+[ -n "${2:-}" ] && [ "$2" != - ] && find "$2" -type f -exec cp {} "$parts/" \;
 [ "$1" = stash ] && { ls -la "$parts"; exit 0; }
 
 out=${OUT:-/tmp/gpu-out}
@@ -21,6 +23,15 @@ install() {
     cat "$parts"/part.* > "$parts/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl"
     python3 -m pip install -q --no-deps --target /root/site "$parts"/*.whl
 }
+if [ "$1" = hotpath ] || [ "$1" = profile ]; then
+    [ -d /root/site/mlx ] || install
+    mode=$1
+    shift 2
+    script=bench/bench_$mode.py
+    timeout "${BENCH_TIMEOUT:-560}" python3 "$script" --gpu "$@" 2>&1 | grep -v fork_posix \
+        | tee -a "$out/$mode.txt" | tail -40 || true
+    exit 0
+fi
 if [ "$1" = bench ]; then
     [ -d /root/site/mlx ] || install
     timeout "${BENCH_TIMEOUT:-560}" python3 bench/bench_serving.py --gpu 2>&1 \

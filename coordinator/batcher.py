@@ -74,10 +74,6 @@ class Microbatcher:
         self._kick()
         return future
 
-    async def step(self, seq: worker_pb2.SeqInput) -> worker_pb2.SeqOutput:
-        """Run one decode step of `seq` in some microbatch; returns its sampled token."""
-        return await self.submit(seq)
-
     def prefill(self, chunks: Sequence[worker_pb2.SeqInput]) -> list[asyncio.Future]:
         """Queue one prompt's chunks, in order; a future per chunk resolves with its SeqOutput
         (the sampled token, for a chunk with `sample`) or None, or fails with PipelineError.
@@ -188,9 +184,7 @@ class Microbatcher:
         def done(sent: asyncio.Future) -> None:
             self.in_flight -= 1
             try:
-                result = sent.result()
-                if result.error:
-                    raise PipelineError(result.error)
+                result = Pipeline.result(sent)
             except (PipelineError, asyncio.CancelledError) as e:
                 _fail(group, str(e) or "pipeline closed")
             else:

@@ -14,7 +14,7 @@ import grpc
 
 import protos
 from coordinator.modelinfo import ModelInfo
-from coordinator.pipeline import Pipeline
+from coordinator.pipeline import Pipeline, PipelineError
 from coordinator.planner import NodeCapacity, Plan, plan
 from protos import auth, inference_pb2, worker_pb2, worker_pb2_grpc
 from protos.units import format_size
@@ -127,12 +127,6 @@ class Cluster:
     recovering: bool = False  # a re-plan after a failure is under way: requests wait for it
     secret: bytes | None = field(default=None, repr=False)  # signs every call to a worker
 
-    @classmethod
-    async def connect(cls, model: ModelInfo, addresses: Sequence[str], **kwargs) -> Cluster:
-        """Reach every address (in parallel); fail naming each worker that did not answer."""
-        return cls(model=model, workers=await connect_all(addresses, kwargs.get("secret")),
-                   **kwargs)
-
     def make_plan(self) -> Plan:
         nodes = [
             NodeCapacity(w.info.name, w.info.memory_bytes, w.info.bandwidth_gbps or None)
@@ -184,9 +178,13 @@ class Cluster:
         await asyncio.gather(*(load_one(i, w) for i, w in enumerate(self.workers[: len(stages)])))
         if self.pipeline is not None:
             await self.pipeline.close()
-        self.pipeline = Pipeline(self.workers[0].address, self.plan_id, secret=self.secret)
+        self.pipeline = Pipeline(self.workers[0].address, self.plan_id, secret=self.secret,
+                                 last_address=self.workers[len(stages) - 1].address)
         self.pipeline.on_broken = self.on_broken
-        await self.pipeline.open()
+        try:
+            await self.pipeline.open()
+        except PipelineError as e:
+            raise ClusterError(str(e)) from None
 
     async def wait_serving(self, timeout: float) -> Pipeline | None:
         """The pipeline once it can serve: now, or after the recovery under way (up to

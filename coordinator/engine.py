@@ -6,9 +6,10 @@ import asyncio
 import itertools
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from coordinator.batcher import Microbatcher
 from coordinator.metrics import CoordinatorMetrics
@@ -21,6 +22,8 @@ from protos import inference_pb2, worker_pb2
 FINISH_STOP = inference_pb2.FINISH_REASON_STOP
 FINISH_LENGTH = inference_pb2.FINISH_REASON_LENGTH
 FINISH_CANCELLED = inference_pb2.FINISH_REASON_CANCELLED
+
+T = TypeVar("T")
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_PREFILL_CHUNK = 512
@@ -75,6 +78,9 @@ class Engine:
         stages = len(getattr(getattr(pipeline_source, "plan", None), "stages", ()))
         # decode groups and prompt chunks share one cap of `stages` steps in flight
         self.batcher = Microbatcher(pipeline_source, stages, prefill_tokens=prefill_chunk)
+        # Tokenizing and chat templates run here, off the event loop, so one huge prompt does
+        # not stall every stream; one thread, as a fast tokenizer is not safe to share.
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="shardline-tokenize")
 
     @property
     def pipeline(self) -> Pipeline:
@@ -85,6 +91,11 @@ class Engine:
         return pipeline
 
     # -- prompts ----------------------------------------------------------------------------
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on the tokenizer's thread (tokenizing, chat templates); its errors
+        are raised here."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
+
     def encode_prompt(self, prompt: str, param: str = "prompt") -> list[int]:
         """Token ids of a plain-text prompt; `param` names its field in errors."""
         if not prompt:

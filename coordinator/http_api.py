@@ -312,7 +312,7 @@ class HttpApi:
             served = self.source.model.model_id
             if req.model and req.model != served:
                 raise model_not_found(req.model, served)
-            ids = prompt_ids(engine, req)
+            ids = await engine.off_loop(prompt_ids, engine, req)
         except RequestError as e:
             if engine is not None:
                 engine.metrics.count_failure(e)

@@ -1,4 +1,9 @@
-"""The coordinator's end of the pipeline: one persistent stream into stage 0, results by step."""
+"""The coordinator's end of the pipeline: a stream into stage 0, the last stage's results by step.
+
+Steps go into stage 0 on one persistent Forward stream; each stage forwards to the next. The
+last stage's results come straight to the coordinator on a Results stream (one hop, not one
+back through every earlier stage), or on the Forward stream when stage 0 is the last stage.
+"""
 
 from __future__ import annotations
 
@@ -30,13 +35,17 @@ class Pipeline:
 
     def __init__(self, first_address: str, plan_id: str,
                  max_message_bytes: int = protos.DEFAULT_MAX_MESSAGE_BYTES,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, last_address: str | None = None) -> None:
         self.first_address = first_address
+        self.last_address = last_address if last_address != first_address else None
         self.plan_id = plan_id
-        self._channel = auth.worker_channel(first_address, secret,
-                                            protos.channel_options(max_message_bytes))
+        options = protos.channel_options(max_message_bytes)
+        self._channel = auth.worker_channel(first_address, secret, options)
+        self._last_channel = (auth.worker_channel(self.last_address, secret, options)
+                              if self.last_address else None)
         self._call: Any = None
-        self._reader: asyncio.Task | None = None
+        self._results: Any = None
+        self._readers: list[asyncio.Task] = []
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
         # Messages wait here in call order; one writer task drains them (gRPC takes one write
@@ -50,23 +59,44 @@ class Pipeline:
         self.on_broken: Any = None
 
     async def open(self) -> None:
+        """Attach to the last stage's results (waiting until it says so), then open stage 0."""
+        if self._last_channel is not None:
+            last = worker_pb2_grpc.WorkerStub(self._last_channel)
+            self._results = last.Results(worker_pb2.ResultsRequest(plan_id=self.plan_id))
+            results = aiter(self._results)
+            try:
+                await anext(results)  # the empty first message: attached
+            except grpc.aio.AioRpcError as e:
+                raise PipelineError(f"cannot attach to the last stage {self.last_address}: "
+                                    f"{e.details() or e.code().name}") from None
+            except StopAsyncIteration:
+                raise PipelineError(f"the last stage {self.last_address} ended its results "
+                                    "stream at once") from None
+            self._readers.append(asyncio.create_task(self._read(results, "results")))
         stub = worker_pb2_grpc.WorkerStub(self._channel)
         self._call = stub.Forward(metadata=((PLAN_METADATA_KEY, self.plan_id),))
-        self._reader = asyncio.create_task(self._read())
+        self._readers.append(asyncio.create_task(self._read(self._call, "pipeline")))
         self._writer = asyncio.create_task(self._write())
 
-    async def _read(self) -> None:
+    async def _read(self, call: Any, name: str) -> None:
+        """Resolve the steps whose results `call` brings; its end or failure breaks the
+        pipeline (the other stream's failure that follows a break keeps the first reason,
+        and what the cluster said since)."""
         try:
-            async for result in self._call:
+            async for result in call:
                 future = self._pending.pop(result.step_id, None)
                 if future is not None and not future.done():
                     future.set_result(result)
-            self.fail("the pipeline stream ended")
+            why = f"the {name} stream ended"
         except grpc.aio.AioRpcError as e:
-            self.fail(f"pipeline broken: {e.details() or e.code().name}")
+            why = f"pipeline broken: {e.details() or e.code().name}"
         except asyncio.CancelledError:
-            self.fail("pipeline closed")
+            why = "pipeline closed"
+            if not self.broken:
+                self.fail(why)
             raise
+        if not self.broken:
+            self.fail(why)
 
     def fail(self, reason: str) -> None:
         """Break the pipeline now: every step in flight or queued fails with `reason`."""
@@ -133,27 +163,13 @@ class Pipeline:
         self._pending[step_id] = future
         return future
 
-    async def submit(self, seqs: list[worker_pb2.SeqInput],
-                     release: list[str] | None = None) -> asyncio.Future:
-        """Send one step into stage 0 now; the future resolves with the last stage's result.
-
-        Steps are sent in call order, so a request may submit several prefill chunks back to
-        back and let the stages work on them at once.
-        """
-        return self.send(seqs, release)
-
     @staticmethod
-    async def result(future: asyncio.Future) -> worker_pb2.StageResult:
-        """Wait for a submitted step; a stage's error becomes PipelineError."""
-        result = await future
+    def result(future: asyncio.Future) -> worker_pb2.StageResult:
+        """The result of a done step; a stage's error becomes PipelineError."""
+        result = future.result()
         if result.error:
             raise PipelineError(result.error)
         return result
-
-    async def step(self, seqs: list[worker_pb2.SeqInput],
-                   release: list[str] | None = None) -> worker_pb2.StageResult:
-        """Run one step through every stage; returns the last stage's result."""
-        return await self.result(await self.submit(seqs, release))
 
     async def release(self, seq_ids: list[str]) -> None:
         """Free these sequences' caches on every stage (no reply is awaited)."""
@@ -174,6 +190,10 @@ class Pipeline:
                 await self._call.done_writing()
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                 pass
-        if self._reader is not None:
-            self._reader.cancel()
+        for reader in self._readers:
+            reader.cancel()
+        if self._results is not None:
+            self._results.cancel()
         await self._channel.close()
+        if self._last_channel is not None:
+            await self._last_channel.close()

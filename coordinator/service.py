@@ -47,7 +47,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                 raise RequestError("UNAVAILABLE", "the cluster cannot serve now: shards are "
                                    "not loaded")
             sampling = check_sampling(sampling, context=self.engine.context, prefix="sampling.")
-            ids, param = ids_fn()
+            ids, param = await self.engine.off_loop(ids_fn)
             check_prompt(self.engine, ids, sampling, param, "sampling.max_tokens")
             fill_max_tokens(sampling, len(ids), self.engine.context)
             async for chunk in self.engine.generate(ids, sampling):

@@ -31,11 +31,21 @@ def dtype_name(dtype: mx.Dtype) -> str:
 
 def encode(array: mx.array) -> worker_pb2.Tensor:
     """Pack an evaluated array into a Tensor message without converting its values."""
+    return encode_into(worker_pb2.Tensor(), array)
+
+
+def encode_into(tensor: worker_pb2.Tensor, array: mx.array) -> worker_pb2.Tensor:
+    """Fill `tensor` (a field of a message being built) with an evaluated array's bytes."""
     name = dtype_name(array.dtype)
     if name not in _WIRE:
         raise ValueError(f"dtype {name} cannot travel on the wire")
+    # bf16 has no buffer format: its bits go out as uint16 (memoryview reads a view directly)
     view = array.view(_WIRE[name][0]) if name == "bfloat16" else array
-    return worker_pb2.Tensor(data=bytes(memoryview(view)), shape=list(array.shape), dtype=name)
+    tensor.data = bytes(memoryview(view))
+    del tensor.shape[:]
+    tensor.shape.extend(array.shape)
+    tensor.dtype = name
+    return tensor
 
 
 def decode(tensor: worker_pb2.Tensor) -> mx.array:

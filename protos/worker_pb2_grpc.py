@@ -49,6 +49,11 @@ class WorkerStub:
                 request_serializer=protos_dot_worker__pb2.StageMessage.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.StageResult.FromString,
                 _registered_method=True)
+        self.Results = channel.unary_stream(
+                '/shardline.v1.Worker/Results',
+                request_serializer=protos_dot_worker__pb2.ResultsRequest.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.StageResult.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -70,7 +75,17 @@ class WorkerServicer:
 
     def Forward(self, request_iterator, context):
         """Persistent pipeline stream: the coordinator opens one to stage 0, stage i opens one to stage i+1.
-        Results (sampled tokens, errors) flow back up the same streams.
+        The last stage sends its results (sampled tokens, errors) to the coordinator's Results stream
+        when one is open for the plan, else back on this stream; earlier stages send none (a broken
+        downstream ends the stream with UNAVAILABLE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Results(self, request, context):
+        """The last stage's results of a plan, straight to the coordinator (not relayed back through
+        every earlier stage). The first message is an empty StageResult: the stream is attached.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,6 +107,11 @@ def add_WorkerServicer_to_server(servicer, server):
             'Forward': grpc.stream_stream_rpc_method_handler(
                     servicer.Forward,
                     request_deserializer=protos_dot_worker__pb2.StageMessage.FromString,
+                    response_serializer=protos_dot_worker__pb2.StageResult.SerializeToString,
+            ),
+            'Results': grpc.unary_stream_rpc_method_handler(
+                    servicer.Results,
+                    request_deserializer=protos_dot_worker__pb2.ResultsRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.StageResult.SerializeToString,
             ),
     }
@@ -175,6 +195,33 @@ class Worker:
             target,
             '/shardline.v1.Worker/Forward',
             protos_dot_worker__pb2.StageMessage.SerializeToString,
+            protos_dot_worker__pb2.StageResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Results(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/shardline.v1.Worker/Results',
+            protos_dot_worker__pb2.ResultsRequest.SerializeToString,
             protos_dot_worker__pb2.StageResult.FromString,
             options,
             channel_credentials,

@@ -187,3 +187,19 @@ def test_detect_measures_only_chips_the_tables_do_not_name(monkeypatch, tmp_path
     known = Hardware("metal", "Apple M2 Max", 1 << 30, 400.0, 2 << 30)
     monkeypatch.setattr(backend, "_detect_mlx", lambda mx=None: known)
     assert detect(cache_dir=tmp_path) == known and measured == [1]
+
+
+def test_metal_wires_the_recommended_working_set_and_other_backends_wire_nothing(caplog):
+    wired = []
+    metal = fake_mx(True, False, {"max_recommended_working_set_size": 48 << 30})
+    metal.set_wired_limit = wired.append
+    assert backend.wire_memory(10 << 30, metal) == 48 << 30
+    assert wired == [48 << 30]
+    with caplog.at_level("WARNING", logger="shardline.worker"):
+        backend.wire_memory(50 << 30, metal)
+    assert "over the recommended working set" in caplog.text
+    for other in (fake_mx(False, True, {"max_recommended_working_set_size": 1 << 30}),
+                  fake_mx(False, None, {})):
+        other.set_wired_limit = wired.append
+        assert backend.wire_memory(1 << 20, other) == 0
+    assert wired == [48 << 30, 48 << 30]  # the big shard still wires what it may

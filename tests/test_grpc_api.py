@@ -223,7 +223,7 @@ def test_a_failed_write_to_stage_0_says_why_once(reader_broke_first):
         p._writer = asyncio.create_task(p._write())
         step = p.send([worker_pb2.SeqInput(seq_id="s", token_ids=[1])])
         with pytest.raises(PipelineError) as e:
-            await p.result(step)
+            await step
         await p.close()
         return str(e.value), p.broken
 

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.demo import ModelSpec
 from coordinator.metrics import sd_targets
-from protos import inference_pb2
+from protos import WIRE_VERSION, inference_pb2
 
 SPEC_MODEL = ModelSpec(family="qwen3")
 COORDINATOR_METRICS = {
@@ -204,7 +204,7 @@ def test_standby_and_lost_workers_are_counted_and_standby_ones_scraped():
     from coordinator.discovery import LEFT, UNREACHABLE
     from coordinator.membership import Membership
     from coordinator.metrics import CoordinatorMetrics
-    from protos import WIRE_VERSION, worker_pb2
+    from protos import worker_pb2
     from protos.discovery import WorkerAd
 
     plan_id = "p1"
@@ -342,7 +342,7 @@ GRPC_LABELS = {"grpc_type", "grpc_service", "grpc_method", "grpc_code"}
 PROCESS_LABELS = {"implementation", "major", "minor", "patchlevel", "version"}  # python_info
 COORDINATOR_LABELS = {"le", "finished_reason", "reason", "state", "worker", "version", "api",
                       *GRPC_LABELS, *PROCESS_LABELS}
-WORKER_LABELS = {"le", "phase", "direction", "kind", *GRPC_LABELS, *PROCESS_LABELS}
+WORKER_LABELS = {"le", "phase", "direction", "kind", "part", *GRPC_LABELS, *PROCESS_LABELS}
 # the largest finite bucket of each histogram (the code's lists: up to minutes)
 TOP_BUCKETS = {"shardline_time_to_first_token_seconds": "2560.0",
                "shardline_inter_token_latency_seconds": "80.0",
@@ -370,6 +370,19 @@ def test_no_sample_carries_a_label_outside_the_allowlist(scraped):
         keys = label_keys(text)
         assert set(keys) <= WORKER_LABELS, {k: keys[k] for k in set(keys) - WORKER_LABELS}
         assert {"phase", "direction", "kind", "grpc_method"} <= set(keys)
+
+
+def test_every_worker_times_the_parts_of_its_decode_steps(scraped):
+    # bench/bench_profile.py reads these: each part of a decode step, on every stage
+    for text, _ in scraped.after:
+        counts = {s.labels["part"]: s.value
+                  for s in families(text)["shardline_stage_step_part_seconds_count"]}
+        sums = {s.labels["part"]: s.value
+                for s in families(text)["shardline_stage_step_part_seconds_sum"]}
+        busy = ("receive", "host", "device", "serialise", "send")
+        assert all(counts[p] > 0 and sums[p] > 0 for p in busy), counts
+        assert len({counts[p] for p in busy}) == 1  # one of each per decode step
+        assert counts["waiting"] > 0
 
 
 def test_histograms_reach_minutes_and_the_top_bucket_holds_every_observation(scraped):
@@ -414,7 +427,7 @@ def test_coordinator_counts_tokens_latencies_and_outcomes(scraped):
     assert layers == {"w1": scraped.layers[0][1] - scraped.layers[0][0],
                       "w2": scraped.layers[1][1] - scraped.layers[1][0]}
     assert value(c, "shardline_replans_total", reason="initial") == 1
-    assert value(c, "shardline_build_info", version="0.1.0", api="1") == 1
+    assert value(c, "shardline_build_info", version="0.1.0", api=str(WIRE_VERSION)) == 1
     handled = {(s.labels["grpc_method"], s.labels["grpc_code"]): s.value
                for s in c["grpc_server_handled_total"]}
     assert handled[("Generate", "OK")] == 1

@@ -161,6 +161,28 @@ def cached_bandwidth(backend: str, chip: str, cache_dir: Path,
     return value
 
 
+def wire_memory(weight_bytes: int, mx: Any = None) -> int:
+    """On Metal, let MLX keep up to the recommended working set wired, as mlx-lm's `generate`
+    does, so macOS does not page a shard's weights out between tokens. Returns the limit set
+    in bytes (0 on other backends, where memory is not paged that way); warns when the shard
+    alone is over it (it would be paged while it runs)."""
+    if mx is None:
+        import mlx.core as mx
+
+    metal = getattr(mx, "metal", None)
+    if metal is None or not metal.is_available():
+        return 0
+    limit = _int_key(_device_info(mx), "max_recommended_working_set_size")
+    if limit is None:
+        return 0
+    if weight_bytes > limit:
+        log.warning("the shard's %d bytes of weights are over the recommended working set of "
+                    "%d bytes: expect it to be slow (raise it with sysctl iogpu.wired_limit_mb)",
+                    weight_bytes, limit)
+    mx.set_wired_limit(limit)
+    return limit
+
+
 def detect(memory_override: int | None = None, cache_dir: Path | None = None) -> Hardware:
     """Probe this machine; `memory_override` (bytes) replaces the detected usable memory.
 

@@ -30,6 +30,11 @@ FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
+# The parts of one decode step on one stage (StepParts): tens of microseconds to a second.
+PART_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+                0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+STEP_PARTS = ("receive", "host", "device", "serialise", "send", "waiting")
+
 MEMORY_KINDS = ("weights", "kv", "active", "peak", "total")
 SAMPLE_EVERY = 0.25  # seconds between memory samples while steps run
 
@@ -80,6 +85,13 @@ class WorkerMetrics:
                                   "Time to hand one step's activations to the next stage's "
                                   "stream (includes flow-control backpressure).",
                                   buckets=TRANSFER_BUCKETS, registry=r)
+        self.parts = Histogram("shardline_stage_step_part_seconds",
+                               "Where one decode step's time goes on this stage: receive (in "
+                               "hand until the MLX thread begins it), host (building its graph), "
+                               "device (waiting for its values), serialise (building the output "
+                               "messages), send (until written to the next stage or the "
+                               "results), waiting (idle before it arrived).",
+                               ["part"], buckets=PART_BUCKETS, registry=r)
         # labelled children looked up once, not on every step
         self._forward = {phase: self.forward.labels(phase) for phase in ("prefill", "decode")}
         self._bytes = {d: self.activation_bytes.labels(d) for d in ("in", "out")}
@@ -126,6 +138,34 @@ class WorkerMetrics:
             self.memory.update(weights=weight_bytes, kv=kv, active=active, peak=peak)
             self.sessions = sessions
         self._sampled_at, self._sampled_sessions = now, sessions
+
+
+class StepParts:
+    """Times each decode step's parts (WorkerMetrics.parts); `bench/bench_profile.py` reads
+    them. `arrived` and `sent` run on the event loop, `computed` on the MLX thread."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self._part = {p: metrics.parts.labels(p) for p in STEP_PARTS}
+        self.in_flight = 0
+        self._idle_since: float | None = None
+
+    def arrived(self, now: float) -> None:
+        if self.in_flight == 0 and self._idle_since is not None:
+            self._part["waiting"].observe(now - self._idle_since)
+        self.in_flight += 1
+
+    def computed(self, times: Any, *, decode: bool) -> None:
+        if decode:
+            for part in ("receive", "host", "device", "serialise"):
+                self._part[part].observe(getattr(times, part))
+
+    def sent(self, times: Any, *, decode: bool) -> None:
+        now = time.perf_counter()
+        if decode:
+            self._part["send"].observe(now - times.done)
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle_since = now
 
 
 def start_metrics_server(metrics: WorkerMetrics, host: str, port: int = 0) -> tuple[Any, int]:

@@ -29,6 +29,11 @@ class Sampler:
         )
         self._processors = make_logits_processors(repetition_penalty=self.repetition_penalty)
 
+    @property
+    def has_processors(self) -> bool:
+        """Whether logits processors (repetition penalty) read the token history."""
+        return bool(self._processors)
+
     @classmethod
     def from_params(cls, params: inference_pb2.SamplingParams) -> Sampler:
         """Build from the wire's SamplingParams; unset fields take greedy defaults."""

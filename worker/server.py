@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +15,11 @@ import mlx.core as mx
 
 import protos
 from protos import auth, worker_pb2, worker_pb2_grpc
-from worker.backend import Hardware
-from worker.metrics import WorkerMetrics, hidden_bytes
+from worker.backend import Hardware, wire_memory
+from worker.metrics import StepParts, WorkerMetrics, hidden_bytes
+from worker.mlx_thread import MLXThread, StepTimes
 from worker.shard import ShardError, load_shard
-from worker.stage import StageRunner, StepError, StepOutput
+from worker.stage import StageRunner, StepOutput
 
 log = logging.getLogger("shardline.worker")
 
@@ -40,63 +39,6 @@ class WorkerConfig:
     secret: bytes | None = None  # the cluster secret: every call must be signed with it
 
 
-class MLXThread:
-    """The one thread that does all of this worker's MLX work (arrays are bound to a thread).
-
-    A plain thread with a queue: a call costs one wake-up of this thread and one
-    `call_soon_threadsafe` back to the loop (no executor or chained futures per step).
-    """
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="shardline-mlx", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                break
-            loop, future, fn, args = item
-            if future.cancelled():
-                continue
-            try:
-                result = fn(*args)
-            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-                loop.call_soon_threadsafe(_settle, future, None, e)
-            else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
-        while True:  # closed: whatever is still queued will not run
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                item[0].call_soon_threadsafe(item[1].cancel)
-
-    async def run(self, fn: Any, *args: Any) -> Any:
-        if self._closed:
-            raise RuntimeError("the MLX thread is closed")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put((loop, future, fn, args))
-        return await future
-
-    def close(self) -> None:
-        self._closed = True
-        self._queue.put(None)
-
-
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves one shard at a time; a new LoadShard replaces the previous one."""
 
@@ -104,6 +46,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.config = config
         self.metrics = metrics or WorkerMetrics(config.hardware.memory_bytes)
         self.mlx = MLXThread()
+        self.parts = StepParts(self.metrics)
+        self._sinks: dict[str, asyncio.Queue] = {}  # plan id -> its open Results stream
         self.runner: StageRunner | None = None
         self.shard_info: worker_pb2.ShardInfo | None = None
         self._load_lock = asyncio.Lock()
@@ -148,6 +92,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 f"model at {spec.model_path} has {shard.num_layers} layers, plan says "
                 f"{spec.num_layers}"
             )
+        wire_memory(shard.weight_bytes)
         self.runner = StageRunner(shard)
         self.metrics.sample(self.runner, shard.weight_bytes, force=True)
         return worker_pb2.ShardInfo(
@@ -178,13 +123,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             yield worker_pb2.LoadProgress(phase="ready", fraction=1.0, shard=info)
 
     # -- Forward ----------------------------------------------------------------------------
-    def _error(self, step_id: int, err: Exception) -> worker_pb2.StageResult:
+    def _error(self, step_id: int, err: Exception) -> str:
+        """A step's error, naming this stage."""
         spec = self.shard_info.spec
-        return worker_pb2.StageResult(
-            step_id=step_id,
-            error=f"stage {spec.stage_index} ({self.config.name}, layers "
-            f"[{spec.layer_start}, {spec.layer_end})): {err}",
-        )
+        return (f"stage {spec.stage_index} ({self.config.name}, layers "
+                f"[{spec.layer_start}, {spec.layer_end})): {err}")
 
     async def _downstream(self, spec: worker_pb2.ShardSpec) -> Any:
         channel = self._channels.get(spec.next_address)
@@ -205,21 +148,18 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if self.runner is None or self.shard_info is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
         spec = self.shard_info.spec
-        plan = dict(context.invocation_metadata() or ()).get(PLAN_METADATA_KEY, "")
-        if plan != spec.plan_id:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"stream is for plan {plan!r}, this worker serves plan {spec.plan_id!r}",
-            )
-        runner = self.runner
-        results: asyncio.Queue[worker_pb2.StageResult | BaseException | None] = asyncio.Queue()
+        await self._check_plan(context, dict(context.invocation_metadata() or ()).get(
+            PLAN_METADATA_KEY, ""))
+        # What this stream answers: the last stage's results when no Results stream is open
+        # for the plan, a downstream failure, or None at the end.
+        back: asyncio.Queue[worker_pb2.StageResult | BaseException | None] = asyncio.Queue()
         downstream = await self._downstream(spec) if spec.next_address else None
-        tasks = [asyncio.create_task(self._pump(request_iterator, runner, downstream, results))]
+        tasks = [asyncio.create_task(self._pump(request_iterator, self.runner, downstream, back))]
         if downstream is not None:
-            tasks.append(asyncio.create_task(self._relay(downstream, results, spec)))
+            tasks.append(asyncio.create_task(self._watch(downstream, back, spec)))
         try:
             while True:
-                item = await results.get()
+                item = await back.get()
                 if item is None:
                     return
                 if isinstance(item, BaseException):
@@ -231,54 +171,115 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if downstream is not None:
                 downstream.cancel()
 
+    async def Results(self, request: worker_pb2.ResultsRequest, context: Any):
+        if self.runner is None or self.shard_info is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
+        if self.shard_info.spec.next_address:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "only the last stage has results")
+        await self._check_plan(context, request.plan_id)
+        sink: asyncio.Queue[worker_pb2.StageResult] = asyncio.Queue()
+        self._sinks[request.plan_id] = sink
+        try:
+            yield worker_pb2.StageResult()  # attached: results of this plan come here now
+            while True:
+                yield await sink.get()
+        finally:
+            if self._sinks.get(request.plan_id) is sink:
+                del self._sinks[request.plan_id]
+
+    async def _check_plan(self, context: Any, plan: str) -> None:
+        if plan != self.shard_info.spec.plan_id:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stream is for plan {plan!r}, this worker serves plan "
+                f"{self.shard_info.spec.plan_id!r}",
+            )
+
     async def _pump(self, requests: Any, runner: StageRunner, downstream: Any,
-                    results: asyncio.Queue) -> None:
-        """Run each incoming step in order and pass it on (or back, from the last stage)."""
+                    back: asyncio.Queue) -> None:
+        """Hand each incoming step to the MLX thread as soon as it arrives (it begins the next
+        while the device computes the one before) and send the outputs on in order."""
+        steps: asyncio.Queue[tuple[Any, asyncio.Future, StepTimes] | None] = asyncio.Queue()
+        sender = asyncio.create_task(self._send_all(steps, downstream, back))
         try:
             async for msg in requests:
-                t0 = time.perf_counter()
+                arrived = time.perf_counter()
+                self.parts.arrived(arrived)
+                if msg.error:  # an earlier stage failed this step: free what it frees, pass
+                    bare = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release)
+                    future, times = self.mlx.step(runner, bare, arrived)
+                else:
+                    future, times = self.mlx.step(runner, msg, arrived, self._record)
+                steps.put_nowait((msg, future, times))
+            steps.put_nowait(None)
+            await sender
+        except grpc.aio.AioRpcError as e:
+            await back.put(ConnectionError(f"previous stage: {e.details()}"))
+        finally:
+            sender.cancel()
+
+    async def _send_all(self, steps: asyncio.Queue, downstream: Any,
+                        back: asyncio.Queue) -> None:
+        """Send each step's output on, in arrival order: to the next stage, or (last stage)
+        to the plan's Results stream or back on this one."""
+        spec = self.shard_info.spec
+        try:
+            while (item := await steps.get()) is not None:
+                msg, future, times = item
+                out: StepOutput | None = None
+                error = msg.error
                 try:
-                    out: StepOutput = await self.mlx.run(self._step, runner, msg)
-                except (StepError, ValueError) as e:
-                    await results.put(self._error(msg.step_id, e))
-                    continue
-                log.debug("step %d in %.2f ms", msg.step_id, (time.perf_counter() - t0) * 1e3)
+                    out = await future
+                except Exception as e:  # noqa: BLE001 - the step fails, the stream goes on
+                    error = error or self._error(msg.step_id, e)
+                if error:
+                    out = None
+                decode = bool(msg.seqs) and out is not None and not out.prefill_tokens
                 if downstream is not None:
+                    forward = out.forward if out is not None else worker_pb2.StageMessage(
+                        step_id=msg.step_id, error=error, release=msg.release)
                     t1 = time.perf_counter()
-                    await downstream.write(out.forward)
+                    await downstream.write(forward)
                     if msg.seqs:
                         self.metrics.transfer.observe(time.perf_counter() - t1)
-                elif msg.seqs:
-                    await results.put(worker_pb2.StageResult(step_id=msg.step_id,
-                                                             outputs=out.outputs))
+                    self.parts.sent(times, decode=decode)
+                elif msg.seqs or error:
+                    result = worker_pb2.StageResult(step_id=msg.step_id, error=error)
+                    if out is not None:
+                        result.outputs.extend(out.outputs)
+                    sink = self._sinks.get(spec.plan_id)
+                    (sink or back).put_nowait(result)
+                    self.parts.sent(times, decode=decode)
+                else:
+                    self.parts.sent(times, decode=False)
             if downstream is not None:
                 await downstream.done_writing()
             else:
-                await results.put(None)
+                await back.put(None)
         except grpc.aio.AioRpcError as e:
-            await results.put(ConnectionError(f"next stage {self._next()}: {e.details()}"))
-        except asyncio.CancelledError:
-            raise
+            await back.put(ConnectionError(f"next stage {self._next()}: {e.details()}"))
 
-    def _step(self, runner: StageRunner, msg: worker_pb2.StageMessage) -> StepOutput:
-        """Run one step on the MLX thread and record its time, bytes and memory."""
-        t0 = time.perf_counter()
-        out = runner.run(msg)
+    def _record(self, msg: worker_pb2.StageMessage, out: StepOutput, times: StepTimes) -> None:
+        """On the MLX thread, after a step: its time, bytes and memory in the metrics."""
         if msg.seqs:
-            self.metrics.step(time.perf_counter() - t0, out.prefill_tokens, hidden_bytes(msg),
-                              hidden_bytes(out.forward))
-        self.metrics.sample(runner, runner.shard.weight_bytes)
-        return out
+            self.metrics.step(times.host + times.device + times.serialise, out.prefill_tokens,
+                              hidden_bytes(msg), hidden_bytes(out.forward))
+            self.parts.computed(times, decode=not out.prefill_tokens)
+        runner = self.runner
+        if runner is not None:
+            self.metrics.sample(runner, runner.shard.weight_bytes)
 
-    async def _relay(self, downstream: Any, results: asyncio.Queue,
+    async def _watch(self, downstream: Any, back: asyncio.Queue,
                      spec: worker_pb2.ShardSpec) -> None:
-        """Pass the next stage's results back up the chain."""
+        """Follow the next stage's answers: results it sends back (no Results stream is open
+        for the plan), its end, or its failure."""
         try:
             async for result in downstream:
-                await results.put(result)
-            await results.put(None)
+                await back.put(result)
+            await back.put(None)
         except grpc.aio.AioRpcError as e:
-            await results.put(ConnectionError(f"next stage {spec.next_address}: {e.details()}"))
+            await back.put(ConnectionError(f"next stage {spec.next_address}: {e.details()}"))
 
     def _next(self) -> str:
         return self.shard_info.spec.next_address if self.shard_info else ""

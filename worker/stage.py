@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,6 +11,7 @@ from mlx_lm.models.cache import KVCache
 
 from protos import codec, worker_pb2
 from worker.batch import DecodeBatch, batchable
+from worker.lookahead import Lookahead
 from worker.sampling import Sampler
 from worker.shard import Shard
 
@@ -23,6 +25,10 @@ def fork_cache(cache: Any, length: int) -> KVCache:
     out.values = cache.values[..., :length, :]
     out.offset = length
     return out
+
+
+# Layers whose graph is built before the device is given it to compute (see _layers).
+EVAL_EVERY = 4
 
 
 class StepError(ValueError):
@@ -54,16 +60,32 @@ class StepOutput:
     outputs: list[worker_pb2.SeqOutput] = field(default_factory=list)
     prefill_tokens: int = 0
     decode_tokens: int = 0
+    device_seconds: float = 0.0  # waiting for the values (StageRunner.finish)
+    serialise_seconds: float = 0.0  # building the messages from them
+
+
+@dataclass
+class Pending:
+    """A step whose graph is built and whose evaluation has started (StageRunner.begin)."""
+
+    msg: worker_pb2.StageMessage
+    seqs: list[worker_pb2.SeqInput]
+    sessions: list[Session]
+    rows: list[tuple[mx.array, Any]]
+    targets: list[Any]
+    groups: list[list[int]]
 
 
 class StageRunner:
     """Runs steps for one loaded shard. Call it from one thread only (MLX arrays are per-thread)."""
 
-    def __init__(self, shard: Shard, *, batching: bool = True) -> None:
+    def __init__(self, shard: Shard, *, batching: bool = True, lookahead: bool = True) -> None:
         self.shard = shard
         self.sessions: dict[str, Session] = {}
         self.batching = batching and batchable(shard.cache_template)
         self.batches: dict[tuple[str, ...], DecodeBatch] = {}
+        # a stage holding the whole model begins each decode step's successor early
+        self.lookahead = Lookahead() if lookahead and Lookahead.suits(shard) else None
 
     @property
     def kv_bytes(self) -> int:
@@ -72,6 +94,8 @@ class StageRunner:
 
     # -- sessions and their caches ------------------------------------------------------------
     def release(self, seq_ids: list[str]) -> None:
+        if self.lookahead and seq_ids:
+            self.lookahead.drop(seq_ids)
         for seq_id in seq_ids:
             self._unbatch(seq_id)
             self.sessions.pop(seq_id, None)
@@ -99,6 +123,10 @@ class StageRunner:
             for seq_id in ids:
                 self.sessions[seq_id].caches = None
         return self.batches[ids].caches
+
+    def caches_of(self, ids: tuple[str, ...]) -> list[Any]:
+        """The caches a step of sequences `ids` (in this order) runs on."""
+        return self._batch_caches(ids) if len(ids) > 1 else self._own_caches(ids[0])
 
     def _session(self, seq: worker_pb2.SeqInput) -> Session:
         if seq.start:
@@ -143,9 +171,15 @@ class StageRunner:
         return codec.decode(seq.hidden)
 
     def _layers(self, h: mx.array, caches: list[Any]) -> mx.array:
+        """The slice's layers on `h`. Every EVAL_EVERY layers the graph so far is sent to the
+        device (`mx.async_eval`), so it computes the first layers while the host builds the
+        rest (the values are the same: only when they are computed changes)."""
         masks = self.shard.family.masks(h, self.shard.start, caches)
-        for layer, mask, cache in zip(self.shard.layers, masks, caches, strict=True):
+        layers = self.shard.layers
+        for n, (layer, mask, cache) in enumerate(zip(layers, masks, caches, strict=True), 1):
             h = layer(h, mask, cache)
+            if n % EVAL_EVERY == 0 and n < len(layers):
+                mx.async_eval(h)
         return h
 
     def _groups(self, seqs: list[worker_pb2.SeqInput]) -> list[list[int]]:
@@ -157,19 +191,42 @@ class StageRunner:
         return [decode, *rest]
 
     def run(self, msg: worker_pb2.StageMessage) -> StepOutput:
-        """Run one step; every sequence's result is evaluated in a single `mx.eval`."""
-        self.release(list(msg.release))
-        seqs = list(msg.seqs)
-        if len({s.seq_id for s in seqs}) != len(seqs):
-            raise StepError("a step names the same sequence twice")
-        # Check every sequence before touching any cache, so a bad step changes nothing.
-        sessions = [self._session(seq) for seq in seqs]
-        inputs = [self._input(seq) for seq in seqs]
+        """Run one step to the end: `finish(begin(msg))`."""
+        return self.finish(self.begin(msg))
+
+    def begin(self, msg: worker_pb2.StageMessage) -> Pending:
+        """Check the step, build its graph and start evaluating it (`mx.async_eval`); the host
+        is free again while the device computes. A step the lookahead already began (this
+        stage holds the whole model) is taken as it is."""
+        ahead = self.lookahead.take(self, msg) if self.lookahead else None
+        if ahead is not None:
+            pending = ahead
+        else:
+            self.release(list(msg.release))
+            seqs = list(msg.seqs)
+            if len({s.seq_id for s in seqs}) != len(seqs):
+                raise StepError("a step names the same sequence twice")
+            # Check every sequence before touching any cache, so a bad step changes nothing.
+            sessions = [self._session(seq) for seq in seqs]
+            inputs = [self._input(seq) for seq in seqs]
+            pending = self.build(msg, seqs, sessions, inputs)
+        if self.lookahead:
+            self.lookahead.propose(self, pending)
+        return pending
+
+    def build(self, msg: worker_pb2.StageMessage, seqs: list[worker_pb2.SeqInput],
+              sessions: list[Session], inputs: list[mx.array],
+              history: list[list[int]] | None = None) -> Pending:
+        """The lazy graph of one step over checked sessions, its evaluation started.
+
+        `history` overrides the token ids the samplers record (the lookahead passes
+        placeholders for tokens not sampled yet)."""
         rows: list[tuple[mx.array, Any]] = [None] * len(seqs)  # (hidden, sampled) per sequence
         targets: list[Any] = []
-        for group in self._groups(seqs):
+        groups = self._groups(seqs)
+        for group in groups:
             ids = tuple(seqs[i].seq_id for i in group)
-            caches = self._batch_caches(ids) if len(group) > 1 else self._own_caches(ids[0])
+            caches = self.caches_of(ids)
             h = inputs[group[0]] if len(group) == 1 else mx.concatenate(
                 [inputs[i] for i in group], axis=0)
             h = self._layers(h, caches)
@@ -179,36 +236,49 @@ class StageRunner:
             for row, i in enumerate(group):
                 sampled = None
                 if self.shard.is_last:
-                    sessions[i].sampler.history.extend(seqs[i].token_ids)
+                    ids_in = history[i] if history is not None else seqs[i].token_ids
+                    sessions[i].sampler.history.extend(ids_in)
                     if seqs[i].sample:
                         sampled = sessions[i].sampler.sample(logits[row : row + 1])
                 rows[i] = (h if len(group) == 1 else h[row : row + 1], sampled)
+                # positions count when a step is begun: the next may be begun before this
+                # one has finished (worker/mlx_thread.py)
+                sessions[i].offset += len(seqs[i].token_ids)
                 targets.append(sampled if sampled is not None else rows[i][0])
             if self.shard.is_last and logits is None:
                 # A prompt chunk on the last stage only fills caches: like mlx-lm, evaluate
                 # those and skip the last layer's attention output and MLP.
                 del targets[-len(group) :]
                 targets += [c.state for c in caches]
-        mx.eval(targets)
-        return self._output(msg, seqs, sessions, rows)
+        mx.async_eval(targets)
+        return Pending(msg, seqs, sessions, rows, targets, groups)
+
+    def finish(self, pending: Pending) -> StepOutput:
+        """Wait for a begun step's values and build its output (the one sync of the step)."""
+        t0 = time.perf_counter()
+        mx.eval(pending.targets)
+        t1 = time.perf_counter()
+        out = self._output(pending.msg, pending.seqs, pending.sessions, pending.rows)
+        out.device_seconds, out.serialise_seconds = t1 - t0, time.perf_counter() - t1
+        return out
 
     def _output(self, msg: worker_pb2.StageMessage, seqs: list[worker_pb2.SeqInput],
                 sessions: list[Session], rows: list[tuple[mx.array, Any]]) -> StepOutput:
         out = StepOutput()
         if not self.shard.is_last:
             out.forward = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release)
-        for seq, session, (h, sampled) in zip(seqs, sessions, rows, strict=True):
+        for seq, (h, sampled) in zip(seqs, rows, strict=True):
             n = len(seq.token_ids)
-            session.offset += n
             if n == 1:
                 out.decode_tokens += 1
             else:
                 out.prefill_tokens += n
             if out.forward is not None:
-                fwd = worker_pb2.SeqInput()
+                # the incoming hidden state was read when the step began: do not copy it
+                seq.ClearField("hidden")
+                fwd = out.forward.seqs.add()
                 fwd.CopyFrom(seq)
-                fwd.hidden.CopyFrom(codec.encode(h))
-                out.forward.seqs.append(fwd)
+                codec.encode_into(fwd.hidden, h)
             elif sampled is not None:
                 token, logprob, *top = sampled
                 out.outputs.append(

@@ -1,0 +1,147 @@
+"""Hot-path benchmark: mlx-lm alone vs Shardline through 1..N workers, same run, ratios printed.
+
+Decode speed (one stream: mlx-lm `stream_generate`; several: `batch_generate`) against Shardline
+with 1, 2, ... workers on this one machine, and the time one more hop adds to a token.
+
+    python bench/bench_hotpath.py                # CPU: the 8-layer bench model, 1 and 3 workers
+    python bench/bench_hotpath.py --hops         # CPU: a tiny model through 1..4 workers,
+                                                 # the added ms per token per added hop
+                                                 # (nothing pinned; --pin: all on core 0)
+    python bench/bench_hotpath.py --gpu          # GPU: the 8B-shaped 4-bit llama, 1/2/4
+                                                 # workers, 1 and 8 streams
+
+On the CPU, mlx-lm and every worker are pinned to core 0 (the compute gets one core in every
+row; the coordinator and the client run beside it on the other core). On a GPU nothing is
+pinned and every worker shares the one GPU, so the rows measure overhead, not added compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_serving  # noqa: E402
+from bench_serving import GiB, Result, bench_mlx_lm, bench_shardline  # noqa: E402
+
+from coordinator.demo import ModelSpec, cached_model  # noqa: E402
+
+CPU_SPEC = bench_serving.SPEC
+GPU_SPEC = ModelSpec(family="llama", num_layers=32, hidden_size=4096, intermediate_size=14336,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, bits=4,
+                     max_position_embeddings=4096)
+HOP_SPEC = ModelSpec(family="llama", num_layers=4, hidden_size=128, intermediate_size=256,
+                     num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                     max_position_embeddings=4096)
+
+
+async def cluster_runs(path: Path, workers: int, streams: list[int], prompt: int, new: int,
+                       runs: int, pin: bool) -> dict[int, list[Result]]:
+    """Start `workers` local workers and a coordinator; per stream count, a warm-up and `runs`
+    timed runs."""
+    from coordinator.app import Coordinator, ServeOptions
+    from coordinator.local import LocalWorkers
+
+    local = LocalWorkers(workers, memory=[(4 if pin else 32) * GiB] * workers,
+                         cpus=[0] * workers if pin else None,
+                         cache_dir=Path(tempfile.mkdtemp()))
+    addresses = local.start(timeout=300)
+    coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
+                                     grpc_port=0, max_sequences=max(streams), context=4096,
+                                     prefix_cache_tokens=0),
+                        progress=lambda m: None)
+    label = f"shardline {workers} worker{'s' if workers > 1 else ''}"
+    out: dict[int, list[Result]] = {}
+    try:
+        await coord.start()
+        for s in streams:
+            await bench_shardline(coord, label, s, prompt, min(new, 16))
+            out[s] = [await bench_shardline(coord, label, s, prompt, new, warm=False)
+                      for _ in range(runs)]
+    finally:
+        await coord.stop()
+        local.stop()
+    return out
+
+
+def median_tps(results: list[Result]) -> float:
+    return statistics.median(r.tps for r in results)
+
+
+def median_itl_ms(results: list[Result]) -> float:
+    return statistics.median(r.pct(r.itl, 0.5) for r in results) * 1e3
+
+
+def decode(args: argparse.Namespace) -> None:
+    spec = GPU_SPEC if args.gpu else CPU_SPEC
+    workers = [int(w) for w in args.workers.split(",")]
+    streams = [int(s) for s in args.streams.split(",")]
+    pin = not args.gpu and hasattr(os, "sched_setaffinity")
+    bench_serving.PIN = pin
+    path = cached_model(spec)
+    base = {s: [bench_mlx_lm(path, s, args.prompt, args.new) for _ in range(args.runs)]
+            for s in streams}
+    rows = {w: asyncio.run(cluster_runs(path, w, streams, args.prompt, args.new, args.runs, pin))
+            for w in workers}
+    print(f"model {spec.key()}, prompt {args.prompt}, {args.new} new tokens, greedy, "
+          f"medians of {args.runs} runs, {'GPU' if args.gpu else 'CPU pinned to core 0'}")
+    print("| system | " + " | ".join(f"{s} stream{'s' if s > 1 else ''} tok/s" for s in streams)
+          + " |")
+    print("|---|" + "---|" * len(streams))
+    print("| mlx-lm | " + " | ".join(f"{median_tps(base[s]):.1f}" for s in streams) + " |")
+    for w, by in rows.items():
+        cells = [f"{median_tps(by[s]):.1f} ({median_tps(by[s]) / median_tps(base[s]):.2f}x)"
+                 for s in streams]
+        print(f"| shardline, {w} worker{'s' if w > 1 else ''} | " + " | ".join(cells) + " |")
+
+
+def hops(args: argparse.Namespace) -> None:
+    pin = args.pin and hasattr(os, "sched_setaffinity")
+    bench_serving.PIN = pin
+    path = cached_model(HOP_SPEC)
+    counts = [int(w) for w in args.workers.split(",")] if args.workers_set else [1, 2, 3, 4]
+    itl = {}
+    for w in counts:
+        by = asyncio.run(cluster_runs(path, w, [1], 32, args.new, args.runs, pin))
+        itl[w] = median_itl_ms(by[1])
+    where = "workers pinned to core 0" if pin else "nothing pinned"
+    print(f"model {HOP_SPEC.key()}, 1 stream, {args.new} new tokens, ITL p50 medians of "
+          f"{args.runs} runs, {where}")
+    print("| workers | ITL p50 ms | added vs one fewer |")
+    print("|---|---|---|")
+    prev = None
+    for w in counts:
+        added = "" if prev is None else f"{itl[w] - itl[prev]:+.3f}"
+        print(f"| {w} | {itl[w]:.3f} | {added} |")
+        prev = w
+    steps = [(itl[b] - itl[a]) / (b - a) for a, b in zip(counts, counts[1:], strict=False)]
+    print(f"added ms per token per added hop: median {statistics.median(steps):.3f} "
+          f"(target <= 0.3)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="the 8B shape, 1/2/4 workers")
+    parser.add_argument("--hops", action="store_true", help="added time per hop, tiny model")
+    parser.add_argument("--workers", help="comma-separated worker counts")
+    parser.add_argument("--streams", help="comma-separated stream counts")
+    parser.add_argument("--pin", action="store_true",
+                        help="--hops: pin every worker to core 0 (default: nothing pinned)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=128)
+    args = parser.parse_args()
+    args.workers_set = bool(args.workers)
+    args.workers = args.workers or ("1,2,4" if args.gpu else "1,3")
+    args.streams = args.streams or ("1,8" if args.gpu else "1")
+    hops(args) if args.hops else decode(args)
+
+
+if __name__ == "__main__":
+    main()

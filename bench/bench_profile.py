@@ -1,0 +1,118 @@
+"""Per-stage profile of one decode step: where a token's time goes, with 1 worker and with several.
+
+Runs one greedy stream through a local cluster and reads every worker's
+`shardline_stage_step_part_seconds{part}` histogram (worker/metrics.py) before and after, so each
+stage's mean time per decode step splits into receive (message in hand until the MLX thread
+begins it), host (building the graph), device (waiting for the values), serialise (output
+messages), send (until written on) and waiting (idle before the step arrived). The last column,
+`rest`, is the inter-token latency minus every stage's busy parts: the network, the coordinator
+and the time a stage's overlap hides (it can be negative when a stage computes ahead).
+
+    python bench/bench_profile.py                    # CPU, the tiny model, 1 and 3 workers
+    python bench/bench_profile.py --workers 1,2,4 --gpu   # the 8B shape on a GPU
+
+A regression shows as the part that grew.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_hotpath  # noqa: E402
+import bench_serving  # noqa: E402
+from bench_serving import GiB, bench_shardline  # noqa: E402
+
+from coordinator.demo import cached_model  # noqa: E402
+
+PARTS = ("receive", "host", "device", "serialise", "send", "waiting")
+BUSY = ("receive", "host", "device", "serialise", "send")
+
+
+def scrape(port: int) -> dict[str, tuple[float, float]]:
+    """(sum, count) of each part from a worker's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out: dict[str, list[float]] = {p: [0.0, 0.0] for p in PARTS}
+    for family in text_string_to_metric_families(text):
+        if family.name != "shardline_stage_step_part_seconds":
+            continue
+        for sample in family.samples:
+            part = sample.labels.get("part")
+            if part in out and sample.name.endswith("_sum"):
+                out[part][0] = sample.value
+            elif part in out and sample.name.endswith("_count"):
+                out[part][1] = sample.value
+    return {p: (v[0], v[1]) for p, v in out.items()}
+
+
+async def profile(path: Path, workers: int, new: int, pin: bool) -> tuple[float, list[dict]]:
+    """ITL p50 (ms) of one stream and, per stage, the mean ms of each part per decode step."""
+    import tempfile
+
+    from coordinator.app import Coordinator, ServeOptions
+    from coordinator.local import LocalWorkers
+
+    local = LocalWorkers(workers, memory=[(4 if pin else 32) * GiB] * workers,
+                         cpus=[0] * workers if pin else None, cache_dir=Path(tempfile.mkdtemp()))
+    coord = Coordinator(ServeOptions(model=str(path), workers=local.start(timeout=300),
+                                     host="127.0.0.1", grpc_port=0, max_sequences=4,
+                                     context=4096, prefix_cache_tokens=0),
+                        progress=lambda m: None)
+    try:
+        await coord.start()
+        await bench_shardline(coord, "warm-up", 1, 32, 16)
+        ports = [w.info.metrics_port for w in coord.cluster.workers[:workers]]
+        before = [scrape(p) for p in ports]
+        result = await bench_shardline(coord, "profile", 1, 32, new, warm=False)
+        after = [scrape(p) for p in ports]
+    finally:
+        await coord.stop()
+        local.stop()
+    stages = []
+    for b, a in zip(before, after, strict=True):
+        stage = {}
+        for part in PARTS:
+            total, count = a[part][0] - b[part][0], a[part][1] - b[part][1]
+            stage[part] = total / count * 1e3 if count else 0.0
+        stages.append(stage)
+    return statistics.median(result.itl) * 1e3, stages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", default="1,3", help="comma-separated worker counts")
+    parser.add_argument("--gpu", action="store_true", help="the 8B shape, nothing pinned")
+    parser.add_argument("--model", choices=("tiny", "bench"), default="tiny",
+                        help="CPU model: the hop benchmark's tiny one or the 8-layer bench one")
+    parser.add_argument("--new", type=int, default=128)
+    args = parser.parse_args()
+    pin = not args.gpu
+    bench_serving.PIN = pin
+    spec = bench_hotpath.GPU_SPEC if args.gpu else (
+        bench_hotpath.HOP_SPEC if args.model == "tiny" else bench_hotpath.CPU_SPEC)
+    path = cached_model(spec)
+    print(f"model {spec.key()}, 1 stream, {args.new} new tokens, mean ms per decode step")
+    print("| workers | stage | " + " | ".join(PARTS) + " | busy | ITL p50 | rest |")
+    print("|---|---|" + "---|" * (len(PARTS) + 3))
+    for n in (int(w) for w in args.workers.split(",")):
+        itl, stages = asyncio.run(profile(path, n, args.new, pin))
+        busy_all = 0.0
+        for i, stage in enumerate(stages):
+            busy = sum(stage[p] for p in BUSY)
+            busy_all += busy
+            cells = " | ".join(f"{stage[p]:.3f}" for p in PARTS)
+            last = i == len(stages) - 1
+            tail = f"{itl:.3f} | {itl - busy_all:.3f}" if last else " | "
+            print(f"| {n} | {i} | {cells} | {busy:.3f} | {tail} |")
+
+
+if __name__ == "__main__":
+    main()

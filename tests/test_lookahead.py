@@ -1,0 +1,115 @@
+"""Decode-ahead (worker/lookahead.py): guesses of a whole-model stage are taken or rolled back."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import reference_tokens
+
+from coordinator.demo import ModelSpec
+from protos import inference_pb2, worker_pb2
+from worker.shard import load_shard
+from worker.stage import StageRunner
+
+PROMPTS = {"a": [(3 * i + 11) % 480 + 10 for i in range(21)],
+           "b": [(7 * i + 5) % 480 + 10 for i in range(9)],
+           "c": [(5 * i + 1) % 480 + 10 for i in range(13)]}
+
+
+class Driver:
+    """Steps one StageRunner as the coordinator would: prompt, then one decode step per token."""
+
+    def __init__(self, runner: StageRunner) -> None:
+        self.runner = runner
+        self.tokens: dict[str, list[int]] = {}
+        self.logprobs: dict[str, list[float]] = {}
+        self.step_id = 0
+
+    def _run(self, seqs, release=()):
+        self.step_id += 1
+        out = self.runner.run(worker_pb2.StageMessage(step_id=self.step_id, seqs=seqs,
+                                                      release=list(release)))
+        for o in out.outputs:
+            self.tokens[o.seq_id].append(o.token)
+            self.logprobs[o.seq_id].append(o.logprob)
+
+    def start(self, seq_id, ids, sampling=None):
+        self.tokens[seq_id], self.logprobs[seq_id] = [], []
+        sampling = sampling or inference_pb2.SamplingParams()
+        self._run([worker_pb2.SeqInput(seq_id=seq_id, token_ids=ids[:-1], start=True,
+                                       sampling=sampling)])
+        self._run([worker_pb2.SeqInput(seq_id=seq_id, token_ids=ids[-1:], offset=len(ids) - 1,
+                                       sample=True)])
+
+    def decode(self, seq_ids, release=()):
+        self._run([worker_pb2.SeqInput(
+            seq_id=k, token_ids=[self.tokens[k][-1]], sample=True,
+            offset=len(PROMPTS[k]) + len(self.tokens[k]) - 1) for k in seq_ids], release)
+
+
+@pytest.mark.parametrize("spec", [ModelSpec(family="llama"), ModelSpec(family="qwen3"),
+                                  ModelSpec(family="llama", bits=4)],
+                         ids=lambda s: s.family + (f"-q{s.bits}" if s.bits else ""))
+def test_one_stream_decodes_ahead_and_every_guess_is_taken_token_exact(spec, model_dir):
+    path = model_dir(spec)
+    shard = load_shard(path, 0, spec.num_layers)
+    driver = Driver(StageRunner(shard))
+    driver.start("a", PROMPTS["a"])
+    for _ in range(15):
+        driver.decode(["a"])
+    ahead = driver.runner.lookahead
+    assert ahead.taken == 15 and ahead.dropped == 0
+    assert driver.tokens["a"] == reference_tokens(path, PROMPTS["a"], 16)
+
+
+def test_guesses_roll_back_when_the_next_step_differs_and_outputs_stay_exact(model_dir):
+    spec = ModelSpec(family="llama")
+    path = model_dir(spec)
+    plain = Driver(StageRunner(load_shard(path, 0, spec.num_layers), lookahead=False))
+    ahead = Driver(StageRunner(load_shard(path, 0, spec.num_layers)))
+    sampling = inference_pb2.SamplingParams(temperature=0.8, seed=7, logprobs=3)
+    for d in (plain, ahead):
+        d.start("a", PROMPTS["a"])
+        d.start("b", PROMPTS["b"], sampling)  # a prompt arrives while "a"'s guess runs
+        for _ in range(4):
+            d.decode(["a", "b"])  # batched, the same group: guesses are taken
+        d.start("c", PROMPTS["c"])  # a new prompt instead of the guessed step
+        for _ in range(3):
+            d.decode(["a", "b", "c"])  # the group changed
+        d.decode(["b", "c"], release=["a"])  # a sequence finished mid-guess
+        d.decode(["b", "c"])
+        d.runner.run(worker_pb2.StageMessage(step_id=99, release=["b"]))  # a bare release
+        d.decode(["c"])
+    runner = ahead.runner
+    assert runner.lookahead.taken >= 5 and runner.lookahead.dropped >= 3
+    assert ahead.tokens == plain.tokens and ahead.logprobs == plain.logprobs
+    assert ahead.tokens["c"] == reference_tokens(path, PROMPTS["c"], len(ahead.tokens["c"]))
+    # a guess for "c" is out; rolled back, the session is exactly the one without guesses
+    assert runner.lookahead.guess is not None
+    runner.lookahead.drop(["c"])
+    mine, theirs = runner.sessions["c"], plain.runner.sessions["c"]
+    assert mine.offset == theirs.offset == len(PROMPTS["c"]) + len(ahead.tokens["c"]) - 1
+    assert mine.sampler.history == theirs.sampler.history
+    assert [c.offset for c in mine.caches] == [c.offset for c in theirs.caches]
+
+
+def test_a_repetition_penalty_is_never_guessed(model_dir):
+    spec = ModelSpec(family="llama")
+    path = model_dir(spec)
+    runs = []
+    for lookahead in (False, True):
+        d = Driver(StageRunner(load_shard(path, 0, spec.num_layers), lookahead=lookahead))
+        d.start("a", PROMPTS["a"], inference_pb2.SamplingParams(repetition_penalty=1.3))
+        for _ in range(6):
+            d.decode(["a"])
+        runs.append(d)
+    assert runs[1].runner.lookahead.taken == runs[1].runner.lookahead.dropped == 0
+    assert runs[0].tokens == runs[1].tokens
+
+
+def test_a_slice_of_the_model_never_guesses(model_dir):
+    spec = ModelSpec(family="llama")
+    path = model_dir(spec)
+    assert StageRunner(load_shard(path, 0, 3)).lookahead is None
+    assert StageRunner(load_shard(path, 3, spec.num_layers)).lookahead is None
+    sliding = ModelSpec(family="gemma3_text")  # its sliding-window caches are not trimmed
+    assert StageRunner(load_shard(model_dir(sliding), 0, sliding.num_layers)).lookahead is None

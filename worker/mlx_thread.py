@@ -1,0 +1,177 @@
+"""The one thread that runs a worker's MLX work, with pipeline steps overlapped two deep.
+
+MLX arrays are bound to the thread that built them, so loading, caches, forward passes and
+sampling all run here. A pipeline step runs in two halves (worker/stage.py): `begin` builds its
+graph and starts the device, `finish` waits for the values and builds the output. When the next
+step is already queued, this thread begins it before finishing the one before, so the host
+builds step g+1's graph while the device computes step g.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from worker.stage import Pending, StageRunner, StepOutput
+
+log = logging.getLogger("shardline.worker")
+
+DEPTH = 2  # steps begun and not yet finished, at most
+_CLOSE = object()
+
+
+@dataclass
+class StepTimes:
+    """Where one step's time went on this stage (seconds; see WorkerMetrics.parts)."""
+
+    arrived: float  # perf_counter when the message was in hand on the event loop
+    receive: float = 0.0  # arrival until this thread began it
+    host: float = 0.0  # building the graph (and the lookahead's guess)
+    device: float = 0.0  # waiting for the device's values
+    serialise: float = 0.0  # building the output messages from the values
+    done: float = 0.0  # perf_counter when the output was ready
+
+
+@dataclass
+class _Step:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    runner: StageRunner
+    msg: Any
+    times: StepTimes
+    after: Any = None  # called on this thread with (msg, output, times) once it finished
+    pending: Pending | None = None
+
+
+class MLXThread:
+    """A plain thread with a queue: a call costs one wake-up of this thread and one
+    `call_soon_threadsafe` back to the loop (no executor or chained futures per step)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._begun: deque[_Step] = deque()
+        self.overlapped = 0  # steps begun while the one before was still computing
+        self._thread = threading.Thread(target=self._loop, name="shardline-mlx", daemon=True)
+        self._thread.start()
+
+    def _next(self) -> Any:
+        """The next queued item, or None (meaning: finish the oldest begun step) when steps are
+        begun and nothing is queued, or when DEPTH steps are begun already."""
+        if not self._begun:
+            return self._queue.get()  # blocks: nothing is begun
+        if len(self._begun) >= DEPTH:
+            return None
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            return None
+
+    def _loop(self) -> None:
+        while True:
+            item = self._next()
+            if item is None:
+                self._finish(self._begun.popleft())
+                continue
+            if item is _CLOSE:
+                break
+            if isinstance(item, _Step):
+                self._begin(item)
+                continue
+            loop, future, fn, args = item
+            if future.cancelled():
+                continue
+            while self._begun:  # a plain call sees every step before it finished
+                self._finish(self._begun.popleft())
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                loop.call_soon_threadsafe(_settle, future, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+        while self._begun:
+            step = self._begun.popleft()
+            step.loop.call_soon_threadsafe(step.future.cancel)
+        while True:  # closed: whatever is still queued will not run
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _CLOSE:
+                loop, future = (item.loop, item.future) if isinstance(item, _Step) else item[:2]
+                loop.call_soon_threadsafe(future.cancel)
+
+    def _begin(self, step: _Step) -> None:
+        self.overlapped += bool(self._begun)
+        t0 = time.perf_counter()
+        step.times.receive = t0 - step.times.arrived
+        try:
+            step.pending = step.runner.begin(step.msg)
+        except BaseException as e:  # noqa: BLE001 - the step's error, in order with the rest
+            step.times.host = time.perf_counter() - t0
+            self._begun.append(step)
+            step.pending = e  # type: ignore[assignment]
+            return
+        step.times.host = time.perf_counter() - t0
+        self._begun.append(step)
+
+    def _finish(self, step: _Step) -> None:
+        if isinstance(step.pending, BaseException):
+            step.times.done = time.perf_counter()
+            step.loop.call_soon_threadsafe(_settle, step.future, None, step.pending)
+            return
+        try:
+            out: StepOutput = step.runner.finish(step.pending)
+        except BaseException as e:  # noqa: BLE001
+            step.times.done = time.perf_counter()
+            step.loop.call_soon_threadsafe(_settle, step.future, None, e)
+            return
+        step.times.device, step.times.serialise = out.device_seconds, out.serialise_seconds
+        step.times.done = time.perf_counter()
+        if step.after is not None:
+            try:
+                step.after(step.msg, out, step.times)
+            except Exception:  # noqa: BLE001 - metrics must not stop the stage
+                log.exception("recording a step failed")
+        step.loop.call_soon_threadsafe(_settle, step.future, out, None)
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """Run `fn(*args)` on this thread (after every step queued before it) and return it."""
+        if self._closed:
+            raise RuntimeError("the MLX thread is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put((loop, future, fn, args))
+        return await future
+
+    def step(self, runner: StageRunner, msg: Any, arrived: float, after: Any = None
+             ) -> tuple[asyncio.Future, StepTimes]:
+        """Queue one pipeline step; the future resolves with its StepOutput (in queue order
+        with the other steps) or its error. `after(msg, output, times)` runs on this thread
+        once the step finished (metrics)."""
+        if self._closed:
+            raise RuntimeError("the MLX thread is closed")
+        loop = asyncio.get_running_loop()
+        times = StepTimes(arrived)
+        future = loop.create_future()
+        self._queue.put(_Step(loop, future, runner, msg, times, after))
+        return future, times
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.put(_CLOSE)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
