@@ -142,6 +142,9 @@ class Microbatcher:
     def _send_decode(self) -> None:
         target = self._target()
         group, self._pending = self._pending[:target], self._pending[target:]
+        # one order for the same sequences, step after step, whatever order their streams
+        # asked in: a stage keeps their batch caches merged and its decode-ahead guess holds
+        group.sort(key=lambda item: item[0].seq_id)
         self._expired = False
         if self._timer is not None:
             self._timer.cancel()

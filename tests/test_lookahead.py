@@ -113,3 +113,39 @@ def test_a_slice_of_the_model_never_guesses(model_dir):
     assert StageRunner(load_shard(path, 3, spec.num_layers)).lookahead is None
     sliding = ModelSpec(family="gemma3_text")  # its sliding-window caches are not trimmed
     assert StageRunner(load_shard(model_dir(sliding), 0, sliding.num_layers)).lookahead is None
+
+
+def test_one_worker_serves_token_exact_with_its_guesses_counted_in_metrics(model_dir):
+    import asyncio
+    import urllib.request
+
+    from conftest import GiB, Serving, run
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from coordinator.local import LocalWorkers
+
+    spec = ModelSpec(family="llama")
+    path = model_dir(spec)
+    local = LocalWorkers(1, memory=[GiB], names=["whole"])
+    addresses = local.start()
+
+    async def scenario():
+        async with Serving(path, addresses) as s:
+            alone = await s.generate(PROMPTS["a"], 12)
+            together = await asyncio.gather(*(s.generate(PROMPTS[k], 10) for k in "abc"))
+            port = s.coordinator.cluster.workers[0].info.metrics_port
+            return alone, together, urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+    try:
+        alone, together, text = run(scenario())
+    finally:
+        local.stop()
+    assert alone[0] == reference_tokens(path, PROMPTS["a"], 12)
+    for k, (tokens, _, _) in zip("abc", together, strict=True):
+        assert tokens == reference_tokens(path, PROMPTS[k], 10)
+    counts = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
+              if f.name == "shardline_lookahead_steps" for s in f.samples
+              if s.name.endswith("_total")}
+    assert counts["taken"] >= 11 + 1  # every lone decode step, and batched ones
+    assert counts["dropped"] >= 1  # a finished stream's guess, at least

@@ -342,7 +342,8 @@ GRPC_LABELS = {"grpc_type", "grpc_service", "grpc_method", "grpc_code"}
 PROCESS_LABELS = {"implementation", "major", "minor", "patchlevel", "version"}  # python_info
 COORDINATOR_LABELS = {"le", "finished_reason", "reason", "state", "worker", "version", "api",
                       *GRPC_LABELS, *PROCESS_LABELS}
-WORKER_LABELS = {"le", "phase", "direction", "kind", "part", *GRPC_LABELS, *PROCESS_LABELS}
+WORKER_LABELS = {"le", "phase", "direction", "kind", "part", "outcome", *GRPC_LABELS,
+                 *PROCESS_LABELS}
 # the largest finite bucket of each histogram (the code's lists: up to minutes)
 TOP_BUCKETS = {"shardline_time_to_first_token_seconds": "2560.0",
                "shardline_inter_token_latency_seconds": "80.0",

@@ -92,9 +92,17 @@ class WorkerMetrics:
                                "messages), send (until written to the next stage or the "
                                "results), waiting (idle before it arrived).",
                                ["part"], buckets=PART_BUCKETS, registry=r)
+        self.lookahead = Counter("shardline_lookahead_steps",
+                                 "Decode steps a whole-model stage began ahead (worker/"
+                                 "lookahead.py), by outcome: taken (the next step was the "
+                                 "guess) or dropped (rolled back).",
+                                 ["outcome"], registry=r)
         # labelled children looked up once, not on every step
         self._forward = {phase: self.forward.labels(phase) for phase in ("prefill", "decode")}
         self._bytes = {d: self.activation_bytes.labels(d) for d in ("in", "out")}
+        self._guesses = {o: self.lookahead.labels(o) for o in ("taken", "dropped")}
+        self._guesser: Any = None
+        self._guessed: dict[str, int] = {}
         self.lock = threading.Lock()
         self.memory: dict[str, int] = {"total": total_memory_bytes}
         self.sessions = 0
@@ -110,6 +118,15 @@ class WorkerMetrics:
         """KV cache bytes of the last sample (read from any thread)."""
         with self.lock:
             return self.memory.get("kv", 0)
+
+    def guesses(self, lookahead: Any) -> None:
+        """Bring the lookahead counters up to a Lookahead's own (call on the MLX thread)."""
+        if lookahead is not self._guesser:  # a new shard: its runner counts from 0
+            self._guesser, self._guessed = lookahead, {"taken": 0, "dropped": 0}
+        for outcome, total in (("taken", lookahead.taken), ("dropped", lookahead.dropped)):
+            if total > self._guessed[outcome]:
+                self._guesses[outcome].inc(total - self._guessed[outcome])
+                self._guessed[outcome] = total
 
     def step(self, seconds: float, prefill_tokens: int, bytes_in: int, bytes_out: int) -> None:
         """Record one step: its forward time and the activation bytes it took in and put out."""

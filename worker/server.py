@@ -269,6 +269,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         runner = self.runner
         if runner is not None:
             self.metrics.sample(runner, runner.shard.weight_bytes)
+            if runner.lookahead is not None:
+                self.metrics.guesses(runner.lookahead)
 
     async def _watch(self, downstream: Any, back: asyncio.Queue,
                      spec: worker_pb2.ShardSpec) -> None:
