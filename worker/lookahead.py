@@ -61,9 +61,8 @@ class Lookahead:
         inputs = [family.embed(sampled[0].reshape(1, 1).astype(mx.int32))
                   for _, sampled in step.rows]
         history = [[PLACEHOLDER] for _ in seqs]
-        # the device is busy with `step`: this graph goes to it whole, behind that one
         pending = runner.build(worker_pb2.StageMessage(seqs=seqs), seqs, step.sessions, inputs,
-                               history, early=False)
+                               history)
         caches = [runner.caches_of(tuple(seqs[i].seq_id for i in g)) for g in pending.groups]
         self.guess = _Guess(step, pending, caches)
 

@@ -112,7 +112,7 @@ class MLXThread:
         t0 = time.perf_counter()
         step.times.receive = t0 - step.times.arrived
         try:
-            step.pending = step.runner.begin(step.msg, device_busy=bool(self._begun))
+            step.pending = step.runner.begin(step.msg)
         except BaseException as e:  # noqa: BLE001 - the step's error, in order with the rest
             step.times.host = time.perf_counter() - t0
             self._begun.append(step)

@@ -170,15 +170,16 @@ class StageRunner:
                             f"{self.shard.start}")
         return codec.decode(seq.hidden)
 
-    def _layers(self, h: mx.array, caches: list[Any], early: bool = True) -> mx.array:
-        """The slice's layers on `h`. With `early`, every EVAL_EVERY layers the graph so far
-        is sent to the device (`mx.async_eval`), so it computes the first layers while the
-        host builds the rest (the values are the same: only when they are computed changes)."""
+    def _layers(self, h: mx.array, caches: list[Any]) -> mx.array:
+        """The slice's layers on `h`. Every EVAL_EVERY layers the graph so far is sent to the
+        device (`mx.async_eval`), so it computes the first layers while the host builds the
+        rest, even behind a step still computing: on a fast GPU building a graph takes longer
+        than computing it (the values are the same: only when they are computed changes)."""
         masks = self.shard.family.masks(h, self.shard.start, caches)
         layers = self.shard.layers
         for n, (layer, mask, cache) in enumerate(zip(layers, masks, caches, strict=True), 1):
             h = layer(h, mask, cache)
-            if early and n % EVAL_EVERY == 0 and n < len(layers):
+            if n % EVAL_EVERY == 0 and n < len(layers):
                 mx.async_eval(h)
         return h
 
@@ -194,11 +195,10 @@ class StageRunner:
         """Run one step to the end: `finish(begin(msg))`."""
         return self.finish(self.begin(msg))
 
-    def begin(self, msg: worker_pb2.StageMessage, *, device_busy: bool = False) -> Pending:
+    def begin(self, msg: worker_pb2.StageMessage) -> Pending:
         """Check the step, build its graph and start evaluating it (`mx.async_eval`); the host
         is free again while the device computes. A step the lookahead already began (this
-        stage holds the whole model) is taken as it is. `device_busy`: a step begun before is
-        still computing, so the device needs no early part of this one (see _layers)."""
+        stage holds the whole model) is taken as it is."""
         ahead = self.lookahead.take(self, msg) if self.lookahead else None
         if ahead is not None:
             pending = ahead
@@ -210,19 +210,18 @@ class StageRunner:
             # Check every sequence before touching any cache, so a bad step changes nothing.
             sessions = [self._session(seq) for seq in seqs]
             inputs = [self._input(seq) for seq in seqs]
-            pending = self.build(msg, seqs, sessions, inputs, early=not device_busy)
+            pending = self.build(msg, seqs, sessions, inputs)
         if self.lookahead:
             self.lookahead.propose(self, pending)
         return pending
 
     def build(self, msg: worker_pb2.StageMessage, seqs: list[worker_pb2.SeqInput],
               sessions: list[Session], inputs: list[mx.array],
-              history: list[list[int]] | None = None, early: bool = True) -> Pending:
+              history: list[list[int]] | None = None) -> Pending:
         """The lazy graph of one step over checked sessions, its evaluation started.
 
         `history` overrides the token ids the samplers record (the lookahead passes
-        placeholders for tokens not sampled yet); `early` sends the first layers to the
-        device while the rest are built (pointless when it is busy with a step before)."""
+        placeholders for tokens not sampled yet)."""
         rows: list[tuple[mx.array, Any]] = [None] * len(seqs)  # (hidden, sampled) per sequence
         targets: list[Any] = []
         groups = self._groups(seqs)
@@ -231,7 +230,7 @@ class StageRunner:
             caches = self.caches_of(ids)
             h = inputs[group[0]] if len(group) == 1 else mx.concatenate(
                 [inputs[i] for i in group], axis=0)
-            h = self._layers(h, caches, early)
+            h = self._layers(h, caches)
             logits = None
             if self.shard.is_last and any(seqs[i].sample for i in group):
                 logits = self.shard.family.head(h[:, -1:, :])[:, -1, :]
