@@ -255,3 +255,68 @@ def test_full_queue_over_http_is_429_in_openai_shape(model_dir, workers):
     status, body = run(scenario())
     assert status == 429
     assert body["error"]["type"] == "rate_limit_error" and "retry later" in body["error"]["message"]
+
+
+def test_a_prompt_that_tokenizes_slowly_does_not_stall_the_running_streams(model_dir, workers):
+    """Tokenizing runs off the event loop: while one request's prompt is being tokenized (held
+    here until the test lets it go), a running stream keeps receiving tokens."""
+    import threading
+
+    path = model_dir(SPEC)
+    prompt = [(11 * j + 7) % 480 + 10 for j in range(20)]
+    started, release = threading.Event(), threading.Event()
+    released: list[bool] = []
+
+    class SlowTokenizer:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def encode(self, text, **kwargs):
+            if text.startswith("SLOW"):
+                started.set()
+                # on the event loop this would block it: the test could not release it
+                released.append(release.wait(15))
+            return self.inner.encode(text, **kwargs)
+
+    async def scenario():
+        async with Serving(path, workers, max_sequences=4) as s:
+            engine = s.coordinator.engine
+            engine.tokenizer = SlowTokenizer(engine.tokenizer)
+            got: list[int] = []
+
+            async def running():
+                req = inference_pb2.GenerateRequest(
+                    prompt_token_ids=prompt, sampling=inference_pb2.SamplingParams(
+                        max_tokens=48))
+                async for msg in s.stub.Generate(req):
+                    got.extend(msg.token_ids)
+
+            stream = asyncio.create_task(running())
+            while not got:
+                await asyncio.sleep(0.01)
+            async def held():
+                req = inference_pb2.GenerateRequest(
+                    prompt="SLOW start", sampling=inference_pb2.SamplingParams(max_tokens=2))
+                return [t async for msg in s.stub.Generate(req) for t in msg.token_ids]
+
+            slow = asyncio.create_task(held())
+            while not started.is_set():
+                await asyncio.sleep(0.01)
+            during = len(got)
+            deadline = time.monotonic() + 20
+            while len(got) < during + 3 and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            grew = len(got) - during
+            release.set()
+            first = await slow
+            await stream
+            return grew, first, got
+
+    grew, first, got = run(scenario())
+    assert released == [True]  # the test ran while the prompt was held in the tokenizer
+    assert grew >= 3  # and tokens kept coming meanwhile
+    assert len(first) == 2  # and the held request then ran
+    assert got == expected(path, tuple(prompt), 48)
