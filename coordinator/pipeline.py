@@ -82,6 +82,7 @@ class Pipeline:
         """Resolve the steps whose results `call` brings; its end or failure breaks the
         pipeline (the other stream's failure that follows a break keeps the first reason,
         and what the cluster said since)."""
+        why = "pipeline closed"  # cancelled
         try:
             async for result in call:
                 future = self._pending.pop(result.step_id, None)
@@ -90,13 +91,9 @@ class Pipeline:
             why = f"the {name} stream ended"
         except grpc.aio.AioRpcError as e:
             why = f"pipeline broken: {e.details() or e.code().name}"
-        except asyncio.CancelledError:
-            why = "pipeline closed"
+        finally:
             if not self.broken:
                 self.fail(why)
-            raise
-        if not self.broken:
-            self.fail(why)
 
     def fail(self, reason: str) -> None:
         """Break the pipeline now: every step in flight or queued fails with `reason`."""

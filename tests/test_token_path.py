@@ -172,3 +172,28 @@ def test_a_results_stream_is_refused_by_a_stage_that_is_not_last(model_dir, work
 
     code, details = run(scenario())
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "last stage" in details
+
+
+def test_a_new_plan_frees_the_old_shard_while_an_old_stream_is_still_open(model_dir, workers):
+    big = ModelSpec(family="llama", num_layers=6, hidden_size=256, intermediate_size=768,
+                    num_attention_heads=8, num_key_value_heads=4, vocab_size=2048)
+
+    async def scenario():
+        old = await loaded(model_dir(big), workers)
+        stream = old.workers[0].stub.Forward(metadata=((PLAN_METADATA_KEY, old.plan_id),))
+        await stream.write(first_step("kept"))
+        while (await sessions(old))[0] != 1:  # the old stage 0 holds a sequence
+            await asyncio.sleep(0.01)
+        new = await loaded(model_dir(SPEC), workers)
+        try:
+            return ([w.shard.weight_bytes for w in old.workers],
+                    [w.shard.active_memory_bytes for w in new.workers],
+                    [w.shard.weight_bytes for w in new.workers])
+        finally:
+            stream.cancel()
+            await old.close()
+            await new.close()
+
+    old_weights, active, new_weights = run(scenario())
+    for was, now, weights in zip(old_weights, active, new_weights, strict=True):
+        assert now < weights + 0.25 * was, (was, now, weights)  # the old slice is gone

@@ -40,6 +40,7 @@ class Lookahead:
         self.guess: _Guess | None = None
         self.taken = 0  # guesses the next step confirmed
         self.dropped = 0  # guesses rolled back
+        self.reported = {"taken": 0, "dropped": 0}  # how many of each the metrics counted
 
     @staticmethod
     def suits(shard: Shard) -> bool:

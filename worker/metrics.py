@@ -101,8 +101,6 @@ class WorkerMetrics:
         self._forward = {phase: self.forward.labels(phase) for phase in ("prefill", "decode")}
         self._bytes = {d: self.activation_bytes.labels(d) for d in ("in", "out")}
         self._guesses = {o: self.lookahead.labels(o) for o in ("taken", "dropped")}
-        self._guesser: Any = None
-        self._guessed: dict[str, int] = {}
         self.lock = threading.Lock()
         self.memory: dict[str, int] = {"total": total_memory_bytes}
         self.sessions = 0
@@ -121,12 +119,11 @@ class WorkerMetrics:
 
     def guesses(self, lookahead: Any) -> None:
         """Bring the lookahead counters up to a Lookahead's own (call on the MLX thread)."""
-        if lookahead is not self._guesser:  # a new shard: its runner counts from 0
-            self._guesser, self._guessed = lookahead, {"taken": 0, "dropped": 0}
-        for outcome, total in (("taken", lookahead.taken), ("dropped", lookahead.dropped)):
-            if total > self._guessed[outcome]:
-                self._guesses[outcome].inc(total - self._guessed[outcome])
-                self._guessed[outcome] = total
+        for outcome in ("taken", "dropped"):
+            new = getattr(lookahead, outcome) - lookahead.reported[outcome]
+            if new:
+                self._guesses[outcome].inc(new)
+                lookahead.reported[outcome] += new
 
     def step(self, seconds: float, prefill_tokens: int, bytes_in: int, bytes_out: int) -> None:
         """Record one step: its forward time and the activation bytes it took in and put out."""

@@ -83,6 +83,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return Path(spec.model_path)
 
     def _load(self, spec: worker_pb2.ShardSpec) -> worker_pb2.ShardInfo:
+        if self.runner is not None:
+            # a stream of the old plan may still hold the runner: free its weights and caches
+            # now, not when that stream ends
+            self.runner.close()
         self.runner = None
         gc.collect()
         mx.clear_cache()

@@ -87,6 +87,15 @@ class StageRunner:
         # a stage holding the whole model begins each decode step's successor early
         self.lookahead = Lookahead() if lookahead and Lookahead.suits(shard) else None
 
+    def close(self) -> None:
+        """Let go of the shard, the caches and any guess (a new shard replaces this one); a
+        step sent to a closed runner fails."""
+        self.sessions.clear()
+        self.batches.clear()
+        if self.lookahead is not None:
+            self.lookahead.guess = None
+        self.shard = None
+
     @property
     def kv_bytes(self) -> int:
         held = sum(s.kv_bytes for s in self.sessions.values())
@@ -199,6 +208,8 @@ class StageRunner:
         """Check the step, build its graph and start evaluating it (`mx.async_eval`); the host
         is free again while the device computes. A step the lookahead already began (this
         stage holds the whole model) is taken as it is."""
+        if self.shard is None:
+            raise StepError("this stage's shard was replaced (another plan was loaded)")
         ahead = self.lookahead.take(self, msg) if self.lookahead else None
         if ahead is not None:
             pending = ahead
