@@ -96,8 +96,9 @@ async def raw_call(address: str, method: str, request, metadata=()) -> grpc.Stat
         stub = worker_pb2_grpc.WorkerStub(channel)
         try:
             if method == "Forward":
+                # no write first: a message racing the refusal can end the call as INTERNAL
+                # on the client (grpc core), which hides the status the worker sent
                 call = stub.Forward(metadata=metadata)
-                await call.write(worker_pb2.StageMessage(step_id=1))
                 await call.read()
             elif method == "LoadShard":
                 async for _ in stub.LoadShard(request, metadata=metadata):

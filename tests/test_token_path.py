@@ -197,3 +197,35 @@ def test_a_new_plan_frees_the_old_shard_while_an_old_stream_is_still_open(model_
     old_weights, active, new_weights = run(scenario())
     for was, now, weights in zip(old_weights, active, new_weights, strict=True):
         assert now < weights + 0.25 * was, (was, now, weights)  # the old slice is gone
+
+
+def test_a_middle_stage_counts_the_hidden_bytes_it_receives_and_sends(model_dir, workers):
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    path = model_dir(SPEC)
+
+    def activation_bytes(port: int) -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        return {s.labels["direction"]: s.value
+                for f in text_string_to_metric_families(text.decode())
+                if f.name == "shardline_activation_bytes" for s in f.samples
+                if s.name.endswith("_total")}
+
+    async def scenario():
+        cluster = await loaded(path, workers)
+        try:
+            ports = [w.info.metrics_port for w in cluster.workers]
+            before = [activation_bytes(p) for p in ports]
+            await cluster.pipeline.send(first_step("counted").seqs)
+            return before, [activation_bytes(p) for p in ports]
+        finally:
+            await cluster.close()
+
+    before, after = run(scenario())
+    moved = [{d: a[d] - b[d] for d in ("in", "out")} for b, a in zip(before, after, strict=True)]
+    hidden = len(PROMPT) * 64 * 2  # the prompt's hidden states, bf16, hidden size 64
+    assert moved[0] == {"in": 0, "out": hidden}
+    assert moved[1] == {"in": hidden, "out": hidden}  # the middle stage: both ways
+    assert moved[2] == {"in": hidden, "out": 0}

@@ -36,6 +36,7 @@ class StepTimes:
     device: float = 0.0  # waiting for the device's values
     serialise: float = 0.0  # building the output messages from the values
     done: float = 0.0  # perf_counter when the output was ready
+    bytes_in: int = 0  # hidden-state bytes the message brought (read before the step runs)
 
 
 @dataclass
@@ -111,6 +112,7 @@ class MLXThread:
         self.overlapped += bool(self._begun)
         t0 = time.perf_counter()
         step.times.receive = t0 - step.times.arrived
+        step.times.bytes_in = sum(len(seq.hidden.data) for seq in step.msg.seqs)
         try:
             step.pending = step.runner.begin(step.msg)
         except BaseException as e:  # noqa: BLE001 - the step's error, in order with the rest

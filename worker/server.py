@@ -267,8 +267,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     def _record(self, msg: worker_pb2.StageMessage, out: StepOutput, times: StepTimes) -> None:
         """On the MLX thread, after a step: its time, bytes and memory in the metrics."""
         if msg.seqs:
+            # the step's output was built from the incoming hidden state in place: its bytes
+            # were counted before it ran
             self.metrics.step(times.host + times.device + times.serialise, out.prefill_tokens,
-                              hidden_bytes(msg), hidden_bytes(out.forward))
+                              times.bytes_in, hidden_bytes(out.forward))
             self.parts.computed(times, decode=not out.prefill_tokens)
         runner = self.runner
         if runner is not None:
