@@ -148,6 +148,7 @@ class Coordinator:
             self.model, await self.membership.gather(addresses), partition=opts.partition,
             context=opts.context, max_sequences=opts.max_sequences,
             prefix_cache_tokens=max(0, opts.prefix_cache_tokens), secret=opts.secret,
+            cache_dir=opts.cache_dir, metrics=self.metrics,
         )
         plan = self.cluster.make_plan()
         self.progress(plan.describe())

@@ -178,8 +178,12 @@ def run_status(args: argparse.Namespace) -> int:
     rows = [("NAME", "ADDRESS", "LAYERS", "MEMORY", "BACKEND", "STATUS", "ID")]
     for w in state.workers:
         layers = f"[{w.layer_start}, {w.layer_end})" if w.layer_end else "-"
+        status = w.status
+        if w.status == "loading" and w.shard_bytes:
+            status += (f" {100 * w.shard_bytes_sent // w.shard_bytes}% "
+                       f"({format_size(w.shard_bytes_sent)}/{format_size(w.shard_bytes)})")
         rows.append((w.name, w.address, layers, format_size(w.memory_bytes), w.backend,
-                     w.status, w.id))
+                     status, w.id))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())

@@ -8,7 +8,9 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from secrets import token_bytes
+from typing import Any
 
 import grpc
 
@@ -16,7 +18,10 @@ import protos
 from coordinator.modelinfo import ModelInfo
 from coordinator.pipeline import Pipeline, PipelineError
 from coordinator.planner import NodeCapacity, Plan, plan
-from protos import auth, inference_pb2, worker_pb2, worker_pb2_grpc
+from coordinator.progress import TransferBars
+from coordinator.shipping import ShipError, Shipper, Transfer, describe
+from protos import auth, default_cache_dir, inference_pb2, worker_pb2, worker_pb2_grpc
+from protos.tensorfiles import TensorFileError
 from protos.units import format_size
 
 log = logging.getLogger("shardline.cluster")
@@ -41,6 +46,7 @@ class Worker:
     channel: grpc.aio.Channel
     shard: worker_pb2.ShardInfo | None = None
     status: str = READY
+    transfer: Transfer | None = None  # its shard's last (or current) trip here
 
     @property
     def stub(self) -> worker_pb2_grpc.WorkerStub:
@@ -126,6 +132,9 @@ class Cluster:
     on_broken: Callable[[str], None] | None = None
     recovering: bool = False  # a re-plan after a failure is under way: requests wait for it
     secret: bytes | None = field(default=None, repr=False)  # signs every call to a worker
+    cache_dir: Path | None = None  # the model's hash index is kept under it
+    metrics: Any = None  # CoordinatorMetrics: bytes shipped to each worker
+    _shipper: Shipper | None = field(default=None, repr=False)
 
     def make_plan(self) -> Plan:
         nodes = [
@@ -137,54 +146,126 @@ class Cluster:
                          prefix_cache_tokens=self.prefix_cache_tokens)
         return self.plan
 
-    async def load(self, progress: Callable[[str], None] | None = None) -> None:
-        """Load every stage's shard (in parallel), then open the pipeline into stage 0."""
+    def shipper(self) -> Shipper:
+        """The model's shard files (hashed once, the index under the cache dir)."""
+        if self._shipper is None or self._shipper.model is not self.model:
+            self._shipper = Shipper(self.model, (self.cache_dir or default_cache_dir()) / "hashes")
+        return self._shipper
+
+    def _can_keep_serving(self, stages: Sequence[Any]) -> bool:
+        """Every worker of the new plan can hold its old and its new layers at once, so the
+        old pipeline serves while the new shards load."""
+        for stage, worker in zip(stages, self.workers, strict=False):
+            old = worker.shard.spec if worker.shard is not None else None
+            size = self.model.stage_bytes(stage.layer_start, stage.layer_end)
+            if old is not None:
+                size += sum(self.model.layer_bytes[i] for i in range(old.layer_start,
+                            old.layer_end) if not stage.layer_start <= i < stage.layer_end)
+            if size > worker.info.memory_bytes:
+                return False
+        return True
+
+    async def load(self, progress: Callable[[str], None] | None = None, *,
+                   keep_serving: bool = False,
+                   switched: Callable[[], None] | None = None) -> None:
+        """Ship every stage's shard and load it (in parallel), then open the pipeline into
+        stage 0. With `keep_serving` (a re-plan while the pipeline serves) the old pipeline
+        goes on serving until every new shard is loaded, where the workers can hold both;
+        its requests then resume on the new one. `switched()` runs as the new one takes
+        over."""
         if self.plan is None:
             self.make_plan()
         stages = self.plan.stages
-        self.plan_id = uuid.uuid4().hex[:12]
+        old = self.pipeline if self.pipeline is not None and not self.pipeline.broken else None
+        keep = keep_serving and old is not None and self._can_keep_serving(stages)
+        if old is not None and not keep:
+            self._retire(old, "re-planning")
+        plan_id = uuid.uuid4().hex[:12]
+        shipper = self.shipper()
+        bars = TransferBars(enabled=progress is not None)
+        tell = progress or (lambda _m: None)
 
         async def load_one(i: int, worker: Worker) -> None:
             stage = stages[i]
+            start, end = stage.layer_start, stage.layer_end
+            worker.status = LOADING
+            try:
+                files = await shipper.files(start, end)
+                worker.transfer = transfer = Transfer(worker.info.name)
+                counter = self.metrics.shard_transfer.labels(worker.info.name) \
+                    if self.metrics is not None else None
+
+                def sent(n: int) -> None:
+                    bars.advance(transfer, n)
+                    if counter is not None:
+                        counter.inc(n)
+
+                await shipper.ship(worker.stub, worker.info.name, start, end, files,
+                                   transfer, sent)
+                bars.finish(transfer)
+                tell(f"  {describe(transfer)}")
+            except (ShipError, TensorFileError, OSError) as e:
+                worker.status = FAILED
+                raise ClusterError(f"worker {worker.label} could not get its shard: {e}") from None
             spec = worker_pb2.ShardSpec(
                 model_id=self.model.model_id,
-                model_path=str(self.model.path),
-                layer_start=stage.layer_start,
-                layer_end=stage.layer_end,
+                layer_start=start,
+                layer_end=end,
                 num_layers=self.model.num_layers,
                 stage_index=i,
                 num_stages=len(stages),
                 next_address=self.workers[i + 1].address if i + 1 < len(stages) else "",
                 max_message_bytes=protos.DEFAULT_MAX_MESSAGE_BYTES,
-                plan_id=self.plan_id,
+                plan_id=plan_id,
+                files=[worker_pb2.ShardFile(name=f.name, sha256=f.sha256, size=f.size)
+                       for f in files],
             )
-            worker.status = LOADING
+            kept = 0
             try:
-                async for step in worker.stub.LoadShard(worker_pb2.LoadShardRequest(spec=spec)):
+                async for step in worker.stub.LoadShard(
+                        worker_pb2.LoadShardRequest(spec=spec, keep_serving=keep)):
                     if step.HasField("shard"):
-                        worker.shard = step.shard
+                        worker.shard, kept = step.shard, step.layers_kept
             except grpc.aio.AioRpcError as e:
                 worker.status = FAILED
                 raise ClusterError(f"worker {worker.label} could not load its shard: "
                                    f"{e.details()}") from None
             worker.status = SERVING
-            if progress:
-                progress(
-                    f"  {worker.info.name}: layers [{stage.layer_start}, {stage.layer_end}) "
-                    f"loaded in {worker.shard.load_seconds:.2f}s, "
-                    f"{format_size(worker.shard.weight_bytes)}"
-                )
+            tell(f"  {worker.info.name}: layers [{start}, {end}) loaded in "
+                 f"{worker.shard.load_seconds:.2f}s, {format_size(worker.shard.weight_bytes)}"
+                 + (f" ({kept} kept in memory)" if kept else ""))
 
-        await asyncio.gather(*(load_one(i, w) for i, w in enumerate(self.workers[: len(stages)])))
-        if self.pipeline is not None:
-            await self.pipeline.close()
-        self.pipeline = Pipeline(self.workers[0].address, self.plan_id, secret=self.secret,
-                                 last_address=self.workers[len(stages) - 1].address)
-        self.pipeline.on_broken = self.on_broken
         try:
-            await self.pipeline.open()
+            await asyncio.gather(*(load_one(i, w)
+                                   for i, w in enumerate(self.workers[: len(stages)])))
+        except ClusterError:
+            if old is not None:
+                self._retire(old, "re-plan failed")  # its workers may hold other shards now
+            raise
+        finally:
+            bars.close()
+        fresh = Pipeline(self.workers[0].address, plan_id, secret=self.secret,
+                         last_address=self.workers[len(stages) - 1].address)
+        if old is not None and not old.broken:
+            self._retire(old, "re-planned: resuming on the new plan")
+        try:
+            await fresh.open()
         except PipelineError as e:
             raise ClusterError(str(e)) from None
+        finally:
+            if self.pipeline is not None:
+                await self.pipeline.close()
+        fresh.on_broken = self.on_broken
+        self.plan_id, self.pipeline = plan_id, fresh
+        if switched is not None:
+            switched()
+
+    def _retire(self, pipeline: Pipeline, reason: str) -> None:
+        """Stop `pipeline` without calling it a failure: its requests wait for the next one
+        (`recovering`) and resume there."""
+        pipeline.on_broken = None
+        self.recovering = True
+        pipeline.fail(reason)
 
     async def wait_serving(self, timeout: float) -> Pipeline | None:
         """The pipeline once it can serve: now, or after the recovery under way (up to
@@ -218,6 +299,8 @@ class Cluster:
                     layer_start=spec.layer_start if spec else 0,
                     layer_end=spec.layer_end if spec else 0,
                     status=w.status,
+                    shard_bytes=w.transfer.total if w.transfer else 0,
+                    shard_bytes_sent=w.transfer.sent if w.transfer else 0,
                 )
             )
         if self.extra_states is not None:

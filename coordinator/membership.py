@@ -401,14 +401,10 @@ class Membership:
                     cluster.recovering = True
                     await self._reload(why)
                     continue
-                scheduler = self.source.engine.scheduler
-                idle = scheduler.running == 0 and scheduler.waiting == 0
-                if idle and time.monotonic() - self._last_change >= self.settle:
-                    async with contextlib.AsyncExitStack() as stack:
-                        for _ in range(scheduler.max_running):  # hold every slot: none can start
-                            await stack.enter_async_context(scheduler.slot())
-                        if self._due() == why:
-                            await self._reload(why)
+                if time.monotonic() - self._last_change >= self.settle:
+                    # the old pipeline serves while the new shards load; its requests then
+                    # resume on the new plan
+                    await self._reload(why)
                     continue
                 await asyncio.sleep(0.2)
         finally:
@@ -435,10 +431,14 @@ class Membership:
                     cluster.pipeline.broken = f"the live workers cannot hold the model: {e}"
                 return
             self.progress(f"re-planning over {len(workers)} worker(s):\n{plan.describe()}")
-            if engine.prefix is not None:
-                engine.prefix.clear()  # cached sequences live on the old shards
+
+            def switched() -> None:
+                if engine.prefix is not None:
+                    engine.prefix.clear()  # cached sequences live on the old shards
+
             try:
-                await cluster.load(self.progress)
+                await cluster.load(self.progress, keep_serving=why == "worker_joined",
+                                   switched=switched)
             except ClusterError as e:
                 self.progress(f"re-plan failed: {e}")
                 for w in workers:

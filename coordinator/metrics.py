@@ -155,6 +155,10 @@ class CoordinatorMetrics:
                              "finished requests.", buckets=E2E_BUCKETS, registry=r)
         self.replans = Counter("shardline_replans", "Plans made and loaded, by reason.",
                                ["reason"], registry=r)
+        self.shard_transfer = Counter("shardline_shard_transfer",
+                                      "Shard file bytes sent to each worker (chunks sent "
+                                      "again after a refusal included).", ["worker"],
+                                      unit="bytes", registry=r)
         self.build_info = Gauge("shardline_build_info", "Shardline version and wire version; "
                                 "always 1.", ["version", "api"], registry=r)
         self.build_info.labels(protos.__version__, str(protos.WIRE_VERSION)).set(1)

@@ -84,6 +84,16 @@ class ModelInfo:
                 size += self.head_bytes
         return size
 
+    def in_stage(self, tensor: str, start: int, end: int) -> bool:
+        """Whether a stage holding layers [start, end) loads checkpoint tensor `tensor` (the
+        split `stage_bytes` counts: layers, embedding first, norm and head last)."""
+        if match := _LAYER.search(tensor):
+            return start <= int(match.group(1)) < end
+        last = end == self.num_layers
+        if "embed_tokens." in tensor:
+            return start == 0 or (last and self.tied)
+        return last
+
     def kv_bytes(self, start: int, end: int) -> int:
         """KV cache bytes per token of one sequence for layers [start, end)."""
         self._check_range(start, end)

@@ -127,7 +127,7 @@ class GetClusterRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerState(_message.Message):
-    __slots__ = ("id", "name", "address", "memory_bytes", "backend", "layer_start", "layer_end", "status")
+    __slots__ = ("id", "name", "address", "memory_bytes", "backend", "layer_start", "layer_end", "status", "shard_bytes", "shard_bytes_sent")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,8 @@ class WorkerState(_message.Message):
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     address: str
@@ -144,7 +146,9 @@ class WorkerState(_message.Message):
     layer_start: int
     layer_end: int
     status: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., status: _Optional[str] = ...) -> None: ...
+    shard_bytes: int
+    shard_bytes_sent: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., backend: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., status: _Optional[str] = ..., shard_bytes: _Optional[int] = ..., shard_bytes_sent: _Optional[int] = ...) -> None: ...
 
 class ClusterState(_message.Message):
     __slots__ = ("model", "workers", "partition")

@@ -7,6 +7,78 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ShardFile(_message.Message):
+    __slots__ = ("name", "sha256", "size")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    sha256: str
+    size: int
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class ShardFiles(_message.Message):
+    __slots__ = ("model_id", "files", "layer_start", "layer_end")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    files: _containers.RepeatedCompositeFieldContainer[ShardFile]
+    layer_start: int
+    layer_end: int
+    def __init__(self, model_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ShardFile, _Mapping]]] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+
+class FileNeed(_message.Message):
+    __slots__ = ("sha256", "size", "held")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    held: int
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., held: _Optional[int] = ...) -> None: ...
+
+class FileNeeds(_message.Message):
+    __slots__ = ("needs", "local", "free_bytes")
+    NEEDS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    needs: _containers.RepeatedCompositeFieldContainer[FileNeed]
+    local: bool
+    free_bytes: int
+    def __init__(self, needs: _Optional[_Iterable[_Union[FileNeed, _Mapping]]] = ..., local: _Optional[bool] = ..., free_bytes: _Optional[int] = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("sha256", "size", "offset", "data", "chunk_sha256")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SHA256_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    size: int
+    offset: int
+    data: bytes
+    chunk_sha256: str
+    def __init__(self, sha256: _Optional[str] = ..., size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., chunk_sha256: _Optional[str] = ...) -> None: ...
+
+class ChunkAck(_message.Message):
+    __slots__ = ("sha256", "offset", "ok", "complete", "held", "error")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    offset: int
+    ok: bool
+    complete: bool
+    held: int
+    error: str
+    def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ..., ok: _Optional[bool] = ..., complete: _Optional[bool] = ..., held: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
 class ResultsRequest(_message.Message):
     __slots__ = ("plan_id",)
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -20,7 +92,7 @@ class InfoRequest(_message.Message):
     def __init__(self, challenge: _Optional[bytes] = ...) -> None: ...
 
 class ShardSpec(_message.Message):
-    __slots__ = ("model_id", "model_path", "layer_start", "layer_end", "num_layers", "stage_index", "num_stages", "next_address", "max_message_bytes", "plan_id")
+    __slots__ = ("model_id", "model_path", "layer_start", "layer_end", "num_layers", "stage_index", "num_stages", "next_address", "max_message_bytes", "plan_id", "files")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +103,7 @@ class ShardSpec(_message.Message):
     NEXT_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_path: str
     layer_start: int
@@ -41,7 +114,8 @@ class ShardSpec(_message.Message):
     next_address: str
     max_message_bytes: int
     plan_id: str
-    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_address: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., plan_id: _Optional[str] = ...) -> None: ...
+    files: _containers.RepeatedCompositeFieldContainer[ShardFile]
+    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_address: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., plan_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ShardFile, _Mapping]]] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("spec", "model_type", "weight_bytes", "active_memory_bytes", "load_seconds", "forkable")
@@ -92,20 +166,24 @@ class WorkerInfo(_message.Message):
     def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., bandwidth_gbps: _Optional[float] = ..., chip: _Optional[str] = ..., backend: _Optional[str] = ..., cluster: _Optional[str] = ..., metrics_port: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., sessions: _Optional[int] = ..., proof: _Optional[bytes] = ..., kv_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "keep_serving")
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SERVING_FIELD_NUMBER: _ClassVar[int]
     spec: ShardSpec
-    def __init__(self, spec: _Optional[_Union[ShardSpec, _Mapping]] = ...) -> None: ...
+    keep_serving: bool
+    def __init__(self, spec: _Optional[_Union[ShardSpec, _Mapping]] = ..., keep_serving: _Optional[bool] = ...) -> None: ...
 
 class LoadProgress(_message.Message):
-    __slots__ = ("phase", "fraction", "shard")
+    __slots__ = ("phase", "fraction", "shard", "layers_kept")
     PHASE_FIELD_NUMBER: _ClassVar[int]
     FRACTION_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_KEPT_FIELD_NUMBER: _ClassVar[int]
     phase: str
     fraction: float
     shard: ShardInfo
-    def __init__(self, phase: _Optional[str] = ..., fraction: _Optional[float] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
+    layers_kept: int
+    def __init__(self, phase: _Optional[str] = ..., fraction: _Optional[float] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., layers_kept: _Optional[int] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("data", "shape", "dtype")

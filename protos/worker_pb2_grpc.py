@@ -54,6 +54,16 @@ class WorkerStub:
                 request_serializer=protos_dot_worker__pb2.ResultsRequest.SerializeToString,
                 response_deserializer=protos_dot_worker__pb2.StageResult.FromString,
                 _registered_method=True)
+        self.Want = channel.unary_unary(
+                '/shardline.v1.Worker/Want',
+                request_serializer=protos_dot_worker__pb2.ShardFiles.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.FileNeeds.FromString,
+                _registered_method=True)
+        self.Put = channel.stream_stream(
+                '/shardline.v1.Worker/Put',
+                request_serializer=protos_dot_worker__pb2.FileChunk.SerializeToString,
+                response_deserializer=protos_dot_worker__pb2.ChunkAck.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -91,6 +101,24 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Want(self, request, context):
+        """Which of a shard's files this worker lacks, and how many bytes of each it already holds
+        (an interrupted transfer resumes there). RESOURCE_EXHAUSTED, with the numbers, when its
+        cache dir cannot hold the missing bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Put(self, request_iterator, context):
+        """Files into the worker's cache, in chunks appended in order, each checked by sha256; one
+        ChunkAck per chunk, in order. A refused chunk (bad checksum, wrong offset) is sent again
+        from ChunkAck.held.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +141,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Results,
                     request_deserializer=protos_dot_worker__pb2.ResultsRequest.FromString,
                     response_serializer=protos_dot_worker__pb2.StageResult.SerializeToString,
+            ),
+            'Want': grpc.unary_unary_rpc_method_handler(
+                    servicer.Want,
+                    request_deserializer=protos_dot_worker__pb2.ShardFiles.FromString,
+                    response_serializer=protos_dot_worker__pb2.FileNeeds.SerializeToString,
+            ),
+            'Put': grpc.stream_stream_rpc_method_handler(
+                    servicer.Put,
+                    request_deserializer=protos_dot_worker__pb2.FileChunk.FromString,
+                    response_serializer=protos_dot_worker__pb2.ChunkAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +261,60 @@ class Worker:
             '/shardline.v1.Worker/Results',
             protos_dot_worker__pb2.ResultsRequest.SerializeToString,
             protos_dot_worker__pb2.StageResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Want(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/shardline.v1.Worker/Want',
+            protos_dot_worker__pb2.ShardFiles.SerializeToString,
+            protos_dot_worker__pb2.FileNeeds.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Put(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/shardline.v1.Worker/Put',
+            protos_dot_worker__pb2.FileChunk.SerializeToString,
+            protos_dot_worker__pb2.ChunkAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,12 +36,28 @@ def build_parser() -> argparse.ArgumentParser:
                        "SHARDLINE_SECRET); every call to this worker must then prove it")
     serve.add_argument("--models-dir", type=Path, default=None,
                        help="directory of MLX models, looked up by model id")
-    serve.add_argument("--cache-dir", type=Path, default=None, help="where the node id is kept")
+    serve.add_argument("--cache-dir", type=Path, default=None,
+                       help="where the node id and received shards are kept (default: "
+                       "$SHARDLINE_CACHE_DIR or ~/.cache/shardline)")
     serve.add_argument("--no-advertise", action="store_true", help="do not announce on mDNS")
     serve.add_argument("--interface", default=None, help="announce on this interface only "
                        "(name or address; default: every LAN interface, no docker/VPN)")
     serve.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    cache = sub.add_parser("cache", help="show or remove the shards this machine's workers "
+                           "received")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("list", "shards, their models and layers, sizes, last use"),
+                       ("prune", "remove partial transfers and unused files; with --model or "
+                        "--all, those shards too")):
+        c = cache_sub.add_parser(name, help=text)
+        c.add_argument("--cache-dir", type=Path, default=None,
+                       help="as given to worker serve (default: $SHARDLINE_CACHE_DIR or "
+                       "~/.cache/shardline)")
+        c.add_argument("--name", default=None, help="only this worker's cache (default: all)")
+        if name == "prune":
+            c.add_argument("--model", default=None, help="remove this model's shards")
+            c.add_argument("--all", action="store_true", help="remove every shard")
     return parser
 
 
@@ -72,6 +88,7 @@ def run_serve(args: argparse.Namespace) -> int:
         cluster=args.cluster,
         models_dir=args.models_dir,
         secret=args.secret,
+        cache_dir=cache_dir,
     )
     print(
         f"worker {name}: {hardware.backend} {hardware.chip}, "
@@ -107,8 +124,42 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_cache(args: argparse.Namespace) -> int:
+    """`worker cache list|prune`: the shards under `<cache dir>/weights/<worker name>`."""
+    import time
+
+    from protos import default_cache_dir
+    from worker.cache import ShardCache
+
+    root = (args.cache_dir or default_cache_dir()) / "weights"
+    dirs = sorted(d for d in root.glob("*") if d.is_dir()) if root.is_dir() else []
+    if args.name:
+        dirs = [d for d in dirs if d.name == args.name]
+    if not dirs:
+        print(f"no shards under {root}" + (f" for {args.name}" if args.name else ""))
+        return 0
+    for d in dirs:
+        cache = ShardCache(d)
+        if args.cache_command == "prune":
+            freed = cache.prune(model_id=args.model, everything=args.all)
+            print(f"{d.name}: freed {format_size(freed)}")
+            continue
+        count, size, partial = cache.usage()
+        print(f"{d.name}: {count} file(s), {format_size(size)}"
+              + (f", {format_size(partial)} of unfinished transfers" if partial else "")
+              + f"  ({d})")
+        for meta in cache.entries():
+            start, end = meta.get("layers", (0, 0))
+            used = time.strftime("%Y-%m-%d %H:%M", time.localtime(meta.get("used", 0)))
+            print(f"  {meta.get('model_id', '?')}  layers [{start}, {end})  "
+                  f"{format_size(meta.get('bytes', 0))}  last used {used}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "cache":
+        return run_cache(args)
     try:
         args.secret = auth.read_secret(args.secret_file)
     except auth.AuthError as e:

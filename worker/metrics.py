@@ -97,6 +97,10 @@ class WorkerMetrics:
                                  "lookahead.py), by outcome: taken (the next step was the "
                                  "guess) or dropped (rolled back).",
                                  ["outcome"], registry=r)
+        self.shard_received = Counter("shardline_shard_received",
+                                      "Shard file bytes received from the coordinator into "
+                                      "this worker's cache (chunks accepted).", unit="bytes",
+                                      registry=r)
         # labelled children looked up once, not on every step
         self._forward = {phase: self.forward.labels(phase) for phase in ("prefill", "decode")}
         self._bytes = {d: self.activation_bytes.labels(d) for d in ("in", "out")}

@@ -15,10 +15,13 @@ import mlx.core as mx
 
 import protos
 from protos import auth, worker_pb2, worker_pb2_grpc
+from protos.tensorfiles import HashIndex, TensorFileError, model_tensors
+from protos.units import format_size
 from worker.backend import Hardware, wire_memory
+from worker.cache import CacheFull, ShardCache
 from worker.metrics import StepParts, WorkerMetrics, hidden_bytes
 from worker.mlx_thread import MLXThread, StepTimes
-from worker.shard import ShardError, load_shard
+from worker.shard import Shard, ShardError, load_shard
 from worker.stage import StageRunner, StepOutput
 
 log = logging.getLogger("shardline.worker")
@@ -37,6 +40,29 @@ class WorkerConfig:
     models_dir: Path | None = None
     metrics_port: int = 0
     secret: bytes | None = None  # the cluster secret: every call must be signed with it
+    cache_dir: Path | None = None  # shards received are kept under cache_dir/weights/<name>
+
+    def weights_dir(self) -> Path:
+        """Where this worker keeps received shards (worker/cache.py)."""
+        from protos import default_cache_dir
+
+        return (self.cache_dir or default_cache_dir()) / "weights" / _safe(self.name)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name).lstrip(".") or "worker"
+
+
+@dataclass
+class Loaded:
+    """A shard loaded for one plan and the runner serving it."""
+
+    runner: StageRunner
+    info: worker_pb2.ShardInfo
+
+    @property
+    def spec(self) -> worker_pb2.ShardSpec:
+        return self.info.spec
 
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
@@ -50,7 +76,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._sinks: dict[str, asyncio.Queue] = {}  # plan id -> its open Results stream
         self.runner: StageRunner | None = None
         self.shard_info: worker_pb2.ShardInfo | None = None
+        # the plan before the latest, still serving while the coordinator switches over (a
+        # Forward of the latest plan, or the next load, ends it)
+        self._previous: Loaded | None = None
         self._load_lock = asyncio.Lock()
+        self.cache = ShardCache(config.weights_dir())
+        self._local_index = HashIndex(self.cache.root / "hashes")
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     # -- Info -------------------------------------------------------------------------------
@@ -74,32 +105,103 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             kv_bytes=self.metrics.kv_bytes if self.runner else 0,
         )
 
-    # -- LoadShard --------------------------------------------------------------------------
-    def _model_path(self, spec: worker_pb2.ShardSpec) -> Path:
-        if self.config.models_dir and spec.model_id:
-            candidate = self.config.models_dir / spec.model_id
+    # -- Want / Put: shard files into the cache -----------------------------------------
+    def _local_dir(self, model_id: str) -> Path | None:
+        if self.config.models_dir and model_id:
+            candidate = self.config.models_dir / model_id
             if (candidate / "config.json").is_file():
                 return candidate
-        return Path(spec.model_path)
+        return None
 
-    def _load(self, spec: worker_pb2.ShardSpec) -> worker_pb2.ShardInfo:
-        if self.runner is not None:
-            # a stream of the old plan may still hold the runner: free its weights and caches
-            # now, not when that stream ends
-            self.runner.close()
-        self.runner = None
+    def _local_has(self, model_id: str, files: Any) -> Path | None:
+        """This worker's own copy of the model (--models-dir) when it holds every one of
+        `files`' tensors with the same bytes (hashed once, remembered in the cache)."""
+        local = self._local_dir(model_id)
+        if local is None:
+            return None
+        try:
+            mine = {t.sha256 for t in model_tensors(local, self._local_index).values()}
+        except (TensorFileError, OSError) as e:
+            log.warning("not using %s: %s", local, e)
+            return None
+        wanted = {f.sha256 for f in files if f.name.endswith(".safetensors")}
+        if not wanted <= mine:
+            log.info("%s differs from the coordinator's model: receiving the shard", local)
+            return None
+        return local
+
+    async def Want(self, request: worker_pb2.ShardFiles, context: Any) -> worker_pb2.FileNeeds:
+        where = f"layers [{request.layer_start}, {request.layer_end}) of {request.model_id}"
+        try:
+            if await asyncio.to_thread(self._local_has, request.model_id, request.files):
+                return worker_pb2.FileNeeds(local=True)
+            needs = await asyncio.to_thread(self.cache.needs, request.files)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.config.name}: {e}")
+        except CacheFull as e:
+            missing, free = e.args
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.config.name}: {where} need {format_size(missing)} more on disk, "
+                f"{self.cache.root} has {format_size(free)} free")
+        return worker_pb2.FileNeeds(
+            needs=[worker_pb2.FileNeed(sha256=f.sha256, size=f.size, held=held)
+                   for f, held in needs],
+            free_bytes=self.cache.free_bytes())
+
+    async def Put(self, request_iterator: Any, context: Any):
+        async for chunk in request_iterator:
+            try:
+                ack = await asyncio.to_thread(self.cache.put, chunk.sha256, chunk.size,
+                                              chunk.offset, chunk.data, chunk.chunk_sha256)
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.config.name}: {e}")
+            except OSError as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"{self.config.name}: cannot store a shard file: {e}")
+            if ack.ok:
+                self.metrics.shard_received.inc(len(chunk.data))
+            yield worker_pb2.ChunkAck(sha256=chunk.sha256, offset=chunk.offset, ok=ack.ok,
+                                      complete=ack.complete, held=ack.held, error=ack.error)
+
+    # -- LoadShard --------------------------------------------------------------------------
+    def _model_path(self, spec: worker_pb2.ShardSpec) -> Path:
+        if spec.files:
+            local = self._local_has(spec.model_id, spec.files)
+            if local is not None:
+                return local
+            return self.cache.assemble(spec.model_id, (spec.layer_start, spec.layer_end),
+                                       spec.files)
+        return self._local_dir(spec.model_id) or Path(spec.model_path)
+
+    def _drop_previous(self) -> None:
+        if self._previous is not None:
+            self._previous.runner.close()
+            self._previous = None
+
+    def _load(self, spec: worker_pb2.ShardSpec, old: StageRunner | None, keep: bool
+              ) -> tuple[StageRunner, worker_pb2.ShardInfo, int]:
+        """On the MLX thread: load the shard of `spec`, taking the layers `old` holds from it.
+        Without `keep`, `old` stops at once and lets go of what the new shard does not keep."""
+        reuse = old.shard if old is not None else None
+        if old is not None and not keep:
+            old.close()
+            if reuse is not None:
+                reuse.keep_only(spec.layer_start, spec.layer_end)
         gc.collect()
         mx.clear_cache()
-        shard = load_shard(self._model_path(spec), spec.layer_start, spec.layer_end)
+        shard = load_shard(self._model_path(spec), spec.layer_start, spec.layer_end, reuse)
         if shard.num_layers != spec.num_layers:
             raise ShardError(
-                f"model at {spec.model_path} has {shard.num_layers} layers, plan says "
+                f"model {spec.model_id} has {shard.num_layers} layers, plan says "
                 f"{spec.num_layers}"
             )
+        kept = _overlap(reuse, shard)
+        reuse = None
         wire_memory(shard.weight_bytes)
-        self.runner = StageRunner(shard)
-        self.metrics.sample(self.runner, shard.weight_bytes, force=True)
-        return worker_pb2.ShardInfo(
+        runner = StageRunner(shard)
+        self.metrics.sample(runner, shard.weight_bytes, force=True)
+        info = worker_pb2.ShardInfo(
             spec=spec,
             model_type=shard.model_type,
             weight_bytes=shard.weight_bytes,
@@ -107,29 +209,45 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             load_seconds=shard.load_seconds,
             forkable=shard.forkable,
         )
+        return runner, info, kept
 
     async def LoadShard(self, request: worker_pb2.LoadShardRequest, context: Any):
         spec = request.spec
         async with self._load_lock:
-            self.shard_info = None
             yield worker_pb2.LoadProgress(phase="loading", fraction=0.0)
+            old = self.runner
+            keep = request.keep_serving and old is not None
+            self._drop_previous()
+            if not keep:  # the plan served now is over
+                self.runner, self.shard_info = None, None
             try:
-                info = await self.mlx.run(self._load, spec)
+                runner, info, kept = await self.mlx.run(self._load, spec, old, keep)
             except (ShardError, OSError, ValueError) as e:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.config.name}: {e}")
-            self.shard_info = info
-            await self._close_channels()
+            if keep and self.shard_info is not None:
+                self._previous = Loaded(old, self.shard_info)
+            self.runner, self.shard_info = runner, info
             log.info(
-                "loaded %s layers [%d, %d) in %.2fs (%d bytes)",
+                "loaded %s layers [%d, %d) in %.2fs (%d bytes, %d layers kept from before)",
                 spec.model_id, spec.layer_start, spec.layer_end, info.load_seconds,
-                info.weight_bytes,
+                info.weight_bytes, kept,
             )
-            yield worker_pb2.LoadProgress(phase="ready", fraction=1.0, shard=info)
+            yield worker_pb2.LoadProgress(phase="ready", fraction=1.0, shard=info,
+                                          layers_kept=kept)
+
+    def _plan(self, plan: str) -> Loaded | None:
+        """The shard serving `plan`: the latest; or the one before while the switch is on (a
+        stream of the latest plan ends the one before)."""
+        if self.runner is not None and self.shard_info is not None \
+                and plan == self.shard_info.spec.plan_id:
+            return Loaded(self.runner, self.shard_info)
+        if self._previous is not None and plan == self._previous.spec.plan_id:
+            return self._previous
+        return None
 
     # -- Forward ----------------------------------------------------------------------------
-    def _error(self, step_id: int, err: Exception) -> str:
+    def _error(self, spec: worker_pb2.ShardSpec, err: Exception) -> str:
         """A step's error, naming this stage."""
-        spec = self.shard_info.spec
         return (f"stage {spec.stage_index} ({self.config.name}, layers "
                 f"[{spec.layer_start}, {spec.layer_end})): {err}")
 
@@ -149,16 +267,16 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await channel.close()
 
     async def Forward(self, request_iterator: Any, context: Any):
-        if self.runner is None or self.shard_info is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
-        spec = self.shard_info.spec
-        await self._check_plan(context, dict(context.invocation_metadata() or ()).get(
-            PLAN_METADATA_KEY, ""))
+        plan = dict(context.invocation_metadata() or ()).get(PLAN_METADATA_KEY, "")
+        loaded = await self._serving(context, plan)
+        if loaded.spec.plan_id == self.shard_info.spec.plan_id:
+            self._drop_previous()  # the coordinator has switched to the latest plan
+        spec = loaded.spec
         # What this stream answers: the last stage's results when no Results stream is open
         # for the plan, a downstream failure, or None at the end.
         back: asyncio.Queue[worker_pb2.StageResult | BaseException | None] = asyncio.Queue()
         downstream = await self._downstream(spec) if spec.next_address else None
-        tasks = [asyncio.create_task(self._pump(request_iterator, self.runner, downstream, back))]
+        tasks = [asyncio.create_task(self._pump(request_iterator, loaded, downstream, back))]
         if downstream is not None:
             tasks.append(asyncio.create_task(self._watch(downstream, back, spec)))
         try:
@@ -176,12 +294,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 downstream.cancel()
 
     async def Results(self, request: worker_pb2.ResultsRequest, context: Any):
-        if self.runner is None or self.shard_info is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
-        if self.shard_info.spec.next_address:
+        loaded = await self._serving(context, request.plan_id)
+        if loaded.spec.next_address:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "only the last stage has results")
-        await self._check_plan(context, request.plan_id)
         sink: asyncio.Queue[worker_pb2.StageResult] = asyncio.Queue()
         self._sinks[request.plan_id] = sink
         try:
@@ -192,20 +308,27 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if self._sinks.get(request.plan_id) is sink:
                 del self._sinks[request.plan_id]
 
-    async def _check_plan(self, context: Any, plan: str) -> None:
-        if plan != self.shard_info.spec.plan_id:
+    async def _serving(self, context: Any, plan: str) -> Loaded:
+        """The shard of `plan`; the call ends FAILED_PRECONDITION when this worker serves
+        another plan or none."""
+        if self.runner is None or self.shard_info is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no shard loaded")
+        loaded = self._plan(plan)
+        if loaded is None:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"stream is for plan {plan!r}, this worker serves plan "
                 f"{self.shard_info.spec.plan_id!r}",
             )
+        return loaded
 
-    async def _pump(self, requests: Any, runner: StageRunner, downstream: Any,
+    async def _pump(self, requests: Any, loaded: Loaded, downstream: Any,
                     back: asyncio.Queue) -> None:
         """Hand each incoming step to the MLX thread as soon as it arrives (it begins the next
         while the device computes the one before) and send the outputs on in order."""
         steps: asyncio.Queue[tuple[Any, asyncio.Future, StepTimes] | None] = asyncio.Queue()
-        sender = asyncio.create_task(self._send_all(steps, downstream, back))
+        runner = loaded.runner
+        sender = asyncio.create_task(self._send_all(steps, loaded.spec, downstream, back))
         try:
             async for msg in requests:
                 arrived = time.perf_counter()
@@ -223,11 +346,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         finally:
             sender.cancel()
 
-    async def _send_all(self, steps: asyncio.Queue, downstream: Any,
-                        back: asyncio.Queue) -> None:
+    async def _send_all(self, steps: asyncio.Queue, spec: worker_pb2.ShardSpec,
+                        downstream: Any, back: asyncio.Queue) -> None:
         """Send each step's output on, in arrival order: to the next stage, or (last stage)
         to the plan's Results stream or back on this one."""
-        spec = self.shard_info.spec
         try:
             while (item := await steps.get()) is not None:
                 msg, future, times = item
@@ -236,7 +358,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 try:
                     out = await future
                 except Exception as e:  # noqa: BLE001 - the step fails, the stream goes on
-                    error = error or self._error(msg.step_id, e)
+                    error = error or self._error(spec, e)
                 if error:
                     out = None
                 decode = bool(msg.seqs) and out is not None and not out.prefill_tokens
@@ -262,7 +384,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             else:
                 await back.put(None)
         except grpc.aio.AioRpcError as e:
-            await back.put(ConnectionError(f"next stage {self._next()}: {e.details()}"))
+            await back.put(ConnectionError(f"next stage {spec.next_address}: {e.details()}"))
 
     def _record(self, msg: worker_pb2.StageMessage, out: StepOutput, times: StepTimes) -> None:
         """On the MLX thread, after a step: its time, bytes and memory in the metrics."""
@@ -289,9 +411,6 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         except grpc.aio.AioRpcError as e:
             await back.put(ConnectionError(f"next stage {spec.next_address}: {e.details()}"))
 
-    def _next(self) -> str:
-        return self.shard_info.spec.next_address if self.shard_info else ""
-
     async def close(self) -> None:
         await self._close_channels()
         self.mlx.close()
@@ -316,3 +435,10 @@ async def serve(config: WorkerConfig, host: str, port: int,
     finally:
         await server.stop(grace=1.0)
         await service.close()
+
+
+def _overlap(before: Shard | None, after: Shard) -> int:
+    """Layers both shards hold (taken from `before`, not read again)."""
+    if before is None:
+        return 0
+    return max(0, min(before.end, after.end) - max(before.start, after.start))

@@ -11,7 +11,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import KVCache, make_prompt_cache
-from mlx_lm.utils import load_config, load_model
+from mlx_lm.utils import _get_classes, load_config, load_model
 
 from worker.families import Family, adapter_for, check_family
 
@@ -51,6 +51,13 @@ class Shard:
         """Every cache is a plain KVCache, so a prefix of it can be copied at any length."""
         return all(type(c) is KVCache for c in self.cache_template)
 
+    def keep_only(self, start: int, end: int) -> None:
+        """Let go of the layers outside [start, end) (this shard serves no more; a new one
+        takes the rest from it)."""
+        for i in range(self.start, self.end):
+            if not start <= i < end:
+                self.family.inner.layers[i] = None
+
     @property
     def layers(self) -> list[nn.Module]:
         return self.family.inner.layers[self.start : self.end]
@@ -60,11 +67,40 @@ def _parameter_bytes(module: nn.Module) -> int:
     return sum(v.nbytes for _, v in nn.utils.tree_flatten(module.parameters()))
 
 
-def load_shard(path: str | Path, start: int, end: int) -> Shard:
+def _load_recording(path: Path) -> tuple[nn.Module, set[str]]:
+    """mlx-lm's `load_model` (lazy, not strict) and the names of the weights it found in the
+    files, as the family's sanitize left them: no tensor's bytes are read."""
+    given: set[str] = set()
+
+    def classes(config: dict) -> tuple[type, type]:
+        model_class, args_class = _get_classes(config)
+
+        class Recording(model_class):  # type: ignore[misc, valid-type]
+            def load_weights(self, weights: list, strict: bool = True) -> Any:
+                given.update(name for name, _ in weights)
+                return super().load_weights(weights, strict=strict)
+
+        Recording.__name__ = model_class.__name__
+        return Recording, args_class
+
+    model, _ = load_model(path, lazy=True, strict=False, get_model_classes=classes)
+    return model, given
+
+
+def _reusable(reuse: Shard | None, model_type: str, num_layers: int) -> Shard | None:
+    if reuse is None or reuse.model_type != model_type or reuse.num_layers != num_layers:
+        return None
+    return reuse
+
+
+def load_shard(path: str | Path, start: int, end: int, reuse: Shard | None = None) -> Shard:
     """Load layers [start, end) of the model at `path`; other layers are never read from disk.
 
     mlx loads safetensors lazily: dropping the modules we do not need before the first
-    `mx.eval` means their bytes are never materialised.
+    `mx.eval` means their bytes are never materialised. Layers (and embedding, norm, head)
+    that `reuse`, a shard of the same model already in memory, holds are taken from it, not
+    read again. Every parameter the slice needs must come from the files or from `reuse`
+    (ShardError naming the missing ones).
     """
     t0 = time.perf_counter()
     path = Path(path)
@@ -79,7 +115,7 @@ def load_shard(path: str | Path, start: int, end: int) -> Shard:
     num_layers = int(config["num_hidden_layers"])
     if not 0 <= start < end <= num_layers:
         raise ShardError(f"layer range [{start}, {end}) is outside the model's {num_layers} layers")
-    model, _ = load_model(path, lazy=True, strict=False)
+    model, given = _load_recording(path)
     family = adapter_for(model, model_type)
     inner = family.inner
     tied = family.tied
@@ -94,6 +130,22 @@ def load_shard(path: str | Path, start: int, end: int) -> Shard:
         inner.pop("norm")
         if "lm_head" in model:
             model.pop("lm_head")
+    kept = _reusable(reuse, model_type, num_layers)
+    if kept is not None:
+        for i in range(max(start, kept.start), min(end, kept.end)):
+            inner.layers[i] = kept.family.inner.layers[i]
+        for name in ("embed_tokens", "norm"):
+            if name in inner and name in kept.family.inner:
+                inner[name] = kept.family.inner[name]
+        if "lm_head" in model and "lm_head" in kept.model:
+            model["lm_head"] = kept.model["lm_head"]
+    # arrays taken from `reuse` are loaded already; every other one must come from a file
+    taken = {id(v) for _, v in nn.utils.tree_flatten(kept.model.parameters())} if kept else set()
+    missing = [n for n, v in nn.utils.tree_flatten(model.parameters())
+               if n not in given and id(v) not in taken]
+    if missing:
+        raise ShardError(f"the files of layers [{start}, {end}) lack {len(missing)} tensor(s) "
+                         f"they need: {', '.join(missing[:4])}")
     mx.eval(model.parameters())
     return Shard(
         model=model,

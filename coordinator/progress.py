@@ -1,0 +1,40 @@
+"""Progress bars on the coordinator's terminal: one per worker while its shard travels."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm import tqdm
+
+
+class TransferBars:
+    """A tqdm bar per worker (bytes, rate, time left); none when stderr is not a terminal,
+    where the one-line summaries of coordinator/shipping.py stand alone."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self._bars: dict[int, Any] = {}
+
+    def _bar(self, transfer: Any) -> Any:
+        bar = self._bars.get(id(transfer))
+        if bar is None:
+            bar = tqdm(total=transfer.total, desc=transfer.worker, unit="B", unit_scale=True,
+                       unit_divisor=1024, position=len(self._bars), leave=False,
+                       dynamic_ncols=True)
+            self._bars[id(transfer)] = bar
+        return bar
+
+    def advance(self, transfer: Any, n: int) -> None:
+        if self.enabled and transfer.total:
+            self._bar(transfer).update(n)
+
+    def finish(self, transfer: Any) -> None:
+        bar = self._bars.pop(id(transfer), None)
+        if bar is not None:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self._bars.values():
+            bar.close()
+        self._bars.clear()

@@ -1,0 +1,174 @@
+"""Ship each worker exactly its shard: the files of its layers, in checked chunks, resumable.
+
+The coordinator holds the model. For a stage it lists the shard's files (config.json and one
+single-tensor file per tensor of its layers, protos/tensorfiles.py), asks the worker which it
+lacks (`Worker.Want`: it may hold them in its cache, or the whole model in its --models-dir),
+and streams only those (`Worker.Put`), a few chunks in flight: a refused chunk is sent again
+from where the worker says it stands. Nothing holds more than the chunks in flight in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from coordinator.modelinfo import ModelInfo
+from protos import worker_pb2
+from protos.tensorfiles import CONFIG_FILES, FileSource, HashIndex, config_file, model_tensors
+from protos.units import format_size
+
+log = logging.getLogger("shardline.shipping")
+
+CHUNK_BYTES = 4 << 20
+WINDOW = 4  # chunks in flight per transfer
+MAX_REFUSALS = 8  # chunk refusals per file before the transfer fails
+
+
+class ShipError(RuntimeError):
+    """A shard could not be sent: the worker refused it, its disk is full, or chunks kept
+    failing their checks."""
+
+
+@dataclass
+class Transfer:
+    """One worker's shard on its way: what it needs, what has gone, for bars and status."""
+
+    worker: str
+    files: int = 0
+    total: int = 0  # bytes to send
+    sent: int = 0  # bytes accepted so far
+    resent: int = 0  # bytes sent again after a refusal
+    local: bool = False  # the worker had the model itself
+    started: float = field(default_factory=time.monotonic)
+    done: bool = False
+
+    @property
+    def rate(self) -> float:
+        """Bytes a second so far."""
+        return self.sent / max(time.monotonic() - self.started, 1e-6)
+
+
+class Shipper:
+    """The shard files of one model directory, hashed once (index in `index_dir`)."""
+
+    def __init__(self, model: ModelInfo, index_dir: Path | None = None) -> None:
+        self.model = model
+        self.index = HashIndex(index_dir)
+        self._tensors: dict[str, FileSource] | None = None
+        self._lock = asyncio.Lock()
+        self.chunk_bytes = CHUNK_BYTES
+        # tests corrupt a chunk on its way: (file sha256, offset, data) -> data
+        self.tamper: Callable[[str, int, bytes], bytes] | None = None
+
+    async def tensors(self, progress: Callable[[str], None] | None = None
+                      ) -> dict[str, FileSource]:
+        """Every tensor's file; the first call hashes the model (off the event loop)."""
+        async with self._lock:
+            if self._tensors is None:
+                t0 = time.monotonic()
+                self._tensors = await asyncio.to_thread(model_tensors, self.model.path,
+                                                        self.index)
+                if progress is not None and time.monotonic() - t0 > 1.0:
+                    progress(f"hashed {self.model.model_id} in {time.monotonic() - t0:.1f}s")
+            return self._tensors
+
+    async def files(self, start: int, end: int) -> list[FileSource]:
+        """The files of a stage holding layers [start, end): config files first."""
+        tensors = await self.tensors()
+        configs = [config_file(self.model.path / n) for n in CONFIG_FILES
+                   if (self.model.path / n).is_file()]
+        picked = [t for name, t in sorted(tensors.items())
+                  if self.model.in_stage(name, start, end)]
+        return configs + picked
+
+    async def ship(self, stub: Any, name: str, start: int, end: int, files: list[FileSource],
+                   transfer: Transfer, on_bytes: Callable[[int], None] | None = None) -> None:
+        """Send worker `name` (its stub) what it lacks of `files`; ShipError when it cannot."""
+        request = worker_pb2.ShardFiles(
+            model_id=self.model.model_id, layer_start=start, layer_end=end,
+            files=[worker_pb2.ShardFile(name=f.name, sha256=f.sha256, size=f.size)
+                   for f in files])
+        try:
+            needs = await stub.Want(request)
+        except grpc.aio.AioRpcError as e:
+            raise ShipError(f"worker {name} cannot take its shard: {e.details()}") from None
+        by_hash = {f.sha256: f for f in files}
+        todo = [(by_hash[n.sha256], n.held) for n in needs.needs if n.sha256 in by_hash]
+        transfer.local = needs.local
+        transfer.files = len(todo)
+        transfer.total = sum(f.size - held for f, held in todo)
+        if not todo:
+            transfer.done = True
+            return
+        call = stub.Put()
+        try:
+            for f, held in todo:
+                await self._send_file(call, f, held, transfer, on_bytes)
+            await call.done_writing()
+        except grpc.aio.AioRpcError as e:
+            raise ShipError(f"sending worker {name} its shard failed: {e.details()}") from None
+        finally:
+            call.cancel()
+        transfer.done = True
+
+    async def _send_file(self, call: Any, f: FileSource, held: int, transfer: Transfer,
+                         on_bytes: Callable[[int], None] | None) -> None:
+        """Go-back-N over one file: up to WINDOW chunks in flight; a refusal rewinds to the
+        worker's `held` and the acks of chunks sent before it are passed over."""
+        inflight: deque[tuple[int, int, int]] = deque()  # (offset, length, generation)
+        generation, refusals, offset = 0, 0, held
+        while True:
+            while offset < f.size and len(inflight) < WINDOW:
+                length = min(self.chunk_bytes, f.size - offset)
+                data = await asyncio.to_thread(f.read, offset, length)
+                digest = hashlib.sha256(data).hexdigest()
+                if self.tamper is not None:
+                    data = self.tamper(f.sha256, offset, data)
+                await call.write(worker_pb2.FileChunk(
+                    sha256=f.sha256, size=f.size, offset=offset, data=data, chunk_sha256=digest))
+                if on_bytes is not None:
+                    on_bytes(len(data))
+                inflight.append((offset, len(data), generation))
+                offset += len(data)
+            if not inflight:
+                return
+            ack = await call.read()
+            if ack is grpc.aio.EOF:
+                raise ShipError(f"the worker ended the transfer of {f.name} early")
+            sent_at, length, gen = inflight.popleft()
+            if gen != generation:
+                continue  # sent before a refusal: the worker refused it too
+            if ack.ok:
+                transfer.sent += length
+                if ack.complete:
+                    return
+                continue
+            refusals += 1
+            log.warning("chunk of %s at %d refused (%s): sending from %d again",
+                        f.name, sent_at, ack.error, ack.held)
+            if refusals > MAX_REFUSALS:
+                raise ShipError(f"{f.name}: {refusals} chunks refused, last: {ack.error}")
+            transfer.resent += offset - ack.held
+            transfer.sent = max(0, transfer.sent - (sent_at - ack.held))
+            generation += 1
+            offset = ack.held
+
+
+def describe(transfer: Transfer) -> str:
+    """One line for the coordinator's terminal when a worker's shard is in place."""
+    if transfer.local:
+        return f"{transfer.worker}: has the model locally, nothing sent"
+    if not transfer.total:
+        return f"{transfer.worker}: shard in its cache, nothing sent"
+    took = time.monotonic() - transfer.started
+    return (f"{transfer.worker}: sent {format_size(transfer.total)} in {transfer.files} "
+            f"file(s), {took:.1f}s ({format_size(int(transfer.total / max(took, 1e-6)))}/s)")
