@@ -47,6 +47,7 @@ class Worker:
     shard: worker_pb2.ShardInfo | None = None
     status: str = READY
     transfer: Transfer | None = None  # its shard's last (or current) trip here
+    layers_kept: int = 0  # layers its last load kept in memory from the shard before
 
     @property
     def stub(self) -> worker_pb2_grpc.WorkerStub:
@@ -217,8 +218,8 @@ class Cluster:
                 next_address=self.workers[i + 1].address if i + 1 < len(stages) else "",
                 max_message_bytes=protos.DEFAULT_MAX_MESSAGE_BYTES,
                 plan_id=plan_id,
-                files=[worker_pb2.ShardFile(name=f.name, sha256=f.sha256, size=f.size)
-                       for f in files],
+                files=[worker_pb2.ShardFile(name=f.name, sha256=f.sha256, size=f.size,
+                                            tensor=f.tensor) for f in files],
             )
             kept = 0
             try:
@@ -230,7 +231,7 @@ class Cluster:
                 worker.status = FAILED
                 raise ClusterError(f"worker {worker.label} could not load its shard: "
                                    f"{e.details()}") from None
-            worker.status = SERVING
+            worker.status, worker.layers_kept = SERVING, kept
             tell(f"  {worker.info.name}: layers [{start}, {end}) loaded in "
                  f"{worker.shard.load_seconds:.2f}s, {format_size(worker.shard.weight_bytes)}"
                  + (f" ({kept} kept in memory)" if kept else ""))

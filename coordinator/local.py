@@ -27,7 +27,7 @@ class LocalWorkers:
     def __init__(self, count: int, *, memory: Sequence[int] | None = None,
                  cache_dir: Path | None = None, names: Sequence[str] | None = None,
                  extra_args: Sequence[str] = (), cpus: Sequence[int] | None = None,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, wrap: Sequence[str] = ()) -> None:
         if count < 1:
             raise ValueError("--local-workers must be at least 1")
         self.count = count
@@ -36,6 +36,7 @@ class LocalWorkers:
         self.names = list(names) if names else [f"local-{i}" for i in range(count)]
         self.extra_args = list(extra_args)
         self.cpus = list(cpus) if cpus else None  # pin worker i to CPU cpus[i] (Linux only)
+        self.wrap = list(wrap)  # a command each worker runs under (a namespace, a sandbox)
         self.env = dict(os.environ)
         self.env.pop("SHARDLINE_SECRET", None)
         if secret:  # through the environment, never argv (visible in ps)
@@ -51,7 +52,7 @@ class LocalWorkers:
             cmd += ["--memory", str(self.memory[i])]
         if self.cache_dir:
             cmd += ["--cache-dir", str(self.cache_dir)]
-        return cmd + self.extra_args
+        return self.wrap + cmd + self.extra_args
 
     def _pin(self, i: int):
         if not self.cpus or not hasattr(os, "sched_setaffinity"):

@@ -306,13 +306,12 @@ def resolve_model(spec: str, cache_dir: Path | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        fetched = Path(
-            snapshot_download(
-                spec,
-                cache_dir=str(cache_dir) if cache_dir else None,
-                allow_patterns=DOWNLOAD_PATTERNS,
-            )
-        )
+        where = {"cache_dir": str(cache_dir) if cache_dir else None,
+                 "allow_patterns": DOWNLOAD_PATTERNS}
+        try:  # the local Hugging Face cache first: no network when it holds the repo
+            fetched = Path(snapshot_download(spec, local_files_only=True, **where))
+        except Exception:  # noqa: BLE001 - not cached (or partly): download, with progress
+            fetched = Path(snapshot_download(spec, **where))
     except Exception as exc:  # bad id, offline, 404, gated: all mean the same to the user
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise ModelError(

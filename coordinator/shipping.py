@@ -100,7 +100,7 @@ class Shipper:
         try:
             needs = await stub.Want(request)
         except grpc.aio.AioRpcError as e:
-            raise ShipError(f"worker {name} cannot take its shard: {e.details()}") from None
+            raise ShipError(e.details()) from None
         by_hash = {f.sha256: f for f in files}
         todo = [(by_hash[n.sha256], n.held) for n in needs.needs if n.sha256 in by_hash]
         transfer.local = needs.local
@@ -115,7 +115,7 @@ class Shipper:
                 await self._send_file(call, f, held, transfer, on_bytes)
             await call.done_writing()
         except grpc.aio.AioRpcError as e:
-            raise ShipError(f"sending worker {name} its shard failed: {e.details()}") from None
+            raise ShipError(f"the transfer broke: {e.details()}") from None
         finally:
             call.cancel()
         transfer.done = True

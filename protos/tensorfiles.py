@@ -18,7 +18,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -198,6 +198,30 @@ def model_tensors(model_dir: Path, index: HashIndex,
     for file in checkpoint_files(model_dir):
         out.update(index.tensors(file, progress))
     return out
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def part_of(tensor: str) -> str:
+    """Which part of a model a checkpoint tensor belongs to: `layers.<i>`, `embed_tokens`,
+    `lm_head` or `norm` (everything else outside the layers)."""
+    if match := _LAYER.search(tensor):
+        return f"layers.{match.group(1)}"
+    if "embed_tokens." in tensor:
+        return "embed_tokens"
+    if tensor.startswith("lm_head.") or ".lm_head." in tensor:
+        return "lm_head"
+    return "norm"
+
+
+def parts(files: Iterable[Any]) -> dict[str, frozenset[str]]:
+    """Part -> the sha256s of its tensors' files, for shard files that name their tensor."""
+    out: dict[str, set[str]] = {}
+    for f in files:
+        if f.tensor:
+            out.setdefault(part_of(f.tensor), set()).add(f.sha256)
+    return {k: frozenset(v) for k, v in out.items()}
 
 
 def check_name(name: str) -> str:

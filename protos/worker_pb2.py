@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import inference_pb2 as protos_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x0cshardline.v1\x1a\x16protos/inference.proto\"7\n\tShardFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\"n\n\nShardFiles\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x17.shardline.v1.ShardFile\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\"6\n\x08\x46ileNeed\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04held\x18\x03 \x01(\x03\"U\n\tFileNeeds\x12%\n\x05needs\x18\x01 \x03(\x0b\x32\x16.shardline.v1.FileNeed\x12\r\n\x05local\x18\x02 \x01(\x08\x12\x12\n\nfree_bytes\x18\x03 \x01(\x03\"]\n\tFileChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x05 \x01(\t\"e\n\x08\x43hunkAck\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x12\x0c\n\x04held\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"!\n\x0eResultsRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\" \n\x0bInfoRequest\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"\x80\x02\n\tShardSpec\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bstage_index\x18\x06 \x01(\x05\x12\x12\n\nnum_stages\x18\x07 \x01(\x05\x12\x14\n\x0cnext_address\x18\x08 \x01(\t\x12\x19\n\x11max_message_bytes\x18\t \x01(\x03\x12\x0f\n\x07plan_id\x18\n \x01(\t\x12&\n\x05\x66iles\x18\x0b \x03(\x0b\x32\x17.shardline.v1.ShardFile\"\xa1\x01\n\tShardInfo\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.shardline.v1.ShardSpec\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x1b\n\x13\x61\x63tive_memory_bytes\x18\x04 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\x12\x10\n\x08\x66orkable\x18\x06 \x01(\x08\"\x93\x02\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03\x61pi\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x16\n\x0e\x62\x61ndwidth_gbps\x18\x06 \x01(\x01\x12\x0c\n\x04\x63hip\x18\x07 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x0f\n\x07\x63luster\x18\t \x01(\t\x12\x14\n\x0cmetrics_port\x18\n \x01(\x05\x12&\n\x05shard\x18\x0b \x01(\x0b\x32\x17.shardline.v1.ShardInfo\x12\x10\n\x08sessions\x18\x0c \x01(\x05\x12\r\n\x05proof\x18\r \x01(\x0c\x12\x10\n\x08kv_bytes\x18\x0e \x01(\x03\"O\n\x10LoadShardRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.shardline.v1.ShardSpec\x12\x14\n\x0ckeep_serving\x18\x02 \x01(\x08\"l\n\x0cLoadProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12&\n\x05shard\x18\x03 \x01(\x0b\x32\x17.shardline.v1.ShardInfo\x12\x13\n\x0blayers_kept\x18\x04 \x01(\x05\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xda\x01\n\x08SeqInput\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12\r\n\x05start\x18\x04 \x01(\x08\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x0e\n\x06offset\x18\x07 \x01(\x05\x12\x11\n\tfork_from\x18\x08 \x01(\t\x12\x13\n\x0b\x66ork_length\x18\t \x01(\x05\"e\n\x0cStageMessage\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12$\n\x04seqs\x18\x02 \x03(\x0b\x32\x16.shardline.v1.SeqInput\x12\x0f\n\x07release\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"e\n\tSeqOutput\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x12\n\ntop_tokens\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"W\n\x0bStageResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x07outputs\x18\x02 \x03(\x0b\x32\x17.shardline.v1.SeqOutput\x12\r\n\x05\x65rror\x18\x03 \x01(\t2\x93\x03\n\x06Worker\x12;\n\x04Info\x12\x19.shardline.v1.InfoRequest\x1a\x18.shardline.v1.WorkerInfo\x12I\n\tLoadShard\x12\x1e.shardline.v1.LoadShardRequest\x1a\x1a.shardline.v1.LoadProgress0\x01\x12\x44\n\x07\x46orward\x12\x1a.shardline.v1.StageMessage\x1a\x19.shardline.v1.StageResult(\x01\x30\x01\x12\x44\n\x07Results\x12\x1c.shardline.v1.ResultsRequest\x1a\x19.shardline.v1.StageResult0\x01\x12\x39\n\x04Want\x12\x18.shardline.v1.ShardFiles\x1a\x17.shardline.v1.FileNeeds\x12:\n\x03Put\x12\x17.shardline.v1.FileChunk\x1a\x16.shardline.v1.ChunkAck(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/worker.proto\x12\x0cshardline.v1\x1a\x16protos/inference.proto\"G\n\tShardFile\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0c\n\x04size\x18\x03 \x01(\x03\x12\x0e\n\x06tensor\x18\x04 \x01(\t\"n\n\nShardFiles\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12&\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x17.shardline.v1.ShardFile\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\"6\n\x08\x46ileNeed\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0c\n\x04held\x18\x03 \x01(\x03\"U\n\tFileNeeds\x12%\n\x05needs\x18\x01 \x03(\x0b\x32\x16.shardline.v1.FileNeed\x12\r\n\x05local\x18\x02 \x01(\x08\x12\x12\n\nfree_bytes\x18\x03 \x01(\x03\"]\n\tFileChunk\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x14\n\x0c\x63hunk_sha256\x18\x05 \x01(\t\"e\n\x08\x43hunkAck\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\n\n\x02ok\x18\x03 \x01(\x08\x12\x10\n\x08\x63omplete\x18\x04 \x01(\x08\x12\x0c\n\x04held\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"!\n\x0eResultsRequest\x12\x0f\n\x07plan_id\x18\x01 \x01(\t\" \n\x0bInfoRequest\x12\x11\n\tchallenge\x18\x01 \x01(\x0c\"\x80\x02\n\tShardSpec\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nmodel_path\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x13\n\x0bstage_index\x18\x06 \x01(\x05\x12\x12\n\nnum_stages\x18\x07 \x01(\x05\x12\x14\n\x0cnext_address\x18\x08 \x01(\t\x12\x19\n\x11max_message_bytes\x18\t \x01(\x03\x12\x0f\n\x07plan_id\x18\n \x01(\t\x12&\n\x05\x66iles\x18\x0b \x03(\x0b\x32\x17.shardline.v1.ShardFile\"\xa1\x01\n\tShardInfo\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.shardline.v1.ShardSpec\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x1b\n\x13\x61\x63tive_memory_bytes\x18\x04 \x01(\x03\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\x12\x10\n\x08\x66orkable\x18\x06 \x01(\x08\"\x93\x02\n\nWorkerInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0b\n\x03\x61pi\x18\x04 \x01(\x05\x12\x14\n\x0cmemory_bytes\x18\x05 \x01(\x03\x12\x16\n\x0e\x62\x61ndwidth_gbps\x18\x06 \x01(\x01\x12\x0c\n\x04\x63hip\x18\x07 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x08 \x01(\t\x12\x0f\n\x07\x63luster\x18\t \x01(\t\x12\x14\n\x0cmetrics_port\x18\n \x01(\x05\x12&\n\x05shard\x18\x0b \x01(\x0b\x32\x17.shardline.v1.ShardInfo\x12\x10\n\x08sessions\x18\x0c \x01(\x05\x12\r\n\x05proof\x18\r \x01(\x0c\x12\x10\n\x08kv_bytes\x18\x0e \x01(\x03\"O\n\x10LoadShardRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x17.shardline.v1.ShardSpec\x12\x14\n\x0ckeep_serving\x18\x02 \x01(\x08\"l\n\x0cLoadProgress\x12\r\n\x05phase\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12&\n\x05shard\x18\x03 \x01(\x0b\x32\x17.shardline.v1.ShardInfo\x12\x13\n\x0blayers_kept\x18\x04 \x01(\x05\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"\xda\x01\n\x08SeqInput\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12$\n\x06hidden\x18\x03 \x01(\x0b\x32\x14.shardline.v1.Tensor\x12\r\n\x05start\x18\x04 \x01(\x08\x12\x0e\n\x06sample\x18\x05 \x01(\x08\x12.\n\x08sampling\x18\x06 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x0e\n\x06offset\x18\x07 \x01(\x05\x12\x11\n\tfork_from\x18\x08 \x01(\t\x12\x13\n\x0b\x66ork_length\x18\t \x01(\x05\"e\n\x0cStageMessage\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12$\n\x04seqs\x18\x02 \x03(\x0b\x32\x16.shardline.v1.SeqInput\x12\x0f\n\x07release\x18\x03 \x03(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"e\n\tSeqOutput\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x05\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x12\n\ntop_tokens\x18\x04 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x05 \x03(\x02\"W\n\x0bStageResult\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12(\n\x07outputs\x18\x02 \x03(\x0b\x32\x17.shardline.v1.SeqOutput\x12\r\n\x05\x65rror\x18\x03 \x01(\t2\x93\x03\n\x06Worker\x12;\n\x04Info\x12\x19.shardline.v1.InfoRequest\x1a\x18.shardline.v1.WorkerInfo\x12I\n\tLoadShard\x12\x1e.shardline.v1.LoadShardRequest\x1a\x1a.shardline.v1.LoadProgress0\x01\x12\x44\n\x07\x46orward\x12\x1a.shardline.v1.StageMessage\x1a\x19.shardline.v1.StageResult(\x01\x30\x01\x12\x44\n\x07Results\x12\x1c.shardline.v1.ResultsRequest\x1a\x19.shardline.v1.StageResult0\x01\x12\x39\n\x04Want\x12\x18.shardline.v1.ShardFiles\x1a\x17.shardline.v1.FileNeeds\x12:\n\x03Put\x12\x17.shardline.v1.FileChunk\x1a\x16.shardline.v1.ChunkAck(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,41 +33,41 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.worker_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SHARDFILE']._serialized_start=61
-  _globals['_SHARDFILE']._serialized_end=116
-  _globals['_SHARDFILES']._serialized_start=118
-  _globals['_SHARDFILES']._serialized_end=228
-  _globals['_FILENEED']._serialized_start=230
-  _globals['_FILENEED']._serialized_end=284
-  _globals['_FILENEEDS']._serialized_start=286
-  _globals['_FILENEEDS']._serialized_end=371
-  _globals['_FILECHUNK']._serialized_start=373
-  _globals['_FILECHUNK']._serialized_end=466
-  _globals['_CHUNKACK']._serialized_start=468
-  _globals['_CHUNKACK']._serialized_end=569
-  _globals['_RESULTSREQUEST']._serialized_start=571
-  _globals['_RESULTSREQUEST']._serialized_end=604
-  _globals['_INFOREQUEST']._serialized_start=606
-  _globals['_INFOREQUEST']._serialized_end=638
-  _globals['_SHARDSPEC']._serialized_start=641
-  _globals['_SHARDSPEC']._serialized_end=897
-  _globals['_SHARDINFO']._serialized_start=900
-  _globals['_SHARDINFO']._serialized_end=1061
-  _globals['_WORKERINFO']._serialized_start=1064
-  _globals['_WORKERINFO']._serialized_end=1339
-  _globals['_LOADSHARDREQUEST']._serialized_start=1341
-  _globals['_LOADSHARDREQUEST']._serialized_end=1420
-  _globals['_LOADPROGRESS']._serialized_start=1422
-  _globals['_LOADPROGRESS']._serialized_end=1530
-  _globals['_TENSOR']._serialized_start=1532
-  _globals['_TENSOR']._serialized_end=1584
-  _globals['_SEQINPUT']._serialized_start=1587
-  _globals['_SEQINPUT']._serialized_end=1805
-  _globals['_STAGEMESSAGE']._serialized_start=1807
-  _globals['_STAGEMESSAGE']._serialized_end=1908
-  _globals['_SEQOUTPUT']._serialized_start=1910
-  _globals['_SEQOUTPUT']._serialized_end=2011
-  _globals['_STAGERESULT']._serialized_start=2013
-  _globals['_STAGERESULT']._serialized_end=2100
-  _globals['_WORKER']._serialized_start=2103
-  _globals['_WORKER']._serialized_end=2506
+  _globals['_SHARDFILE']._serialized_end=132
+  _globals['_SHARDFILES']._serialized_start=134
+  _globals['_SHARDFILES']._serialized_end=244
+  _globals['_FILENEED']._serialized_start=246
+  _globals['_FILENEED']._serialized_end=300
+  _globals['_FILENEEDS']._serialized_start=302
+  _globals['_FILENEEDS']._serialized_end=387
+  _globals['_FILECHUNK']._serialized_start=389
+  _globals['_FILECHUNK']._serialized_end=482
+  _globals['_CHUNKACK']._serialized_start=484
+  _globals['_CHUNKACK']._serialized_end=585
+  _globals['_RESULTSREQUEST']._serialized_start=587
+  _globals['_RESULTSREQUEST']._serialized_end=620
+  _globals['_INFOREQUEST']._serialized_start=622
+  _globals['_INFOREQUEST']._serialized_end=654
+  _globals['_SHARDSPEC']._serialized_start=657
+  _globals['_SHARDSPEC']._serialized_end=913
+  _globals['_SHARDINFO']._serialized_start=916
+  _globals['_SHARDINFO']._serialized_end=1077
+  _globals['_WORKERINFO']._serialized_start=1080
+  _globals['_WORKERINFO']._serialized_end=1355
+  _globals['_LOADSHARDREQUEST']._serialized_start=1357
+  _globals['_LOADSHARDREQUEST']._serialized_end=1436
+  _globals['_LOADPROGRESS']._serialized_start=1438
+  _globals['_LOADPROGRESS']._serialized_end=1546
+  _globals['_TENSOR']._serialized_start=1548
+  _globals['_TENSOR']._serialized_end=1600
+  _globals['_SEQINPUT']._serialized_start=1603
+  _globals['_SEQINPUT']._serialized_end=1821
+  _globals['_STAGEMESSAGE']._serialized_start=1823
+  _globals['_STAGEMESSAGE']._serialized_end=1924
+  _globals['_SEQOUTPUT']._serialized_start=1926
+  _globals['_SEQOUTPUT']._serialized_end=2027
+  _globals['_STAGERESULT']._serialized_start=2029
+  _globals['_STAGERESULT']._serialized_end=2116
+  _globals['_WORKER']._serialized_start=2119
+  _globals['_WORKER']._serialized_end=2522
 # @@protoc_insertion_point(module_scope)

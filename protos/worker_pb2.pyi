@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ShardFile(_message.Message):
-    __slots__ = ("name", "sha256", "size")
+    __slots__ = ("name", "sha256", "size", "tensor")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     sha256: str
     size: int
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+    tensor: str
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., tensor: _Optional[str] = ...) -> None: ...
 
 class ShardFiles(_message.Message):
     __slots__ = ("model_id", "files", "layer_start", "layer_end")

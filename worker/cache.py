@@ -23,7 +23,8 @@ from typing import Any
 
 from protos.tensorfiles import check_hash, check_name
 
-HEADROOM = 64 << 20  # bytes of disk left free after a shard is stored
+BLOCK = 4096  # a file takes whole blocks of the disk
+HEADROOM = 64 << 20  # at most this much of the disk is left free after a shard is stored
 
 
 class CacheFull(RuntimeError):
@@ -96,9 +97,9 @@ class ShardCache:
             seen.add(f.sha256)
             held = self.held(f.sha256)
             out.append((f, held if held <= f.size else 0))
-        missing = sum(f.size - held for f, held in out)
+        missing = sum(-(-(f.size - held) // BLOCK) * BLOCK for f, held in out)
         free = self.free_bytes()
-        if missing and missing + HEADROOM > free:
+        if missing and missing + min(HEADROOM, free // 10) > free:
             raise CacheFull(missing, free)
         return out
 

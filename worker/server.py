@@ -15,13 +15,13 @@ import mlx.core as mx
 
 import protos
 from protos import auth, worker_pb2, worker_pb2_grpc
-from protos.tensorfiles import HashIndex, TensorFileError, model_tensors
+from protos.tensorfiles import HashIndex, TensorFileError, model_tensors, parts
 from protos.units import format_size
 from worker.backend import Hardware, wire_memory
 from worker.cache import CacheFull, ShardCache
 from worker.metrics import StepParts, WorkerMetrics, hidden_bytes
 from worker.mlx_thread import MLXThread, StepTimes
-from worker.shard import Shard, ShardError, load_shard
+from worker.shard import ShardError, load_shard
 from worker.stage import StageRunner, StepOutput
 
 log = logging.getLogger("shardline.worker")
@@ -179,24 +179,27 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._previous.runner.close()
             self._previous = None
 
-    def _load(self, spec: worker_pb2.ShardSpec, old: StageRunner | None, keep: bool
+    def _load(self, spec: worker_pb2.ShardSpec, old: StageRunner | None,
+              old_spec: worker_pb2.ShardSpec | None, keep: bool
               ) -> tuple[StageRunner, worker_pb2.ShardInfo, int]:
         """On the MLX thread: load the shard of `spec`, taking the layers `old` holds from it.
         Without `keep`, `old` stops at once and lets go of what the new shard does not keep."""
         reuse = old.shard if old is not None else None
+        same = _same_parts(old_spec, spec) if reuse is not None else frozenset()
         if old is not None and not keep:
             old.close()
             if reuse is not None:
                 reuse.keep_only(spec.layer_start, spec.layer_end)
         gc.collect()
         mx.clear_cache()
-        shard = load_shard(self._model_path(spec), spec.layer_start, spec.layer_end, reuse)
+        shard = load_shard(self._model_path(spec), spec.layer_start, spec.layer_end, reuse, same)
         if shard.num_layers != spec.num_layers:
             raise ShardError(
                 f"model {spec.model_id} has {shard.num_layers} layers, plan says "
                 f"{spec.num_layers}"
             )
-        kept = _overlap(reuse, shard)
+        kept = sum(1 for i in range(spec.layer_start, spec.layer_end) if f"layers.{i}" in same
+                   and reuse is not None and reuse.start <= i < reuse.end)
         reuse = None
         wire_memory(shard.weight_bytes)
         runner = StageRunner(shard)
@@ -216,12 +219,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         async with self._load_lock:
             yield worker_pb2.LoadProgress(phase="loading", fraction=0.0)
             old = self.runner
+            old_spec = self.shard_info.spec if self.shard_info is not None else None
             keep = request.keep_serving and old is not None
             self._drop_previous()
             if not keep:  # the plan served now is over
                 self.runner, self.shard_info = None, None
             try:
-                runner, info, kept = await self.mlx.run(self._load, spec, old, keep)
+                runner, info, kept = await self.mlx.run(self._load, spec, old, old_spec, keep)
             except (ShardError, OSError, ValueError) as e:
                 await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{self.config.name}: {e}")
             if keep and self.shard_info is not None:
@@ -437,8 +441,11 @@ async def serve(config: WorkerConfig, host: str, port: int,
         await service.close()
 
 
-def _overlap(before: Shard | None, after: Shard) -> int:
-    """Layers both shards hold (taken from `before`, not read again)."""
-    if before is None:
-        return 0
-    return max(0, min(before.end, after.end) - max(before.start, after.start))
+def _same_parts(before: worker_pb2.ShardSpec | None, after: worker_pb2.ShardSpec
+                ) -> frozenset[str]:
+    """The parts of `after` (layers, embedding, norm, head) made of the very files `before`
+    was loaded from: those a new shard takes from the old one in memory."""
+    if before is None or not before.files or not after.files:
+        return frozenset()
+    old, new = parts(before.files), parts(after.files)
+    return frozenset(k for k, hashes in new.items() if old.get(k) == hashes)

@@ -93,14 +93,16 @@ def _reusable(reuse: Shard | None, model_type: str, num_layers: int) -> Shard | 
     return reuse
 
 
-def load_shard(path: str | Path, start: int, end: int, reuse: Shard | None = None) -> Shard:
+def load_shard(path: str | Path, start: int, end: int, reuse: Shard | None = None,
+               same: frozenset[str] = frozenset()) -> Shard:
     """Load layers [start, end) of the model at `path`; other layers are never read from disk.
 
     mlx loads safetensors lazily: dropping the modules we do not need before the first
-    `mx.eval` means their bytes are never materialised. Layers (and embedding, norm, head)
-    that `reuse`, a shard of the same model already in memory, holds are taken from it, not
-    read again. Every parameter the slice needs must come from the files or from `reuse`
-    (ShardError naming the missing ones).
+    `mx.eval` means their bytes are never materialised. The parts named in `same`
+    (`layers.<i>`, `embed_tokens`, `norm`, `lm_head`: parts whose files are those `reuse`
+    was loaded from) are taken from `reuse`, a shard already in memory, not read again.
+    Every parameter the slice needs must come from the files or from `reuse` (ShardError
+    naming the missing ones).
     """
     t0 = time.perf_counter()
     path = Path(path)
@@ -133,11 +135,12 @@ def load_shard(path: str | Path, start: int, end: int, reuse: Shard | None = Non
     kept = _reusable(reuse, model_type, num_layers)
     if kept is not None:
         for i in range(max(start, kept.start), min(end, kept.end)):
-            inner.layers[i] = kept.family.inner.layers[i]
+            if f"layers.{i}" in same and kept.family.inner.layers[i] is not None:
+                inner.layers[i] = kept.family.inner.layers[i]
         for name in ("embed_tokens", "norm"):
-            if name in inner and name in kept.family.inner:
+            if name in same and name in inner and name in kept.family.inner:
                 inner[name] = kept.family.inner[name]
-        if "lm_head" in model and "lm_head" in kept.model:
+        if "lm_head" in same and "lm_head" in model and "lm_head" in kept.model:
             model["lm_head"] = kept.model["lm_head"]
     # arrays taken from `reuse` are loaded already; every other one must come from a file
     taken = {id(v) for _, v in nn.utils.tree_flatten(kept.model.parameters())} if kept else set()
