@@ -183,8 +183,12 @@ class Cluster:
             self._retire(old, "re-planning")
         plan_id = uuid.uuid4().hex[:12]
         shipper = self.shipper()
-        bars = TransferBars(enabled=progress is not None)
         tell = progress or (lambda _m: None)
+        try:
+            await shipper.tensors(progress)
+        except (TensorFileError, OSError) as e:
+            raise ClusterError(f"cannot read the model's weights: {e}") from None
+        bars = TransferBars(enabled=progress is not None)
 
         async def load_one(i: int, worker: Worker) -> None:
             stage = stages[i]

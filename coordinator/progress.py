@@ -38,3 +38,26 @@ class TransferBars:
         for bar in self._bars.values():
             bar.close()
         self._bars.clear()
+
+
+class HashBar:
+    """A bar while the coordinator hashes a model it has not hashed before (shown only once
+    bytes are hashed: a model whose hashes are kept shows nothing)."""
+
+    def __init__(self, name: str, total: int, enabled: bool = True) -> None:
+        self.name, self.total = name, total
+        self.enabled = enabled and sys.stderr.isatty()
+        self._bar: Any = None
+
+    def advance(self, n: int) -> None:
+        if not self.enabled:
+            return
+        if self._bar is None:
+            self._bar = tqdm(total=self.total, desc=f"hashing {self.name}", unit="B",
+                             unit_scale=True, unit_divisor=1024, leave=False,
+                             dynamic_ncols=True)
+        self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

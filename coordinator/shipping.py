@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from coordinator.modelinfo import ModelInfo
+from coordinator.progress import HashBar
 from protos import worker_pb2
 from protos.tensorfiles import CONFIG_FILES, FileSource, HashIndex, config_file, model_tensors
 from protos.units import format_size
@@ -75,10 +76,16 @@ class Shipper:
         async with self._lock:
             if self._tensors is None:
                 t0 = time.monotonic()
-                self._tensors = await asyncio.to_thread(model_tensors, self.model.path,
-                                                        self.index)
+                bar = HashBar(self.model.model_id, self.model.weight_bytes,
+                              enabled=progress is not None)
+                try:
+                    self._tensors = await asyncio.to_thread(model_tensors, self.model.path,
+                                                            self.index, bar.advance)
+                finally:
+                    bar.close()
                 if progress is not None and time.monotonic() - t0 > 1.0:
-                    progress(f"hashed {self.model.model_id} in {time.monotonic() - t0:.1f}s")
+                    progress(f"hashed {self.model.model_id} in {time.monotonic() - t0:.1f}s "
+                             "(once: the hashes are kept)")
             return self._tensors
 
     async def files(self, start: int, end: int) -> list[FileSource]:

@@ -28,12 +28,12 @@ COORDINATOR_METRICS = {
     "shardline_request_failure_total", "shardline_time_to_first_token_seconds",
     "shardline_inter_token_latency_seconds", "shardline_e2e_request_latency_seconds",
     "shardline_workers", "shardline_worker_layers", "shardline_replans_total",
-    "shardline_build_info",
+    "shardline_build_info", "shardline_shard_transfer_bytes_total",
 }
 WORKER_METRICS = {
     "shardline_stage_forward_seconds", "shardline_activation_bytes_total",
     "shardline_activation_transfer_seconds", "shardline_worker_memory_bytes",
-    "shardline_kv_cache_usage_ratio", "shardline_sessions",
+    "shardline_kv_cache_usage_ratio", "shardline_sessions", "shardline_shard_received_bytes_total",
 }
 GRPC_METRICS = {"grpc_server_started_total", "grpc_server_handled_total",
                 "grpc_server_handling_seconds"}
