@@ -21,7 +21,7 @@ from coordinator.demo import ModelSpec
 from coordinator.local import LocalWorkers
 from coordinator.modelinfo import read_model_info
 from coordinator.shipping import Shipper, Transfer
-from protos import worker_pb2, worker_pb2_grpc
+from protos import inference_pb2, worker_pb2, worker_pb2_grpc
 
 SPEC = ModelSpec(family="llama")
 PROMPT = [1, 5, 9, 200, 33, 4, 77, 12]
@@ -71,7 +71,11 @@ def test_workers_without_the_model_get_exactly_their_shards_and_keep_them(model_
         async with Serving(model, addresses, context=256) as s:
             tokens, _, _ = await s.generate(PROMPT, MAX_TOKENS)
             ports = {w.info.name: w.info.metrics_port for w in s.coordinator.cluster.workers}
-            return tokens, stage_sizes(s), ports
+            state = await s.stub.GetCluster(inference_pb2.GetClusterRequest())
+            shown = {w.name: (w.shard_bytes, w.shard_bytes_sent) for w in state.workers}
+            sizes = stage_sizes(s)
+            assert shown == {n: (sent, sent) for n, (sent, _) in sizes.items()}
+            return tokens, sizes, ports
 
     local = LocalWorkers(3, memory=[1 * GiB, 2 * GiB, 3 * GiB], cache_dir=cache, names=names,
                          wrap=hidden_from(only_here))
@@ -220,3 +224,77 @@ def test_a_repo_id_in_the_local_hugging_face_cache_is_served_offline(model_dir, 
 
     tokens, model_id = run(scenario())
     assert tokens == expected and model_id == "shardline-test/tiny-llama"
+
+
+def test_bad_names_and_hashes_are_refused_and_nothing_is_written_outside_the_cache(
+        model_dir, tmp_path):
+    info = read_model_info(model_dir(SPEC))
+    outside = tmp_path / "outside"
+
+    async def scenario(address: str):
+        channel, stub = await _one_worker_stub(address)
+        codes = []
+        for name, sha in ((f"../../{outside.name}/x", "a" * 64), ("config.json", "../" * 20),
+                          ("model-.safetensors", "b" * 64)):
+            try:
+                await stub.Want(worker_pb2.ShardFiles(model_id=info.model_id, files=[
+                    worker_pb2.ShardFile(name=name, sha256=sha, size=10)]))
+            except grpc.aio.AioRpcError as e:
+                codes.append(e.code())
+        call = stub.Put()
+        await call.write(worker_pb2.FileChunk(sha256=f"../../{outside.name}/y", size=3,
+                                              offset=0, data=b"abc", chunk_sha256="0"))
+        try:
+            await call.read()
+        except grpc.aio.AioRpcError as e:
+            codes.append(e.code())
+        await channel.close()
+        return codes
+
+    with LocalWorkers(1, memory=[1 * GiB], cache_dir=tmp_path / "w", names=["one"]) as addrs:
+        codes = run(scenario(addrs[0]))
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 4
+    assert not outside.exists() and not list(tmp_path.glob("**/y"))
+
+
+def test_a_shard_that_lacks_a_tensor_is_refused_and_a_second_model_shares_files(model_dir,
+                                                                               tmp_path):
+    """Loading is strict (a tensor left out is named, not left random); a second model with
+    the same tensors and another config needs only its config."""
+    path = model_dir(SPEC)
+    info = read_model_info(path)
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    config = (other / "config.json").read_text()
+    (other / "config.json").write_text(config.replace("{", '{"shardline_note": "copy", ', 1))
+
+    async def scenario(address: str):
+        channel, stub = await _one_worker_stub(address)
+        shipper = Shipper(info, tmp_path / "hashes")
+        files = await shipper.files(0, info.num_layers)
+        await shipper.ship(stub, "one", 0, info.num_layers, files, Transfer("one"))
+        dropped = next(f for f in files if ".layers.1.mlp.down_proj" in f.tensor)
+        spec = worker_pb2.ShardSpec(
+            model_id=info.model_id, layer_start=0, layer_end=info.num_layers,
+            num_layers=info.num_layers, stage_index=0, num_stages=1, plan_id="strict",
+            files=[worker_pb2.ShardFile(name=f.name, sha256=f.sha256, size=f.size,
+                                        tensor=f.tensor) for f in files if f is not dropped])
+        try:
+            async for _ in stub.LoadShard(worker_pb2.LoadShardRequest(spec=spec)):
+                pass
+            refused = None
+        except grpc.aio.AioRpcError as e:
+            refused = (e.code(), e.details())
+        second = Shipper(read_model_info(other), tmp_path / "hashes")
+        files2 = await second.files(0, info.num_layers)
+        needs = await stub.Want(worker_pb2.ShardFiles(model_id="other", files=[
+            worker_pb2.ShardFile(name=f.name, sha256=f.sha256, size=f.size) for f in files2]))
+        await channel.close()
+        return refused, [n.sha256 for n in needs.needs], files2
+
+    with LocalWorkers(1, memory=[1 * GiB], cache_dir=tmp_path / "w", names=["one"]) as addrs:
+        refused, needed, files2 = run(scenario(addrs[0]))
+    assert refused is not None and refused[0] == grpc.StatusCode.FAILED_PRECONDITION
+    assert "lack 1 tensor" in refused[1] and "layers.1.mlp.down_proj" in refused[1]
+    config_sha = next(f.sha256 for f in files2 if f.name == "config.json")
+    assert needed == [config_sha]  # every tensor file is shared with the first model
