@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import protos
 from coordinator.cluster import Cluster
@@ -24,6 +25,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
 from coordinator.planner import DEFAULT_PREFIX_CACHE_TOKENS
 from coordinator.service import InferenceService, set_serving, start_server, watch_health
+from coordinator.speculation import DraftProposer, NgramProposer, Speculator
 from protos import auth
 from protos.units import format_size
 
@@ -63,6 +65,10 @@ class ServeOptions:
     recover_timeout: float = DEFAULT_RECOVER_TIMEOUT  # 0: a lost worker fails its requests
     secret: bytes | None = field(default=None, repr=False)  # the cluster secret (protos/auth)
     api_key: str | None = field(default=None, repr=False)  # clients must send it as a bearer
+    # speculative decoding (docs/speculation.md): a draft model, or "ngram" (prompt lookup)
+    draft_model: str | None = None
+    speculative: str | None = None
+    num_draft_tokens: int = 3
 
 
 def load_tokenizer(path: Path):
@@ -93,6 +99,7 @@ class Coordinator:
         self.http: HttpServer | None = None
         self.http_port = 0
         self._health_task: asyncio.Task | None = None
+        self.draft: DraftProposer | None = None
 
     def resolve_model(self) -> ModelInfo:
         opts = self.options
@@ -158,18 +165,51 @@ class Coordinator:
         await self.cluster.load(self.progress)
         self.metrics.replans.labels("initial").inc()
         config = json.loads((self.model.path / "config.json").read_text())
+        speculator = await self.start_speculation(int(config["vocab_size"]))
         self.engine = Engine(
             load_tokenizer(self.model.path), self.cluster, vocab_size=int(config["vocab_size"]),
             context=plan.context, prefill_chunk=opts.prefill_chunk,
             max_running=plan.max_sequences, max_waiting=opts.max_waiting,
             prefix_cache_tokens=opts.prefix_cache_tokens if self.cluster.forkable else 0,
             metrics=self.metrics, recover_timeout=opts.recover_timeout,
+            speculator=speculator,
         )
         service.engine = self.engine
         await set_serving(self.health, True)
         self.progress(f"serving {self.model.model_id} on gRPC {opts.host}:{self.grpc_port}, "
                       f"HTTP {opts.host}:{self.http_port}")
         await self.membership.watch(self)
+
+    async def start_speculation(self, vocab_size: int) -> Speculator | None:
+        """The proposer `--draft-model` or `--speculative ngram` asks for (or None)."""
+        opts = self.options
+        if opts.draft_model and opts.speculative:
+            raise ValueError("--draft-model and --speculative ngram: choose one")
+        if not (opts.draft_model or opts.speculative):
+            return None
+        if not self.cluster.forkable:
+            self.progress("speculative decoding is off: this model's sliding-window caches "
+                          "cannot go back over rejected proposals")
+            return None
+        if opts.speculative == "ngram":
+            proposer: Any = NgramProposer()
+            what = "prompt lookup"
+        else:
+            path = resolve_model(opts.draft_model, opts.cache_dir)
+            draft_vocab = json.loads((path / "config.json").read_text()).get("vocab_size")
+            if load_tokenizer(path).get_vocab() != load_tokenizer(self.model.path).get_vocab():
+                raise ValueError(f"--draft-model {opts.draft_model}: its tokenizer is not the "
+                                 "served model's (the same token ids must mean the same text)")
+            if draft_vocab != vocab_size:
+                self.progress(f"draft vocabulary {draft_vocab}, model {vocab_size}: proposals "
+                              "outside the draft's are never made")
+            self.draft = DraftProposer(path)
+            await self.draft.load()
+            what = f"draft model {opts.draft_model}"
+        self.progress(f"speculative decoding: {what}, up to {opts.num_draft_tokens} tokens "
+                      "per step")
+        return Speculator(proposer if opts.speculative else self.draft, opts.num_draft_tokens,
+                          self.metrics)
 
     async def start_api(self, service: InferenceService) -> None:
         """gRPC and HTTP up before the shards load; health says NOT_SERVING until they have."""
@@ -197,3 +237,5 @@ class Coordinator:
             await self.cluster.close()
         if self.local is not None:
             self.local.stop()
+        if self.draft is not None:
+            self.draft.close()

@@ -78,6 +78,15 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="tokens of finished sequences kept for follow-up turns, their KV "
                    "reserved by the plan on every worker (0 disables)")
     p.add_argument("--cache-dir", type=Path, default=None)
+    p.add_argument("--draft-model", default=None,
+                   help="speculative decoding: a small model with the same tokenizer (local "
+                   "directory or Hugging Face repo id) run here proposes tokens the pipeline "
+                   "checks in one pass (docs/speculation.md)")
+    p.add_argument("--num-draft-tokens", type=int, default=3,
+                   help="most tokens proposed per step (default 3; adapts per request)")
+    p.add_argument("--speculative", choices=("ngram",), default=None,
+                   help="speculative decoding by prompt lookup: proposals copied from the "
+                   "prompt and the text so far (no draft model)")
 
 
 def add_client_parsers(sub: argparse._SubParsersAction) -> None:
@@ -121,7 +130,8 @@ async def _serve(args: argparse.Namespace) -> None:
         discover=not (args.no_discover or args.demo), min_workers=args.min_workers,
         discover_timeout=args.discover_timeout or None, interface=args.interface,
         rebalance=not args.no_rebalance, recover_timeout=args.recover_timeout,
-        secret=args.secret, api_key=args.api_key,
+        secret=args.secret, api_key=args.api_key, draft_model=args.draft_model,
+        num_draft_tokens=args.num_draft_tokens, speculative=args.speculative,
     )
     coordinator = Coordinator(options, progress=lambda m: print(m, flush=True))
     stop = asyncio.Event()

@@ -16,6 +16,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.pipeline import Pipeline, PipelineError
 from coordinator.prefix_cache import PrefixCache
 from coordinator.scheduler import QueueFull, Scheduler
+from coordinator.speculation import SpecRequest, Speculator
 from coordinator.stops import StopMatcher
 from protos import inference_pb2, worker_pb2
 
@@ -62,8 +63,10 @@ class Engine:
                  context: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  max_running: int = 4, max_waiting: int = DEFAULT_MAX_WAITING,
                  prefix_cache_tokens: int = 0, metrics: CoordinatorMetrics | None = None,
-                 recover_timeout: float = DEFAULT_RECOVER_TIMEOUT) -> None:
+                 recover_timeout: float = DEFAULT_RECOVER_TIMEOUT,
+                 speculator: Speculator | None = None) -> None:
         self.tokenizer = tokenizer
+        self.speculator = speculator  # proposals checked by the pipeline (speculation.py)
         self.metrics = metrics or CoordinatorMetrics()
         self._source = pipeline_source  # anything with a `.pipeline` attribute (the Cluster)
         self.vocab_size = vocab_size
@@ -235,6 +238,12 @@ class Engine:
         self.resumed += 1
         return fresh
 
+    def _speculating(self, seq_id: str) -> SpecRequest | None:
+        """Proposals for this request, where the cluster can go back over rejected ones."""
+        if self.speculator is None or not getattr(self._source, "forkable", False):
+            return None
+        return self.speculator.request(seq_id)
+
     async def _run(self, ids: list[int], sampling: inference_pb2.SamplingParams,
                    max_tokens: int) -> AsyncIterator[Chunk]:
         pipeline = await self._serving()
@@ -243,6 +252,7 @@ class Engine:
         detok = self.tokenizer.detokenizer
         detok.reset()
         stops = StopMatcher(list(sampling.stop))
+        spec = self._speculating(seq_id)
         t0 = time.perf_counter()
         t_first = None
         n = 0
@@ -251,6 +261,7 @@ class Engine:
         sampled: list[int] = []
         step: asyncio.Future | None = None  # the next decode step, sent before the yield
         out: worker_pb2.SeqOutput | None = None  # the step result not yet streamed
+        drafts: list[int] = []  # proposals in the step awaited
         resumes = 0
         try:
             while not done:
@@ -260,36 +271,46 @@ class Engine:
                         # far, on the re-planned pipeline: the client sees a pause, then the
                         # same continuation (sampling keys depend on (seed, position) only).
                         out = await self._start(seq_id, ids + sampled, sampling)
-                    while True:
-                        n += 1
-                        if t_first is None:
-                            t_first = time.perf_counter()
-                        token = out.token
-                        sampled.append(token)
-                        if token in eos:
-                            finish = FINISH_STOP
-                            break
-                        detok.add_token(token)
-                        text, hit = stops.feed(detok.last_segment)
-                        if not hit and n < max_tokens:
-                            # The next step depends only on this token: send it now, so the
-                            # stages compute while this chunk travels to the client.
-                            step = self.batcher.submit(worker_pb2.SeqInput(
-                                seq_id=seq_id, token_ids=[token], offset=len(ids) + n - 1,
-                                sample=True))
-                        top = ([list(zip(out.top_tokens, out.top_logprobs, strict=True))]
-                               if out.top_tokens else [[]])
-                        yield Chunk(text=text, token_ids=[token], logprobs=[out.logprob],
-                                    top_logprobs=top)
-                        if hit:
-                            finish = FINISH_STOP
-                            break
-                        if n >= max_tokens:
+                    while not done:
+                        # a step with proposals gives the confirmed ones, then its own token
+                        results = [*out.accepted, out]
+                        for j, got in enumerate(results):
+                            n += 1
+                            if t_first is None:
+                                t_first = time.perf_counter()
+                            token = got.token
+                            sampled.append(token)
+                            if token in eos:
+                                finish, done = FINISH_STOP, True
+                                break
+                            detok.add_token(token)
+                            text, hit = stops.feed(detok.last_segment)
+                            if not hit and n < max_tokens and j == len(results) - 1:
+                                # The next step depends only on this token: send it now, so
+                                # the stages compute while this chunk travels to the client.
+                                drafts = await spec.propose(
+                                    ids + sampled, self.scheduler.running, max_tokens - n
+                                ) if spec is not None else []
+                                step = self.batcher.submit(worker_pb2.SeqInput(
+                                    seq_id=seq_id, token_ids=[token, *drafts],
+                                    offset=len(ids) + n - 1, sample=True, draft=len(drafts)))
+                            top = ([list(zip(got.top_tokens, got.top_logprobs, strict=True))]
+                                   if got.top_tokens else [[]])
+                            yield Chunk(text=text, token_ids=[token], logprobs=[got.logprob],
+                                        top_logprobs=top)
+                            if hit:
+                                finish, done = FINISH_STOP, True
+                                break
+                            if n >= max_tokens:
+                                done = True
+                                break
+                        if done:
                             break
                         out = None
                         out = await step
                         step = None
-                    done = True
+                        if spec is not None:
+                            spec.record(len(drafts), len(out.accepted))
                 except PipelineError as e:
                     if step is not None and not step.done():
                         step.cancel()
@@ -298,6 +319,8 @@ class Engine:
                     pipeline = await self._resume(e, pipeline, resumes)
                     resumes += 1
                     seq_id, out = self._seq_id(), None
+                    if spec is not None:
+                        await spec.rekey(seq_id)
         finally:
             if step is not None and not step.done():
                 step.cancel()  # dropped if not yet sent; its result is ignored if it was
@@ -306,6 +329,8 @@ class Engine:
             kept = done and self.prefix is not None
             evicted = self.prefix.insert(seq_id, ids + sampled[:-1]) if kept else [seq_id]
             await asyncio.shield(self.batcher.release(pipeline, evicted))
+            if spec is not None:
+                await asyncio.shield(spec.close())
         tail = ""
         if not hit:
             detok.finalize()
@@ -318,5 +343,7 @@ class Engine:
             prompt_tokens=len(ids), completion_tokens=n,
             time_to_first_token_seconds=(t_first or t_end) - t0,
             decode_tokens_per_second=decode_tps,
+            draft_tokens=spec.drafted if spec else 0,
+            accepted_draft_tokens=spec.accepted if spec else 0,
         )
         yield Chunk(text=tail, finish_reason=finish, usage=usage)

@@ -108,8 +108,13 @@ async def until_disconnect(request: HttpRequest, work: Awaitable[Any]) -> Any:
 
 def usage_dict(chunk: Chunk) -> dict:
     u = chunk.usage or inference_pb2.Usage()
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens}
+    out: dict = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                 "total_tokens": u.prompt_tokens + u.completion_tokens}
+    if u.draft_tokens:  # speculative decoding, in OpenAI's names for predicted tokens
+        out["completion_tokens_details"] = {
+            "accepted_prediction_tokens": u.accepted_draft_tokens,
+            "rejected_prediction_tokens": u.draft_tokens - u.accepted_draft_tokens}
+    return out
 
 
 class Output:

@@ -159,6 +159,12 @@ class CoordinatorMetrics:
                                       "Shard file bytes sent to each worker (chunks sent "
                                       "again after a refusal included).", ["worker"],
                                       unit="bytes", registry=r)
+        self.spec_draft = Counter("shardline_spec_decode_draft_tokens",
+                                  "Tokens proposed by speculative decoding (ngram or a draft "
+                                  "model) and sent to the pipeline to check.", registry=r)
+        self.spec_accepted = Counter("shardline_spec_decode_accepted_tokens",
+                                     "Proposed tokens the model confirmed (each one a token "
+                                     "that needed no trip of its own).", registry=r)
         self.build_info = Gauge("shardline_build_info", "Shardline version and wire version; "
                                 "always 1.", ["version", "api"], registry=r)
         self.build_info.labels(protos.__version__, str(protos.WIRE_VERSION)).set(1)

@@ -198,7 +198,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class SeqInput(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "hidden", "start", "sample", "sampling", "offset", "fork_from", "fork_length")
+    __slots__ = ("seq_id", "token_ids", "hidden", "start", "sample", "sampling", "offset", "fork_from", "fork_length", "draft")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,7 @@ class SeqInput(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     FORK_FROM_FIELD_NUMBER: _ClassVar[int]
     FORK_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     hidden: Tensor
@@ -217,7 +218,8 @@ class SeqInput(_message.Message):
     offset: int
     fork_from: str
     fork_length: int
-    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[bool] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., offset: _Optional[int] = ..., fork_from: _Optional[str] = ..., fork_length: _Optional[int] = ...) -> None: ...
+    draft: int
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[bool] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., offset: _Optional[int] = ..., fork_from: _Optional[str] = ..., fork_length: _Optional[int] = ..., draft: _Optional[int] = ...) -> None: ...
 
 class StageMessage(_message.Message):
     __slots__ = ("step_id", "seqs", "release", "error")
@@ -232,18 +234,20 @@ class StageMessage(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqInput, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
 
 class SeqOutput(_message.Message):
-    __slots__ = ("seq_id", "token", "logprob", "top_tokens", "top_logprobs")
+    __slots__ = ("seq_id", "token", "logprob", "top_tokens", "top_logprobs", "accepted")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     TOP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token: int
     logprob: float
     top_tokens: _containers.RepeatedScalarFieldContainer[int]
     top_logprobs: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, seq_id: _Optional[str] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+    accepted: _containers.RepeatedCompositeFieldContainer[SeqOutput]
+    def __init__(self, seq_id: _Optional[str] = ..., token: _Optional[int] = ..., logprob: _Optional[float] = ..., top_tokens: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., accepted: _Optional[_Iterable[_Union[SeqOutput, _Mapping]]] = ...) -> None: ...
 
 class StageResult(_message.Message):
     __slots__ = ("step_id", "outputs", "error")

@@ -14,6 +14,7 @@ from worker.batch import DecodeBatch, batchable
 from worker.lookahead import Lookahead
 from worker.sampling import Sampler
 from worker.shard import Shard
+from worker.verify import Checked, accept, sample_positions, window
 
 
 def fork_cache(cache: Any, length: int) -> KVCache:
@@ -45,6 +46,9 @@ class Session:
     caches: list[Any] | None
     offset: int = 0
     sampler: Sampler | None = None
+    # after a step with proposals: the first position a later step may go back to (the
+    # rejected proposals' positions are trimmed then)
+    floor: int | None = None
 
     @property
     def kv_bytes(self) -> int:
@@ -148,11 +152,31 @@ class StageRunner:
         session = self.sessions.get(seq.seq_id)
         if session is None:
             raise StepError(f"unknown sequence {seq.seq_id!r} (never started or already released)")
-        if seq.offset != session.offset:
+        rewind = session.floor is not None and session.floor <= seq.offset < session.offset
+        if seq.offset != session.offset and not rewind:
             raise StepError(
                 f"sequence {seq.seq_id!r} is at position {session.offset}, step says {seq.offset}"
             )
+        if seq.draft and not 0 < seq.draft < len(seq.token_ids):
+            raise StepError(f"sequence {seq.seq_id!r}: {seq.draft} proposals in a chunk of "
+                            f"{len(seq.token_ids)} tokens")
         return session
+
+    def _rewind(self, seq: worker_pb2.SeqInput, session: Session) -> None:
+        """Drop the positions of proposals the last stage did not confirm (the step checked
+        that `seq.offset` is within the last chunk with proposals)."""
+        n = session.offset - seq.offset
+        if n > 0:
+            caches = self._own_caches(seq.seq_id)
+            if not all(getattr(c, "is_trimmable", lambda: False)() for c in caches):
+                raise StepError(f"sequence {seq.seq_id!r}: its caches cannot go back {n} "
+                                "positions (sliding window)")
+            for cache in caches:
+                cache.trim(n)
+            if session.sampler is not None:
+                del session.sampler.history[-n:]
+            session.offset = seq.offset
+        session.floor = seq.offset + 1 if seq.draft else None
 
     def _fork(self, seq: worker_pb2.SeqInput, sampler: Sampler | None) -> Session:
         """A new session holding the first `fork_length` positions of a live one."""
@@ -221,6 +245,8 @@ class StageRunner:
             # Check every sequence before touching any cache, so a bad step changes nothing.
             sessions = [self._session(seq) for seq in seqs]
             inputs = [self._input(seq) for seq in seqs]
+            for seq, session in zip(seqs, sessions, strict=True):
+                self._rewind(seq, session)
             pending = self.build(msg, seqs, sessions, inputs)
         if self.lookahead:
             self.lookahead.propose(self, pending)
@@ -243,11 +269,16 @@ class StageRunner:
                 [inputs[i] for i in group], axis=0)
             h = self._layers(h, caches)
             logits = None
+            width = window(seqs, group)
             if self.shard.is_last and any(seqs[i].sample for i in group):
-                logits = self.shard.family.head(h[:, -1:, :])[:, -1, :]
+                logits = self.shard.family.head(h[:, -width:, :])
+                logits = logits[:, -1, :] if width == 1 else logits
             for row, i in enumerate(group):
                 sampled = None
-                if self.shard.is_last:
+                if self.shard.is_last and seqs[i].sample and seqs[i].draft:
+                    sampled = sample_positions(sessions[i].sampler, logits,
+                                               list(seqs[i].token_ids), seqs[i].draft)
+                elif self.shard.is_last:
                     ids_in = history[i] if history is not None else seqs[i].token_ids
                     sessions[i].sampler.history.extend(ids_in)
                     if seqs[i].sample:
@@ -256,7 +287,8 @@ class StageRunner:
                 # positions count when a step is begun: the next may be begun before this
                 # one has finished (worker/mlx_thread.py)
                 sessions[i].offset += len(seqs[i].token_ids)
-                targets.append(sampled if sampled is not None else rows[i][0])
+                targets.append(sampled.samples if isinstance(sampled, Checked)
+                               else sampled if sampled is not None else rows[i][0])
             if self.shard.is_last and logits is None:
                 # A prompt chunk on the last stage only fills caches: like mlx-lm, evaluate
                 # those and skip the last layer's attention output and MLP.
@@ -291,6 +323,8 @@ class StageRunner:
                 fwd = out.forward.seqs.add()
                 fwd.CopyFrom(seq)
                 codec.encode_into(fwd.hidden, h)
+            elif isinstance(sampled, Checked):
+                out.outputs.append(accept(seq.seq_id, sampled))
             elif sampled is not None:
                 token, logprob, *top = sampled
                 out.outputs.append(

@@ -1,0 +1,428 @@
+"""Weight shipping benchmark: loopback shard transfer (speed, memory) and re-plan serving pauses.
+
+Two parts, on a random-weight bf16 llama of >= 1 GiB built once by `cached_model`:
+
+1. transfer (needs the weight-shipping tree): one worker with an empty --cache-dir is shipped the
+   whole model by `coordinator.shipping.Shipper`, directly (no Coordinator). Reports the hash
+   indexing time of the first `files()` call, MB/s of the transfer, the peak RSS growth of this
+   process and of the worker (VmRSS sampled every 20 ms), and the time of a second, cached ship.
+2. pause (only APIs that exist before weight shipping too, so it runs on an older tree): two
+   workers serve, a third waits outside the plan; a client loops "one streaming Generate of
+   --tokens new tokens, sleep --sleep s". After a warm-up the third worker is announced (a join
+   re-plan), then a plan worker is killed (a loss re-plan). The pause of an event is the longest
+   wait a client saw around it (send -> first token, or token -> next token), beside the same
+   max before any event (the baseline).
+
+    python bench/bench_weights.py --json /tmp/after.json               # both parts, this tree
+    cd /tmp/before && python bench/bench_weights.py --pause-only --label before \\
+        --json /tmp/before.json                                       # an older tree
+    python bench/bench_weights.py --pause-only --compare /tmp/before.json  # ratios after/before
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the tree this copy of the script lives in, installed or not
+
+import grpc  # noqa: E402
+
+from coordinator.demo import ModelSpec, cached_model  # noqa: E402
+
+GiB = 1 << 30
+MB = 1e6
+PROMPT = [1, 5, 9, 200, 33, 4, 77, 12]
+
+
+def log(msg: str) -> None:
+    """A line on stderr with the wall clock, for following a run."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- memory -----------------------------------------------------------------------------------
+def status_kib(pid: int | str, key: str) -> int:
+    """A `kB` field of /proc/<pid>/status in bytes (0 when the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRss:
+    """VmRSS of some processes sampled every `every` seconds in a thread; growth of the peak."""
+
+    def __init__(self, pids: dict[str, int | str], every: float = 0.02) -> None:
+        self.pids = pids
+        self.every = every
+        self.before: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for name, pid in self.pids.items():
+            self.peak[name] = max(self.peak.get(name, 0), status_kib(pid, "VmRSS"))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> PeakRss:
+        self.before = {n: status_kib(p, "VmRSS") for n, p in self.pids.items()}
+        self.peak = dict(self.before)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def growth(self) -> dict[str, int]:
+        return {n: self.peak[n] - self.before[n] for n in self.pids}
+
+
+# -- part 1: transfer -------------------------------------------------------------------------
+async def bench_transfer(path: Path, work: Path) -> dict[str, Any]:
+    """Ship the whole model to one empty worker over loopback; a second ship finds it cached."""
+    from coordinator.cluster import open_worker
+    from coordinator.local import LocalWorkers
+    from coordinator.modelinfo import read_model_info
+    from coordinator.shipping import Shipper, Transfer
+
+    info = read_model_info(path)
+    n = info.num_layers
+    local = LocalWorkers(1, memory=[8 * GiB], cache_dir=work / "ship-worker", names=["ship"])
+    address = local.start()[0]
+    try:
+        worker = await open_worker(address)
+        shipper = Shipper(info, work / "hashes")
+        t0 = time.monotonic()
+        files = await shipper.files(0, n)
+        hash_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        await Shipper(info, work / "hashes").files(0, n)  # a fresh Shipper: the saved index
+        index_s = time.monotonic() - t0
+        total = sum(f.size for f in files)
+        log(f"hashed {len(files)} files, {total / MB:.0f} MB in {hash_s:.1f}s; shipping...")
+        pid = local.procs[0].pid
+        hwm0 = status_kib("self", "VmHWM")
+        transfer = Transfer("ship")
+        with PeakRss({"coordinator": "self", "worker": pid}) as rss:
+            t0 = time.monotonic()
+            await shipper.ship(worker.stub, "ship", 0, n, files, transfer)
+            ship_s = time.monotonic() - t0
+        hwm1 = status_kib("self", "VmHWM")
+        again = Transfer("ship")
+        with PeakRss({"coordinator": "self", "worker": pid}) as rss2:
+            t0 = time.monotonic()
+            await shipper.ship(worker.stub, "ship", 0, n, files, again)
+            cached_s = time.monotonic() - t0
+        await worker.channel.close()
+    finally:
+        local.stop()
+    growth = rss.growth()
+    return {
+        "files": len(files), "bytes": total, "sent": transfer.total, "resent": transfer.resent,
+        "hash_s": hash_s, "index_s": index_s, "ship_s": ship_s, "mb_s": transfer.total / MB
+        / ship_s, "coord_rss_before": rss.before["coordinator"],
+        "coord_growth": growth["coordinator"], "coord_hwm_growth": hwm1 - hwm0,
+        "worker_rss_before": rss.before["worker"], "worker_growth": growth["worker"],
+        "cached_s": cached_s, "cached_sent": again.total,
+        "cached_worker_growth": rss2.growth()["worker"],
+    }
+
+
+# -- part 2: pauses ---------------------------------------------------------------------------
+@dataclass
+class Request:
+    """One client request: when it went, when each token message came, how it ended."""
+
+    sent: float
+    tokens: list[float] = field(default_factory=list)
+    ended: float = 0.0
+    error: str = ""
+
+    def waits(self) -> list[tuple[float, float, str]]:
+        """(start, end, kind) of every wait: send -> first token, token -> next token; a failed
+        request's last wait ends at its failure."""
+        marks = [self.sent, *self.tokens] + ([self.ended] if self.error else [])
+        kinds = ["first token"] + ["token gap"] * (len(marks) - 2)
+        if self.error and kinds:
+            kinds[-1] = "until failure"
+        return [(a, b, k) for a, b, k in zip(marks[:-1], marks[1:], kinds, strict=False)]
+
+
+class Client:
+    """Loops one streaming Generate then a sleep, recording every request."""
+
+    def __init__(self, stub: Any, tokens: int, sleep: float) -> None:
+        self.stub, self.tokens, self.sleep = stub, tokens, sleep
+        self.requests: list[Request] = []
+        self.stopping = False
+
+    async def run(self) -> None:
+        from protos import inference_pb2
+
+        msg = inference_pb2.GenerateRequest(
+            prompt_token_ids=PROMPT, sampling=inference_pb2.SamplingParams(max_tokens=self.tokens))
+        while not self.stopping:
+            r = Request(time.monotonic())
+            self.requests.append(r)
+            try:
+                async for out in self.stub.Generate(msg):
+                    if out.token_ids:
+                        r.tokens.append(time.monotonic())
+            except grpc.aio.AioRpcError as e:
+                r.error = f"{e.code().name}: {e.details()}"
+                log(f"request failed: {r.error}")
+            r.ended = time.monotonic()
+            await asyncio.sleep(self.sleep)
+
+    def mid_stream(self) -> bool:
+        """A request is running and has had 2 tokens: an event now lands in a stream."""
+        r = self.requests[-1] if self.requests else None
+        return r is not None and not r.ended and len(r.tokens) >= 2
+
+    def done_ok_since(self, t: float) -> int:
+        """Requests sent at or after `t` that finished without an error."""
+        return sum(1 for r in self.requests if r.sent >= t and r.ended and not r.error)
+
+    def max_wait(self, a: float, b: float, inside: bool = False) -> tuple[float, str]:
+        """The longest wait overlapping [a, b] (or lying inside it) and its kind."""
+        best = (0.0, "")
+        for r in self.requests:
+            for s, e, kind in r.waits():
+                hit = a <= s and e <= b if inside else e >= a and s <= b
+                if hit and e - s > best[0]:
+                    best = (e - s, kind)
+        return best
+
+    def tokens_between(self, a: float, b: float) -> int:
+        return sum(1 for r in self.requests for t in r.tokens if a <= t <= b)
+
+    def failed_between(self, a: float, b: float) -> list[str]:
+        return [r.error for r in self.requests if r.error and r.ended >= a and r.sent <= b]
+
+
+async def wait_for(cond: Any, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:.0f}s for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def announce(coordinator: Any, address: str, name: str) -> None:
+    """Tell membership about the worker at `address` as mDNS would (tests/test_replan.py)."""
+    from coordinator.discovery import split_address
+    from coordinator.membership import dial
+    from protos.discovery import WorkerAd
+
+    joiner = await dial(address)
+    node_id = joiner.info.id
+    await joiner.channel.close()
+    host, port = split_address(address)
+    coordinator.membership._on_seen(f"{name}._shardline._tcp.local.",
+                                    WorkerAd(id=node_id, cluster="default"), [host], port, "")
+
+
+async def bench_pause(path: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Two workers serve, a third joins, then one of the plan's is killed; the client's waits."""
+    from coordinator.app import Coordinator, ServeOptions
+    from coordinator.local import LocalWorkers
+    from protos import inference_pb2_grpc
+
+    os.environ["PYTHONPATH"] = str(ROOT)  # workers import this tree (sys.executable -m worker)
+    local = LocalWorkers(3, memory=[args.worker_memory * GiB] * 3, cache_dir=work / "workers",
+                         names=["p1", "p2", "p3"])
+    addresses = local.start()
+    coordinator = Coordinator(
+        ServeOptions(model=str(path), workers=addresses[:2], host="127.0.0.1", grpc_port=0,
+                     http_port=0, context=256, cache_dir=work),
+        progress=lambda m: log("coordinator: " + m.replace("\n", "\n    ")))
+    channel = None
+    out: dict[str, Any] = {}
+    try:
+        t0 = time.monotonic()
+        await coordinator.start()
+        out["start_s"] = time.monotonic() - t0
+        membership = coordinator.membership
+        membership.settle = 0.1
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.grpc_port}")
+        client = Client(inference_pb2_grpc.InferenceStub(channel), args.tokens, args.sleep)
+        task = asyncio.create_task(client.run())
+        begin = time.monotonic()
+        limit = args.phase_timeout
+        await wait_for(lambda: client.done_ok_since(begin) >= args.warmup, "the warm-up", limit)
+        base_from = time.monotonic()
+        await wait_for(lambda: client.done_ok_since(base_from) >= args.baseline,
+                       "the baseline requests", limit)
+        events: dict[str, dict[str, float]] = {}
+
+        async def event(name: str, trigger: Any) -> None:
+            replans = membership.replans
+            await wait_for(client.mid_stream, f"a request mid-stream before the {name}", limit)
+            t = time.monotonic()
+            log(f"{name}: triggering")
+            await trigger()
+            await wait_for(lambda: membership.replans > replans, f"the {name} re-plan", limit)
+            done = time.monotonic()
+            log(f"{name}: re-planned after {done - t:.1f}s")
+            await wait_for(lambda: client.done_ok_since(done) >= args.after,
+                           f"requests after the {name}", limit)
+            events[name] = {"at": t, "replanned": done, "end": time.monotonic()}
+
+        await event("join", lambda: announce(coordinator, addresses[2], "p3"))
+
+        async def kill() -> None:
+            local.procs[1].kill()  # p2: a middle stage of the 3-worker plan
+
+        await event("loss", kill)
+        client.stopping = True
+        await asyncio.wait_for(task, limit)
+        base, base_kind = client.max_wait(base_from, events["join"]["at"], inside=True)
+        out["baseline_s"], out["baseline_kind"] = base, base_kind
+        out["requests"] = len(client.requests)
+        out["failed"] = [r.error for r in client.requests if r.error]
+        for name, ev in events.items():
+            pause, kind = client.max_wait(ev["at"], ev["end"])
+            out[name] = {
+                "pause_s": pause, "kind": kind, "replan_s": ev["replanned"] - ev["at"],
+                "tokens_during": client.tokens_between(ev["at"], ev["replanned"]),
+                "failed": client.failed_between(ev["at"], ev["end"]),
+                "requests": sum(1 for r in client.requests
+                                if r.ended >= ev["at"] and r.sent <= ev["end"]),
+            }
+        out["raw"] = [asdict(r) | {"sent": r.sent - begin,
+                                   "tokens": [t - begin for t in r.tokens],
+                                   "ended": r.ended - begin} for r in client.requests]
+        out["events"] = {n: {k: v - begin for k, v in ev.items()} for n, ev in events.items()}
+    finally:
+        if channel is not None:
+            await channel.close()
+        await coordinator.stop()
+        local.stop()
+    return out
+
+
+# -- report -----------------------------------------------------------------------------------
+def transfer_table(t: dict[str, Any]) -> str:
+    return "\n".join([
+        "| model bytes | files | hash index, first (s) | index reread (s) | ship (s) | MB/s "
+        "| coordinator peak RSS growth (MB) | worker peak RSS growth (MB) | cached re-ship (s) "
+        "| bytes sent by the re-ship |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {t['bytes'] / MB:.0f} MB | {t['files']} | {t['hash_s']:.2f} | {t['index_s']:.3f} "
+        f"| {t['ship_s']:.2f} | {t['mb_s']:.0f} | {t['coord_growth'] / MB:.1f} "
+        f"| {t['worker_growth'] / MB:.1f} | {t['cached_s']:.3f} | {t['cached_sent']} |",
+    ])
+
+
+def pause_rows(label: str, p: dict[str, Any]) -> list[str]:
+    rows = []
+    for name in ("join", "loss"):
+        e = p[name]
+        rows.append(f"| {label} | {name} | {p['baseline_s']:.2f} | {e['pause_s']:.2f} "
+                    f"({e['kind']}) | {e['replan_s']:.1f} | {e['tokens_during']} "
+                    f"| {e['requests']} | {len(e['failed'])} |")
+    return rows
+
+
+PAUSE_HEAD = [
+    "| tree | event | baseline max wait (s) | pause: max wait around it (s) | event -> re-plan "
+    "done (s) | tokens served meanwhile | requests in window | failed |",
+    "|---|---|---|---|---|---|---|---|",
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="where the model is built (cached_model); default the usual cache")
+    parser.add_argument("--model-dir", type=Path, default=None, help="use this model instead")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=5632)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--work", type=Path, default=None,
+                        help="scratch dir for worker caches (default a temp dir, removed)")
+    parser.add_argument("--pause-only", action="store_true", help="skip the transfer part")
+    parser.add_argument("--transfer-only", action="store_true", help="skip the pause part")
+    parser.add_argument("--label", default="after", help="this tree's name in the tables")
+    parser.add_argument("--tokens", type=int, default=8, help="new tokens per request")
+    parser.add_argument("--sleep", type=float, default=0.3, help="client sleep between requests")
+    parser.add_argument("--warmup", type=int, default=1, help="requests before the baseline")
+    parser.add_argument("--baseline", type=int, default=3, help="requests of the baseline")
+    parser.add_argument("--after", type=int, default=2, help="requests after each re-plan")
+    parser.add_argument("--worker-memory", type=int, default=8, help="GiB each worker offers")
+    parser.add_argument("--phase-timeout", type=float, default=300.0)
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="another tree's --json: tables side by side and ratios")
+    args = parser.parse_args()
+
+    import coordinator
+
+    log(f"tree {Path(coordinator.__file__).resolve().parent.parent}, python {sys.executable}")
+    spec = ModelSpec(family="llama", num_layers=args.layers, hidden_size=args.hidden,
+                     intermediate_size=args.intermediate, num_attention_heads=args.heads,
+                     num_key_value_heads=args.kv_heads, vocab_size=args.vocab)
+    path = args.model_dir or cached_model(spec, args.cache_dir)
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    shape = (f"llama bf16, {args.layers} layers, hidden {args.hidden}, intermediate "
+             f"{args.intermediate}, {args.heads} heads / {args.kv_heads} kv, vocab {args.vocab}"
+             if args.model_dir is None else str(path))
+    print(f"model {path.name}: {shape}; {size / MB:.0f} MB ({size / GiB:.2f} GiB) of weights")
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-weights-"))
+    results: dict[str, Any] = {"label": args.label, "model": str(path), "shape": shape,
+                               "bytes": size}
+    try:
+        if not args.pause_only:
+            results["transfer"] = t = asyncio.run(bench_transfer(path, work))
+            print("\n### Transfer on loopback (one worker, empty cache)\n")
+            print(transfer_table(t))
+            shutil.rmtree(work / "ship-worker", ignore_errors=True)
+        if not args.transfer_only:
+            results["pause"] = p = asyncio.run(bench_pause(path, work, args))
+            print(f"\n### Serving pauses ({args.tokens} new tokens a request, {args.sleep}s "
+                  f"between; {args.label}: coordinator start {p['start_s']:.1f}s)\n")
+            rows = pause_rows(args.label, p)
+            other = json.loads(args.compare.read_text()) if args.compare else None
+            if other is not None:
+                rows = pause_rows(other["label"], other["pause"]) + rows
+            print("\n".join(PAUSE_HEAD + rows))
+            print(f"\nfailed requests ({args.label}): {p['failed'] or 'none'}")
+            if other is not None:
+                o = other["pause"]
+                for name in ("join", "loss"):
+                    print(f"{name} pause {args.label}/{other['label']}: "
+                          f"{p[name]['pause_s']:.2f}/{o[name]['pause_s']:.2f} = "
+                          f"{p[name]['pause_s'] / o[name]['pause_s']:.2f}x")
+    finally:
+        if args.json is not None:
+            args.json.write_text(json.dumps(results, indent=1))
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

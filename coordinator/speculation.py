@@ -1,0 +1,193 @@
+"""Speculative decoding: cheap proposals that the pipeline checks in one trip (docs/speculation.md).
+
+A proposer guesses the next k tokens of a sequence: prompt lookup (`--speculative ngram`: the
+tokens that followed the last occurrence of the sequence's last 1 to 3 tokens) or a small draft
+model with the same tokenizer (`--draft-model`, run greedily on this machine). The engine sends
+the token it has with the guesses as one step (`SeqInput.draft`); the last stage samples every
+position as single steps would and returns the guesses its own samples confirm, then its own
+token (worker/verify.py), so the output is what decoding without guesses gives. Per request the
+number of guesses adapts to how many get confirmed, and no guesses are made while more than
+`MAX_STREAMS` requests run (their steps already share each trip) or while few are confirmed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+NGRAM_MAX, NGRAM_MIN = 3, 1
+MAX_STREAMS = 2  # speculate only while at most this many requests run
+LOW_ACCEPTANCE = 0.15  # below this confirmed share (after a few rounds) a request pauses
+PAUSE_STEPS = 24  # steps without guesses after a low acceptance, then it tries again
+EMA = 0.3
+
+
+class Proposer(Protocol):
+    """Guesses the tokens that follow a sequence."""
+
+    async def propose(self, key: str, tokens: Sequence[int], k: int) -> list[int]: ...
+
+    async def drop(self, key: str) -> None: ...
+
+
+@dataclass
+class _Grams:
+    seen: int = 0  # tokens indexed
+    index: dict[int, dict[tuple[int, ...], int]] = field(default_factory=dict)
+
+
+class NgramProposer:
+    """Prompt lookup: the tokens after the most recent earlier occurrence of the sequence's
+    last n tokens (n from 3 down to 1), from the prompt and the text so far."""
+
+    def __init__(self, max_n: int = NGRAM_MAX, min_n: int = NGRAM_MIN) -> None:
+        self.max_n, self.min_n = max_n, min_n
+        self._grams: dict[str, _Grams] = {}
+
+    def lookup(self, key: str, tokens: Sequence[int], k: int) -> list[int]:
+        grams = self._grams.setdefault(key, _Grams())
+        if grams.seen > len(tokens):
+            grams = self._grams[key] = _Grams()
+        for p in range(grams.seen, len(tokens)):  # n-grams ending before position p
+            for n in range(self.min_n, self.max_n + 1):
+                if p >= n:
+                    grams.index.setdefault(n, {})[tuple(tokens[p - n : p])] = p
+        grams.seen = len(tokens)
+        for n in range(self.max_n, self.min_n - 1, -1):
+            if len(tokens) > n:
+                start = grams.index.get(n, {}).get(tuple(tokens[-n:]))
+                if start is not None:
+                    return list(tokens[start : start + k])
+        return []
+
+    async def propose(self, key: str, tokens: Sequence[int], k: int) -> list[int]:
+        return self.lookup(key, tokens, k)
+
+    async def drop(self, key: str) -> None:
+        self._grams.pop(key, None)
+
+
+class DraftProposer:
+    """A small model with the target's tokenizer, decoding greedily on its own MLX thread; it
+    keeps each sequence's KV cache and goes back to the tokens the target confirmed."""
+
+    def __init__(self, path: Path) -> None:
+        from worker.mlx_thread import MLXThread
+
+        self.path = path
+        self.thread = MLXThread()
+        self.model: Any = None
+        self._states: dict[str, tuple[list[Any], list[int]]] = {}  # caches, tokens in them
+
+    async def load(self) -> None:
+        await self.thread.run(self._load)
+
+    def _load(self) -> None:
+        from mlx_lm.models.cache import KVCache, make_prompt_cache
+        from mlx_lm.utils import load_model
+
+        self.model, _ = load_model(self.path)
+        if not all(type(c) is KVCache for c in make_prompt_cache(self.model)):
+            raise ValueError(f"draft model {self.path}: sliding-window caches cannot go back "
+                             "to the confirmed tokens; choose a model without them")
+
+    def _propose(self, key: str, tokens: Sequence[int], k: int) -> list[int]:
+        import mlx.core as mx
+        from mlx_lm.models.cache import make_prompt_cache
+
+        caches, done = self._states.get(key) or (make_prompt_cache(self.model), [])
+        common = 0
+        for a, b in zip(done, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)  # the last token is always fed: its logits
+        if common < len(done):
+            for cache in caches:
+                cache.trim(len(done) - common)
+        todo = list(tokens[common:])
+        for i in range(0, len(todo) - 1, 512):  # long prompts in pieces
+            piece = todo[i : min(i + 512, len(todo) - 1)]
+            self.model(mx.array(piece)[None], cache=caches)
+            mx.eval([c.state for c in caches])
+        logits = self.model(mx.array(todo[-1:])[None], cache=caches)[:, -1, :]
+        out: list[int] = []
+        for i in range(k):
+            token = int(mx.argmax(logits, axis=-1).item())
+            out.append(token)
+            if i + 1 < k:
+                logits = self.model(mx.array([[token]]), cache=caches)[:, -1, :]
+        self._states[key] = (caches, list(tokens) + out[:-1])
+        return out
+
+    async def propose(self, key: str, tokens: Sequence[int], k: int) -> list[int]:
+        return await self.thread.run(self._propose, key, list(tokens), k)
+
+    async def drop(self, key: str) -> None:
+        await self.thread.run(self._states.pop, key, None)
+
+    def close(self) -> None:
+        self.thread.close()
+
+
+class Speculator:
+    """The proposer of one `serve`, its settings, and the counters the metrics read."""
+
+    def __init__(self, proposer: Proposer, num_draft_tokens: int, metrics: Any = None) -> None:
+        if num_draft_tokens < 1:
+            raise ValueError("--num-draft-tokens must be at least 1")
+        self.proposer = proposer
+        self.num_draft_tokens = num_draft_tokens
+        self.metrics = metrics
+
+    def request(self, key: str) -> SpecRequest:
+        return SpecRequest(self, key)
+
+
+class SpecRequest:
+    """One request's guesses: how many to make now, and how many were confirmed."""
+
+    def __init__(self, speculator: Speculator, key: str) -> None:
+        self.spec = speculator
+        self.key = key
+        self.k = speculator.num_draft_tokens
+        self.drafted = self.accepted = 0
+        self.rounds = 0
+        self.rate = 1.0  # moving share of guesses confirmed
+        self.paused = 0
+
+    async def propose(self, tokens: Sequence[int], running: int, room: int) -> list[int]:
+        """Guesses to send after `tokens`; `room` tokens may still come (the step gives back
+        up to k + 1)."""
+        if running > MAX_STREAMS or room <= 1:
+            return []
+        if self.paused:
+            self.paused -= 1
+            return []
+        return await self.spec.proposer.propose(self.key, tokens, min(self.k, room - 1))
+
+    def record(self, drafted: int, accepted: int) -> None:
+        """A step with `drafted` guesses confirmed `accepted` of them."""
+        if not drafted:
+            return
+        self.drafted += drafted
+        self.accepted += accepted
+        self.rounds += 1
+        self.rate = (1 - EMA) * self.rate + EMA * accepted / drafted
+        full = self.spec.num_draft_tokens
+        self.k = min(full, self.k + 1) if accepted == drafted else max(1, accepted + 1)
+        if self.rounds >= 4 and self.rate < LOW_ACCEPTANCE:
+            self.paused, self.rate, self.k = PAUSE_STEPS, 0.5, 1
+        if (m := self.spec.metrics) is not None:
+            m.spec_draft.inc(drafted)
+            m.spec_accepted.inc(accepted)
+
+    async def rekey(self, key: str) -> None:
+        """The sequence continues under a new id (after a re-plan)."""
+        await self.spec.proposer.drop(self.key)
+        self.key = key
+
+    async def close(self) -> None:
+        await self.spec.proposer.drop(self.key)
