@@ -52,6 +52,15 @@ def log(msg: str) -> None:
 
 
 # -- memory -----------------------------------------------------------------------------------
+def cpu_seconds(pid: int | str) -> float:
+    """User + system CPU time of a process so far, every thread (/proc/<pid>/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def status_kib(pid: int | str, key: str) -> int:
     """A `kB` field of /proc/<pid>/status in bytes (0 when the process is gone)."""
     try:
@@ -125,9 +134,11 @@ async def bench_transfer(path: Path, work: Path) -> dict[str, Any]:
         hwm0 = status_kib("self", "VmHWM")
         transfer = Transfer("ship")
         with PeakRss({"coordinator": "self", "worker": pid}) as rss:
+            cpu0 = cpu_seconds("self"), cpu_seconds(pid)
             t0 = time.monotonic()
             await shipper.ship(worker.stub, "ship", 0, n, files, transfer)
             ship_s = time.monotonic() - t0
+            cpu = cpu_seconds("self") - cpu0[0], cpu_seconds(pid) - cpu0[1]
         hwm1 = status_kib("self", "VmHWM")
         again = Transfer("ship")
         with PeakRss({"coordinator": "self", "worker": pid}) as rss2:
@@ -145,7 +156,8 @@ async def bench_transfer(path: Path, work: Path) -> dict[str, Any]:
         "coord_growth": growth["coordinator"], "coord_hwm_growth": hwm1 - hwm0,
         "worker_rss_before": rss.before["worker"], "worker_growth": growth["worker"],
         "cached_s": cached_s, "cached_sent": again.total,
-        "cached_worker_growth": rss2.growth()["worker"],
+        "cached_worker_growth": rss2.growth()["worker"], "coord_cpu_s": cpu[0],
+        "worker_cpu_s": cpu[1],
     }
 
 
@@ -204,22 +216,6 @@ class Client:
         """Requests sent at or after `t` that finished without an error."""
         return sum(1 for r in self.requests if r.sent >= t and r.ended and not r.error)
 
-    def max_wait(self, a: float, b: float, inside: bool = False) -> tuple[float, str]:
-        """The longest wait overlapping [a, b] (or lying inside it) and its kind."""
-        best = (0.0, "")
-        for r in self.requests:
-            for s, e, kind in r.waits():
-                hit = a <= s and e <= b if inside else e >= a and s <= b
-                if hit and e - s > best[0]:
-                    best = (e - s, kind)
-        return best
-
-    def tokens_between(self, a: float, b: float) -> int:
-        return sum(1 for r in self.requests for t in r.tokens if a <= t <= b)
-
-    def failed_between(self, a: float, b: float) -> list[str]:
-        return [r.error for r in self.requests if r.error and r.ended >= a and r.sent <= b]
-
 
 async def wait_for(cond: Any, what: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -244,25 +240,25 @@ async def announce(coordinator: Any, address: str, name: str) -> None:
 
 
 async def bench_pause(path: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Two workers serve, a third joins, then one of the plan's is killed; the client's waits."""
+    """Two workers serve, a third joins, then one of the plan's is killed; the client's waits
+    (times in seconds from the first request)."""
     from coordinator.app import Coordinator, ServeOptions
     from coordinator.local import LocalWorkers
     from protos import inference_pb2_grpc
 
     os.environ["PYTHONPATH"] = str(ROOT)  # workers import this tree (sys.executable -m worker)
     local = LocalWorkers(3, memory=[args.worker_memory * GiB] * 3, cache_dir=work / "workers",
-                         names=["p1", "p2", "p3"])
+                         names=["p1", "p2", "p3"], extra_args=args.worker_args.split())
     addresses = local.start()
     coordinator = Coordinator(
         ServeOptions(model=str(path), workers=addresses[:2], host="127.0.0.1", grpc_port=0,
                      http_port=0, context=256, cache_dir=work),
         progress=lambda m: log("coordinator: " + m.replace("\n", "\n    ")))
     channel = None
-    out: dict[str, Any] = {}
     try:
         t0 = time.monotonic()
         await coordinator.start()
-        out["start_s"] = time.monotonic() - t0
+        start_s = time.monotonic() - t0
         membership = coordinator.membership
         membership.settle = 0.1
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.grpc_port}")
@@ -297,28 +293,52 @@ async def bench_pause(path: Path, work: Path, args: argparse.Namespace) -> dict[
         await event("loss", kill)
         client.stopping = True
         await asyncio.wait_for(task, limit)
-        base, base_kind = client.max_wait(base_from, events["join"]["at"], inside=True)
-        out["baseline_s"], out["baseline_kind"] = base, base_kind
-        out["requests"] = len(client.requests)
-        out["failed"] = [r.error for r in client.requests if r.error]
-        for name, ev in events.items():
-            pause, kind = client.max_wait(ev["at"], ev["end"])
-            out[name] = {
-                "pause_s": pause, "kind": kind, "replan_s": ev["replanned"] - ev["at"],
-                "tokens_during": client.tokens_between(ev["at"], ev["replanned"]),
-                "failed": client.failed_between(ev["at"], ev["end"]),
-                "requests": sum(1 for r in client.requests
-                                if r.ended >= ev["at"] and r.sent <= ev["end"]),
-            }
-        out["raw"] = [asdict(r) | {"sent": r.sent - begin,
-                                   "tokens": [t - begin for t in r.tokens],
-                                   "ended": r.ended - begin} for r in client.requests]
-        out["events"] = {n: {k: v - begin for k, v in ev.items()} for n, ev in events.items()}
     finally:
         if channel is not None:
             await channel.close()
         await coordinator.stop()
         local.stop()
+    return {
+        "start_s": start_s, "baseline_from": base_from - begin,
+        "events": {n: {k: v - begin for k, v in ev.items()} for n, ev in events.items()},
+        "requests": [asdict(r) | {"sent": r.sent - begin, "tokens": [t - begin for t in r.tokens],
+                                  "ended": r.ended - begin} for r in client.requests],
+    }
+
+
+def max_wait(requests: list[Request], a: float, b: float, kind: str | None = None,
+             inside: bool = False) -> tuple[float, str]:
+    """The longest wait (of `kind`, or any) overlapping [a, b] (or inside it), and its kind."""
+    best = (0.0, "")
+    for r in requests:
+        for s, e, k in r.waits():
+            hit = a <= s and e <= b if inside else e >= a and s <= b
+            if hit and (kind is None or k == kind) and e - s > best[0]:
+                best = (e - s, k)
+    return best
+
+
+def summarize(p: dict[str, Any]) -> dict[str, Any]:
+    """Baseline and per-event waits of one pause run (bench_pause's result)."""
+    reqs = [Request(**r) for r in p["requests"]]
+    a, b = p["baseline_from"], p["events"]["join"]["at"]
+    out: dict[str, Any] = {
+        "base_first": max_wait(reqs, a, b, "first token", inside=True)[0],
+        "base_gap": max_wait(reqs, a, b, "token gap", inside=True)[0],
+    }
+    out["baseline"] = max(out["base_first"], out["base_gap"])
+    for name, ev in p["events"].items():
+        lo, hi = ev["at"], ev["end"]
+        pause, kind = max_wait(reqs, lo, hi)
+        out[name] = {
+            "pause": pause, "kind": kind,
+            "first": max_wait(reqs, lo, hi, "first token")[0],
+            "gap": max_wait(reqs, lo, hi, "token gap")[0],
+            "replan": ev["replanned"] - lo,
+            "tokens": sum(1 for r in reqs for t in r.tokens if lo <= t <= ev["replanned"]),
+            "failed": [r.error for r in reqs if r.error and r.ended >= lo and r.sent <= hi],
+            "requests": sum(1 for r in reqs if r.ended >= lo and r.sent <= hi),
+        }
     return out
 
 
@@ -326,30 +346,46 @@ async def bench_pause(path: Path, work: Path, args: argparse.Namespace) -> dict[
 def transfer_table(t: dict[str, Any]) -> str:
     return "\n".join([
         "| model bytes | files | hash index, first (s) | index reread (s) | ship (s) | MB/s "
-        "| coordinator peak RSS growth (MB) | worker peak RSS growth (MB) | cached re-ship (s) "
-        "| bytes sent by the re-ship |",
+        "| CPU s coordinator / worker | peak RSS growth coordinator / worker (MB) "
+        "| cached re-ship (s) | bytes sent by the re-ship |",
         "|---|---|---|---|---|---|---|---|---|---|",
         f"| {t['bytes'] / MB:.0f} MB | {t['files']} | {t['hash_s']:.2f} | {t['index_s']:.3f} "
-        f"| {t['ship_s']:.2f} | {t['mb_s']:.0f} | {t['coord_growth'] / MB:.1f} "
-        f"| {t['worker_growth'] / MB:.1f} | {t['cached_s']:.3f} | {t['cached_sent']} |",
+        f"| {t['ship_s']:.2f} | {t['mb_s']:.0f} | {t['coord_cpu_s']:.1f} / "
+        f"{t['worker_cpu_s']:.1f} | {t['coord_growth'] / MB:.1f} / "
+        f"{t['worker_growth'] / MB:.1f} | {t['cached_s']:.3f} | {t['cached_sent']} |",
     ])
 
 
+PAUSE_HEAD = [
+    "| tree | event | baseline max wait: first token / token gap (s) | pause: max wait around "
+    "it (s) | max first token / token gap around it (s) | event -> re-plan done (s) "
+    "| tokens served meanwhile | requests in window | failed | coordinator start (s) |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
 def pause_rows(label: str, p: dict[str, Any]) -> list[str]:
+    s = summarize(p)
     rows = []
     for name in ("join", "loss"):
-        e = p[name]
-        rows.append(f"| {label} | {name} | {p['baseline_s']:.2f} | {e['pause_s']:.2f} "
-                    f"({e['kind']}) | {e['replan_s']:.1f} | {e['tokens_during']} "
-                    f"| {e['requests']} | {len(e['failed'])} |")
+        e = s[name]
+        rows.append(f"| {label} | {name} | {s['base_first']:.2f} / {s['base_gap']:.2f} "
+                    f"| {e['pause']:.2f} ({e['kind']}) | {e['first']:.2f} / {e['gap']:.2f} "
+                    f"| {e['replan']:.1f} | {e['tokens']} | {e['requests']} "
+                    f"| {len(e['failed'])} | {p['start_s']:.1f} |")
     return rows
 
 
-PAUSE_HEAD = [
-    "| tree | event | baseline max wait (s) | pause: max wait around it (s) | event -> re-plan "
-    "done (s) | tokens served meanwhile | requests in window | failed |",
-    "|---|---|---|---|---|---|---|---|",
-]
+def ratios(label: str, p: dict[str, Any], other_label: str, o: dict[str, Any]) -> list[str]:
+    s, t = summarize(p), summarize(o)
+    lines = []
+    for name in ("join", "loss"):
+        a, b = s[name], t[name]
+        lines.append(f"{name}: pause {label}/{other_label} {a['pause']:.2f}/{b['pause']:.2f} = "
+                     f"{a['pause'] / b['pause']:.2f}x; over each baseline "
+                     f"{a['pause'] - s['baseline']:+.2f}s vs {b['pause'] - t['baseline']:+.2f}s; "
+                     f"re-plan {a['replan']:.1f}s vs {b['replan']:.1f}s")
+    return lines
 
 
 def main() -> None:
@@ -374,11 +410,23 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=3, help="requests of the baseline")
     parser.add_argument("--after", type=int, default=2, help="requests after each re-plan")
     parser.add_argument("--worker-memory", type=int, default=8, help="GiB each worker offers")
+    parser.add_argument("--worker-args", default="",
+                        help="extra `worker serve` flags, e.g. --worker-args='--models-dir D'")
     parser.add_argument("--phase-timeout", type=float, default=300.0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--compare", type=Path, default=None,
-                        help="another tree's --json: tables side by side and ratios")
+    parser.add_argument("--compare", type=Path, nargs="*", default=[],
+                        help="other runs' --json: their rows too, and ratios to this run")
+    parser.add_argument("--report", action="store_true",
+                        help="run nothing: print the tables of the --compare files")
     args = parser.parse_args()
+    others = [json.loads(f.read_text()) for f in args.compare]
+    if args.report:
+        for o in others:
+            if "transfer" in o:
+                print(f"{o['label']}:\n" + transfer_table(o["transfer"]))
+        print("\n".join(PAUSE_HEAD + [row for o in others if "pause" in o
+                                        for row in pause_rows(o["label"], o["pause"])]))
+        return
 
     import coordinator
 
@@ -394,7 +442,7 @@ def main() -> None:
     print(f"model {path.name}: {shape}; {size / MB:.0f} MB ({size / GiB:.2f} GiB) of weights")
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-weights-"))
     results: dict[str, Any] = {"label": args.label, "model": str(path), "shape": shape,
-                               "bytes": size}
+                               "bytes": size, "argv": sys.argv}
     try:
         if not args.pause_only:
             results["transfer"] = t = asyncio.run(bench_transfer(path, work))
@@ -404,19 +452,13 @@ def main() -> None:
         if not args.transfer_only:
             results["pause"] = p = asyncio.run(bench_pause(path, work, args))
             print(f"\n### Serving pauses ({args.tokens} new tokens a request, {args.sleep}s "
-                  f"between; {args.label}: coordinator start {p['start_s']:.1f}s)\n")
-            rows = pause_rows(args.label, p)
-            other = json.loads(args.compare.read_text()) if args.compare else None
-            if other is not None:
-                rows = pause_rows(other["label"], other["pause"]) + rows
-            print("\n".join(PAUSE_HEAD + rows))
-            print(f"\nfailed requests ({args.label}): {p['failed'] or 'none'}")
-            if other is not None:
-                o = other["pause"]
-                for name in ("join", "loss"):
-                    print(f"{name} pause {args.label}/{other['label']}: "
-                          f"{p[name]['pause_s']:.2f}/{o[name]['pause_s']:.2f} = "
-                          f"{p[name]['pause_s'] / o[name]['pause_s']:.2f}x")
+                  "between)\n")
+            rows = [r for o in others for r in pause_rows(o["label"], o["pause"])]
+            print("\n".join(PAUSE_HEAD + rows + pause_rows(args.label, p)))
+            failed = [r["error"] for r in p["requests"] if r["error"]]
+            print(f"\nfailed requests ({args.label}): {failed or 'none'}")
+            for o in others:
+                print("\n".join(ratios(args.label, p, o["label"], o["pause"])))
     finally:
         if args.json is not None:
             args.json.write_text(json.dumps(results, indent=1))

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -125,6 +126,9 @@ class ModelSpec:
     seed: int = 0
     weight_scale: float | None = None
     max_position_embeddings: int = 2048
+    # layers from this index on add little to the residual (output projections scaled by
+    # QUIET_SCALE): a draft of the layers before it (draft_model) agrees with the model mostly
+    quiet_after: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -146,8 +150,11 @@ class ModelSpec:
 
     def key(self) -> str:
         """Short, stable directory name: family plus a hash of every field and the builder."""
+        fields = asdict(self)
+        if not self.quiet_after:
+            del fields["quiet_after"]  # models built before the field keep their keys
         blob = json.dumps(
-            {"spec": asdict(self), "version": BUILD_VERSION, "corpus": CORPUS}, sort_keys=True
+            {"spec": fields, "version": BUILD_VERSION, "corpus": CORPUS}, sort_keys=True
         )
         digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
         quant = f"-q{self.bits}" if self.bits else ""
@@ -316,12 +323,65 @@ def _build_weights(out_dir: Path, spec: ModelSpec, cfg: dict[str, Any], special:
         model.tie_word_embeddings = True
     mx.eval(model.parameters())
     _scale_weights(model, spec, special)
+    if spec.quiet_after:
+        _quiet(model, spec.quiet_after)
     model.set_dtype(getattr(mx, spec.dtype))
     if spec.bits:
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints bits per weight
             model, cfg = quantize_model(model, cfg, group_size=_group_size(spec), bits=spec.bits)
     save_model(out_dir, model)
     save_config(cfg, config_path=out_dir / "config.json")
+
+
+QUIET_SCALE = 0.05
+
+
+def _quiet(model: Any, start: int) -> None:
+    """Scale the output projections of layers [start, ...) by QUIET_SCALE."""
+    import mlx.core as mx
+
+    updates = []
+    for i, layer in enumerate(model.layers):
+        if i >= start:
+            for name, proj in (("self_attn.o_proj", layer.self_attn.o_proj),
+                               ("mlp.down_proj", layer.mlp.down_proj)):
+                updates.append((f"model.layers.{i}.{name}.weight", proj.weight * QUIET_SCALE))
+    model.load_weights(updates, strict=False)
+    mx.eval(model.parameters())
+
+
+def draft_model(target: Path, layers: int, out_dir: Path | None = None) -> Path:
+    """A draft of `target`: its first `layers` layers with its embedding, norm and head (and
+    tokenizer), written once next to it (or into `out_dir`)."""
+    import mlx.core as mx
+
+    target = Path(target)
+    out = Path(out_dir) if out_dir else target.with_name(f"{target.name}-draft{layers}")
+    if (out / "config.json").exists():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        weights: dict[str, Any] = {}
+        for file in sorted(target.glob("model*.safetensors")):
+            weights.update(mx.load(str(file)))
+        kept = {k: v for k, v in weights.items()
+                if not (m := re.search(r"\.layers\.(\d+)\.", k)) or int(m.group(1)) < layers}
+        mx.save_safetensors(str(tmp / "model.safetensors"), kept, metadata={"format": "mlx"})
+        config = json.loads((target / "config.json").read_text())
+        config["num_hidden_layers"] = layers
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for file in target.iterdir():
+            if file.is_file() and not file.name.startswith(("model", "config.json")):
+                shutil.copy2(file, tmp / file.name)
+        os.chmod(tmp, 0o755)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
 
 
 def cached_model(spec: ModelSpec = ModelSpec(), cache_dir: Path | None = None) -> Path:

@@ -1,0 +1,259 @@
+"""Speculative decoding (docs/speculation.md): proposals checked by the pipeline change nothing
+in what comes out (greedy and seeded sampling, every family, 1 to 3 workers, concurrent streams,
+cancellation, a lost worker), and rejected positions leave no trace in any stage's KV."""
+
+from __future__ import annotations
+
+import asyncio
+
+import mlx.core as mx
+import pytest
+from conftest import GiB, Serving, reference_tokens, run
+
+from coordinator.demo import FAMILIES, ModelSpec, draft_model
+from coordinator.local import LocalWorkers
+from coordinator.speculation import NgramProposer
+from protos import inference_pb2, worker_pb2
+from worker.shard import load_shard
+from worker.stage import StageRunner
+
+# repeats, so prompt lookup finds something to propose
+PROMPT = [1, 5, 9, 200, 33, 4, 77, 12, 1, 5, 9, 200, 33, 4, 60, 61, 1, 5, 9]
+MAX_TOKENS = 32
+SLIDING = {"mistral", "gemma3_text"}  # sliding-window caches cannot go back: no speculation
+
+
+def spec_for(family: str) -> ModelSpec:
+    return ModelSpec(family=family, num_layers=6, quiet_after=3)
+
+
+async def generate(s: Serving, prompt: list[int], max_tokens: int = MAX_TOKENS, **sampling):
+    req = inference_pb2.GenerateRequest(prompt_token_ids=prompt, sampling=inference_pb2.
+                                        SamplingParams(max_tokens=max_tokens, **sampling))
+    tokens, usage = [], None
+    async for msg in s.stub.Generate(req):
+        tokens += list(msg.token_ids)
+        if msg.HasField("usage"):
+            usage = msg.usage
+    return tokens, usage
+
+
+def test_prompt_lookup_proposes_what_followed_the_last_occurrence():
+    p = NgramProposer()
+    assert p.lookup("a", [7, 8, 9, 1, 2, 7, 8], 3) == [9, 1, 2]  # after "7 8"
+    assert p.lookup("a", [7, 8, 9, 1, 2, 7, 8, 9, 5], 2) == []  # "9 5", "5" never seen
+    assert p.lookup("b", [3, 4, 3], 4) == [4, 3]  # after "3", up to the end
+    assert p.lookup("c", [1, 2, 3], 2) == []
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_output_is_the_same_with_and_without_speculation(family, model_dir, workers):
+    path = model_dir(spec_for(family))
+    draft = draft_model(path, 3)
+    expected = reference_tokens(path, PROMPT, MAX_TOKENS)
+
+    async def scenario():
+        out = {}
+        for n in (1, 2, 3):
+            for name, options in (("ngram", {"speculative": "ngram"}),
+                                  ("draft", {"draft_model": str(draft)})):
+                async with Serving(path, workers[:n], context=256, **options) as s:
+                    out[name, n] = await generate(s, PROMPT)
+        return out
+
+    results = run(scenario())
+    for (name, n), (tokens, usage) in results.items():
+        assert tokens == expected, (name, n)
+        if family in SLIDING:
+            assert usage.draft_tokens == 0
+        elif name == "draft":  # prompt lookup proposes only where the text repeats
+            assert usage.draft_tokens > 0, (name, n)
+        assert 0 <= usage.accepted_draft_tokens <= usage.draft_tokens
+    if family not in SLIDING:
+        drafted = [u for (name, _), (_, u) in results.items() if name == "draft"]
+        assert all(u.accepted_draft_tokens > 0 for u in drafted)  # the agreeing draft
+
+
+def test_seeded_sampling_gives_the_same_text_with_and_without_speculation(model_dir, workers):
+    """The last stage samples each proposed position with the key single steps would use,
+    so over many seeds the sampled text (and so its distribution) is unchanged, and a seeded
+    request is reproducible."""
+    path = model_dir(spec_for("llama"))
+    draft = draft_model(path, 3)
+    seeds = range(24)
+    sampling = dict(temperature=1.0, top_p=0.95)
+
+    async def scenario(**options):
+        async with Serving(path, workers[:2], context=256, **options) as s:
+            return [await generate(s, PROMPT, 12, seed=seed, **sampling) for seed in seeds]
+
+    plain = run(scenario())
+    ngram = run(scenario(speculative="ngram"))
+    drafted = run(scenario(draft_model=str(draft)))
+    assert [t for t, _ in ngram] == [t for t, _ in plain]
+    assert [t for t, _ in drafted] == [t for t, _ in plain]
+    assert len({tuple(t) for t, _ in plain}) > len(seeds) // 2  # the seeds do sample
+    assert sum(u.accepted_draft_tokens for _, u in drafted) > 0
+
+
+def test_concurrent_streams_a_cancellation_and_the_metrics(model_dir, workers):
+    path = model_dir(spec_for("qwen3"))
+    draft = draft_model(path, 3)
+    prompts = [PROMPT, PROMPT[3:], [2, 3, 4, 2, 3, 4, 2, 3]]
+    expected = [reference_tokens(path, p, MAX_TOKENS) for p in prompts]
+
+    async def scenario():
+        async with Serving(path, workers[:3], context=256, draft_model=str(draft)) as s:
+            # a request cancelled mid-stream, with proposals in flight
+            call = s.stub.Generate(inference_pb2.GenerateRequest(
+                prompt_token_ids=PROMPT, sampling=inference_pb2.SamplingParams(max_tokens=200)))
+            got = 0
+            async for msg in call:
+                got += len(msg.token_ids)
+                if got >= 5:
+                    call.cancel()
+                    break
+            results = await asyncio.gather(*(generate(s, p) for p in prompts))
+            two = await asyncio.gather(*(generate(s, p) for p in prompts[:2]))
+            text = s.coordinator.metrics.registry
+            drafted = text.get_sample_value("shardline_spec_decode_draft_tokens_total")
+            accepted = text.get_sample_value("shardline_spec_decode_accepted_tokens_total")
+            return results, two, drafted, accepted
+
+    results, two, drafted, accepted = run(scenario())
+    assert [t for t, _ in results] == expected
+    assert [t for t, _ in two] == expected[:2]
+    assert sum(u.draft_tokens for _, u in two) > 0  # two streams still speculate
+    assert drafted >= sum(u.draft_tokens for _, u in results + two)
+    assert 0 < accepted <= drafted
+
+
+def test_a_worker_lost_mid_draft_resumes_exactly(model_dir, cache_dir):
+    path = model_dir(spec_for("llama"))
+    draft = draft_model(path, 3)
+    expected = reference_tokens(path, PROMPT, 120)
+    local = LocalWorkers(3, memory=[1 * GiB, 2 * GiB, 3 * GiB], cache_dir=cache_dir,
+                         names=["k1", "k2", "k3"])
+    addresses = local.start()
+
+    async def scenario():
+        async with Serving(path, addresses, context=256, draft_model=str(draft)) as s:
+            got: list[int] = []
+            req = inference_pb2.GenerateRequest(
+                prompt_token_ids=PROMPT, sampling=inference_pb2.SamplingParams(max_tokens=120))
+            usage = None
+            async for msg in s.stub.Generate(req):
+                got += list(msg.token_ids)
+                if len(got) >= 6 and local.procs[1].poll() is None:
+                    local.procs[1].kill()
+                if msg.HasField("usage"):
+                    usage = msg.usage
+            return got, usage, s.coordinator.engine.resumed
+
+    try:
+        got, usage, resumed = run(scenario())
+    finally:
+        local.stop()
+    assert got == expected and resumed == 1 and usage.draft_tokens > 0
+
+
+def test_rejected_positions_leave_the_kv_of_the_confirmed_tokens_only(model_dir):
+    """A stage that ran a chunk with proposals and then went back holds exactly the KV that
+    running the confirmed tokens one at a time gives."""
+    path = model_dir(spec_for("llama"))
+    shard = load_shard(path, 0, 6)
+    prompt = [1, 5, 9, 200, 33]
+    sampling = inference_pb2.SamplingParams()
+
+    def step(runner, seqs):
+        return runner.run(worker_pb2.StageMessage(seqs=seqs))
+
+    def start(runner):
+        return step(runner, [worker_pb2.SeqInput(seq_id="s", token_ids=prompt, start=True,
+                                                 sampling=sampling, sample=True)])
+
+    spec = StageRunner(shard, batching=False, lookahead=False)
+    first = start(spec).outputs[0].token
+    # what greedy decoding gives next, one token at a time
+    plain = StageRunner(shard, batching=False, lookahead=False)
+    start(plain)
+    tokens, token = [], first
+    for i in range(3):
+        token = step(plain, [worker_pb2.SeqInput(seq_id="s", token_ids=[token],
+                                                 offset=len(prompt) + i, sample=True)]
+                     ).outputs[0].token
+        tokens.append(token)
+    # proposals: the true next token, then two wrong ones
+    wrong = [(tokens[1] + 1) % 512, (tokens[1] + 2) % 512]
+    out = step(spec, [worker_pb2.SeqInput(seq_id="s", token_ids=[first, tokens[0], *wrong],
+                                          offset=len(prompt), sample=True, draft=3)]).outputs[0]
+    assert [a.token for a in out.accepted] == [tokens[0]] and out.token == tokens[1]
+    # the next step starts after the confirmed tokens: the rest is trimmed
+    nxt = step(spec, [worker_pb2.SeqInput(seq_id="s", token_ids=[out.token],
+                                          offset=len(prompt) + 2, sample=True)]).outputs[0]
+    assert nxt.token == tokens[2]
+    for a, b in zip(spec.sessions["s"].caches, plain.sessions["s"].caches, strict=True):
+        assert a.offset == b.offset == len(prompt) + 3
+        ka, kb = a.state[0][..., : a.offset, :], b.state[0][..., : b.offset, :]
+        assert mx.array_equal(ka, kb).item()
+    # going back further than the last chunk with proposals is refused
+    with pytest.raises(ValueError, match="position"):
+        step(spec, [worker_pb2.SeqInput(seq_id="s", token_ids=[1], offset=2, sample=True)])
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(model_dir, workers, tmp_path):
+    import shutil
+
+    path = model_dir(spec_for("llama"))
+    other = tmp_path / "other"
+    shutil.copytree(draft_model(path, 3), other)
+    tok = (other / "tokenizer.json").read_text()
+    (other / "tokenizer.json").write_text(tok.replace('"<|eos|>"', '"<|end|>"', 1))
+
+    async def scenario():
+        s = Serving(path, workers[:1], context=256, draft_model=str(other))
+        try:
+            await s.__aenter__()
+        finally:
+            await s.coordinator.stop()
+
+    with pytest.raises(ValueError, match="tokenizer"):
+        run(scenario())
+
+
+def test_the_grpc_usage_and_http_usage_count_proposals(model_dir, workers):
+    import json
+    import urllib.request
+
+    path = model_dir(spec_for("llama"))
+
+    async def scenario():
+        async with Serving(path, workers[:2], context=256, speculative="ngram") as s:
+            body = json.dumps({"prompt": "the cat the cat the cat the cat", "max_tokens": 16,
+                               "temperature": 0}).encode()
+            req = urllib.request.Request(f"http://127.0.0.1:{s.coordinator.http_port}"
+                                         "/v1/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            raw = await asyncio.to_thread(lambda: urllib.request.urlopen(req, timeout=30).read())
+            return json.loads(raw)
+
+    usage = run(scenario())["usage"]
+    details = usage.get("completion_tokens_details")
+    assert details is not None, usage
+    assert details["accepted_prediction_tokens"] + details["rejected_prediction_tokens"] > 0
+
+
+def test_bad_speculation_flags_are_refused(model_dir, workers):
+    path = model_dir(spec_for("llama"))
+
+    async def scenario(**options):
+        s = Serving(path, workers[:1], context=256, **options)
+        try:
+            await s.__aenter__()
+        finally:
+            await s.coordinator.stop()
+
+    with pytest.raises(ValueError, match="choose one"):
+        run(scenario(speculative="ngram", draft_model=str(path)))
+    with pytest.raises(ValueError, match="at least 1"):
+        run(scenario(speculative="ngram", num_draft_tokens=0))
