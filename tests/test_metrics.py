@@ -29,6 +29,7 @@ COORDINATOR_METRICS = {
     "shardline_inter_token_latency_seconds", "shardline_e2e_request_latency_seconds",
     "shardline_workers", "shardline_worker_layers", "shardline_replans_total",
     "shardline_build_info", "shardline_shard_transfer_bytes_total",
+    "shardline_spec_decode_draft_tokens_total", "shardline_spec_decode_accepted_tokens_total",
 }
 WORKER_METRICS = {
     "shardline_stage_forward_seconds", "shardline_activation_bytes_total",
