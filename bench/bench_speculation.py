@@ -1,0 +1,137 @@
+"""Speculative decoding benchmark: one stream through N workers with and without proposals.
+
+Same run, same workers, same prompt; decode tokens/s of Shardline without speculation, with a
+draft model that agrees with the target most of the time, and with prompt lookup (ngram), the
+ratios to the plain run and to mlx-lm alone, and the share of proposals confirmed.
+
+The agreeing draft is built honestly: the target's layers after the first few barely change the
+residual (their output projections scaled by 0.05, `ModelSpec.quiet_after`), and the draft is
+the target's first layers with its embedding and head (`coordinator.demo.draft_model`).
+
+    python bench/bench_speculation.py            # CPU: 8 layers (hidden 512), 3 workers
+    python bench/bench_speculation.py --gpu      # GPU: the 8B-shaped 4-bit llama, 3 workers
+
+On the CPU every worker and mlx-lm run pinned to core 0; the coordinator (and the draft model
+it runs) and the client share the other core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_serving  # noqa: E402
+from bench_serving import GiB, bench_mlx_lm  # noqa: E402
+
+from coordinator.demo import ModelSpec, cached_model, draft_model  # noqa: E402
+
+CPU_SPEC = ModelSpec(family="llama", num_layers=8, hidden_size=512, intermediate_size=1536,
+                     num_attention_heads=8, num_key_value_heads=4, vocab_size=2048,
+                     max_position_embeddings=4096, quiet_after=2)
+GPU_SPEC = ModelSpec(family="llama", num_layers=32, hidden_size=4096, intermediate_size=14336,
+                     num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, bits=4,
+                     max_position_embeddings=4096, quiet_after=4)
+
+
+def prompt(length: int) -> list[int]:
+    """A prompt that repeats a 16-token phrase (prompt lookup finds copies in it)."""
+    phrase = [(37 * j) % 1900 + 20 for j in range(16)]
+    return (phrase * (length // 16 + 1))[:length]
+
+
+async def one_stream(coordinator, ids: list[int], new: int) -> tuple[float, int, int]:
+    """(decode tokens/s, proposed, confirmed) of one greedy request."""
+    import grpc
+
+    from protos import inference_pb2, inference_pb2_grpc
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.grpc_port}") as channel:
+        stub = inference_pb2_grpc.InferenceStub(channel)
+        req = inference_pb2.GenerateRequest(
+            prompt_token_ids=ids, sampling=inference_pb2.SamplingParams(max_tokens=new))
+        usage = None
+        async for msg in stub.Generate(req):
+            if msg.HasField("usage"):
+                usage = msg.usage
+    return usage.decode_tokens_per_second, usage.draft_tokens, usage.accepted_draft_tokens
+
+
+async def variant(path: Path, addresses: list[str], ids: list[int], new: int, runs: int,
+                  **options) -> list[tuple[float, int, int]]:
+    from coordinator.app import Coordinator, ServeOptions
+
+    coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
+                                     grpc_port=0, http_port=0, context=4096,
+                                     prefix_cache_tokens=0, **options),
+                        progress=lambda m: None)
+    try:
+        await coord.start()
+        await one_stream(coord, ids, 8)  # warm-up
+        return [await one_stream(coord, ids, new) for _ in range(runs)]
+    finally:
+        await coord.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--num-draft-tokens", type=int, default=4)
+    args = parser.parse_args()
+    spec = GPU_SPEC if args.gpu else CPU_SPEC
+    pin = not args.gpu and hasattr(os, "sched_setaffinity")
+    bench_serving.PIN = pin
+    path = cached_model(spec)
+    draft = draft_model(path, spec.quiet_after)
+    ids = prompt(args.prompt)
+
+    from coordinator.local import LocalWorkers
+
+    base = [bench_mlx_lm(path, 1, args.prompt, args.new).tps for _ in range(args.runs)]
+    local = LocalWorkers(args.workers, memory=[(4 if pin else 32) * GiB] * args.workers,
+                         cpus=[0] * args.workers if pin else None,
+                         cache_dir=Path(tempfile.mkdtemp()))
+    addresses = local.start(timeout=600)
+    rows = {}
+    try:
+        for name, options in (
+                ("no speculation", {}),
+                (f"draft model ({spec.quiet_after} layers)",
+                 {"draft_model": str(draft), "num_draft_tokens": args.num_draft_tokens}),
+                ("prompt lookup (ngram)",
+                 {"speculative": "ngram", "num_draft_tokens": args.num_draft_tokens})):
+            rows[name] = asyncio.run(variant(path, addresses, ids, args.new, args.runs,
+                                             **options))
+    finally:
+        local.stop()
+
+    mlx = statistics.median(base)
+    plain = statistics.median(r[0] for r in rows["no speculation"])
+    where = "GPU" if args.gpu else "CPU, workers and mlx-lm pinned to core 0"
+    print(f"model {spec.key()} (layers after {spec.quiet_after} quiet), {args.workers} workers,"
+          f" prompt {args.prompt} (a repeated 16-token phrase), {args.new} new tokens, greedy, "
+          f"K = {args.num_draft_tokens}, medians of {args.runs} runs, {where}")
+    print("| system | decode tok/s | vs no speculation | vs mlx-lm alone | confirmed |")
+    print("|---|---|---|---|---|")
+    print(f"| mlx-lm alone (1 process) | {mlx:.1f} | | 1.00x | |")
+    for name, results in rows.items():
+        tps = statistics.median(r[0] for r in results)
+        drafted = sum(r[1] for r in results)
+        accepted = sum(r[2] for r in results)
+        share = f"{accepted}/{drafted} ({accepted / drafted:.0%})" if drafted else "-"
+        print(f"| Shardline, {name} | {tps:.1f} | {tps / plain:.2f}x | {tps / mlx:.2f}x | "
+              f"{share} |")
+
+
+if __name__ == "__main__":
+    main()
