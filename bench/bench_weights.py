@@ -327,6 +327,8 @@ def summarize(p: dict[str, Any]) -> dict[str, Any]:
         "base_gap": max_wait(reqs, a, b, "token gap", inside=True)[0],
     }
     out["baseline"] = max(out["base_first"], out["base_gap"])
+    took = sorted(r.ended - r.sent for r in reqs if a <= r.sent and r.ended <= b)
+    out["base_request"] = took[len(took) // 2]  # median time of a whole request
     for name, ev in p["events"].items():
         lo, hi = ev["at"], ev["end"]
         pause, kind = max_wait(reqs, lo, hi)
@@ -338,6 +340,7 @@ def summarize(p: dict[str, Any]) -> dict[str, Any]:
             "tokens": sum(1 for r in reqs for t in r.tokens if lo <= t <= ev["replanned"]),
             "failed": [r.error for r in reqs if r.error and r.ended >= lo and r.sent <= hi],
             "requests": sum(1 for r in reqs if r.ended >= lo and r.sent <= hi),
+            "longest": max(r.ended - r.sent for r in reqs if r.ended >= lo and r.sent <= hi),
         }
     return out
 
@@ -358,9 +361,10 @@ def transfer_table(t: dict[str, Any]) -> str:
 
 PAUSE_HEAD = [
     "| tree | event | baseline max wait: first token / token gap (s) | pause: max wait around "
-    "it (s) | max first token / token gap around it (s) | event -> re-plan done (s) "
-    "| tokens served meanwhile | requests in window | failed | coordinator start (s) |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "it (s) | max first token / token gap around it (s) | longest request around it / "
+    "baseline median request (s) | event -> re-plan done (s) | tokens served meanwhile "
+    "| requests in window | failed | coordinator start (s) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 
 
@@ -371,7 +375,8 @@ def pause_rows(label: str, p: dict[str, Any]) -> list[str]:
         e = s[name]
         rows.append(f"| {label} | {name} | {s['base_first']:.2f} / {s['base_gap']:.2f} "
                     f"| {e['pause']:.2f} ({e['kind']}) | {e['first']:.2f} / {e['gap']:.2f} "
-                    f"| {e['replan']:.1f} | {e['tokens']} | {e['requests']} "
+                    f"| {e['longest']:.1f} / {s['base_request']:.1f} | {e['replan']:.1f} "
+                    f"| {e['tokens']} | {e['requests']} "
                     f"| {len(e['failed'])} | {p['start_s']:.1f} |")
     return rows
 
@@ -424,8 +429,18 @@ def main() -> None:
         for o in others:
             if "transfer" in o:
                 print(f"{o['label']}:\n" + transfer_table(o["transfer"]))
-        print("\n".join(PAUSE_HEAD + [row for o in others if "pause" in o
+        runs = [o for o in others if "pause" in o]
+        print("\n".join(PAUSE_HEAD + [row for o in runs
                                         for row in pause_rows(o["label"], o["pause"])]))
+        befores = [summarize(o["pause"]) for o in runs if o["label"].startswith("before")]
+        for o in runs:
+            if befores and not o["label"].startswith("before"):
+                s = summarize(o["pause"])
+                mean = {n: sum(b[n]["pause"] for b in befores) / len(befores)
+                        for n in ("join", "loss")}
+                print(f"{o['label']} / mean of {len(befores)} before run(s): " + "; ".join(
+                    f"{n} pause {s[n]['pause']:.2f}/{mean[n]:.2f} = {s[n]['pause'] / mean[n]:.2f}x"
+                    for n in ("join", "loss")))
         return
 
     import coordinator

@@ -6,6 +6,7 @@
 #   bench/gpu.sh bench [DIR] # the --gpu serving benchmark (installs first if `test` did not)
 #   bench/gpu.sh hotpath DIR [ARGS]  # bench_hotpath.py --gpu ARGS (the 8B shape; DIR may be -)
 #   bench/gpu.sh profile DIR [ARGS]  # bench_profile.py --gpu ARGS
+#   bench/gpu.sh speculation DIR [ARGS]  # bench_speculation.py --gpu ARGS
 #
 # The mlx-cuda-13 wheel (~90 MB) is split with `split -b 46000000` so each half fits one carry.
 # Results (detect.txt, tests.txt, RESULTS-gpu.md, serving-gpu.png) go to $OUT when it is set.
@@ -23,7 +24,7 @@ install() {
     cat "$parts"/part.* > "$parts/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl"
     python3 -m pip install -q --no-deps --target /root/site "$parts"/*.whl
 }
-if [ "$1" = hotpath ] || [ "$1" = profile ]; then
+if [ "$1" = hotpath ] || [ "$1" = profile ] || [ "$1" = speculation ]; then
     [ -d /root/site/mlx ] || install
     mode=$1
     shift 2

@@ -112,13 +112,16 @@ class DraftProposer:
             piece = todo[i : min(i + 512, len(todo) - 1)]
             self.model(mx.array(piece)[None], cache=caches)
             mx.eval([c.state for c in caches])
+        # each guess is built on the one before while it is still lazy: one sync for all
         logits = self.model(mx.array(todo[-1:])[None], cache=caches)[:, -1, :]
-        out: list[int] = []
+        guesses = []
         for i in range(k):
-            token = int(mx.argmax(logits, axis=-1).item())
-            out.append(token)
+            guess = mx.argmax(logits, axis=-1)
+            guesses.append(guess)
             if i + 1 < k:
-                logits = self.model(mx.array([[token]]), cache=caches)[:, -1, :]
+                logits = self.model(guess[None], cache=caches)[:, -1, :]
+                mx.async_eval(logits)
+        out = [int(t) for t in mx.concatenate(guesses).tolist()]
         self._states[key] = (caches, list(tokens) + out[:-1])
         return out
 
