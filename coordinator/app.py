@@ -134,7 +134,10 @@ class Coordinator:
         return self.local.start()
 
     async def start(self) -> None:
+        from worker.backend import tune_allocator
+
         opts = self.options
+        tune_allocator()  # shard chunks: worker/backend.py
         self.model = self.resolve_model()
         limit = self.model.max_prefill_chunk(protos.DEFAULT_MAX_MESSAGE_BYTES)
         if not 1 <= opts.prefill_chunk <= limit:

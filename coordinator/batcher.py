@@ -17,7 +17,10 @@ from typing import Any
 from coordinator.pipeline import Pipeline, PipelineError
 from protos import worker_pb2
 
-Item = tuple[worker_pb2.SeqInput, asyncio.Future]
+# a step, its result, and the pipeline its sequence runs on (None: the current one). After a
+# join re-plan, sequences started on the old pipeline finish there while new ones start on
+# the new one (coordinator/cluster.py, "draining").
+Item = tuple[worker_pb2.SeqInput, asyncio.Future, Pipeline | None]
 
 
 class Microbatcher:
@@ -66,25 +69,28 @@ class Microbatcher:
         self.active.discard(seq_id)
         self._kick()
 
-    def submit(self, seq: worker_pb2.SeqInput) -> asyncio.Future:
-        """Queue one decode step of `seq` for some microbatch; the future resolves with its
-        sampled token (cancel it to drop the step if it has not been sent yet)."""
+    def submit(self, seq: worker_pb2.SeqInput, pipeline: Pipeline | None = None
+               ) -> asyncio.Future:
+        """Queue one decode step of `seq` for some microbatch on `pipeline` (default: the
+        current one); the future resolves with its sampled token (cancel it to drop the step
+        if it has not been sent yet)."""
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((seq, future))
+        self._pending.append((seq, future, pipeline))
         self._kick()
         return future
 
-    def prefill(self, chunks: Sequence[worker_pb2.SeqInput]) -> list[asyncio.Future]:
+    def prefill(self, chunks: Sequence[worker_pb2.SeqInput],
+                pipeline: Pipeline | None = None) -> list[asyncio.Future]:
         """Queue one prompt's chunks, in order; a future per chunk resolves with its SeqOutput
         (the sampled token, for a chunk with `sample`) or None, or fails with PipelineError.
 
         Cancel the futures to drop the chunks not sent yet.
         """
         loop = asyncio.get_running_loop()
-        items = [(chunk, loop.create_future()) for chunk in chunks]
+        items = [(chunk, loop.create_future(), pipeline) for chunk in chunks]
         self._prefill.extend(items)
         self._kick()
-        return [future for _, future in items]
+        return [future for _, future, _ in items]
 
     async def release(self, pipeline: Pipeline, seq_ids: list[str]) -> None:
         """Free these sequences on every stage now; one that a queued chunk still forks from
@@ -110,13 +116,13 @@ class Microbatcher:
 
     def _drop_done(self) -> None:
         """Forget steps whose future is done (cancelled: the request no longer wants them)."""
-        if any(f.done() for _, f in self._pending):
-            self._pending = [(s, f) for s, f in self._pending if not f.done()]
-        if any(f.done() for _, f in self._prefill):
-            self._prefill = [(s, f) for s, f in self._prefill if not f.done()]
+        if any(item[1].done() for item in self._pending):
+            self._pending = [item for item in self._pending if not item[1].done()]
+        if any(item[1].done() for item in self._prefill):
+            self._prefill = [item for item in self._prefill if not item[1].done()]
 
     def _fork_sources(self) -> set[str]:
-        return {seq.fork_from for seq, _ in self._prefill if seq.fork_from}
+        return {item[0].fork_from for item in self._prefill if item[0].fork_from}
 
     def _kick(self) -> None:
         self._drop_done()
@@ -141,7 +147,11 @@ class Microbatcher:
 
     def _send_decode(self) -> None:
         target = self._target()
-        group, self._pending = self._pending[:target], self._pending[target:]
+        # one step goes to one pipeline: the first waiting step's, with others of the same
+        where = self._pending[0][2]
+        group = [item for item in self._pending if item[2] is where][:target]
+        taken = set(map(id, group))
+        self._pending = [item for item in self._pending if id(item) not in taken]
         # one order for the same sequences, step after step, whatever order their streams
         # asked in: a stage keeps their batch caches merged and its decode-ahead guess holds
         group.sort(key=lambda item: item[0].seq_id)
@@ -159,10 +169,11 @@ class Microbatcher:
         rest: list[Item] = []
         seen: set[str] = set()  # prompts with a chunk taken or left behind: their next waits
         tokens = 0
+        where = self._prefill[0][2]
         for item in self._prefill:
             seq = item[0]
-            fits = not step or (tokens + len(seq.token_ids) <= self.prefill_tokens
-                                and len(step) < self.max_batch)
+            fits = item[2] is where and (not step or (
+                tokens + len(seq.token_ids) <= self.prefill_tokens and len(step) < self.max_batch))
             if seq.seq_id not in seen and fits:
                 step.append(item)
                 tokens += len(seq.token_ids)
@@ -175,9 +186,10 @@ class Microbatcher:
         self._send(step)
 
     def _send(self, group: list[Item]) -> None:
-        """Queue the group on the pipeline now (in order); its result resolves the futures."""
+        """Queue the group on its pipeline now (in order); its result resolves the futures."""
         try:
-            sent = self._source.pipeline.send([seq for seq, _ in group])
+            pipeline = group[0][2] or self._source.pipeline
+            sent = pipeline.send([item[0] for item in group])
         except (PipelineError, AttributeError) as e:
             _fail(group, str(e))
             return
@@ -192,7 +204,7 @@ class Microbatcher:
                 _fail(group, str(e) or "pipeline closed")
             else:
                 outputs = {o.seq_id: o for o in result.outputs}
-                for seq, future in group:
+                for seq, future, _ in group:
                     if future.done():
                         continue
                     out = outputs.get(seq.seq_id)
@@ -215,6 +227,6 @@ class Microbatcher:
 
 
 def _fail(group: list[Item], reason: str) -> None:
-    for _, future in group:
+    for _, future, _ in group:
         if not future.done():
             future.set_exception(PipelineError(reason))

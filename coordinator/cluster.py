@@ -251,19 +251,27 @@ class Cluster:
             bars.close()
         fresh = Pipeline(self.workers[0].address, plan_id, secret=self.secret,
                          last_address=self.workers[len(stages) - 1].address)
-        if old is not None and not old.broken:
-            self._retire(old, "re-planned: resuming on the new plan")
         try:
             await fresh.open()
         except PipelineError as e:
-            raise ClusterError(str(e)) from None
-        finally:
+            if old is not None:  # its workers hold the new shards now
+                self._retire(old, f"re-plan failed: {e}")
             if self.pipeline is not None:
                 await self.pipeline.close()
+            raise ClusterError(str(e)) from None
         fresh.on_broken = self.on_broken
-        self.plan_id, self.pipeline = plan_id, fresh
+        before, self.plan_id, self.pipeline = self.pipeline, plan_id, fresh
         if switched is not None:
             switched()
+        if before is not None and before is old and keep and not old.broken:
+            # draining: the requests running on it finish there (new ones start on the new
+            # plan; the workers serve both until it closes); the last one closes it
+            old.on_broken = None
+            old.retired = True
+            if not old.users:
+                await old.close()
+        elif before is not None:
+            await before.close()
 
     def _retire(self, pipeline: Pipeline, reason: str) -> None:
         """Stop `pipeline` without calling it a failure: its requests wait for the next one

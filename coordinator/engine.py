@@ -164,12 +164,13 @@ class Engine:
             out[0].fork_from, out[0].fork_length = fork
         return out
 
-    async def _prefill(self, chunks: list[worker_pb2.SeqInput]) -> worker_pb2.SeqOutput:
+    async def _prefill(self, chunks: list[worker_pb2.SeqInput],
+                       pipeline: Pipeline | None = None) -> worker_pb2.SeqOutput:
         """Run the prompt's chunks through the microbatcher, which keeps up to one step per
         stage in flight, shared with the decode groups (so a lone prompt's chunks fill every
         stage and running streams keep decoding). Returns the last chunk's sampled token; a
         failure is PipelineError, and cancelling drops the chunks not sent yet."""
-        futures = self.batcher.prefill(chunks)
+        futures = self.batcher.prefill(chunks, pipeline)
         try:
             for future in futures:
                 out = await future
@@ -181,13 +182,13 @@ class Engine:
                 elif not future.cancelled():
                     future.exception()  # retrieved: a failure after the first is not logged
 
-    async def _start(self, seq_id: str, ids: list[int],
-                     sampling: inference_pb2.SamplingParams) -> worker_pb2.SeqOutput:
+    async def _start(self, seq_id: str, ids: list[int], sampling: inference_pb2.SamplingParams,
+                     pipeline: Pipeline | None = None) -> worker_pb2.SeqOutput:
         """Prefill `ids` as a new sequence (from the prefix cache where it can) and join the
         decode microbatches; returns the first sampled token."""
         fork = self.prefix.lookup(ids) if self.prefix else None
         self.prefilled_tokens += len(ids) - (fork[1] if fork else 0)
-        out = await self._prefill(self._chunks(seq_id, ids, sampling, fork))
+        out = await self._prefill(self._chunks(seq_id, ids, sampling, fork), pipeline)
         self.batcher.join(seq_id)
         return out
 
@@ -247,6 +248,7 @@ class Engine:
     async def _run(self, ids: list[int], sampling: inference_pb2.SamplingParams,
                    max_tokens: int) -> AsyncIterator[Chunk]:
         pipeline = await self._serving()
+        pipeline.users += 1  # it serves this request to the end (a replaced one drains)
         seq_id = self._seq_id()
         eos = set(self.tokenizer.eos_token_ids or ())
         detok = self.tokenizer.detokenizer
@@ -270,7 +272,7 @@ class Engine:
                         # The prompt; after a failure, the prompt and every token streamed so
                         # far, on the re-planned pipeline: the client sees a pause, then the
                         # same continuation (sampling keys depend on (seed, position) only).
-                        out = await self._start(seq_id, ids + sampled, sampling)
+                        out = await self._start(seq_id, ids + sampled, sampling, pipeline)
                     while not done:
                         # a step with proposals gives the confirmed ones, then its own token
                         results = [*out.accepted, out]
@@ -293,7 +295,8 @@ class Engine:
                                 ) if spec is not None else []
                                 step = self.batcher.submit(worker_pb2.SeqInput(
                                     seq_id=seq_id, token_ids=[token, *drafts],
-                                    offset=len(ids) + n - 1, sample=True, draft=len(drafts)))
+                                    offset=len(ids) + n - 1, sample=True, draft=len(drafts)),
+                                    pipeline)
                             top = ([list(zip(got.top_tokens, got.top_logprobs, strict=True))]
                                    if got.top_tokens else [[]])
                             yield Chunk(text=text, token_ids=[token], logprobs=[got.logprob],
@@ -316,7 +319,10 @@ class Engine:
                         step.cancel()
                     step = None
                     self.batcher.leave(seq_id)
-                    pipeline = await self._resume(e, pipeline, resumes)
+                    fresh = await self._resume(e, pipeline, resumes)
+                    fresh.users += 1
+                    await self._let_go(pipeline)
+                    pipeline = fresh
                     resumes += 1
                     seq_id, out = self._seq_id(), None
                     if spec is not None:
@@ -324,13 +330,15 @@ class Engine:
         finally:
             if step is not None and not step.done():
                 step.cancel()  # dropped if not yet sent; its result is ignored if it was
-            # Keep a finished sequence for follow-ups (its KV holds all but the last token).
+            # Keep a finished sequence for follow-ups (its KV holds all but the last token),
+            # unless it ran on a pipeline a re-plan has replaced (it finished there, draining)
             self.batcher.leave(seq_id)
-            kept = done and self.prefix is not None
+            kept = done and self.prefix is not None and pipeline is self._source.pipeline
             evicted = self.prefix.insert(seq_id, ids + sampled[:-1]) if kept else [seq_id]
             await asyncio.shield(self.batcher.release(pipeline, evicted))
             if spec is not None:
                 await asyncio.shield(spec.close())
+            await asyncio.shield(self._let_go(pipeline))
         tail = ""
         if not hit:
             detok.finalize()
@@ -347,3 +355,10 @@ class Engine:
             accepted_draft_tokens=spec.accepted if spec else 0,
         )
         yield Chunk(text=tail, finish_reason=finish, usage=usage)
+
+    @staticmethod
+    async def _let_go(pipeline: Pipeline) -> None:
+        """A request is done with `pipeline`; the last one on a replaced pipeline closes it."""
+        pipeline.users -= 1
+        if pipeline.retired and not pipeline.users:
+            await pipeline.close()

@@ -118,8 +118,7 @@ class Shipper:
             return
         call = stub.Put()
         try:
-            for f, held in todo:
-                await self._send_file(call, f, held, transfer, on_bytes)
+            await self._send(call, todo, transfer, on_bytes)
             await call.done_writing()
         except grpc.aio.AioRpcError as e:
             raise ShipError(f"the transfer broke: {e.details()}") from None
@@ -127,47 +126,58 @@ class Shipper:
             call.cancel()
         transfer.done = True
 
-    async def _send_file(self, call: Any, f: FileSource, held: int, transfer: Transfer,
-                         on_bytes: Callable[[int], None] | None) -> None:
-        """Go-back-N over one file: up to WINDOW chunks in flight; a refusal rewinds to the
-        worker's `held` and the acks of chunks sent before it are passed over."""
-        inflight: deque[tuple[int, int, int]] = deque()  # (offset, length, generation)
-        generation, refusals, offset = 0, 0, held
+    async def _send(self, call: Any, todo: list[tuple[FileSource, int]], transfer: Transfer,
+                    on_bytes: Callable[[int], None] | None) -> None:
+        """Go-back-N per file, one window of WINDOW chunks across files (a small file's end
+        does not drain it): a refusal rewinds that file to the worker's `held`, and the acks
+        of its chunks sent before the refusal are passed over (the worker refused them too)."""
+        files = [f for f, _ in todo]
+        nxt = [held for _, held in todo]  # next offset to send, per file
+        generation = [0] * len(files)
+        refusals = [0] * len(files)
+        inflight: deque[tuple[int, int, int, int]] = deque()  # file, offset, length, generation
+        first = 0  # files before it are sent in full
         while True:
-            while offset < f.size and len(inflight) < WINDOW:
-                length = min(self.chunk_bytes, f.size - offset)
-                data = await asyncio.to_thread(f.read, offset, length)
+            while len(inflight) < WINDOW:
+                while first < len(files) and nxt[first] >= files[first].size:
+                    first += 1
+                if first == len(files):
+                    break
+                i, f = first, files[first]
+                length = min(self.chunk_bytes, f.size - nxt[i])
+                data = await asyncio.to_thread(f.read, nxt[i], length)
                 digest = hashlib.sha256(data).hexdigest()
                 if self.tamper is not None:
-                    data = self.tamper(f.sha256, offset, data)
+                    data = self.tamper(f.sha256, nxt[i], data)
                 await call.write(worker_pb2.FileChunk(
-                    sha256=f.sha256, size=f.size, offset=offset, data=data, chunk_sha256=digest))
+                    sha256=f.sha256, size=f.size, offset=nxt[i], data=data,
+                    chunk_sha256=digest))
                 if on_bytes is not None:
                     on_bytes(len(data))
-                inflight.append((offset, len(data), generation))
-                offset += len(data)
+                inflight.append((i, nxt[i], len(data), generation[i]))
+                nxt[i] += len(data)
             if not inflight:
                 return
             ack = await call.read()
             if ack is grpc.aio.EOF:
-                raise ShipError(f"the worker ended the transfer of {f.name} early")
-            sent_at, length, gen = inflight.popleft()
-            if gen != generation:
-                continue  # sent before a refusal: the worker refused it too
+                raise ShipError("the worker ended the transfer early")
+            i, sent_at, length, gen = inflight.popleft()
+            if gen != generation[i]:
+                continue  # sent before a refusal of its file: refused too
             if ack.ok:
                 transfer.sent += length
-                if ack.complete:
-                    return
                 continue
-            refusals += 1
+            f = files[i]
+            refusals[i] += 1
             log.warning("chunk of %s at %d refused (%s): sending from %d again",
                         f.name, sent_at, ack.error, ack.held)
-            if refusals > MAX_REFUSALS:
-                raise ShipError(f"{f.name}: {refusals} chunks refused, last: {ack.error}")
-            transfer.resent += offset - ack.held
-            transfer.sent = max(0, transfer.sent - (sent_at - ack.held))
-            generation += 1
-            offset = ack.held
+            if refusals[i] > MAX_REFUSALS:
+                raise ShipError(f"{f.name}: {refusals[i]} chunks refused, last: {ack.error}")
+            transfer.resent += nxt[i] - ack.held
+            transfer.sent = max(0, transfer.sent - max(0, sent_at - ack.held))
+            generation[i] += 1
+            nxt[i] = ack.held
+            first = min(first, i)
 
 
 def describe(transfer: Transfer) -> str:

@@ -42,6 +42,11 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
         ("grpc.keepalive_timeout_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # servers: accept the peers' keepalive pings (one per 10 s) on an idle connection;
+        # the default policy (5 min) answers them with GOAWAY "too many pings", which broke
+        # an idle stage-to-stage stream
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 

@@ -298,3 +298,4 @@ def test_a_shard_that_lacks_a_tensor_is_refused_and_a_second_model_shares_files(
     assert "lack 1 tensor" in refused[1] and "layers.1.mlp.down_proj" in refused[1]
     config_sha = next(f.sha256 for f in files2 if f.name == "config.json")
     assert needed == [config_sha]  # every tensor file is shared with the first model
+

@@ -79,6 +79,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         # the plan before the latest, still serving while the coordinator switches over (a
         # Forward of the latest plan, or the next load, ends it)
         self._previous: Loaded | None = None
+        self._streams: dict[str, int] = {}  # plan id -> its open Forward streams
         self._load_lock = asyncio.Lock()
         self.cache = ShardCache(config.weights_dir())
         self._local_index = HashIndex(self.cache.root / "hashes")
@@ -273,9 +274,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     async def Forward(self, request_iterator: Any, context: Any):
         plan = dict(context.invocation_metadata() or ()).get(PLAN_METADATA_KEY, "")
         loaded = await self._serving(context, plan)
-        if loaded.spec.plan_id == self.shard_info.spec.plan_id:
-            self._drop_previous()  # the coordinator has switched to the latest plan
         spec = loaded.spec
+        self._streams[spec.plan_id] = self._streams.get(spec.plan_id, 0) + 1
         # What this stream answers: the last stage's results when no Results stream is open
         # for the plan, a downstream failure, or None at the end.
         back: asyncio.Queue[worker_pb2.StageResult | BaseException | None] = asyncio.Queue()
@@ -296,6 +296,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 task.cancel()
             if downstream is not None:
                 downstream.cancel()
+            self._streams[spec.plan_id] -= 1
+            if not self._streams[spec.plan_id]:
+                del self._streams[spec.plan_id]
+                if self._previous is not None and self._previous.spec.plan_id == spec.plan_id:
+                    self._drop_previous()  # the coordinator has drained the plan before
 
     async def Results(self, request: worker_pb2.ResultsRequest, context: Any):
         loaded = await self._serving(context, request.plan_id)
