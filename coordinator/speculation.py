@@ -19,8 +19,9 @@ from typing import Any, Protocol
 
 NGRAM_MAX, NGRAM_MIN = 3, 1
 MAX_STREAMS = 2  # speculate only while at most this many requests run
-LOW_ACCEPTANCE = 0.15  # below this confirmed share (after a few rounds) a request pauses
-PAUSE_STEPS = 24  # steps without guesses after a low acceptance, then it tries again
+LOW_ACCEPTANCE = 0.25  # below this confirmed share (after a few rounds) a request pauses
+PAUSE_STEPS = 32  # steps without guesses after a low acceptance (doubling each time, up to
+MAX_PAUSE = 512  # this), then it tries one again
 EMA = 0.3
 
 
@@ -160,6 +161,7 @@ class SpecRequest:
         self.rounds = 0
         self.rate = 1.0  # moving share of guesses confirmed
         self.paused = 0
+        self.pause = PAUSE_STEPS  # the next pause's length
 
     async def propose(self, tokens: Sequence[int], running: int, room: int) -> list[int]:
         """Guesses to send after `tokens`; `room` tokens may still come (the step gives back
@@ -181,8 +183,9 @@ class SpecRequest:
         self.rate = (1 - EMA) * self.rate + EMA * accepted / drafted
         full = self.spec.num_draft_tokens
         self.k = min(full, self.k + 1) if accepted == drafted else max(1, accepted + 1)
-        if self.rounds >= 4 and self.rate < LOW_ACCEPTANCE:
-            self.paused, self.rate, self.k = PAUSE_STEPS, 0.5, 1
+        if self.rounds >= 3 and self.rate < LOW_ACCEPTANCE:
+            self.paused, self.rate, self.k, self.rounds = self.pause, 0.5, 1, 0
+            self.pause = min(2 * self.pause, MAX_PAUSE)
         if (m := self.spec.metrics) is not None:
             m.spec_draft.inc(drafted)
             m.spec_accepted.inc(accepted)
