@@ -299,3 +299,34 @@ def test_a_shard_that_lacks_a_tensor_is_refused_and_a_second_model_shares_files(
     config_sha = next(f.sha256 for f in files2 if f.name == "config.json")
     assert needed == [config_sha]  # every tensor file is shared with the first model
 
+
+
+def test_a_worker_with_the_same_model_in_its_models_dir_gets_nothing(model_dir, tmp_path):
+    path = model_dir(SPEC)
+    expected = reference_tokens(path, PROMPT, MAX_TOKENS)
+    stale = tmp_path / "stale"  # w2's copy differs in one tensor file: it is sent its shard
+    shutil.copytree(path, stale / path.name)
+    weights = stale / path.name / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0x01
+    weights.write_bytes(bytes(raw))
+
+    async def scenario():
+        async with Serving(path, addresses, context=256) as s:
+            tokens, _, _ = await s.generate(PROMPT, MAX_TOKENS)
+            return tokens, {w.info.name: (w.transfer.local, w.transfer.total)
+                            for w in s.coordinator.cluster.workers}
+
+    local = LocalWorkers(1, memory=[1 * GiB], cache_dir=tmp_path / "a", names=["m1"],
+                         extra_args=["--models-dir", str(path.parent)])
+    other = LocalWorkers(1, memory=[2 * GiB], cache_dir=tmp_path / "b", names=["m2"],
+                         extra_args=["--models-dir", str(stale)])
+    addresses = local.start() + other.start()
+    try:
+        tokens, shipped = run(scenario())
+    finally:
+        local.stop()
+        other.stop()
+    assert tokens == expected
+    assert shipped["m1"] == (True, 0)
+    assert shipped["m2"][0] is False and shipped["m2"][1] > 0
