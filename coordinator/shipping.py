@@ -126,6 +126,18 @@ class Shipper:
             call.cancel()
         transfer.done = True
 
+    def _after(self, files: list[FileSource], nxt: list[int], i: int, length: int
+               ) -> tuple[int, int, int] | None:
+        """(file, offset, length) of the chunk sent after the one of `length` bytes at file
+        `i`'s next offset, unless a refusal rewinds first."""
+        offset = nxt[i] + length
+        while i < len(files) and offset >= files[i].size:
+            i += 1
+            offset = nxt[i] if i < len(files) else 0
+        if i == len(files):
+            return None
+        return i, offset, min(self.chunk_bytes, files[i].size - offset)
+
     async def _send(self, call: Any, todo: list[tuple[FileSource, int]], transfer: Transfer,
                     on_bytes: Callable[[int], None] | None) -> None:
         """Go-back-N per file, one window of WINDOW chunks across files (a small file's end
@@ -137,47 +149,73 @@ class Shipper:
         refusals = [0] * len(files)
         inflight: deque[tuple[int, int, int, int]] = deque()  # file, offset, length, generation
         first = 0  # files before it are sent in full
-        while True:
-            while len(inflight) < WINDOW:
-                while first < len(files) and nxt[first] >= files[first].size:
-                    first += 1
-                if first == len(files):
-                    break
-                i, f = first, files[first]
-                length = min(self.chunk_bytes, f.size - nxt[i])
-                data = await asyncio.to_thread(f.read, nxt[i], length)
-                digest = hashlib.sha256(data).hexdigest()
-                if self.tamper is not None:
-                    data = self.tamper(f.sha256, nxt[i], data)
-                await call.write(worker_pb2.FileChunk(
-                    sha256=f.sha256, size=f.size, offset=nxt[i], data=data,
-                    chunk_sha256=digest))
-                if on_bytes is not None:
-                    on_bytes(len(data))
-                inflight.append((i, nxt[i], len(data), generation[i]))
-                nxt[i] += len(data)
-            if not inflight:
-                return
-            ack = await call.read()
-            if ack is grpc.aio.EOF:
-                raise ShipError("the worker ended the transfer early")
-            i, sent_at, length, gen = inflight.popleft()
-            if gen != generation[i]:
-                continue  # sent before a refusal of its file: refused too
-            if ack.ok:
-                transfer.sent += length
-                continue
-            f = files[i]
-            refusals[i] += 1
-            log.warning("chunk of %s at %d refused (%s): sending from %d again",
-                        f.name, sent_at, ack.error, ack.held)
-            if refusals[i] > MAX_REFUSALS:
-                raise ShipError(f"{f.name}: {refusals[i]} chunks refused, last: {ack.error}")
-            transfer.resent += nxt[i] - ack.held
-            transfer.sent = max(0, transfer.sent - max(0, sent_at - ack.held))
-            generation[i] += 1
-            nxt[i] = ack.held
-            first = min(first, i)
+        ahead: tuple[tuple[int, int, int], asyncio.Future] | None = None  # the next chunk, read
+        try:
+            while True:
+                while len(inflight) < WINDOW:
+                    while first < len(files) and nxt[first] >= files[first].size:
+                        first += 1
+                    if first == len(files):
+                        break
+                    i, f = first, files[first]
+                    length = min(self.chunk_bytes, f.size - nxt[i])
+                    key = (i, nxt[i], length)
+                    if ahead is None or ahead[0] != key:
+                        if ahead is not None:  # a refusal rewound: that read is not wanted
+                            ahead[1].add_done_callback(_discard)
+                        ahead = (key, asyncio.ensure_future(asyncio.to_thread(_chunk, f, *key[1:])))
+                    data, digest = await ahead[1]
+                    ahead = None
+                    # read and hash the chunk after this one while this one is written
+                    after = self._after(files, nxt, i, len(data))
+                    if after is not None:
+                        ahead = (after, asyncio.ensure_future(
+                            asyncio.to_thread(_chunk, files[after[0]], *after[1:])))
+                    if self.tamper is not None:
+                        data = self.tamper(f.sha256, nxt[i], data)
+                    await call.write(worker_pb2.FileChunk(
+                        sha256=f.sha256, size=f.size, offset=nxt[i], data=data,
+                        chunk_sha256=digest))
+                    if on_bytes is not None:
+                        on_bytes(len(data))
+                    inflight.append((i, nxt[i], len(data), generation[i]))
+                    nxt[i] += len(data)
+                if not inflight:
+                    return
+                ack = await call.read()  # (a chunk read ahead is never needed after the last)
+                if ack is grpc.aio.EOF:
+                    raise ShipError("the worker ended the transfer early")
+                i, sent_at, length, gen = inflight.popleft()
+                if gen != generation[i]:
+                    continue  # sent before a refusal of its file: refused too
+                if ack.ok:
+                    transfer.sent += length
+                    continue
+                f = files[i]
+                refusals[i] += 1
+                log.warning("chunk of %s at %d refused (%s): sending from %d again",
+                            f.name, sent_at, ack.error, ack.held)
+                if refusals[i] > MAX_REFUSALS:
+                    raise ShipError(f"{f.name}: {refusals[i]} chunks refused, last: {ack.error}")
+                transfer.resent += nxt[i] - ack.held
+                transfer.sent = max(0, transfer.sent - max(0, sent_at - ack.held))
+                generation[i] += 1
+                nxt[i] = ack.held
+                first = min(first, i)
+
+        finally:
+            if ahead is not None:
+                ahead[1].add_done_callback(_discard)
+
+def _discard(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a read nobody waits for is not logged
+
+
+def _chunk(f: FileSource, offset: int, length: int) -> tuple[bytes, str]:
+    """A chunk's bytes and sha256 (off the event loop: hashing releases the GIL)."""
+    data = f.read(offset, length)
+    return data, hashlib.sha256(data).hexdigest()
 
 
 def describe(transfer: Transfer) -> str:
