@@ -18,6 +18,7 @@ from coordinator.prefix_cache import PrefixCache
 from coordinator.scheduler import QueueFull, Scheduler
 from coordinator.speculation import SpecRequest, Speculator
 from coordinator.stops import StopMatcher
+from coordinator.structured import GrammarError, grammar_of
 from protos import inference_pb2, worker_pb2
 
 FINISH_STOP = inference_pb2.FINISH_REASON_STOP
@@ -183,12 +184,16 @@ class Engine:
                     future.exception()  # retrieved: a failure after the first is not logged
 
     async def _start(self, seq_id: str, ids: list[int], sampling: inference_pb2.SamplingParams,
-                     pipeline: Pipeline | None = None) -> worker_pb2.SeqOutput:
+                     pipeline: Pipeline | None = None, grammar: str = "",
+                     output_offset: int = 0) -> worker_pb2.SeqOutput:
         """Prefill `ids` as a new sequence (from the prefix cache where it can) and join the
-        decode microbatches; returns the first sampled token."""
+        decode microbatches; returns the first sampled token. Under a `grammar` the output
+        begins at `output_offset` (tokens of `ids` from there on were produced already)."""
         fork = self.prefix.lookup(ids) if self.prefix else None
         self.prefilled_tokens += len(ids) - (fork[1] if fork else 0)
-        out = await self._prefill(self._chunks(seq_id, ids, sampling, fork), pipeline)
+        chunks = self._chunks(seq_id, ids, sampling, fork)
+        chunks[0].grammar, chunks[0].output_offset = grammar, output_offset
+        out = await self._prefill(chunks, pipeline)
         self.batcher.join(seq_id)
         return out
 
@@ -202,6 +207,10 @@ class Engine:
                      ) -> AsyncIterator[Chunk]:
         max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
         self.check(ids, max_tokens)
+        try:
+            grammar_of(sampling)  # compiled once (cached) and checked before any work
+        except GrammarError as e:
+            raise RequestError("INVALID_ARGUMENT", f"{e.field} {e}", e.field) from None
         try:
             async with self.scheduler.slot():
                 async for chunk in self._run(ids, sampling, max_tokens):
@@ -255,6 +264,7 @@ class Engine:
         detok.reset()
         stops = StopMatcher(list(sampling.stop))
         spec = self._speculating(seq_id)
+        grammar = grammar_of(sampling)
         t0 = time.perf_counter()
         t_first = None
         n = 0
@@ -272,7 +282,8 @@ class Engine:
                         # The prompt; after a failure, the prompt and every token streamed so
                         # far, on the re-planned pipeline: the client sees a pause, then the
                         # same continuation (sampling keys depend on (seed, position) only).
-                        out = await self._start(seq_id, ids + sampled, sampling, pipeline)
+                        out = await self._start(seq_id, ids + sampled, sampling, pipeline,
+                                                grammar, len(ids))
                     while not done:
                         # a step with proposals gives the confirmed ones, then its own token
                         results = [*out.accepted, out]

@@ -313,7 +313,8 @@ class HttpApi:
             if engine is None:
                 raise RequestError("UNAVAILABLE", "the cluster cannot serve now: shards are not "
                                    "loaded")
-            req = from_openai(await self._body(request), chat=chat, context=engine.context)
+            req = from_openai(await self._body(request), chat=chat, context=engine.context,
+                              tokenizer=engine.tokenizer)
             served = self.source.model.model_id
             if req.model and req.model != served:
                 raise model_not_found(req.model, served)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator import structured, tools
 from coordinator.engine import DEFAULT_MAX_TOKENS, Engine, RequestError
+from coordinator.structured import GrammarError
 from protos import inference_pb2
 
 ROLES = ("system", "user", "assistant", "tool", "developer")
@@ -36,13 +39,14 @@ class Request:
     model: str = ""
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
-    messages: list[tuple[str, str]] | None = None
+    messages: list[dict] | None = None  # chat template messages
     sampling: inference_pb2.SamplingParams = field(default_factory=inference_pb2.SamplingParams)
     stream: bool = False
     include_usage: bool = False
     max_tokens_param: str = "max_tokens"  # or max_completion_tokens, as the client sent it
     logprobs: bool = False
     top_logprobs: int = 0
+    tools: tools.Tools | None = None
 
 
 # -- sampling -----------------------------------------------------------------------------------
@@ -87,6 +91,10 @@ def check_sampling(params: inference_pb2.SamplingParams, *, context: int | None 
             raise bad(f"stop[{i}]", "is empty")
     if p.HasField("logprobs") and not 0 <= p.logprobs <= MAX_TOP_LOGPROBS:
         raise bad("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {p.logprobs}")
+    try:
+        structured.grammar_of(p)
+    except GrammarError as e:
+        raise bad(e.field, str(e)) from None
     if not p.HasField("seed") and p.temperature > 0:
         p.seed = secrets.randbits(63)
     return p
@@ -101,25 +109,30 @@ def fill_max_tokens(params: inference_pb2.SamplingParams, prompt_tokens: int,
 
 
 # -- prompts ------------------------------------------------------------------------------------
-def check_messages(messages: Sequence[tuple[str, str]], prefix: str = "") -> None:
+def check_messages(messages: Sequence[dict], prefix: str = "") -> None:
     if not messages:
         raise FieldError(prefix + "messages", "is empty; send at least one message")
-    for i, (role, _) in enumerate(messages):
-        if role not in ROLES:
+    for i, m in enumerate(messages):
+        if m["role"] not in ROLES:
             raise FieldError(f"{prefix}messages[{i}].role",
-                             f"{role!r} is not one of {', '.join(ROLES)}")
+                             f"{m['role']!r} is not one of {', '.join(ROLES)}")
 
 
-def encode_chat(engine: Engine, messages: Sequence[tuple[str, str]]) -> list[int]:
-    """Apply the model's chat template (plain `role: content` lines when it has none)."""
+def encode_chat(engine: Engine, messages: Sequence[dict],
+                tool_defs: list[dict] | None = None) -> list[int]:
+    """Apply the model's chat template, with the tools when there are (plain `role: content`
+    lines when it has none)."""
     check_messages(messages)
-    chat = [{"role": "system" if r == "developer" else r, "content": c} for r, c in messages]
+    chat = [{**m, "role": "system" if m["role"] == "developer" else m["role"]}
+            for m in messages]
     tok = engine.tokenizer
     if getattr(tok, "chat_template", None) is None:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in chat) + "assistant:"
         return engine.encode_prompt(text)
+    extra = {"tools": tool_defs} if tool_defs else {}
     try:
-        ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+        ids = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                      **extra)
     except Exception as e:  # jinja raises TemplateError for conversations it refuses
         raise FieldError("messages", f"were refused by the model's chat template: {e}") from None
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
@@ -139,7 +152,8 @@ def prompt_ids(engine: Engine, req: Request) -> list[int]:
     """Tokenize an OpenAI request (prompt, token ids or chat), check it against the engine and
     fill its default max_tokens."""
     if req.messages is not None:
-        ids = encode_chat(engine, req.messages)
+        ids = encode_chat(engine, req.messages,
+                          req.tools.template_tools() if req.tools else None)
     elif req.prompt_token_ids:
         ids = list(req.prompt_token_ids)
     else:
@@ -188,14 +202,11 @@ def _unsupported(body: dict) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name):
             raise FieldError(name, "is not supported; use repetition_penalty")
-    for name in ("logit_bias", "tools", "functions", "suffix"):
+    for name in ("logit_bias", "functions", "suffix"):
         if body.get(name):
             raise FieldError(name, "is not supported by this server")
     if _boolean(body, "echo"):
         raise FieldError("echo", "is not supported by this server")
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        raise FieldError("response_format", "only {'type': 'text'} is supported")
 
 
 def _sampling(body: dict, context: int | None) -> inference_pb2.SamplingParams:
@@ -247,7 +258,29 @@ def _content(value: Any, where: str) -> str:
                      f"{type(value).__name__}")
 
 
-def _messages(body: dict) -> list[tuple[str, str]]:
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """An assistant message's tool_calls, arguments parsed for the chat template."""
+    if not isinstance(value, list):
+        raise FieldError(where, "must be a list")
+    out = []
+    for j, call in enumerate(value):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise FieldError(f"{where}[{j}]", "must be {'id', 'type': 'function', "
+                             "'function': {'name', 'arguments'}}")
+        args = fn.get("arguments")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                raise FieldError(f"{where}[{j}].function.arguments",
+                                 "is not valid JSON") from None
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": fn["name"], "arguments": args or {}}})
+    return out
+
+
+def _messages(body: dict) -> list[dict]:
     raw = body.get("messages")
     if raw is None:
         raise FieldError("messages", "is required")
@@ -260,7 +293,13 @@ def _messages(body: dict) -> list[tuple[str, str]]:
         role = m.get("role")
         if not isinstance(role, str):
             raise FieldError(f"messages[{i}].role", "is required (a string)")
-        out.append((role, _content(m.get("content"), f"messages[{i}].content")))
+        msg = {"role": role, "content": _content(m.get("content"), f"messages[{i}].content")}
+        if m.get("tool_calls") is not None:
+            msg["tool_calls"] = _tool_calls(m["tool_calls"], f"messages[{i}].tool_calls")
+        for key in ("tool_call_id", "name"):
+            if isinstance(m.get(key), str):
+                msg[key] = m[key]
+        out.append(msg)
     check_messages(out)
     return out
 
@@ -285,7 +324,29 @@ def _prompt(body: dict, req: Request) -> None:
         raise FieldError("prompt", "must be a string or a list of token ids")
 
 
-def from_openai(body: Any, *, chat: bool, context: int | None = None) -> Request:
+def _structured(body: dict, req: Request, chat: bool, tokenizer: Any) -> None:
+    """Structured output and tools of an OpenAI body into `req`, compiled and checked."""
+    try:
+        param = structured.from_body(body, req.sampling)
+        if chat:
+            req.tools = tools.from_body(body, tokenizer)
+        elif body.get("tools"):
+            raise GrammarError("tools", "are only for chat completions")
+        if req.tools is not None and req.tools.choice in ("required", "function"):
+            if param is not None:
+                raise GrammarError("tool_choice", f"cannot be combined with {param}")
+            req.tools.constrain(req.sampling)
+            param = "tool_choice"
+    except GrammarError as e:
+        raise FieldError(e.field, str(e)) from None
+    try:
+        structured.grammar_of(req.sampling)
+    except GrammarError as e:
+        raise FieldError(param or e.field, str(e)) from None
+
+
+def from_openai(body: Any, *, chat: bool, context: int | None = None,
+                tokenizer: Any = None) -> Request:
     """Check an OpenAI chat or completions body; every error names the offending field."""
     if not isinstance(body, dict):
         raise FieldError("body", f"must be a JSON object, got {type(body).__name__}")
@@ -317,6 +378,7 @@ def from_openai(body: Any, *, chat: bool, context: int | None = None) -> Request
             raise FieldError("logprobs", f"must be in [0, {MAX_TOP_LOGPROBS}], got {top}")
         req.logprobs, req.top_logprobs = top is not None, top or 0
     req.sampling = _sampling(body, context)
+    _structured(body, req, chat, tokenizer)
     if body.get("max_completion_tokens") is not None:
         req.max_tokens_param = "max_completion_tokens"
     if req.logprobs:

@@ -79,7 +79,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
     async def Chat(self, request: inference_pb2.ChatRequest, context: Any):
         def ids() -> tuple[list[int], str]:
             self._check_model(request.model)
-            messages = [(m.role, m.content) for m in request.messages]
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
             return encode_chat(self.engine, messages), "messages"
 
         async for msg in self._stream(ids, request.request_id, request.sampling, context):

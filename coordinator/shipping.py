@@ -89,9 +89,11 @@ class Shipper:
             return self._tensors
 
     async def files(self, start: int, end: int) -> list[FileSource]:
-        """The files of a stage holding layers [start, end): config files first."""
+        """The files of a stage holding layers [start, end): config files first (the
+        tokenizer only for the last stage, which samples)."""
         tensors = await self.tensors()
-        configs = [config_file(self.model.path / n) for n in CONFIG_FILES
+        names = [n for n in CONFIG_FILES if n != "tokenizer.json" or end == self.model.num_layers]
+        configs = [config_file(self.model.path / n) for n in names
                    if (self.model.path / n).is_file()]
         picked = [t for name, t in sorted(tensors.items())
                   if self.model.in_stage(name, start, end)]

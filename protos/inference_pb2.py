@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\x0cshardline.v1\"\xc2\x02\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x07\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobs\"\x8e\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8d\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.shardline.v1.ChatMessage\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xb5\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12#\n\x1btime_to_first_token_seconds\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x01(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\x06 \x01(\x05\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.shardline.v1.Usage\"\x13\n\x11ListModelsRequest\"A\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.shardline.v1.ModelInfo\"\x13\n\x11GetClusterRequest\"\xc6\x01\n\x0bWorkerState\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x13\n\x0blayer_start\x18\x06 \x01(\x05\x12\x11\n\tlayer_end\x18\x07 \x01(\x05\x12\x0e\n\x06status\x18\x08 \x01(\t\x12\x13\n\x0bshard_bytes\x18\t \x01(\x03\x12\x18\n\x10shard_bytes_sent\x18\n \x01(\x03\"\\\n\x0c\x43lusterState\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07workers\x18\x02 \x03(\x0b\x32\x19.shardline.v1.WorkerState\x12\x11\n\tpartition\x18\x03 \x01(\t*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xb9\x02\n\tInference\x12K\n\x08Generate\x12\x1d.shardline.v1.GenerateRequest\x1a\x1e.shardline.v1.GenerateResponse0\x01\x12\x43\n\x04\x43hat\x12\x19.shardline.v1.ChatRequest\x1a\x1e.shardline.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.shardline.v1.ListModelsRequest\x1a .shardline.v1.ListModelsResponse\x12I\n\nGetCluster\x12\x1f.shardline.v1.GetClusterRequest\x1a\x1a.shardline.v1.ClusterStateb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/inference.proto\x12\x0cshardline.v1\"\xe6\x03\n\x0eSamplingParams\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05min_p\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x07 \x01(\x05H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x07\x88\x01\x01\x12\x18\n\x0bjson_schema\x18\n \x01(\tH\x08\x88\x01\x01\x12\x18\n\x0bjson_object\x18\x0b \x01(\x08H\t\x88\x01\x01\x12\x12\n\x05regex\x18\x0c \x01(\tH\n\x88\x01\x01\x12\x0e\n\x06\x63hoice\x18\r \x03(\t\x12\x14\n\x07grammar\x18\x0e \x01(\tH\x0b\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x0e\n\x0c_json_schemaB\x0e\n\x0c_json_objectB\x08\n\x06_regexB\n\n\x08_grammar\"\x8e\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x8d\x01\n\x0b\x43hatRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.shardline.v1.ChatMessage\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.shardline.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xb5\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12#\n\x1btime_to_first_token_seconds\x18\x03 \x01(\x01\x12 \n\x18\x64\x65\x63ode_tokens_per_second\x18\x04 \x01(\x01\x12\x14\n\x0c\x64raft_tokens\x18\x05 \x01(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\x06 \x01(\x05\"\xb0\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12\x31\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1a.shardline.v1.FinishReason\x12\"\n\x05usage\x18\x06 \x01(\x0b\x32\x13.shardline.v1.Usage\"\x13\n\x11ListModelsRequest\"A\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\x05\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.shardline.v1.ModelInfo\"\x13\n\x11GetClusterRequest\"\xc6\x01\n\x0bWorkerState\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x03\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x13\n\x0blayer_start\x18\x06 \x01(\x05\x12\x11\n\tlayer_end\x18\x07 \x01(\x05\x12\x0e\n\x06status\x18\x08 \x01(\t\x12\x13\n\x0bshard_bytes\x18\t \x01(\x03\x12\x18\n\x10shard_bytes_sent\x18\n \x01(\x03\"\\\n\x0c\x43lusterState\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x07workers\x18\x02 \x03(\x0b\x32\x19.shardline.v1.WorkerState\x12\x11\n\tpartition\x18\x03 \x01(\t*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xb9\x02\n\tInference\x12K\n\x08Generate\x12\x1d.shardline.v1.GenerateRequest\x1a\x1e.shardline.v1.GenerateResponse0\x01\x12\x43\n\x04\x43hat\x12\x19.shardline.v1.ChatRequest\x1a\x1e.shardline.v1.GenerateResponse0\x01\x12O\n\nListModels\x12\x1f.shardline.v1.ListModelsRequest\x1a .shardline.v1.ListModelsResponse\x12I\n\nGetCluster\x12\x1f.shardline.v1.GetClusterRequest\x1a\x1a.shardline.v1.ClusterStateb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1530
-  _globals['_FINISHREASON']._serialized_end=1654
+  _globals['_FINISHREASON']._serialized_start=1694
+  _globals['_FINISHREASON']._serialized_end=1818
   _globals['_SAMPLINGPARAMS']._serialized_start=41
-  _globals['_SAMPLINGPARAMS']._serialized_end=363
-  _globals['_GENERATEREQUEST']._serialized_start=366
-  _globals['_GENERATEREQUEST']._serialized_end=508
-  _globals['_CHATMESSAGE']._serialized_start=510
-  _globals['_CHATMESSAGE']._serialized_end=554
-  _globals['_CHATREQUEST']._serialized_start=557
-  _globals['_CHATREQUEST']._serialized_end=698
-  _globals['_USAGE']._serialized_start=701
-  _globals['_USAGE']._serialized_end=882
-  _globals['_GENERATERESPONSE']._serialized_start=885
-  _globals['_GENERATERESPONSE']._serialized_end=1061
-  _globals['_LISTMODELSREQUEST']._serialized_start=1063
-  _globals['_LISTMODELSREQUEST']._serialized_end=1082
-  _globals['_MODELINFO']._serialized_start=1084
-  _globals['_MODELINFO']._serialized_end=1149
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1151
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1212
-  _globals['_GETCLUSTERREQUEST']._serialized_start=1214
-  _globals['_GETCLUSTERREQUEST']._serialized_end=1233
-  _globals['_WORKERSTATE']._serialized_start=1236
-  _globals['_WORKERSTATE']._serialized_end=1434
-  _globals['_CLUSTERSTATE']._serialized_start=1436
-  _globals['_CLUSTERSTATE']._serialized_end=1528
-  _globals['_INFERENCE']._serialized_start=1657
-  _globals['_INFERENCE']._serialized_end=1970
+  _globals['_SAMPLINGPARAMS']._serialized_end=527
+  _globals['_GENERATEREQUEST']._serialized_start=530
+  _globals['_GENERATEREQUEST']._serialized_end=672
+  _globals['_CHATMESSAGE']._serialized_start=674
+  _globals['_CHATMESSAGE']._serialized_end=718
+  _globals['_CHATREQUEST']._serialized_start=721
+  _globals['_CHATREQUEST']._serialized_end=862
+  _globals['_USAGE']._serialized_start=865
+  _globals['_USAGE']._serialized_end=1046
+  _globals['_GENERATERESPONSE']._serialized_start=1049
+  _globals['_GENERATERESPONSE']._serialized_end=1225
+  _globals['_LISTMODELSREQUEST']._serialized_start=1227
+  _globals['_LISTMODELSREQUEST']._serialized_end=1246
+  _globals['_MODELINFO']._serialized_start=1248
+  _globals['_MODELINFO']._serialized_end=1313
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1315
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1376
+  _globals['_GETCLUSTERREQUEST']._serialized_start=1378
+  _globals['_GETCLUSTERREQUEST']._serialized_end=1397
+  _globals['_WORKERSTATE']._serialized_start=1400
+  _globals['_WORKERSTATE']._serialized_end=1598
+  _globals['_CLUSTERSTATE']._serialized_start=1600
+  _globals['_CLUSTERSTATE']._serialized_end=1692
+  _globals['_INFERENCE']._serialized_start=1821
+  _globals['_INFERENCE']._serialized_end=2134
 # @@protoc_insertion_point(module_scope)

@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 HASH_RE = re.compile(r"^[0-9a-f]{64}$")
-NAME_RE = re.compile(r"^(config\.json|hf_quant_config\.json|model-[0-9a-f]{64}\.safetensors)$")
+NAME_RE = re.compile(
+    r"^(config\.json|hf_quant_config\.json|tokenizer\.json|model-[0-9a-f]{64}\.safetensors)$")
 READ_BYTES = 8 << 20
 INDEX_VERSION = 1
-# The small files of a model directory a worker needs besides tensors (mlx_lm.utils.load_model).
-CONFIG_FILES = ("config.json", "hf_quant_config.json")
+# The small files of a model directory a worker needs besides tensors: mlx_lm.utils.load_model
+# reads the configs; the last stage's grammars (worker/constrain.py) read tokenizer.json.
+CONFIG_FILES = ("config.json", "hf_quant_config.json", "tokenizer.json")
 
 
 class TensorFileError(ValueError):

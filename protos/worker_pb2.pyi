@@ -198,7 +198,7 @@ class Tensor(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ...) -> None: ...
 
 class SeqInput(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "hidden", "start", "sample", "sampling", "offset", "fork_from", "fork_length", "draft")
+    __slots__ = ("seq_id", "token_ids", "hidden", "start", "sample", "sampling", "offset", "fork_from", "fork_length", "draft", "grammar", "output_offset")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,8 @@ class SeqInput(_message.Message):
     FORK_FROM_FIELD_NUMBER: _ClassVar[int]
     FORK_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
+    GRAMMAR_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     hidden: Tensor
@@ -219,7 +221,9 @@ class SeqInput(_message.Message):
     fork_from: str
     fork_length: int
     draft: int
-    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[bool] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., offset: _Optional[int] = ..., fork_from: _Optional[str] = ..., fork_length: _Optional[int] = ..., draft: _Optional[int] = ...) -> None: ...
+    grammar: str
+    output_offset: int
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[bool] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., offset: _Optional[int] = ..., fork_from: _Optional[str] = ..., fork_length: _Optional[int] = ..., draft: _Optional[int] = ..., grammar: _Optional[str] = ..., output_offset: _Optional[int] = ...) -> None: ...
 
 class StageMessage(_message.Message):
     __slots__ = ("step_id", "seqs", "release", "error")

@@ -95,6 +95,7 @@ class Lookahead:
         self.taken += 1
         pending = guess.pending
         pending.msg, pending.seqs = msg, seqs
+        runner.resolve(pending)  # constrained rows: their masks follow the tokens just known
         return pending
 
     def drop(self, seq_ids: list[str]) -> None:

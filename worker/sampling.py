@@ -48,8 +48,11 @@ class Sampler:
             top_logprobs=params.logprobs if params.HasField("logprobs") else 0,
         )
 
-    def sample(self, logits: mx.array) -> tuple[mx.array, ...]:
+    def sample(self, logits: mx.array, allowed: mx.array | None = None) -> tuple[mx.array, ...]:
         """Pick a token from logits of shape (1, vocab); returns (token, its logprob), lazily.
+
+        `allowed` (a (1, vocab) boolean array, worker/constrain.py) leaves only those tokens
+        possible: the others' logits become -inf before anything else.
 
         With `top_logprobs` > 0 it also returns the ids and logprobs of that many most likely
         tokens, best first.
@@ -57,6 +60,8 @@ class Sampler:
         The random key depends only on (seed, position), so a sequence re-run from its prompt
         and the tokens already produced samples the same continuation.
         """
+        if allowed is not None:
+            logits = mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))
         if self._processors:
             tokens = mx.array(self.history, dtype=mx.int32)
             for processor in self._processors:

@@ -33,6 +33,7 @@ class Shard:
     weight_bytes: int
     load_seconds: float
     cache_template: list[Any]
+    path: Path | None = None  # the model directory it was loaded from (its tokenizer.json)
 
     def new_caches(self) -> list[Any]:
         """Fresh, empty KV caches for this slice's layers (family-correct kinds)."""
@@ -160,4 +161,5 @@ def load_shard(path: str | Path, start: int, end: int, reuse: Shard | None = Non
         weight_bytes=_parameter_bytes(model),
         load_seconds=time.perf_counter() - t0,
         cache_template=cache_template,
+        path=path,
     )

@@ -11,6 +11,7 @@ from mlx_lm.models.cache import KVCache
 
 from protos import codec, worker_pb2
 from worker.batch import DecodeBatch, batchable
+from worker.constrain import Constraint, ConstraintError, GrammarTokenizer
 from worker.lookahead import Lookahead
 from worker.sampling import Sampler
 from worker.shard import Shard
@@ -49,6 +50,7 @@ class Session:
     # after a step with proposals: the first position a later step may go back to (the
     # rejected proposals' positions are trimmed then)
     floor: int | None = None
+    constraint: Constraint | None = None  # the output's grammar (last stage only)
 
     @property
     def kv_bytes(self) -> int:
@@ -66,6 +68,13 @@ class StepOutput:
     decode_tokens: int = 0
     device_seconds: float = 0.0  # waiting for the values (StageRunner.finish)
     serialise_seconds: float = 0.0  # building the messages from them
+
+
+@dataclass
+class Deferred:
+    """A constrained row's logits, sampled once its grammar's mask is known (_resolve)."""
+
+    logits: mx.array
 
 
 @dataclass
@@ -90,6 +99,7 @@ class StageRunner:
         self.batches: dict[tuple[str, ...], DecodeBatch] = {}
         # a stage holding the whole model begins each decode step's successor early
         self.lookahead = Lookahead() if lookahead and Lookahead.suits(shard) else None
+        self.grammar_tokenizer = GrammarTokenizer(shard.path) if shard.is_last else None
 
     def close(self) -> None:
         """Let go of the shard, the caches and any guess (a new shard replaces this one); a
@@ -145,10 +155,12 @@ class StageRunner:
         if seq.start:
             self.release([seq.seq_id])
             sampler = Sampler.from_params(seq.sampling) if self.shard.is_last else None
+            constraint = self._constraint(seq)
             if seq.fork_from:
                 self.sessions[seq.seq_id] = self._fork(seq, sampler)
             else:
                 self.sessions[seq.seq_id] = Session(self.shard.new_caches(), sampler=sampler)
+            self.sessions[seq.seq_id].constraint = constraint
         session = self.sessions.get(seq.seq_id)
         if session is None:
             raise StepError(f"unknown sequence {seq.seq_id!r} (never started or already released)")
@@ -161,6 +173,14 @@ class StageRunner:
             raise StepError(f"sequence {seq.seq_id!r}: {seq.draft} proposals in a chunk of "
                             f"{len(seq.token_ids)} tokens")
         return session
+
+    def _constraint(self, seq: worker_pb2.SeqInput) -> Constraint | None:
+        if not seq.grammar or not self.shard.is_last:
+            return None
+        try:
+            return Constraint(self.grammar_tokenizer.get(), seq.grammar, seq.output_offset)
+        except ConstraintError as e:
+            raise StepError(f"sequence {seq.seq_id!r}: {e}") from None
 
     def _rewind(self, seq: worker_pb2.SeqInput, session: Session) -> None:
         """Drop the positions of proposals the last stage did not confirm (the step checked
@@ -276,18 +296,20 @@ class StageRunner:
             for row, i in enumerate(group):
                 sampled = None
                 if self.shard.is_last and seqs[i].sample and seqs[i].draft:
-                    sampled = sample_positions(sessions[i].sampler, logits,
-                                               list(seqs[i].token_ids), seqs[i].draft)
+                    sampled = self._checked(seqs[i], sessions[i], logits)
                 elif self.shard.is_last:
                     ids_in = history[i] if history is not None else seqs[i].token_ids
                     sessions[i].sampler.history.extend(ids_in)
-                    if seqs[i].sample:
+                    if seqs[i].sample and sessions[i].constraint is not None:
+                        sampled = Deferred(logits[row : row + 1])
+                    elif seqs[i].sample:
                         sampled = sessions[i].sampler.sample(logits[row : row + 1])
                 rows[i] = (h if len(group) == 1 else h[row : row + 1], sampled)
                 # positions count when a step is begun: the next may be begun before this
                 # one has finished (worker/mlx_thread.py)
                 sessions[i].offset += len(seqs[i].token_ids)
                 targets.append(sampled.samples if isinstance(sampled, Checked)
+                               else sampled.logits if isinstance(sampled, Deferred)
                                else sampled if sampled is not None else rows[i][0])
             if self.shard.is_last and logits is None:
                 # A prompt chunk on the last stage only fills caches: like mlx-lm, evaluate
@@ -295,10 +317,39 @@ class StageRunner:
                 del targets[-len(group) :]
                 targets += [c.state for c in caches]
         mx.async_eval(targets)
-        return Pending(msg, seqs, sessions, rows, targets, groups)
+        pending = Pending(msg, seqs, sessions, rows, targets, groups)
+        if history is None:  # a guess's tokens are not known yet: Lookahead.take resolves it
+            self.resolve(pending)
+        return pending
+
+    def _checked(self, seq: worker_pb2.SeqInput, session: Session, logits: mx.array) -> Checked:
+        try:
+            return sample_positions(session.sampler, logits, list(seq.token_ids), seq.draft,
+                                    session.constraint)
+        except ConstraintError as e:
+            raise StepError(f"sequence {seq.seq_id!r}: {e}") from None
+
+    def resolve(self, pending: Pending) -> None:
+        """Sample the constrained rows of a begun step. Their masks are computed here, on the
+        host, while the device computes the layers the step has been given already."""
+        new = []
+        for i, (h, sampled) in enumerate(pending.rows):
+            if isinstance(sampled, Deferred):
+                session = pending.sessions[i]
+                try:
+                    allowed = session.constraint.allowed(session.sampler.history,
+                                                         sampled.logits.shape[-1])
+                except ConstraintError as e:
+                    raise StepError(f"sequence {pending.seqs[i].seq_id!r}: {e}") from None
+                pending.rows[i] = (h, session.sampler.sample(sampled.logits, allowed))
+                new.append(pending.rows[i][1])
+        if new:
+            pending.targets.extend(new)
+            mx.async_eval(new)
 
     def finish(self, pending: Pending) -> StepOutput:
         """Wait for a begun step's values and build its output (the one sync of the step)."""
+        self.resolve(pending)
         t0 = time.perf_counter()
         mx.eval(pending.targets)
         t1 = time.perf_counter()

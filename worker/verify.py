@@ -18,6 +18,7 @@ from typing import Any
 import mlx.core as mx
 
 from protos import worker_pb2
+from worker.constrain import Constraint
 from worker.sampling import Sampler
 
 
@@ -29,14 +30,18 @@ class Checked:
     samples: list[tuple[mx.array, ...]]  # (token, logprob, *top) per position
 
 
-def sample_positions(sampler: Sampler, logits: mx.array, chunk: list[int], k: int) -> Checked:
+def sample_positions(sampler: Sampler, logits: mx.array, chunk: list[int], k: int,
+                     constraint: Constraint | None = None) -> Checked:
     """Sample the last k + 1 positions of `chunk` from `logits` (shape (1, k + 1, vocab)),
-    extending the sampler's history position by position."""
+    extending the sampler's history position by position; under a grammar each position has
+    the mask that follows the proposals before it (a proposal the grammar refuses is rejected
+    there, whatever comes after it)."""
     head = len(chunk) - k
     sampler.history.extend(chunk[:head])
     samples = []
     for j in range(k + 1):
-        samples.append(sampler.sample(logits[:, j, :]))
+        allowed = constraint.allowed(sampler.history, logits.shape[-1]) if constraint else None
+        samples.append(sampler.sample(logits[:, j, :], allowed))
         if j < k:
             sampler.history.append(chunk[head + j])
     return Checked(drafts=list(chunk[head:]), samples=samples)
