@@ -36,12 +36,28 @@ SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|im_start|>", "<|im_end|>")
 SLIDING_WINDOW = 8  # small, so a 40-token prompt + 32 new tokens crosses it
 SLIDING_PATTERN = 3  # every 3rd layer attends globally, the others through the window
 # Bump when the builder changes in a way that changes the files: cached models are rebuilt.
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: the chat template takes tools
 
+# ChatML, with tools in the Hermes / Qwen style (mlx-lm reads its calls with `json_tools`).
 CHATML_TEMPLATE = (
+    "{% if tools %}{{ '<|im_start|>system\\nYou may call these tools:\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' + (tool | tojson) }}{% endfor %}"
+    "{{ '\\n</tools>\\nCall one as <tool_call>\\n{\"name\": <name>, \"arguments\": "
+    "<object>}\\n</tool_call><|im_end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' and message.tool_calls %}"
+    "{{ '<|im_start|>assistant\\n' + (message['content'] or '') }}"
+    "{% for tool_call in message.tool_calls %}"
+    "{% if tool_call.function %}{% set tool_call = tool_call.function %}{% endif %}"
+    "{{ '<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' "
+    "+ (tool_call.arguments | tojson) + '}\\n</tool_call>' }}{% endfor %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|im_start|>user\\n<tool_response>\\n' + message['content'] "
+    "+ '\\n</tool_response><|im_end|>\\n' }}"
+    "{% else %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
+    "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 

@@ -130,6 +130,8 @@ class Output:
         # (completions text_offset), as the engine's detokenizer emits it.
         self.detok = getattr(tokenizer, "detokenizer", None) if req.logprobs and not chat \
             else None
+        # tools the model may call: its output is read as a whole when it ends
+        self.tools = req.tools if chat and req.tools is not None and req.tools.active else None
 
     def _text_offset(self, token: int) -> int:
         """Where `token`'s text begins in the full text: the detokenizer's text before it (a
@@ -179,7 +181,10 @@ class Output:
         text = "".join(c.text for c in chunks)
         choice: dict[str, Any] = {"index": 0, "logprobs": self.logprobs(chunks),
                                   "finish_reason": FINISH.get(last.finish_reason, "stop")}
-        if self.chat:
+        if self.tools is not None:
+            choice["message"], choice["finish_reason"] = self.tools.message(
+                text, choice["finish_reason"])
+        elif self.chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
@@ -188,13 +193,15 @@ class Output:
         return obj
 
     def piece(self, text: str | None, chunks: list[Chunk], finish: str | None = None,
-              role: bool = False) -> dict:
+              role: bool = False, tool_calls: list[dict] | None = None) -> dict:
         choice: dict[str, Any] = {"index": 0, "logprobs": self.logprobs(chunks),
                                   "finish_reason": finish}
         if self.chat:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice["delta"] = delta
         else:
             choice["text"] = text or ""
@@ -366,11 +373,20 @@ class HttpApi:
             if out.chat:
                 yield sse(out.piece("", [], role=True))
             chunk = first
+            held: list[Chunk] = []  # with tools: the whole output, read when it ends
             while True:
-                if chunk.text or (out.req.logprobs and chunk.token_ids):
+                if out.tools is not None:
+                    held.append(chunk)
+                elif chunk.text or (out.req.logprobs and chunk.token_ids):
                     yield sse(out.piece(chunk.text, [chunk]))
                 if chunk.finish_reason:
-                    yield sse(out.piece(None, [], FINISH.get(chunk.finish_reason, "stop")))
+                    finish = FINISH.get(chunk.finish_reason, "stop")
+                    if out.tools is not None:
+                        message, finish = out.tools.message("".join(c.text for c in held),
+                                                            finish)
+                        yield sse(out.piece(message["content"], held, tool_calls=out.tools.deltas(
+                            message.get("tool_calls", []))))
+                    yield sse(out.piece(None, [], finish))
                     if out.req.include_usage:
                         yield sse(out.final_usage(chunk))
                     break
