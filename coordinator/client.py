@@ -11,6 +11,7 @@ Refusals raise a `ShardlineError` subclass named after the gRPC status (`Invalid
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict, Unpack
@@ -141,6 +142,12 @@ class Sampling(TypedDict, total=False):
     stop: str | Sequence[str]
     logprobs: int
     model: str
+    # structured output (docs/structured.md), at most one: the output always matches it
+    json_schema: str | Mapping[str, Any]  # a JSON schema (a dict, or its JSON text)
+    json_object: bool
+    regex: str
+    choice: Sequence[str]
+    grammar: str  # Lark
 
 
 Message = Mapping[str, str] | tuple[str, str]
@@ -151,6 +158,8 @@ def _request(prompt: str | Sequence[int] | None, messages: Iterable[Message] | N
     opts = dict(options)
     model = opts.pop("model", "")
     stop = opts.pop("stop", None)
+    if not isinstance(opts.get("json_schema", ""), str):
+        opts["json_schema"] = json.dumps(opts["json_schema"])
     sampling = inference_pb2.SamplingParams(**opts)
     if stop is not None:
         sampling.stop.extend([stop] if isinstance(stop, str) else stop)

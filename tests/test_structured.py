@@ -311,3 +311,16 @@ def test_speculative_decoding_respects_the_grammar(model_dir, workers):
     assert plain[:2] == spec[:2]
     assert spec[2].draft_tokens > 0 and spec[2].accepted_draft_tokens > 0, spec[2]
     assert re.fullmatch(pattern, plain[1]) or len(plain[0]) == 40, plain[1]
+
+
+def test_the_python_client_passes_structured_output_through(server):
+    from coordinator.client import Client, InvalidRequest
+
+    with Client(server.grpc_address) as c:
+        assert c.generate("Mood:", choice=CHOICES, max_tokens=20).text in CHOICES
+        got = c.generate("Record:", json_schema=WEATHER["function"]["parameters"],
+                         max_tokens=80, temperature=0.5, seed=4)
+        if got.finish_reason == "stop":
+            jsonschema.validate(json.loads(got.text), WEATHER["function"]["parameters"])
+        with pytest.raises(InvalidRequest, match="sampling.regex"):
+            c.generate("x", regex="(unclosed")
