@@ -46,9 +46,13 @@ class GrammarTokenizer:
             config = json.loads((model_dir / "config.json").read_text())
             eos = config.get("eos_token_id")
             vocab = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-            self._tokenizer = llguidance.LLTokenizer(
-                (model_dir / "tokenizer.json").read_text(), n_vocab=vocab,
-                eos_token=eos if isinstance(eos, int | list) and eos else None)
+            eos = eos if isinstance(eos, int | list) and eos else None
+            text = (model_dir / "tokenizer.json").read_text()
+            try:
+                self._tokenizer = llguidance.LLTokenizer(text, n_vocab=vocab, eos_token=eos)
+            except TypeError:  # llguidance before 1.7 takes one EOS token only
+                one = eos[0] if isinstance(eos, list) else eos
+                self._tokenizer = llguidance.LLTokenizer(text, n_vocab=vocab, eos_token=one)
         except Exception as e:  # noqa: BLE001 - any failure makes grammars unavailable, named
             self._error = f"cannot build the grammar tokenizer from {model_dir}: {e}"
         finally:
