@@ -31,6 +31,7 @@ class Tools:
     name: str = ""  # the function tool_choice names
     parser: Any = None  # mlx-lm's tool parser of the model (for auto)
     markers: tuple[str, str] | None = None  # the model's tool-call start and end
+    parallel: bool = True  # parallel_tool_calls: false allows one call only
     ids: list[str] = field(default_factory=list)
 
     @property
@@ -56,8 +57,11 @@ class Tools:
                       "properties": {"name": {"const": t["function"]["name"]},
                                      "parameters": self.parameters(t["function"]["name"])},
                       "required": ["name", "parameters"]} for t in self.tools]
-            set_schema(params, {"type": "array", "minItems": 1,
-                                "items": calls[0] if len(calls) == 1 else {"anyOf": calls}})
+            schema = {"type": "array", "minItems": 1,
+                      "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+            if not self.parallel:
+                schema["maxItems"] = 1
+            set_schema(params, schema)
 
     # -- the answer ----------------------------------------------------------------------------
     def _call(self, name: str, arguments: Any) -> dict:
@@ -143,6 +147,10 @@ def from_body(body: dict, tokenizer: Any) -> Tools | None:
     if len(set(names)) != len(names):
         raise GrammarError("tools", "holds two functions of the same name")
     out = Tools(tools)
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise GrammarError("parallel_tool_calls", "must be true or false")
+    out.parallel = parallel is not False
     if tokenizer is not None and getattr(tokenizer, "has_tool_calling", False):
         out.parser = tokenizer.tool_parser
         out.markers = (tokenizer.tool_call_start, tokenizer.tool_call_end)

@@ -47,7 +47,8 @@ WEATHER = {"type": "function", "function": {
                    "properties": {"city": {"type": "string", "maxLength": 16},
                                   "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
 TIME = {"type": "function", "function": {
-    "name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    "name": "get_time",
+    "parameters": {"type": "object", "properties": {}, "additionalProperties": False}}}
 
 
 @functools.lru_cache(maxsize=2)
@@ -214,6 +215,27 @@ def _arguments_valid(call, tool):
     jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
 
 
+def _streamed_calls(client, server, messages, tool_choice) -> dict[int, dict]:
+    """The tool calls of a streamed answer, put together from their deltas as clients do."""
+    stream = client.chat.completions.create(model=server.model_id, messages=messages,
+                                            tools=[WEATHER, TIME], tool_choice=tool_choice,
+                                            parallel_tool_calls=False, max_tokens=200,
+                                            temperature=0.7, seed=2, stream=True)
+    calls: dict[int, dict] = {}
+    finish, content = None, ""
+    for event in stream:
+        delta = event.choices[0].delta
+        content += delta.content or ""
+        for tc in delta.tool_calls or []:
+            entry = calls.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
+            entry["name"] += tc.function.name or ""
+            entry["arguments"] += tc.function.arguments or ""
+        finish = event.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and calls, (finish, content)
+    assert all(c["id"].startswith("call_") for c in calls.values())
+    return calls
+
+
 def test_tool_calls_round_trip_through_the_openai_client(server, client):
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     r = client.chat.completions.create(model=server.model_id, messages=messages,
@@ -226,22 +248,13 @@ def test_tool_calls_round_trip_through_the_openai_client(server, client):
         _arguments_valid(call, WEATHER if call.function.name == "get_weather" else TIME)
 
     named = {"type": "function", "function": {"name": "get_weather"}}
-    stream = client.chat.completions.create(model=server.model_id, messages=messages,
-                                            tools=[WEATHER, TIME], tool_choice=named,
-                                            max_tokens=120, temperature=0.7, seed=2,
-                                            stream=True)
-    calls: dict[int, dict] = {}
-    finish = None
-    for event in stream:
-        delta = event.choices[0].delta
-        for tc in delta.tool_calls or []:
-            entry = calls.setdefault(tc.index, {"id": tc.id, "name": "", "arguments": ""})
-            entry["name"] += tc.function.name or ""
-            entry["arguments"] += tc.function.arguments or ""
-        finish = event.choices[0].finish_reason or finish
-    assert finish == "tool_calls" and list(calls) == [0]
-    assert calls[0]["name"] == "get_weather"
-    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+    for tool_choice in ("required", named):
+        calls = _streamed_calls(client, server, messages, tool_choice)
+        if tool_choice == named:
+            assert list(calls) == [0] and calls[0]["name"] == "get_weather"
+        for call in calls.values():
+            tool = WEATHER if call["name"] == "get_weather" else TIME
+            jsonschema.validate(json.loads(call["arguments"]), tool["function"]["parameters"])
 
     # the follow-up: the assistant's call and the tool's answer go back through the template
     call = choice.message.tool_calls[0]
