@@ -103,7 +103,7 @@ def test_json_schema_outputs_always_validate(server, client):
                                                    "strict": True}}
     params = inference_pb2.SamplingParams(json_schema=json.dumps(SCHEMA))
     tok = server.coordinator.engine.tokenizer
-    n = 50 if len(server.coordinator.cluster.workers) == 3 else 20
+    n = 50
 
     def one(i):
         return _complete(client, server, i, stream=i % 2 == 1,
