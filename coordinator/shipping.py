@@ -30,7 +30,10 @@ from protos.units import format_size
 log = logging.getLogger("shardline.shipping")
 
 CHUNK_BYTES = 4 << 20
-WINDOW = 4  # chunks in flight per transfer
+WINDOW = 4  # chunks in flight per stream
+# Put streams per transfer, each with its own files: both ends hash and write several files at
+# once (one stream keeps about one core busy on each end)
+STREAMS = 3
 MAX_REFUSALS = 8  # chunk refusals per file before the transfer fails
 
 
@@ -67,6 +70,7 @@ class Shipper:
         self._tensors: dict[str, FileSource] | None = None
         self._lock = asyncio.Lock()
         self.chunk_bytes = CHUNK_BYTES
+        self.streams = STREAMS
         # tests corrupt a chunk on its way: (file sha256, offset, data) -> data
         self.tamper: Callable[[str, int, bytes], bytes] | None = None
 
@@ -118,15 +122,21 @@ class Shipper:
         if not todo:
             transfer.done = True
             return
-        call = stub.Put()
+        calls = [stub.Put() for _ in range(min(self.streams, len(todo)))]
         try:
-            await self._send(call, todo, transfer, on_bytes)
-            await call.done_writing()
+            await asyncio.gather(*(self._stream(call, part, transfer, on_bytes) for call, part
+                                   in zip(calls, split(todo, len(calls)), strict=True)))
         except grpc.aio.AioRpcError as e:
             raise ShipError(f"the transfer broke: {e.details()}") from None
         finally:
-            call.cancel()
+            for call in calls:
+                call.cancel()
         transfer.done = True
+
+    async def _stream(self, call: Any, todo: list[tuple[FileSource, int]], transfer: Transfer,
+                      on_bytes: Callable[[int], None] | None) -> None:
+        await self._send(call, todo, transfer, on_bytes)
+        await call.done_writing()
 
     def _after(self, files: list[FileSource], nxt: list[int], i: int, length: int
                ) -> tuple[int, int, int] | None:
@@ -208,6 +218,18 @@ class Shipper:
         finally:
             if ahead is not None:
                 ahead[1].add_done_callback(_discard)
+
+def split(todo: list[tuple[FileSource, int]], n: int) -> list[list[tuple[FileSource, int]]]:
+    """`todo` in `n` parts of about the same bytes, each in the order of `todo`."""
+    parts: list[list[tuple[FileSource, int]]] = [[] for _ in range(n)]
+    load = [0] * n
+    for item in sorted(todo, key=lambda t: t[1] - t[0].size):  # largest left first
+        i = load.index(min(load))
+        parts[i].append(item)
+        load[i] += item[0].size - item[1]
+    order = {id(item): k for k, item in enumerate(todo)}
+    return [sorted(p, key=lambda t: order[id(t)]) for p in parts]
+
 
 def _discard(future: asyncio.Future) -> None:
     if not future.cancelled():

@@ -330,3 +330,18 @@ def test_a_worker_with_the_same_model_in_its_models_dir_gets_nothing(model_dir, 
     assert tokens == expected
     assert shipped["m1"] == (True, 0)
     assert shipped["m2"][0] is False and shipped["m2"][1] > 0
+
+
+def test_files_are_split_over_streams_by_bytes_in_their_order(tmp_path):
+    from coordinator.shipping import split
+    from protos.tensorfiles import FileSource
+
+    files = [FileSource(name=f"f{i}", sha256=f"{i:064x}", size=size, path=tmp_path)
+             for i, size in enumerate([100, 10, 60, 50, 40, 30])]
+    todo = [(f, 20 if f.name == "f0" else 0) for f in files]  # f0: 20 bytes already there
+    parts = split(todo, 3)
+    assert sorted(id(t) for p in parts for t in p) == sorted(id(t) for t in todo)
+    loads = [sum(f.size - held for f, held in p) for p in parts]
+    assert max(loads) - min(loads) <= 40, loads
+    for p in parts:
+        assert [todo.index(t) for t in p] == sorted(todo.index(t) for t in p)

@@ -63,7 +63,8 @@ class ShardCache:
         self.blobs = self.root / "blobs"
         self.partial = self.root / "partial"
         self.shards = self.root / "shards"
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the dicts below; each file has its own lock
+        self._file_locks: dict[str, threading.Lock] = {}
         self._receiving: dict[str, _Receiving] = {}
         self.received_bytes = 0  # bytes accepted into the cache since start
 
@@ -108,6 +109,10 @@ class ShardCache:
         chunk checks the whole file and moves it into the blobs."""
         check_hash(sha)
         with self._lock:
+            lock = self._file_locks.setdefault(sha, threading.Lock())
+        # files arrive on several streams at once: one file's chunks are taken in turn, and
+        # different files are hashed and written in parallel
+        with lock:
             if self.has(sha):
                 return Ack(True, True, size)
             rec = self._receiving.get(sha)
@@ -125,7 +130,8 @@ class ShardCache:
                 f.write(data)
             rec.hash.update(data)
             rec.held += len(data)
-            self.received_bytes += len(data)
+            with self._lock:
+                self.received_bytes += len(data)
             if rec.held < size:
                 return Ack(True, False, rec.held)
             del self._receiving[sha]
@@ -135,6 +141,8 @@ class ShardCache:
             final = self.blob(sha)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(rec.path, final)
+            with self._lock:
+                self._file_locks.pop(sha, None)  # a chunk still waiting on it sees has(sha)
             return Ack(True, True, size)
 
     def assemble(self, model_id: str, layers: tuple[int, int], files: Iterable[Any]) -> Path:
