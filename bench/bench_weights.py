@@ -424,6 +424,12 @@ def main() -> None:
     parser.add_argument("--report", action="store_true",
                         help="run nothing: print the tables of the --compare files")
     args = parser.parse_args()
+    try:
+        from worker.backend import tune_allocator
+    except ImportError:  # a tree from before weight shipping (the pause part)
+        pass
+    else:
+        tune_allocator()  # this process ships as `coordinator serve` does: tuned the same way
     others = [json.loads(f.read_text()) for f in args.compare]
     if args.report:
         for o in others:
