@@ -63,6 +63,7 @@ class ServeOptions:
     interface: str | None = None
     rebalance: bool = True
     recover_timeout: float = DEFAULT_RECOVER_TIMEOUT  # 0: a lost worker fails its requests
+    worker_wait: float = 0.0  # seconds --workers may take to answer at start (the CLI: 120)
     secret: bytes | None = field(default=None, repr=False)  # the cluster secret (protos/auth)
     api_key: str | None = field(default=None, repr=False)  # clients must send it as a bearer
     # speculative decoding (docs/speculation.md): a draft model, or "ngram" (prompt lookup)
@@ -152,7 +153,7 @@ class Coordinator:
         self.membership = Membership(
             cluster=opts.cluster, discover=opts.discover, min_workers=opts.min_workers,
             timeout=opts.discover_timeout, interface=opts.interface, rebalance=opts.rebalance,
-            progress=self.progress, secret=opts.secret,
+            progress=self.progress, secret=opts.secret, worker_wait=opts.worker_wait,
         )
         self.cluster = Cluster(
             self.model, await self.membership.gather(addresses), partition=opts.partition,
@@ -226,6 +227,19 @@ class Coordinator:
         self.http_port = self.http.port
         await self.http.start()
         self._health_task = asyncio.create_task(watch_health(self.health, self))
+
+    async def drain(self, grace: float) -> None:
+        """Shut down gently: report NOT_SERVING, refuse new requests, let the running ones
+        finish for up to `grace` seconds (then `stop` cancels the rest)."""
+        if self.engine is None:
+            return
+        self.engine.draining = True  # health follows it (NOT_SERVING, HTTP 503)
+        running = self.engine.scheduler.running + self.engine.scheduler.waiting
+        if running:
+            self.progress(f"draining: {running} request(s) may finish within {grace:g}s")
+        left = await self.engine.drain(grace)
+        if left:
+            self.progress(f"{left} request(s) did not finish in {grace:g}s: cancelled")
 
     async def stop(self) -> None:
         if self._health_task is not None:

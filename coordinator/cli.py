@@ -49,6 +49,13 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-rebalance", action="store_true",
                    help="workers that join later stay on standby until a "
                    "worker is lost (no re-plan on a join)")
+    p.add_argument("--worker-wait", type=float, default=120.0, metavar="SECONDS",
+                   help="how long to wait at start for --workers that do not answer yet, "
+                        "retrying with backoff (a service manager may start the coordinator "
+                        "first); 0 fails at once (default 120)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C: refuse new requests and let running ones finish "
+                        "for up to this long before stopping (default 30)")
     p.add_argument("--recover-timeout", type=float, default=120.0,
                    help="seconds a request waits for the re-plan after a worker is lost, then "
                    "continues where it was (0: fail it at once with UNAVAILABLE)")
@@ -130,6 +137,7 @@ async def _serve(args: argparse.Namespace) -> None:
         discover=not (args.no_discover or args.demo), min_workers=args.min_workers,
         discover_timeout=args.discover_timeout or None, interface=args.interface,
         rebalance=not args.no_rebalance, recover_timeout=args.recover_timeout,
+        worker_wait=args.worker_wait,
         secret=args.secret, api_key=args.api_key, draft_model=args.draft_model,
         num_draft_tokens=args.num_draft_tokens, speculative=args.speculative,
     )
@@ -142,6 +150,7 @@ async def _serve(args: argparse.Namespace) -> None:
         await coordinator.start()
         print("ready; Ctrl-C stops", flush=True)
         await stop.wait()
+        await coordinator.drain(args.drain_timeout)
     finally:
         await coordinator.stop()
 

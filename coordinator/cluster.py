@@ -62,6 +62,10 @@ class WorkerRefused(ClusterError):
     """A worker and this coordinator do not share the cluster secret (one of them refused)."""
 
 
+class WireMismatch(ClusterError):
+    """A worker of another wire version."""
+
+
 async def open_worker(address: str, timeout: float = 5.0, secret: bytes | None = None
                       ) -> Worker:
     """A channel to `address` (calls signed with `secret`) and the worker's Info, any wire
@@ -93,7 +97,7 @@ async def connect(address: str, timeout: float = 5.0, secret: bytes | None = Non
     worker = await open_worker(address, timeout, secret)
     if worker.info.api != protos.WIRE_VERSION:
         await worker.channel.close()
-        raise ClusterError(
+        raise WireMismatch(
             f"worker {worker.info.name} at {address} speaks wire version {worker.info.api}, "
             f"this coordinator {protos.WIRE_VERSION}"
         )
@@ -103,14 +107,46 @@ async def connect(address: str, timeout: float = 5.0, secret: bytes | None = Non
 async def connect_all(addresses: Sequence[str], secret: bytes | None = None) -> list[Worker]:
     """Reach every address in parallel; ClusterError naming each worker that did not answer
     (the channels that did open are closed)."""
-    outcomes = await asyncio.gather(*(connect(a, secret=secret) for a in addresses),
-                                    return_exceptions=True)
+    return await wait_all(addresses, secret)
+
+
+async def wait_all(addresses: Sequence[str], secret: bytes | None = None, wait: float = 0.0,
+                   progress: Callable[[str], None] | None = None) -> list[Worker]:
+    """`connect_all`, but a worker that does not answer yet is tried again (every 0.5 s, then
+    less often, up to 5 s apart) for up to `wait` seconds: a service manager may start the
+    coordinator before its workers listen. A worker that refuses the secret or speaks another
+    wire version fails at once."""
+    deadline = time.monotonic() + wait
+    told = False
+
+    async def one(address: str) -> Worker:
+        nonlocal told
+        pause, timeout = 0.5, 5.0
+        while True:
+            try:
+                return await connect(address, timeout=timeout, secret=secret)
+            except (WorkerRefused, WireMismatch):
+                raise
+            except ClusterError as e:
+                if deadline - time.monotonic() <= 0:
+                    raise
+                if progress is not None and not told:
+                    told = True
+                    progress(f"waiting up to {wait:g}s for workers that do not answer yet "
+                             f"({e}; --worker-wait)")
+            await asyncio.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, 5.0)
+            timeout = max(0.5, min(5.0, deadline - time.monotonic()))
+
+    outcomes = await asyncio.gather(*(one(a) for a in addresses), return_exceptions=True)
     errors = [str(o) for o in outcomes if isinstance(o, BaseException)]
     if errors:
         for o in outcomes:
             if isinstance(o, Worker):
                 await o.channel.close()
         raise ClusterError("; ".join(errors))
+    if told and progress is not None:
+        progress(f"all {len(addresses)} worker(s) answered")
     return list(outcomes)
 
 

@@ -79,6 +79,7 @@ class Engine:
         self.prefilled_tokens = 0
         self.recover_timeout = recover_timeout  # 0: a lost worker fails its requests at once
         self.resumed = 0  # requests that continued on a re-planned pipeline
+        self.draining = False  # shutting down: new requests are refused, running ones finish
         stages = len(getattr(getattr(pipeline_source, "plan", None), "stages", ()))
         # decode groups and prompt chunks share one cap of `stages` steps in flight
         self.batcher = Microbatcher(pipeline_source, stages, prefill_tokens=prefill_chunk)
@@ -205,6 +206,8 @@ class Engine:
 
     async def _admit(self, ids: list[int], sampling: inference_pb2.SamplingParams
                      ) -> AsyncIterator[Chunk]:
+        if self.draining:
+            raise RequestError("UNAVAILABLE", "the coordinator is shutting down")
         max_tokens = sampling.max_tokens if sampling.HasField("max_tokens") else DEFAULT_MAX_TOKENS
         self.check(ids, max_tokens)
         try:
@@ -217,6 +220,15 @@ class Engine:
                     yield chunk
         except QueueFull as e:
             raise RequestError("RESOURCE_EXHAUSTED", str(e)) from None
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new requests and wait up to `grace` seconds for the running and queued ones
+        to finish; returns how many are still unfinished then."""
+        self.draining = True
+        deadline = time.monotonic() + grace
+        while self.scheduler.running + self.scheduler.waiting and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.scheduler.running + self.scheduler.waiting
 
     def _seq_id(self) -> str:
         return f"{uuid.uuid4().hex[:8]}-{next(self._ids)}"

@@ -26,8 +26,8 @@ from coordinator.cluster import (
     ClusterError,
     Worker,
     WorkerRefused,
-    connect_all,
     open_worker,
+    wait_all,
 )
 from coordinator.discovery import (
     JOINING,
@@ -70,7 +70,7 @@ class Membership:
                  timeout: float | None = None, interface: str | None = None,
                  rebalance: bool = True, progress: Callable[[str], None] = print,
                  health_interval: float = 2.0, settle: float = 1.0,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, worker_wait: float = 0.0) -> None:
         check_cluster_name(cluster)
         if min_workers < 1:
             raise ValueError("--min-workers must be at least 1")
@@ -83,6 +83,7 @@ class Membership:
         self.progress = progress
         self.health_interval = health_interval
         self.settle = settle
+        self.worker_wait = worker_wait  # seconds the static workers may take to answer
         self.secret = secret
         local = [a for i in list_interfaces() for a in i.addresses]
         self.table = MemberTable(cluster, local_ips=local)
@@ -249,7 +250,8 @@ class Membership:
     # -- startup ---------------------------------------------------------------------------
     async def gather(self, static: Sequence[str]) -> list[Worker]:
         """Connect the static workers, browse, wait for `min_workers`; the usable workers."""
-        for address, worker in zip(static, await connect_all(static, self.secret), strict=True):
+        found = await wait_all(static, self.secret, self.worker_wait, self.progress)
+        for address, worker in zip(static, found, strict=True):
             member = self.table.add_static(address, await resolve_ips(address))
             self.table.identified(member, worker)
             if member.reason:

@@ -172,6 +172,8 @@ def not_ready(source: Any) -> str | None:
     cluster = source.cluster
     if source.engine is None or cluster is None or cluster.pipeline is None:
         return "shards are not loaded"
+    if source.engine.draining:
+        return "shutting down"
     return cluster.pipeline.broken
 
 
