@@ -113,7 +113,11 @@ async def bench_shardline(coordinator, label: str, streams: int, prompt_len: int
     from protos import inference_pb2, inference_pb2_grpc
 
     res = Result(label, streams)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{coordinator.grpc_port}") as channel:
+    address = f"127.0.0.1:{coordinator.grpc_port}"
+    tls = getattr(coordinator.options, "tls", None)  # the API over TLS: trust the cluster CA
+    channel = grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(tls.ca)) if tls \
+        else grpc.aio.insecure_channel(address)
+    async with channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
 
         async def one(ids: list[int], max_tokens: int = new) -> None:

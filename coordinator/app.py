@@ -26,7 +26,7 @@ from coordinator.modelinfo import ModelInfo, check_family, read_model_info, reso
 from coordinator.planner import DEFAULT_PREFIX_CACHE_TOKENS
 from coordinator.service import InferenceService, set_serving, start_server, watch_health
 from coordinator.speculation import DraftProposer, NgramProposer, Speculator
-from protos import auth
+from protos import auth, tls
 from protos.units import format_size
 
 log = logging.getLogger("shardline.coordinator")
@@ -66,6 +66,7 @@ class ServeOptions:
     worker_wait: float = 0.0  # seconds --workers may take to answer at start (the CLI: 120)
     secret: bytes | None = field(default=None, repr=False)  # the cluster secret (protos/auth)
     api_key: str | None = field(default=None, repr=False)  # clients must send it as a bearer
+    tls: Any = field(default=None, repr=False)  # protos.tls.TLS: mutual TLS, APIs over TLS
     # speculative decoding (docs/speculation.md): a draft model, or "ngram" (prompt lookup)
     draft_model: str | None = None
     speculative: str | None = None
@@ -139,6 +140,7 @@ class Coordinator:
 
         opts = self.options
         tune_allocator()  # shard chunks: worker/backend.py
+        tls.use(opts.tls)  # channels to workers present this certificate
         self.model = self.resolve_model()
         limit = self.model.max_prefill_chunk(protos.DEFAULT_MAX_MESSAGE_BYTES)
         if not 1 <= opts.prefill_chunk <= limit:
@@ -222,8 +224,10 @@ class Coordinator:
         if opts.api_key:
             interceptors.append(auth.api_key_auth(opts.api_key, OPEN_GRPC))
         self.server, self.health, self.grpc_port = await start_server(
-            service, opts.host, opts.grpc_port, interceptors=interceptors)
-        self.http = HttpServer(self, opts.host, opts.http_port)
+            service, opts.host, opts.grpc_port, interceptors=interceptors,
+            credentials=opts.tls.server_credentials(require_client_cert=False)
+            if opts.tls else None)
+        self.http = HttpServer(self, opts.host, opts.http_port, opts.tls)
         self.http_port = self.http.port
         await self.http.start()
         self._health_task = asyncio.create_task(watch_health(self.health, self))
@@ -242,6 +246,7 @@ class Coordinator:
             self.progress(f"{left} request(s) did not finish in {grace:g}s: cancelled")
 
     async def stop(self) -> None:
+        tls.use(None)
         if self._health_task is not None:
             self._health_task.cancel()
         if self.membership is not None:

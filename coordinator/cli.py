@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 import protos
-from protos import auth
+from protos import auth, tls
 from protos.units import format_size, parse_size
 
 
@@ -94,6 +94,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--speculative", choices=("ngram",), default=None,
                    help="speculative decoding by prompt lookup: proposals copied from the "
                    "prompt and the text so far (no draft model)")
+    tls.add_arguments(p, "coordinator")
 
 
 def add_client_parsers(sub: argparse._SubParsersAction) -> None:
@@ -105,6 +106,13 @@ def add_client_parsers(sub: argparse._SubParsersAction) -> None:
     for p in (s, g):
         p.add_argument("--api-key-file", type=Path, default=None,
                        help="file holding the coordinator's API key (or set SHARDLINE_API_KEY)")
+        p.add_argument("--tls-ca", type=Path, default=None,
+                       help="the cluster CA (ca.crt) of a coordinator serving over TLS")
+    c = sub.add_parser("certs", help="make a cluster CA and a certificate per host name")
+    c.add_argument("--dir", type=Path, required=True, help="where ca.crt, ca.key and each "
+                   "NAME.crt / NAME.key go (an existing CA there is kept)")
+    c.add_argument("--hosts", type=_csv, required=True,
+                   help="comma-separated host names (e.g. mini1.local) or IP addresses")
     g.add_argument("--prompt", required=True)
     g.add_argument("--max-tokens", type=int, default=None)
     g.add_argument("--temperature", type=float, default=None)
@@ -138,7 +146,7 @@ async def _serve(args: argparse.Namespace) -> None:
         discover_timeout=args.discover_timeout or None, interface=args.interface,
         rebalance=not args.no_rebalance, recover_timeout=args.recover_timeout,
         worker_wait=args.worker_wait,
-        secret=args.secret, api_key=args.api_key, draft_model=args.draft_model,
+        secret=args.secret, api_key=args.api_key, tls=args.tls, draft_model=args.draft_model,
         num_draft_tokens=args.num_draft_tokens, speculative=args.speculative,
     )
     coordinator = Coordinator(options, progress=lambda m: print(m, flush=True))
@@ -179,6 +187,18 @@ def _rpc_error(e: grpc.RpcError, address: str) -> CLIError:
     return CLIError(f"{e.code().name}: {e.details()}")
 
 
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    """A channel to the coordinator: over TLS, trusting --tls-ca, when it is given."""
+    if args.tls_ca:
+        try:
+            ca = args.tls_ca.read_bytes()
+        except OSError as e:
+            raise CLIError(f"--tls-ca {args.tls_ca}: {e.strerror}") from None
+        return grpc.secure_channel(args.address, grpc.ssl_channel_credentials(ca),
+                                   options=protos.channel_options())
+    return grpc.insecure_channel(args.address, options=protos.channel_options())
+
+
 def _key_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
     return ((auth.BEARER_KEY, f"Bearer {args.api_key}"),) if args.api_key else ()
 
@@ -186,7 +206,7 @@ def _key_metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
 def run_status(args: argparse.Namespace) -> int:
     from protos import inference_pb2, inference_pb2_grpc
 
-    with grpc.insecure_channel(args.address) as channel:
+    with _channel(args) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
             state = stub.GetCluster(inference_pb2.GetClusterRequest(), timeout=10,
@@ -220,7 +240,7 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.seed is not None:
         sampling.seed = args.seed
     request = inference_pb2.GenerateRequest(prompt=args.prompt, sampling=sampling)
-    with grpc.insecure_channel(args.address, options=protos.channel_options()) as channel:
+    with _channel(args) as channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
         try:
             for msg in stub.Generate(request, metadata=_key_metadata(args)):
@@ -232,6 +252,18 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_certs(args: argparse.Namespace) -> int:
+    try:
+        written = tls.make_certs(args.dir, args.hosts)
+    except (ValueError, OSError) as e:
+        raise CLIError(str(e)) from None
+    for path in written:
+        print(path)
+    print(f"give each machine ca.crt and its own NAME.crt / NAME.key: --tls-cert, --tls-key, "
+          f"--tls-ca (keep {args.dir / 'ca.key'} safe: it signs new members)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # transformers warns that PyTorch is missing; Shardline only uses its tokenizers.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -239,10 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             args.secret = auth.read_secret(args.secret_file)
+            args.tls = tls.TLS.load(args.tls_cert, args.tls_key, args.tls_ca)
         if args.command in ("serve", "status", "generate"):
             key = auth.read_secret(args.api_key_file, auth.API_KEY_ENV, "API key", minimum=1)
             args.api_key = key.decode() if key else None
-    except (auth.AuthError, UnicodeDecodeError) as e:
+    except (auth.AuthError, UnicodeDecodeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
@@ -250,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     from coordinator.plan_cli import run_plan
 
     commands = {"serve": run_serve, "plan": run_plan, "status": run_status,
-                "generate": run_generate}
+                "generate": run_generate, "certs": run_certs}
     try:
         return commands[args.command](args)
     except CLIError as e:

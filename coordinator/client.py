@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypedDict, Unpack
 
 import grpc
@@ -153,6 +154,11 @@ class Sampling(TypedDict, total=False):
 Message = Mapping[str, str] | tuple[str, str]
 
 
+def _credentials(tls_ca: str | Path | None) -> grpc.ChannelCredentials | None:
+    """TLS trusting the cluster CA file `tls_ca` (a coordinator serving over TLS), or None."""
+    return grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()) if tls_ca else None
+
+
 def _request(prompt: str | Sequence[int] | None, messages: Iterable[Message] | None,
              options: Sampling) -> inference_pb2.GenerateRequest | inference_pb2.ChatRequest:
     opts = dict(options)
@@ -232,9 +238,12 @@ class Client(_Base):
     """Blocking client; safe to share between threads. Use as a context manager or `close()`."""
 
     def __init__(self, address: str = f"127.0.0.1:{protos.DEFAULT_GRPC_PORT}", *,
-                 api_key: str | None = None, timeout: float | None = None) -> None:
+                 api_key: str | None = None, timeout: float | None = None,
+                 tls_ca: str | Path | None = None) -> None:
         super().__init__(address, api_key, timeout)
-        self._channel = grpc.insecure_channel(address, options=protos.channel_options())
+        creds = _credentials(tls_ca)
+        self._channel = grpc.secure_channel(address, creds, options=protos.channel_options()) \
+            if creds else grpc.insecure_channel(address, options=protos.channel_options())
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
     def stream(self, prompt: str | Sequence[int] | None = None, *,
@@ -292,9 +301,13 @@ class AsyncClient(_Base):
     """asyncio client; create and use it on one event loop. `async with` or `await close()`."""
 
     def __init__(self, address: str = f"127.0.0.1:{protos.DEFAULT_GRPC_PORT}", *,
-                 api_key: str | None = None, timeout: float | None = None) -> None:
+                 api_key: str | None = None, timeout: float | None = None,
+                 tls_ca: str | Path | None = None) -> None:
         super().__init__(address, api_key, timeout)
-        self._channel = grpc.aio.insecure_channel(address, options=protos.channel_options())
+        creds = _credentials(tls_ca)
+        self._channel = grpc.aio.secure_channel(address, creds,
+                                                options=protos.channel_options()) \
+            if creds else grpc.aio.insecure_channel(address, options=protos.channel_options())
         self._stub = inference_pb2_grpc.InferenceStub(self._channel)
 
     async def stream(self, prompt: str | Sequence[int] | None = None, *,

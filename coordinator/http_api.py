@@ -411,7 +411,7 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """The HTTP API served on the running event loop; `port` is the bound port."""
 
-    def __init__(self, source: Any, host: str, port: int) -> None:
+    def __init__(self, source: Any, host: str, port: int, tls: Any = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -422,8 +422,11 @@ class HttpServer:
             raise OSError(f"cannot listen on {host}:{port} (HTTP): {e.strerror}") from None
         self.sock.listen(128)
         self.port = self.sock.getsockname()[1]
+        # HTTPS with the coordinator's certificate (protos/tls.py) when it has one
+        certs = {"ssl_certfile": str(tls.cert_path), "ssl_keyfile": str(tls.key_path)} \
+            if tls is not None else {}
         config = uvicorn.Config(HttpApi(source).app, log_level="warning", lifespan="off",
-                                access_log=False, timeout_graceful_shutdown=2)
+                                access_log=False, timeout_graceful_shutdown=2, **certs)
         self.server = _Server(config)
         self.task: asyncio.Task | None = None
 

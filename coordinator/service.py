@@ -139,9 +139,10 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
 
 
 async def start_server(service: InferenceService, host: str, port: int,
-                       interceptors: Sequence[Any] = ()
+                       interceptors: Sequence[Any] = (), credentials: Any = None
                        ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """Start the API server with health (NOT_SERVING until marked) and reflection."""
+    """Start the API server with health (NOT_SERVING until marked) and reflection; over TLS
+    with `credentials`."""
     server = grpc.aio.server(options=protos.channel_options(),
                              interceptors=[*interceptors, RefuseUndecodable()])
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
@@ -154,7 +155,7 @@ async def start_server(service: InferenceService, host: str, port: int,
     )
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    bound = protos.listen(server, host, port)
+    bound = protos.listen(server, host, port, credentials)
     await server.start()
     return server, health_servicer, bound
 

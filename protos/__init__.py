@@ -50,14 +50,16 @@ def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[
     ]
 
 
-def listen(server: Any, host: str, port: int) -> int:
-    """Bind a gRPC server to host:port and return the bound port; OSError if it cannot.
+def listen(server: Any, host: str, port: int, credentials: Any = None) -> int:
+    """Bind a gRPC server to host:port (over TLS with `credentials`) and return the bound
+    port; OSError if it cannot.
 
     grpcio returns 0 or raises RuntimeError on a busy or invalid address, by version.
     """
     why = f"cannot listen on {host}:{port} (in use, or not an address of this host)"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = server.add_secure_port(f"{host}:{port}", credentials) if credentials \
+            else server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         raise OSError(why) from None
     if bound == 0:

@@ -165,10 +165,16 @@ class _SignStreamStream(_Signer, grpc.aio.StreamStreamClientInterceptor):
 
 def worker_channel(address: str, secret: bytes | None,
                    options: list[tuple[str, Any]]) -> grpc.aio.Channel:
-    """An asyncio channel to a worker; every call on it is signed when `secret` is set."""
+    """An asyncio channel to a worker; every call on it is signed when `secret` is set, and it
+    runs over mutual TLS when this process has a certificate (protos/tls.py)."""
+    from protos import tls
+
     interceptors = [kind(secret) for kind in (_SignUnaryUnary, _SignUnaryStream,
                                               _SignStreamUnary, _SignStreamStream)] \
         if secret else None
+    if (mine := tls.current()) is not None:
+        return grpc.aio.secure_channel(address, mine.channel_credentials(), options=options,
+                                       interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
 
 

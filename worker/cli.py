@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import protos
-from protos import auth
+from protos import auth, tls
 from protos.units import format_size, parse_size
 
 
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-advertise", action="store_true", help="do not announce on mDNS")
     serve.add_argument("--interface", default=None, help="announce on this interface only "
                        "(name or address; default: every LAN interface, no docker/VPN)")
+    tls.add_arguments(serve, "worker")
     serve.add_argument("--ready-file", type=Path, default=None, help=argparse.SUPPRESS)
     serve.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     cache = sub.add_parser("cache", help="show or remove the shards this machine's workers "
@@ -90,6 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
         models_dir=args.models_dir,
         secret=args.secret,
         cache_dir=cache_dir,
+        tls=args.tls,
     )
     print(
         f"worker {name}: {hardware.backend} {hardware.chip}, "
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_cache(args)
     try:
         args.secret = auth.read_secret(args.secret_file)
-    except auth.AuthError as e:
+        args.tls = tls.TLS.load(args.tls_cert, args.tls_key, args.tls_ca)
+    except (auth.AuthError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(

@@ -14,7 +14,7 @@ import grpc
 import mlx.core as mx
 
 import protos
-from protos import auth, worker_pb2, worker_pb2_grpc
+from protos import auth, tls, worker_pb2, worker_pb2_grpc
 from protos.tensorfiles import HashIndex, TensorFileError, model_tensors, parts
 from protos.units import format_size
 from worker.backend import Hardware, wire_memory
@@ -41,6 +41,7 @@ class WorkerConfig:
     metrics_port: int = 0
     secret: bytes | None = None  # the cluster secret: every call must be signed with it
     cache_dir: Path | None = None  # shards received are kept under cache_dir/weights/<name>
+    tls: Any = None  # protos.tls.TLS: mutual TLS with the coordinator and the next stage
 
     def weights_dir(self) -> Path:
         """Where this worker keeps received shards (worker/cache.py)."""
@@ -434,7 +435,10 @@ async def serve(config: WorkerConfig, host: str, port: int,
         interceptors.append(auth.worker_auth(config.secret))
     server = grpc.aio.server(options=protos.channel_options(), interceptors=interceptors)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-    bound = protos.listen(server, host, port)
+    tls.use(config.tls)  # the stream to the next stage presents this worker's certificate
+    credentials = config.tls.server_credentials(require_client_cert=True) if config.tls \
+        else None
+    bound = protos.listen(server, host, port, credentials)
     await server.start()
     log.info("worker %s (%s) listening on %s:%d", config.name, config.node_id, host, bound)
     if ready is not None:
