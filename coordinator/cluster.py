@@ -121,7 +121,7 @@ async def wait_all(addresses: Sequence[str], secret: bytes | None = None, wait: 
 
     async def one(address: str) -> Worker:
         nonlocal told
-        pause, timeout = 0.5, 5.0
+        pause, timeout = 0.5, 5.0 if wait <= 0 else max(0.5, min(5.0, wait / 2))
         while True:
             try:
                 return await connect(address, timeout=timeout, secret=secret)

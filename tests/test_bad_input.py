@@ -67,9 +67,11 @@ def test_prefill_chunk_over_the_message_limit_is_refused(model_dir, chunk):
 
 
 def test_unreachable_worker_at_start_is_named(model_dir):
+    """After --worker-wait (tried again meanwhile, and said so) the error names the worker."""
     proc = coordinator("serve", "--model", str(model_dir(SPEC)), "--workers",
-                       "127.0.0.1:9", "--grpc-port", "0")
+                       "127.0.0.1:9", "--grpc-port", "0", "--worker-wait", "2")
     assert_one_line_error(proc, "cannot reach worker at 127.0.0.1:9")
+    assert "waiting up to 2s for workers that do not answer yet" in proc.stdout
 
 
 def test_generate_against_no_coordinator_is_one_line():
