@@ -212,6 +212,56 @@ class Output:
         obj["usage"] = usage_dict(last)
         return obj
 
+    async def events(self, first: Chunk, chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
+        """The server-sent events of a streamed answer, from its first chunk to [DONE]."""
+        try:
+            if self.chat:
+                yield sse(self.piece("", [], role=True))
+            chunk = first
+            held: list[Chunk] = []  # with tools: the whole output, read when it ends
+            while True:
+                if self.tools is not None:
+                    held.append(chunk)
+                elif chunk.text or (self.req.logprobs and chunk.token_ids):
+                    yield sse(self.piece(chunk.text, [chunk]))
+                if chunk.finish_reason:
+                    finish = FINISH.get(chunk.finish_reason, "stop")
+                    if self.tools is not None:
+                        message, finish = self.tools.message("".join(c.text for c in held),
+                                                             finish)
+                        yield sse(self.piece(message["content"], held,
+                                             tool_calls=self.tools.deltas(
+                                                 message.get("tool_calls", []))))
+                    yield sse(self.piece(None, [], finish))
+                    if self.req.include_usage:
+                        yield sse(self.final_usage(chunk))
+                    break
+                chunk = await anext(chunks)
+        except RequestError as e:
+            status, type_ = STATUS.get(e.code, (500, "server_error"))
+            yield sse(error_body(e.message, type_, e.param, e.code.lower()))
+        except StopAsyncIteration:
+            pass
+        yield "data: [DONE]\n\n"
+
+
+class OpenAI:
+    """The OpenAI dialect of a route: chat completions or completions."""
+
+    def __init__(self, chat: bool) -> None:
+        self.chat = chat
+
+    def parse(self, body: Any, engine: Any) -> Request:
+        return from_openai(body, chat=self.chat, context=engine.context,
+                           tokenizer=engine.tokenizer)
+
+    def output(self, req: Request, model: str, tokenizer: Any) -> Output:
+        return Output(req, self.chat, model, tokenizer)
+
+    @staticmethod
+    def error(e: RequestError) -> Response:
+        return request_error(e)
+
 
 def sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
@@ -295,10 +345,10 @@ class HttpApi:
         return JSONResponse(self._card())
 
     async def chat(self, request: HttpRequest) -> Response:
-        return await self._complete(request, chat=True)
+        return await self.complete(request, OpenAI(chat=True))
 
     async def completions(self, request: HttpRequest) -> Response:
-        return await self._complete(request, chat=False)
+        return await self.complete(request, OpenAI(chat=False))
 
     async def _body(self, request: HttpRequest) -> Any:
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
@@ -314,14 +364,15 @@ class HttpApi:
         check_unicode(body)
         return body
 
-    async def _complete(self, request: HttpRequest, chat: bool) -> Response:
+    async def complete(self, request: HttpRequest, dialect: Any) -> Response:
+        """One generation request in `dialect` (OpenAI here; coordinator/anthropic_api.py):
+        its body becomes the one Request form, its chunks its answer, whole or streamed."""
         engine = self.source.engine
         try:
             if engine is None:
                 raise RequestError("UNAVAILABLE", "the cluster cannot serve now: shards are not "
                                    "loaded")
-            req = from_openai(await self._body(request), chat=chat, context=engine.context,
-                              tokenizer=engine.tokenizer)
+            req = dialect.parse(await self._body(request), engine)
             served = self.source.model.model_id
             if req.model and req.model != served:
                 raise model_not_found(req.model, served)
@@ -329,7 +380,7 @@ class HttpApi:
         except RequestError as e:
             if engine is not None:
                 engine.metrics.count_failure(e)
-            return request_error(e)
+            return dialect.error(e)
         chunks = engine.generate(ids, req.sampling)
         streaming = False
         try:
@@ -339,24 +390,33 @@ class HttpApi:
                 first = await until_disconnect(request, anext(chunks))
             except RequestError as e:
                 engine.metrics.count_failure(e)
-                return request_error(e)
-            out = Output(req, chat, req.model or served, engine.tokenizer)
+                return dialect.error(e)
+            out = dialect.output(req, req.model or served, engine.tokenizer)
             if req.stream:
-                streaming = True  # _events owns the chunks from here
-                return StreamingResponse(self._events(out, first, chunks),
+                streaming = True  # _stream owns the chunks from here
+                return StreamingResponse(self._stream(out, first, chunks),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache",
                                                   "X-Accel-Buffering": "no"})
             try:
                 got = await until_disconnect(request, self._collect(first, chunks))
             except RequestError as e:
-                return request_error(e)
+                return dialect.error(e)
             return JSONResponse(out.whole(got))
         except ClientGone:
             return Response(status_code=499)  # nobody reads it
         finally:
             if not streaming:
                 await chunks.aclose()
+
+    @staticmethod
+    async def _stream(out: Any, first: Chunk, chunks: AsyncIterator[Chunk]
+                      ) -> AsyncIterator[str]:
+        try:
+            async for event in out.events(first, chunks):
+                yield event
+        finally:
+            await chunks.aclose()
 
     @staticmethod
     async def _collect(first: Chunk, chunks: AsyncIterator[Chunk]) -> list[Chunk]:
@@ -366,40 +426,6 @@ class HttpApi:
             while not got[-1].finish_reason:
                 got.append(await anext(chunks))
         return got
-
-    async def _events(self, out: Output, first: Chunk,
-                      chunks: AsyncIterator[Chunk]) -> AsyncIterator[str]:
-        try:
-            if out.chat:
-                yield sse(out.piece("", [], role=True))
-            chunk = first
-            held: list[Chunk] = []  # with tools: the whole output, read when it ends
-            while True:
-                if out.tools is not None:
-                    held.append(chunk)
-                elif chunk.text or (out.req.logprobs and chunk.token_ids):
-                    yield sse(out.piece(chunk.text, [chunk]))
-                if chunk.finish_reason:
-                    finish = FINISH.get(chunk.finish_reason, "stop")
-                    if out.tools is not None:
-                        message, finish = out.tools.message("".join(c.text for c in held),
-                                                            finish)
-                        yield sse(out.piece(message["content"], held, tool_calls=out.tools.deltas(
-                            message.get("tool_calls", []))))
-                    yield sse(out.piece(None, [], finish))
-                    if out.req.include_usage:
-                        yield sse(out.final_usage(chunk))
-                    break
-                chunk = await anext(chunks)
-        except RequestError as e:
-            status, type_ = STATUS.get(e.code, (500, "server_error"))
-            yield sse(error_body(e.message, type_, e.param, e.code.lower()))
-        except StopAsyncIteration:
-            pass
-        finally:
-            await chunks.aclose()
-        yield "data: [DONE]\n\n"
-
 
 class _Server(uvicorn.Server):
     """uvicorn without its signal handlers: the coordinator's CLI owns SIGINT/SIGTERM."""
