@@ -22,6 +22,8 @@ login and restart whenever they exit; logs in ~/Library/Logs/shardline/.
                        (default ~/.shardline-secret; make it with `openssl rand -hex 32`)
   --no-secret          run without a cluster secret
   --api-key-file F     the coordinator's API key file (clients send it as a Bearer token)
+  --worker-args "..."  more `worker serve` flags, e.g. "--memory 20GiB --cluster lab"
+  --coordinator-args "..."  more `coordinator serve` flags, e.g. "--workers a.local:50061"
   --daemon             install as LaunchDaemons in /Library/LaunchDaemons instead (asks for
                        sudo): they start at boot without anyone logging in, run as you, and
                        need no Local Network permission
@@ -40,6 +42,8 @@ min_workers=1
 secret_file=""
 no_secret=0
 api_key_file=""
+worker_args=""
+coordinator_args=""
 daemon=0
 wired_mb=""
 uninstall=0
@@ -54,6 +58,8 @@ while [ $# -gt 0 ]; do
         --secret-file) secret_file=$2; shift ;;
         --no-secret) no_secret=1 ;;
         --api-key-file) api_key_file=$2; shift ;;
+        --worker-args) worker_args=$2; shift ;;
+        --coordinator-args) coordinator_args=$2; shift ;;
         --daemon) daemon=1 ;;
         --wired-limit-mb) wired_mb=$2; shift ;;
         --uninstall) uninstall=1 ;;
@@ -187,12 +193,13 @@ fi
 
 rendered=$(mktemp -d)
 trap 'rm -rf "$rendered"' EXIT
-render() {  # template label daemon(0|1): fill in the placeholders into $rendered/label.plist
-    SL_BIN=$bin SL_HOME=$home SL_NAME=$name SL_MODEL=$model SL_MIN_WORKERS=$min_workers \
+render() {  # template label daemon(0|1) [extra args]: fill in $rendered/label.plist
+    SL_EXTRA=${4:-} SL_BIN=$bin SL_HOME=$home SL_NAME=$name SL_MODEL=$model SL_MIN_WORKERS=$min_workers \
     SL_SECRET_FILE=$secret_file SL_WIRED_LIMIT_MB=$wired_mb SL_API_KEY_FILE=$api_key_file \
     SL_USER=$user "$python" - "$1" "$rendered/$2.plist" "$3" <<'EOF'
 import os
 import plistlib
+import shlex
 import sys
 
 template, out, as_daemon = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
@@ -221,6 +228,7 @@ if "--secret-file" in args and not env["SL_SECRET_FILE"]:
     del args[i:i + 2]
 if job["Label"] == "com.shardline.coordinator" and env["SL_API_KEY_FILE"]:
     args += ["--api-key-file", env["SL_API_KEY_FILE"]]
+args += shlex.split(env["SL_EXTRA"])
 job = fill(job)
 if as_daemon and job["Label"] != "com.shardline.wired-limit":
     job["UserName"] = env["SL_USER"]  # a LaunchDaemon runs as root unless told
@@ -265,7 +273,9 @@ install_job() {  # label kind(agent|daemon)
 kind=agent
 [ "$daemon" = 1 ] && kind=daemon
 for role in "${roles[@]}"; do
-    render "$here/com.shardline.$role.plist" "com.shardline.$role" "$daemon"
+    extra=$worker_args
+    [ "$role" = coordinator ] && extra=$coordinator_args
+    render "$here/com.shardline.$role.plist" "com.shardline.$role" "$daemon" "$extra"
 done
 if [ -n "$wired_mb" ]; then
     render "$here/com.shardline.wired-limit.plist" com.shardline.wired-limit 1
