@@ -1,0 +1,796 @@
+"""Deployment files (deploy/: launchd, systemd, docker, compose, k8s) parse and hold together."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.server
+import importlib.util
+import io
+import json
+import os
+import plistlib
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from coordinator.cli import build_parser as coordinator_parser
+from worker.cli import build_parser as worker_parser
+
+DEPLOY = ROOT / "deploy"
+LAUNCHD = DEPLOY / "launchd"
+SYSTEMD = DEPLOY / "systemd"
+DOCKER = DEPLOY / "docker"
+K8S = DEPLOY / "k8s"
+DOCS = ROOT / "docs" / "deploy.md"
+
+# what install.sh puts where the templates hold placeholders, or something like it
+PLACEHOLDERS = {
+    "__BIN__": "/Users/me/shardline/.venv/bin",
+    "__HOME__": "/Users/me",
+    "__NAME__": "mini-1",
+    "__MODEL__": "mlx-community/Llama-3.2-1B-Instruct-4bit",
+    "__MIN_WORKERS__": "3",
+    "__SECRET_FILE__": "/Users/me/.shardline-secret",
+    "__WIRED_LIMIT_MB__": "28000",
+}
+PROGRAMS = {"worker": worker_parser, "coordinator": coordinator_parser}
+
+
+def parse(argv: list[str], where: str):
+    """`argv` (program name first) read by that program's own parser; fails with argparse's
+    complaint when it does not accept it."""
+    program = Path(argv[0]).name
+    assert program in PROGRAMS, f"{where}: runs {argv[0]!r}, not worker or coordinator"
+    parser = PROGRAMS[program]()
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            args = parser.parse_args(argv[1:])
+    except SystemExit:
+        pytest.fail(f"{where}: `{shlex.join(argv)}` is refused: {err.getvalue().strip()}")
+    assert args.command == "serve", f"{where}: {shlex.join(argv)}"
+    # argparse takes abbreviations (--cache for --cache-dir): only whole flag names here
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    flags = subparsers.choices["serve"]._option_string_actions
+    for word in argv[2:]:
+        if word.startswith("--"):
+            assert word.partition("=")[0] in flags, f"{where}: {word} is not a flag of serve"
+    return args
+
+
+def fill(text: str, values: dict[str, str] = PLACEHOLDERS) -> str:
+    for key, value in values.items():
+        text = text.replace(key, value)
+    assert not re.search(r"__[A-Z_]+__", text), f"unknown placeholder in {text!r}"
+    return text
+
+
+# -- launchd ---------------------------------------------------------------------------------
+
+def load_plist(path: Path) -> dict:
+    with path.open("rb") as f:
+        return plistlib.load(f)
+
+
+@pytest.mark.parametrize("role", ["worker", "coordinator"])
+def test_launchd_plists_keep_the_service_running_and_logged(role):
+    path = LAUNCHD / f"com.shardline.{role}.plist"
+    job = load_plist(path)
+    assert job["Label"] == path.stem
+    assert job["RunAtLoad"] is True and job["KeepAlive"] is True
+    assert job["ProcessType"] == "Interactive"
+    for key in ("StandardOutPath", "StandardErrorPath"):
+        assert job[key] == f"__HOME__/Library/Logs/shardline/{role}.log"
+    assert job["ProgramArguments"][0] == f"__BIN__/{role}"
+    assert job["EnvironmentVariables"]["HOME"] == "__HOME__"
+    args = parse([fill(a) for a in job["ProgramArguments"]], path.name)
+    assert str(args.cache_dir) == "/Users/me/Library/Caches/shardline"
+    assert str(args.secret_file) == PLACEHOLDERS["__SECRET_FILE__"]
+    if role == "worker":
+        assert (args.port, args.metrics_port, args.name) == (50061, 50062, "mini-1")
+    else:
+        assert args.model == PLACEHOLDERS["__MODEL__"] and args.min_workers == 3
+        assert (args.grpc_port, args.http_port) == (50051, 8080)
+
+
+def test_launchd_wired_limit_daemon_sets_the_sysctl():
+    job = load_plist(LAUNCHD / "com.shardline.wired-limit.plist")
+    assert job["Label"] == "com.shardline.wired-limit" and job["RunAtLoad"] is True
+    assert "KeepAlive" not in job  # runs once per boot
+    sysctl, setting = job["ProgramArguments"]
+    assert sysctl == "/usr/sbin/sysctl"
+    assert re.fullmatch(r"iogpu\.wired_limit_mb=\d+", fill(setting))
+
+
+def test_every_launchd_placeholder_is_filled_by_install_sh():
+    script = (LAUNCHD / "install.sh").read_text()
+    for plist in LAUNCHD.glob("*.plist"):
+        for key in set(re.findall(r"__[A-Z_]+__", plist.read_text())):
+            assert key in PLACEHOLDERS, f"{plist.name}: {key}"
+            assert f'"{key[2:-2]}"' in script, f"install.sh does not fill {key} ({plist.name})"
+
+
+FAKE_LAUNCHCTL = """#!/bin/sh
+# records its calls; a job counts as loaded from its bootstrap to its bootout
+echo "$*" >> "$FAKE_LAUNCHD/calls"
+case "$1" in
+  print) [ -e "$FAKE_LAUNCHD/$(echo "$2" | tr / _)" ] && exit 0; exit 113 ;;
+  bootout) rm -f "$FAKE_LAUNCHD/$(echo "$2" | tr / _)" ;;
+  bootstrap) touch "$FAKE_LAUNCHD/$(echo "$2/$(basename "$3" .plist)" | tr / _)" ;;
+esac
+exit 0
+"""
+
+
+@pytest.fixture
+def mac(tmp_path):
+    """A home, a venv bin with worker/coordinator scripts and python3, and a launchctl that
+    only records, to run install.sh against (on any OS)."""
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    home, fake, venv = tmp_path / "home", tmp_path / "fake", tmp_path / "venv" / "bin"
+    for d in (home, fake, venv):
+        d.mkdir(parents=True)
+    (fake / "launchctl").write_text(FAKE_LAUNCHCTL)
+    for name in ("worker", "coordinator"):
+        (venv / name).write_text("#!/bin/sh\nexit 0\n")
+    for f in (fake / "launchctl", venv / "worker", venv / "coordinator"):
+        f.chmod(0o755)
+    (venv / "python3").symlink_to(sys.executable)
+    (home / ".shardline-secret").write_text("0123456789abcdef0123456789abcdef\n")
+    env = {**os.environ, "HOME": str(home), "FAKE_LAUNCHD": str(fake),
+           "PATH": f"{fake}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("SUDO_USER", None)
+
+    def install(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["bash", str(LAUNCHD / "install.sh"), "--bin", str(venv), *args],
+                              env=env, capture_output=True, text=True, timeout=60)
+        if check:
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc
+
+    def calls() -> list[str]:
+        path = fake / "calls"
+        return path.read_text().splitlines() if path.exists() else []
+
+    install.home, install.venv, install.calls = home, venv, calls
+    return install
+
+
+def test_install_sh_fills_copies_and_bootstraps_the_agents(mac):
+    mac("--name", "mini-7", "--model", "mlx-community/Llama-3.2-1B-Instruct-4bit",
+        "--min-workers", "2", "worker", "coordinator")
+    agents, uid = mac.home / "Library" / "LaunchAgents", os.getuid()
+    for role in ("worker", "coordinator"):
+        path = agents / f"com.shardline.{role}.plist"
+        text = path.read_text()
+        assert "__" not in text, text
+        job = plistlib.loads(text.encode())
+        assert job["ProgramArguments"][0] == str(mac.venv / role)
+        assert job["StandardErrorPath"] == f"{mac.home}/Library/Logs/shardline/{role}.log"
+        assert "UserName" not in job
+        args = parse(job["ProgramArguments"], f"installed {path.name}")
+        assert args.secret_file == mac.home / ".shardline-secret"
+        assert f"bootstrap gui/{uid} {path}" in mac.calls()
+    assert (mac.home / "Library" / "Logs" / "shardline").is_dir()
+    assert parse(load_plist(agents / "com.shardline.worker.plist")["ProgramArguments"],
+                 "worker").name == "mini-7"
+
+    # installed again: the loaded job is booted out before the new one is bootstrapped
+    first = len(mac.calls())
+    mac("--name", "mini-7", "worker")
+    again = [c for c in mac.calls()[first:] if "com.shardline.worker" in c]
+    label = f"gui/{uid}/com.shardline.worker"
+    assert again[:2] == [f"print {label}", f"bootout {label}"], again
+    assert again[-1] == f"bootstrap gui/{uid} {agents / 'com.shardline.worker.plist'}"
+
+
+def test_install_sh_without_secret_with_api_key_and_more_flags(mac):
+    key = mac.home / "api-key"
+    key.write_text("k" * 24)
+    mac("--no-secret", "--api-key-file", str(key), "--model", "/Users/me/models/m",
+        "--coordinator-args", "--workers mini-1.local:50061,mini-2.local:50061 --cluster lab",
+        "--worker-args", "--memory 20GiB --cluster lab", "coordinator", "worker")
+    agents = mac.home / "Library/LaunchAgents"
+    job = load_plist(agents / "com.shardline.coordinator.plist")
+    args = parse(job["ProgramArguments"], "coordinator without secret")
+    assert args.secret_file is None and args.api_key_file == key
+    assert args.workers == ["mini-1.local:50061", "mini-2.local:50061"]
+    assert args.cluster == "lab"
+    args = parse(load_plist(agents / "com.shardline.worker.plist")["ProgramArguments"],
+                 "worker with --worker-args")
+    assert (args.memory, args.cluster, args.secret_file) == (20 << 30, "lab", None)
+
+
+def test_install_sh_daemon_dry_run_changes_nothing(mac):
+    proc = mac("--daemon", "--dry-run", "--wired-limit-mb", "28000", "worker")
+    assert not (mac.home / "Library" / "LaunchAgents").exists()
+    assert not mac.calls()
+    rendered = dict(re.findall(r"would install (\S+):\n(.*?</plist>)", proc.stdout, re.S))
+    worker = plistlib.loads(rendered["/Library/LaunchDaemons/com.shardline.worker.plist"].encode())
+    assert worker["UserName"]  # a LaunchDaemon runs as the user, not root
+    parse(worker["ProgramArguments"], "daemon worker")
+    wired = plistlib.loads(
+        rendered["/Library/LaunchDaemons/com.shardline.wired-limit.plist"].encode())
+    assert wired["ProgramArguments"] == ["/usr/sbin/sysctl", "iogpu.wired_limit_mb=28000"]
+    assert "UserName" not in wired
+    assert "launchctl bootstrap system /Library/LaunchDaemons/com.shardline.worker.plist" \
+        in proc.stdout
+
+
+def test_install_sh_refuses_what_cannot_work(mac):
+    (mac.home / ".shardline-secret").unlink()
+    proc = mac("worker", check=False)
+    assert proc.returncode == 2 and "no cluster secret" in proc.stderr
+    proc = mac("--no-secret", "coordinator", check=False)
+    assert proc.returncode == 2 and "--model" in proc.stderr
+    proc = mac("--no-secret", "--min-workers", "two", "worker", check=False)
+    assert proc.returncode == 2
+    assert not mac.calls()
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_shellcheck_accepts_install_sh():
+    proc = subprocess.run(["shellcheck", str(LAUNCHD / "install.sh")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# -- systemd ---------------------------------------------------------------------------------
+
+def read_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A unit file as {section: {key: [values, in order]}} (keys may repeat)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        assert current is not None, f"{path.name}: {raw!r} outside a section"
+        key, sep, value = line.partition("=")
+        assert sep, f"{path.name}: {raw!r} is not KEY=VALUE"
+        current.setdefault(key.strip(), []).append(value.strip())
+    return sections
+
+
+def env_file(path: Path, examples: bool) -> dict[str, str]:
+    """KEY=VALUE lines of an EnvironmentFile (with `examples`, the commented-out ones too)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        if examples and re.match(r"#[A-Z_]+=", line):
+            line = line[1:]
+        if re.match(r"[A-Z_]+=", line):
+            key, _, value = line.partition("=")
+            out[key] = value
+    return out
+
+
+def exec_start(unit: dict, env: dict[str, str]) -> list[str]:
+    """ExecStart as systemd runs it: `${VAR}` is one word, `$VAR` splits into words."""
+    (line,) = unit["Service"]["ExecStart"]
+    argv = []
+    for word in shlex.split(line):
+        if m := re.fullmatch(r"\$([A-Za-z_]\w*)", word):
+            argv += env[m.group(1)].split()
+        else:
+            argv.append(re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], word))
+    return argv
+
+
+UNITS = {"worker": SYSTEMD / "shardline-worker.service",
+         "coordinator": SYSTEMD / "shardline-coordinator.service"}
+
+
+@pytest.mark.parametrize("role", list(UNITS))
+def test_systemd_units_restart_wait_for_the_network_and_are_hardened(role):
+    unit = read_unit(UNITS[role])
+    assert unit["Unit"]["After"] == ["network-online.target"]
+    assert unit["Unit"]["Wants"] == ["network-online.target"]
+    service = unit["Service"]
+    assert service["Restart"] == ["on-failure"]
+    assert service["User"] == ["shardline"] and "DynamicUser" not in service
+    assert service["StateDirectory"] == ["shardline"]
+    assert service["CacheDirectory"] == ["shardline"]
+    for key, value in {"NoNewPrivileges": "yes", "ProtectSystem": "strict",
+                       "ProtectHome": "read-only", "PrivateTmp": "yes"}.items():
+        assert service.get(key) == [value], key
+    # these break MLX: JIT-compiled kernels and GPU drivers (W+X memory, /dev/nvidia*)
+    assert "MemoryDenyWriteExecute" not in service and "PrivateDevices" not in service
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+
+
+@pytest.mark.parametrize("role", list(UNITS))
+@pytest.mark.parametrize("examples", [False, True])
+def test_systemd_exec_start_is_accepted_by_the_cli(role, examples):
+    unit = read_unit(UNITS[role])
+    env = dict(v.partition("=")[::2] for v in unit["Service"]["Environment"])
+    (env_path,) = unit["Service"]["EnvironmentFile"]
+    assert env_path == f"-/etc/shardline/{role}.env"  # optional ("-")
+    env.update(env_file(SYSTEMD / f"{role}.env", examples))
+    argv = exec_start(unit, env)
+    assert argv[0] == f"/opt/shardline/bin/{role}"
+    args = parse(argv, f"{UNITS[role].name} (example settings: {examples})")
+    # --cache-dir is the CacheDirectory, which ProtectSystem=strict leaves writable
+    assert str(args.cache_dir) == "/var/cache/" + unit["Service"]["CacheDirectory"][0]
+    if role == "coordinator":
+        assert args.model
+    else:
+        assert (args.port, args.metrics_port) == (50061, 50062)
+
+
+def test_systemd_sysusers_makes_the_service_user():
+    lines = [ln.split() for ln in (SYSTEMD / "shardline.sysusers").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert [ln[:2] for ln in lines] == [["u", "shardline"]]
+    home = read_unit(UNITS["worker"])["Service"]["Environment"][0]
+    assert home == "HOME=/var/lib/shardline" and "/var/lib/shardline" in lines[0]
+
+
+def analyze(units: list[Path]) -> tuple[int, list[str]]:
+    proc = subprocess.run(["systemd-analyze", "verify", *map(str, units)],
+                          capture_output=True, text=True, timeout=60)
+    names = [u.name for u in units]
+    complaints = [ln for ln in (proc.stdout + proc.stderr).splitlines()
+                  if any(n in ln for n in names)]
+    return proc.returncode, complaints
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_systemd_analyze_verify_accepts_the_units(tmp_path):
+    # ExecStart's /opt/shardline/bin/... does not exist here: point it at a fake executable
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    copies = []
+    for role, path in UNITS.items():
+        (fake / role).write_text("#!/bin/sh\nexit 0\n")
+        (fake / role).chmod(0o755)
+        text = path.read_text()
+        assert "ExecStart=/opt/shardline/bin/" in text
+        copies.append(tmp_path / path.name)
+        copies[-1].write_text(text.replace("/opt/shardline/bin/", f"{fake}/"))
+    rc, complaints = analyze(copies)
+    assert rc == 0 and not complaints, complaints
+
+    # and it would have said so: a misspelt key and a bad value are reported
+    broken = tmp_path / "broken.service"
+    broken.write_text(copies[0].read_text().replace("Restart=on-failure", "Restart=sometimes")
+                      .replace("NoNewPrivileges=", "NoNewPrivilege="))
+    rc, complaints = analyze([broken])
+    assert len(complaints) >= 2, complaints
+
+
+# -- Dockerfile ------------------------------------------------------------------------------
+
+def dockerfile(path: Path = DOCKER / "Dockerfile") -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order: comments dropped, continuation lines joined."""
+    out, pending = [], ""
+    for raw in path.read_text().splitlines():
+        if raw.lstrip().startswith("#") and not pending:
+            continue
+        if raw.lstrip().startswith("#"):  # a comment inside a continued RUN
+            continue
+        pending += raw.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        if pending.strip():
+            word, _, rest = pending.strip().partition(" ")
+            out.append((word.upper(), rest.strip()))
+        pending = ""
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return out
+
+
+def stages(instructions: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """The instructions of each build stage (global ARGs before the first FROM left out)."""
+    out: list[list[tuple[str, str]]] = []
+    for ins in instructions:
+        if ins[0] == "FROM":
+            out.append([])
+        if out:
+            out[-1].append(ins)
+    return out
+
+
+def global_args(instructions) -> dict[str, str]:
+    out = {}
+    for word, rest in instructions:
+        if word == "FROM":
+            break
+        if word == "ARG":
+            key, _, value = rest.partition("=")
+            out[key] = value
+    return out
+
+
+def test_dockerfile_lints_clean():
+    instructions = dockerfile()
+    known = {"FROM", "ARG", "RUN", "COPY", "ENV", "USER", "WORKDIR", "EXPOSE", "HEALTHCHECK",
+             "CMD", "ENTRYPOINT", "LABEL"}
+    assert {w for w, _ in instructions} <= known, {w for w, _ in instructions} - known
+    args = global_args(instructions)
+    for stage in stages(instructions):
+        image = stage[0][1].split()[0]
+        image = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
+        name, _, tag = image.rpartition(":")
+        assert name and tag and "/" not in tag, f"FROM {image}: pin a tag"
+        assert tag != "latest" and "latest" not in image, f"FROM {image}"
+    final = stages(instructions)[-1]
+    words = [w for w, _ in final]
+    assert "HEALTHCHECK" in words and "CMD" in words and "ENTRYPOINT" not in words
+    users = [rest for w, rest in final if w == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), users
+    assert words.index("USER") < words.index("CMD")
+    assert words.index("USER") < words.index("HEALTHCHECK")
+    # VARIANT picks the CPU build or `.[cuda]`
+    run = " ".join(rest for w, rest in stages(instructions)[0] if w == "RUN")
+    assert 'extra="[cuda]"' in run and 'pip install --no-cache-dir ".${extra}"' in run
+    for stage in stages(instructions):
+        assert ("ARG", "VARIANT=cpu") in stage
+
+
+def test_dockerfile_cmd_and_healthcheck_are_what_the_image_runs():
+    final = stages(dockerfile())[-1]
+    cmd = json.loads(next(rest for w, rest in final if w == "CMD"))
+    args = parse(cmd, "Dockerfile CMD")
+    exposed = {int(p) for w, rest in final if w == "EXPOSE" for p in rest.split()}
+    assert {args.port, args.metrics_port, 50051, 8080} <= exposed
+    health = next(rest for w, rest in final if w == "HEALTHCHECK")
+    probe = json.loads(health[health.index("CMD") + 3:].strip())
+    copied = {rest.split()[-1]: rest.split()[-2] for w, rest in final if w == "COPY"}
+    assert copied[probe[-1]] == "deploy/docker/healthcheck.py" and probe[0].startswith(
+        "/opt/shardline/bin/")
+
+
+def test_dockerfile_copies_exist_and_pass_the_dockerignore():
+    instructions = dockerfile()
+    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert "*" in ignore  # everything else stays out of the build context (.venv, caches)
+    for word, rest in instructions:
+        if word != "COPY" or rest.startswith("--from"):
+            continue
+        for source in rest.split()[:-1]:
+            assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+            assert source.rstrip("/") in allowed, f"COPY {source}: excluded by the dockerignore"
+    assert (ROOT / "pyproject.toml").exists() and "pyproject.toml" in allowed
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")
+def test_hadolint_accepts_the_dockerfile():
+    proc = subprocess.run(["hadolint", str(DOCKER / "Dockerfile")], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def healthcheck():
+    spec = importlib.util.spec_from_file_location("healthcheck", DOCKER / "healthcheck.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_healthcheck_finds_the_server_and_its_port(healthcheck):
+    cmd = ["/opt/shardline/bin/python", "/opt/shardline/bin/worker", "serve", "--port", "50071"]
+    found = healthcheck.find_command([["/sbin/docker-init", "--", "sh"], cmd])
+    assert found == ("worker", ["serve", "--port", "50071"])
+    assert healthcheck.probe_target(*found) == ("tcp", "127.0.0.1", 50071, None)
+    found = healthcheck.find_command([["coordinator", "serve", "--demo", "--http-port", "8081",
+                                       "--host", "10.0.0.5"]])
+    assert healthcheck.probe_target(*found) == ("http", "10.0.0.5", 8081, None)
+    tls = ["--tls-cert", "c.crt", "--tls-key", "c.key", "--tls-ca", "ca.crt"]
+    found = healthcheck.find_command([["coordinator", "serve", "--demo", *tls]])
+    assert healthcheck.probe_target(*found) == ("https", "127.0.0.1", 8080, "ca.crt")
+    assert healthcheck.find_command([["python", "-m", "http.server"]]) is None
+    assert healthcheck.find_command([["worker", "cache", "list"]]) is None
+    assert healthcheck.running_cmdlines()  # this process, at least (Linux /proc)
+
+
+def _serve_health(status: dict, context=None) -> http.server.HTTPServer:
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            code = status["code"] if self.path == "/health" else 404
+            self.send_response(code)
+            self.end_headers()
+            self.wfile.write(b'{"status": "..."}')
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_healthcheck_asks_a_port_and_an_http_health(healthcheck):
+    status = {"code": 503}
+    server = _serve_health(status)
+    try:
+        port = server.server_address[1]
+        assert healthcheck.check("tcp", "127.0.0.1", port) is None
+        assert "503" in healthcheck.check("http", "127.0.0.1", port)
+        status["code"] = 200
+        assert healthcheck.check("http", "127.0.0.1", port) is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    assert healthcheck.check("tcp", "127.0.0.1", closed, timeout=1) is not None
+
+
+def test_healthcheck_trusts_the_cluster_ca_over_tls(healthcheck, tmp_path):
+    import ssl
+
+    from protos.tls import make_certs
+
+    make_certs(tmp_path, ["studio.local"])  # a name that is not 127.0.0.1
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "studio.local.crt", tmp_path / "studio.local.key")
+    server = _serve_health({"code": 200}, context)
+    try:
+        port = server.server_address[1]
+        assert healthcheck.check("https", "127.0.0.1", port, str(tmp_path / "ca.crt")) is None
+        other = tmp_path / "other"
+        make_certs(other, ["x.local"])
+        assert healthcheck.check("https", "127.0.0.1", port, str(other / "ca.crt"))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# -- compose ---------------------------------------------------------------------------------
+
+def interpolate(value: str) -> str:
+    """Compose's `${VAR:-default}` with nothing set (the defaults)."""
+    def one(m: re.Match) -> str:
+        assert m.group(2) is not None, f"{m.group(0)} has no default"
+        return m.group(2)
+    return re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", one, value)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def test_compose_monitoring_is_as_it_was(compose):
+    services = compose["services"]
+    prom, graf = services["prometheus"], services["grafana"]
+    assert prom["image"] == "prom/prometheus:v2.55.1" and graf["image"] == "grafana/grafana:11.3.1"
+    assert "profiles" not in prom and "profiles" not in graf  # started without --profile
+    assert prom["ports"] == ["9090:9090"] and graf["ports"] == ["3000:3000"]
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom["volumes"]
+    assert "host.docker.internal:host-gateway" in prom["extra_hosts"]
+    assert graf["depends_on"] == ["prometheus"]
+    assert {"prometheus-data", "grafana-data"} <= set(compose["volumes"])
+
+
+def test_compose_cluster_profile_runs_a_coordinator_and_two_workers(compose):
+    services = compose["services"]
+    cluster = {n: s for n, s in services.items() if "cluster" in s.get("profiles", [])}
+    assert set(cluster) == {"coordinator", "worker-1", "worker-2"}
+    workers = {}
+    for name, service in cluster.items():
+        image = interpolate(service["image"])
+        assert re.fullmatch(r"shardline:[\w.-]+", image) and "latest" not in image, image
+        context = (DEPLOY / service["build"]["context"]).resolve()
+        assert context == ROOT and (context / service["build"]["dockerfile"]).is_file()
+        args = parse([interpolate(str(a)) for a in service["command"]], f"compose {name}")
+        for volume in service.get("volumes", []):
+            assert volume.split(":")[0] in compose["volumes"], volume
+        if name.startswith("worker"):
+            assert args.name == name and args.no_advertise and args.memory
+            workers[name] = args
+        else:
+            coordinator = args
+    assert coordinator.demo and coordinator.workers == [
+        f"{name}:{args.port}" for name, args in sorted(workers.items())]
+    depends = cluster["coordinator"]["depends_on"]
+    assert {w: {"condition": "service_healthy"} for w in workers} == depends
+    # Prometheus (deploy/prometheus.yml) scrapes the coordinator's published HTTP port
+    prom = (DEPLOY / "prometheus.yml").read_text()
+    assert f"host.docker.internal:{coordinator.http_port}" in prom
+    assert f"{coordinator.http_port}:{coordinator.http_port}" in cluster["coordinator"]["ports"]
+
+
+def _compose_plugin() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    proc = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+    return proc.returncode == 0
+
+
+@pytest.mark.skipif(not _compose_plugin(), reason="no `docker compose`")
+def test_docker_compose_config_accepts_the_file():
+    for profile in ([], ["--profile", "cluster"]):
+        proc = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "compose.yaml"),
+                               *profile, "config", "--quiet"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+
+
+# -- Kubernetes ------------------------------------------------------------------------------
+
+def k8s_files() -> list[Path]:
+    return sorted(K8S.rglob("*.yaml"))
+
+
+def docs_of(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def test_k8s_every_document_parses_and_kustomizations_resolve():
+    assert k8s_files()
+    for path in k8s_files():
+        for doc in docs_of(path):
+            assert doc.get("apiVersion") and doc.get("kind"), path
+            if doc["kind"] == "Kustomization":
+                assert path.name == "kustomization.yaml"
+                for entry in doc.get("resources", []):
+                    target = path.parent / entry
+                    assert target.is_file() or (target / "kustomization.yaml").is_file(), entry
+                for patch in doc.get("patches", []):
+                    assert (path.parent / patch["path"]).is_file(), patch
+                for image in doc.get("images", []):
+                    assert image.get("newTag") and image["newTag"] != "latest", image
+            else:
+                assert doc["metadata"]["name"], path
+    top = docs_of(K8S / "kustomization.yaml")[0]
+    assert top["resources"] == ["base"]
+
+
+def base_docs() -> dict[tuple[str, str], dict]:
+    out = {}
+    for path in (K8S / "base").glob("*.yaml"):
+        for doc in docs_of(path):
+            if doc["kind"] != "Kustomization":
+                out[doc["kind"], doc["metadata"]["name"]] = doc
+    return out
+
+
+def kustomize(path: Path) -> list[dict] | None:
+    """`kubectl kustomize path` (None where kubectl is not installed)."""
+    if shutil.which("kubectl") is None:
+        return None
+    proc = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def container_argv(container: dict, where: str) -> list[str]:
+    """The container's args with `$(VAR)` filled from its env (each must be defined)."""
+    env = {e["name"]: e for e in container.get("env", [])}
+    values = {"POD_NAME": "worker-0"}
+
+    def one(m: re.Match) -> str:
+        assert m.group(1) in env, f"{where}: $({m.group(1)}) is not in the container's env"
+        return values.get(m.group(1), env[m.group(1)].get("value", "x"))
+    return [re.sub(r"\$\((\w+)\)", one, str(a)) for a in container["args"]]
+
+
+def check_cluster(docs: dict[tuple[str, str], dict], where: str) -> None:
+    sts = docs["StatefulSet", "worker"]
+    headless = docs["Service", sts["spec"]["serviceName"]]
+    assert headless["spec"]["clusterIP"] == "None"
+    pod = sts["spec"]["template"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert headless["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (worker,) = pod["spec"]["containers"]
+    wargs = parse(container_argv(worker, where), f"{where} worker")
+    assert wargs.no_advertise and wargs.name == "worker-0"
+    ports = {p["name"]: p["containerPort"] for p in worker["ports"]}
+    assert (ports["grpc"], ports["metrics"]) == (wargs.port, wargs.metrics_port)
+    assert {p["port"] for p in headless["spec"]["ports"]} >= {wargs.port}
+    annotations = pod["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
+                           "prometheus.io/port": str(wargs.metrics_port)}
+    assert worker["readinessProbe"] and worker["livenessProbe"]
+    assert str(wargs.cache_dir) in [m["mountPath"] for m in worker["volumeMounts"]]
+
+    deploy = docs["Deployment", "coordinator"]
+    cpod = deploy["spec"]["template"]
+    (coordinator,) = cpod["spec"]["containers"]
+    cargs = parse(container_argv(coordinator, where), f"{where} coordinator")
+    name, service, replicas = sts["metadata"]["name"], headless["metadata"]["name"], \
+        sts["spec"]["replicas"]
+    assert cargs.workers == [f"{name}-{i}.{service}:{wargs.port}" for i in range(replicas)]
+    assert cargs.no_discover
+    assert coordinator["readinessProbe"]["grpc"]["port"] == cargs.grpc_port == 50051
+    assert coordinator["livenessProbe"] and coordinator["startupProbe"]
+    assert cpod["metadata"]["annotations"] == {
+        "prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
+        "prometheus.io/port": str(cargs.http_port)}
+    front = docs["Service", "shardline-coordinator"]
+    assert front["spec"]["selector"].items() <= cpod["metadata"]["labels"].items()
+    assert {p["port"] for p in front["spec"]["ports"]} == {cargs.grpc_port, cargs.http_port}
+    claim = cpod["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]
+    assert ("PersistentVolumeClaim", claim) in docs
+    for p in (pod, cpod):
+        assert p["spec"]["securityContext"]["runAsNonRoot"] is True
+
+
+def test_k8s_base_workers_are_named_to_the_coordinator():
+    check_cluster(base_docs(), "k8s base")
+
+
+def test_k8s_cuda_patch_asks_for_a_gpu_per_worker():
+    (patch,) = docs_of(K8S / "overlays/cuda/worker-gpu.yaml")
+    assert (patch["kind"], patch["metadata"]["name"]) == ("StatefulSet", "worker")
+    (worker,) = patch["spec"]["template"]["spec"]["containers"]
+    for kind in ("requests", "limits"):
+        assert worker["resources"][kind]["nvidia.com/gpu"] == 1
+    base_worker = base_docs()["StatefulSet", "worker"]["spec"]["template"]["spec"]
+    worker.setdefault("env", base_worker["containers"][0]["env"])
+    args = parse(container_argv(worker, "cuda patch"), "k8s cuda worker")
+    assert args.memory is None  # a CUDA worker counts its GPU's memory
+
+
+@pytest.mark.parametrize("overlay", ["", "overlays/cuda"])
+def test_k8s_kustomize_build(overlay):
+    built = kustomize(K8S / overlay)
+    if built is None:
+        pytest.skip("kubectl is not installed")
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in built}
+    for doc in built:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == "shardline", doc["metadata"]
+    check_cluster(docs, f"kustomize {overlay or 'deploy/k8s'}")
+    images = {}
+    for kind in ("StatefulSet", "Deployment"):
+        (doc,) = [d for (k, _), d in docs.items() if k == kind]
+        (container,) = doc["spec"]["template"]["spec"]["containers"]
+        images[kind] = container["image"]
+        limits = container["resources"].get("limits", {})
+        gpu = overlay and kind == "StatefulSet"
+        assert ("nvidia.com/gpu" in limits) == bool(gpu), (overlay, kind)
+    for image in images.values():
+        assert ":" in image and not image.endswith(":latest"), image
+    assert images["Deployment"].endswith("-cpu")  # the coordinator needs no GPU
+    assert images["StatefulSet"].endswith("-cuda" if overlay else "-cpu")
+
+
+@pytest.mark.parametrize("overlay", ["", "overlays/cuda"])
+def test_k8s_manifests_match_the_kubernetes_schemas(overlay):
+    validator = pytest.importorskip("kubernetes_validate")
+    built = kustomize(K8S / overlay)
+    if built is None:  # without kubectl: the base documents as they are
+        if overlay:
+            pytest.skip("kubectl is not installed")
+        built = list(base_docs().values())
+    for doc in built:
+        validator.validate(doc, "1.32", strict=True)
+
+
+# -- docs ------------------------------------------------------------------------------------
+
+def test_docs_describe_every_deploy_file():
+    text = DOCS.read_text()
+    for sub in ("launchd", "systemd", "docker", "k8s"):
+        for path in (DEPLOY / sub).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                assert path.name in text, f"docs/deploy.md does not mention {path.name}"
+    for needed in ("iogpu.wired_limit_mb", "Local Network", "launchctl bootstrap gui/",
+                   "launchctl bootout", "--profile cluster", "kubectl apply -k",
+                   "systemd-analyze verify", "nvidia.com/gpu"):
+        assert needed in text, needed
+    for mentioned in set(re.findall(r"deploy/[\w./*-]+\w", text)):
+        assert list(ROOT.glob(mentioned)), f"docs/deploy.md names {mentioned}"
