@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import protos
+from coordinator.anthropic_api import Messages
 from coordinator.engine import Chunk, RequestError
 from coordinator.metrics import sd_targets
 from coordinator.requests import FieldError, Request, from_openai, model_not_found, prompt_ids
@@ -281,6 +282,7 @@ class HttpApi:
                 Route("/v1/models/{model:path}", self._guard(self.model), methods=["GET"]),
                 Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
                 Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
+                Route("/v1/messages", self._guard(self.messages), methods=["POST"]),
             ],
             exception_handlers={HTTPException: self.http_error, Exception: self.crash},
         )
@@ -294,8 +296,9 @@ class HttpApi:
             return handler
 
         async def guarded(request: HttpRequest) -> Response:
-            if auth.bearer_matches(request.headers.get("authorization"), key):
-                return await handler(request)
+            if auth.bearer_matches(request.headers.get("authorization"), key) or \
+                    auth.bearer_matches(f"Bearer {request.headers.get('x-api-key', '')}", key):
+                return await handler(request)  # x-api-key: Anthropic's clients send it
             return JSONResponse(
                 error_body("Incorrect or missing API key: send 'Authorization: Bearer <key>'",
                            code="invalid_api_key"),
@@ -349,6 +352,9 @@ class HttpApi:
 
     async def completions(self, request: HttpRequest) -> Response:
         return await self.complete(request, OpenAI(chat=False))
+
+    async def messages(self, request: HttpRequest) -> Response:
+        return await self.complete(request, Messages())
 
     async def _body(self, request: HttpRequest) -> Any:
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
