@@ -361,11 +361,16 @@ class Membership:
         there and re-plan over them; requests wait for that (Cluster.recovering)."""
         log.warning("%s; re-planning over the live workers", reason)
         self.source.cluster.recovering = True
+        # counted now, not when the probes start: a health check breaks the pipeline from
+        # inside _check_plan, which must not then start a re-plan that finds the probes under
+        # way, does nothing and ends the recovery while the requests wait for it
+        self._probing += 1
         self._spawn(self._after_break())
 
     async def _after_break(self) -> None:
+        """Probe the plan's workers after a break (counted in `_probing` by _on_broken), then
+        re-plan over those that answered."""
         cluster = self.source.cluster
-        self._probing += 1
         try:
             plan = cluster.workers[: len(cluster.plan.stages) if cluster.plan else 0]
             members = [m for w in plan if (m := self.table.member_of(w)) is not None]
@@ -376,8 +381,12 @@ class Membership:
         try:
             self._check_plan()
         finally:
-            if not self._replanning:
-                cluster.recovering = False
+            self._end_recovery()
+
+    def _end_recovery(self) -> None:
+        """Requests stop waiting for a recovery once no probe or re-plan is under way."""
+        if not self._probing and not self._replanning:
+            self.source.cluster.recovering = False
 
     def _due(self) -> str:
         """Why a re-plan is due ("worker_lost": the pipeline is broken; "worker_joined"), or
@@ -411,7 +420,7 @@ class Membership:
                 await asyncio.sleep(0.2)
         finally:
             self._replanning = False
-            cluster.recovering = False
+            self._end_recovery()
 
     async def _reload(self, why: str) -> None:
         """Plan over the usable workers (plan order kept, joiners last) and load the shards;
