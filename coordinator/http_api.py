@@ -24,6 +24,7 @@ from coordinator.anthropic_api import Messages
 from coordinator.engine import Chunk, RequestError
 from coordinator.metrics import sd_targets
 from coordinator.requests import FieldError, Request, from_openai, model_not_found, prompt_ids
+from coordinator.responses_api import Responses
 from coordinator.service import not_ready
 from coordinator.token_bytes import TokenBytes
 from protos import auth, inference_pb2
@@ -283,6 +284,7 @@ class HttpApi:
                 Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
                 Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
                 Route("/v1/messages", self._guard(self.messages), methods=["POST"]),
+                Route("/v1/responses", self._guard(self.responses), methods=["POST"]),
             ],
             exception_handlers={HTTPException: self.http_error, Exception: self.crash},
         )
@@ -355,6 +357,9 @@ class HttpApi:
 
     async def messages(self, request: HttpRequest) -> Response:
         return await self.complete(request, Messages())
+
+    async def responses(self, request: HttpRequest) -> Response:
+        return await self.complete(request, Responses())
 
     async def _body(self, request: HttpRequest) -> Any:
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
