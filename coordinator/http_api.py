@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import protos
+from coordinator import ollama_api
 from coordinator.anthropic_api import Messages
 from coordinator.engine import Chunk, RequestError
 from coordinator.metrics import sd_targets
@@ -279,17 +280,18 @@ class HttpApi:
                 Route("/health", self.health, methods=["GET"]),
                 Route("/metrics", self.prometheus, methods=["GET"]),
                 Route("/sd/workers", self.sd_workers, methods=["GET"]),
-                Route("/v1/models", self._guard(self.models), methods=["GET"]),
-                Route("/v1/models/{model:path}", self._guard(self.model), methods=["GET"]),
-                Route("/v1/chat/completions", self._guard(self.chat), methods=["POST"]),
-                Route("/v1/completions", self._guard(self.completions), methods=["POST"]),
-                Route("/v1/messages", self._guard(self.messages), methods=["POST"]),
-                Route("/v1/responses", self._guard(self.responses), methods=["POST"]),
+                Route("/v1/models", self.guard(self.models), methods=["GET"]),
+                Route("/v1/models/{model:path}", self.guard(self.model), methods=["GET"]),
+                Route("/v1/chat/completions", self.guard(self.chat), methods=["POST"]),
+                Route("/v1/completions", self.guard(self.completions), methods=["POST"]),
+                Route("/v1/messages", self.guard(self.messages), methods=["POST"]),
+                Route("/v1/responses", self.guard(self.responses), methods=["POST"]),
+                *ollama_api.routes(self),  # Ollama's API
             ],
             exception_handlers={HTTPException: self.http_error, Exception: self.crash},
         )
 
-    def _guard(self, handler: Callable[[HttpRequest], Awaitable[Response]]
+    def guard(self, handler: Callable[[HttpRequest], Awaitable[Response]]
                ) -> Callable[[HttpRequest], Awaitable[Response]]:
         """`handler`, behind the API key when the coordinator has one (`/health`, `/metrics`
         and `/sd/workers` stay open for load balancers and Prometheus)."""
@@ -361,7 +363,7 @@ class HttpApi:
     async def responses(self, request: HttpRequest) -> Response:
         return await self.complete(request, Responses())
 
-    async def _body(self, request: HttpRequest) -> Any:
+    async def body(self, request: HttpRequest) -> Any:
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
         if kind.lower() != "application/json":
             raise FieldError("Content-Type", f"must be application/json, got {kind!r}")
@@ -383,7 +385,7 @@ class HttpApi:
             if engine is None:
                 raise RequestError("UNAVAILABLE", "the cluster cannot serve now: shards are not "
                                    "loaded")
-            req = dialect.parse(await self._body(request), engine)
+            req = dialect.parse(await self.body(request), engine)
             served = self.source.model.model_id
             if req.model and req.model != served:
                 raise model_not_found(req.model, served)
@@ -406,7 +408,8 @@ class HttpApi:
             if req.stream:
                 streaming = True  # _stream owns the chunks from here
                 return StreamingResponse(self._stream(out, first, chunks),
-                                         media_type="text/event-stream",
+                                         media_type=getattr(out, "media_type",
+                                                            "text/event-stream"),
                                          headers={"Cache-Control": "no-cache",
                                                   "X-Accel-Buffering": "no"})
             try:
