@@ -90,7 +90,7 @@ def mask_cost(path: Path, n: int = 200) -> tuple[float, float]:
     """(median, p90) microseconds of one mask under SCHEMA, following a sampled output."""
     import mlx.core as mx
 
-    from coordinator.structured import grammar_of
+    from coordinator.api.structured import grammar_of
     from protos import inference_pb2
     from worker.constrain import Constraint, GrammarTokenizer
 

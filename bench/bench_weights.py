@@ -3,7 +3,8 @@
 Two parts, on a random-weight bf16 llama of >= 1 GiB built once by `cached_model`:
 
 1. transfer (needs the weight-shipping tree): one worker with an empty --cache-dir is shipped the
-   whole model by `coordinator.shipping.Shipper`, directly (no Coordinator). Reports the hash
+   whole model by `coordinator.cluster.shipping.Shipper`, directly (no Coordinator). Reports
+   the hash
    indexing time of the first `files()` call, MB/s of the transfer, the peak RSS growth of this
    process and of the worker (VmRSS sampled every 20 ms), and the time of a second, cached ship.
 2. pause (only APIs that exist before weight shipping too, so it runs on an older tree): two
@@ -110,10 +111,10 @@ class PeakRss:
 # -- part 1: transfer -------------------------------------------------------------------------
 async def bench_transfer(path: Path, work: Path) -> dict[str, Any]:
     """Ship the whole model to one empty worker over loopback; a second ship finds it cached."""
-    from coordinator.cluster import open_worker
+    from coordinator.cluster.cluster import open_worker
+    from coordinator.cluster.modelinfo import read_model_info
+    from coordinator.cluster.shipping import Shipper, Transfer
     from coordinator.local import LocalWorkers
-    from coordinator.modelinfo import read_model_info
-    from coordinator.shipping import Shipper, Transfer
 
     info = read_model_info(path)
     n = info.num_layers
@@ -227,8 +228,8 @@ async def wait_for(cond: Any, what: str, timeout: float) -> None:
 
 async def announce(coordinator: Any, address: str, name: str) -> None:
     """Tell membership about the worker at `address` as mDNS would (tests/test_replan.py)."""
-    from coordinator.discovery import split_address
-    from coordinator.membership import dial
+    from coordinator.cluster.discovery import split_address
+    from coordinator.cluster.membership import dial
     from protos.discovery import WorkerAd
 
     joiner = await dial(address)

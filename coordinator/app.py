@@ -11,21 +11,21 @@ from pathlib import Path
 from typing import Any
 
 import protos
-from coordinator.cluster import Cluster
-from coordinator.engine import (
+from coordinator.api.http_api import HttpServer
+from coordinator.api.service import InferenceService, set_serving, start_server, watch_health
+from coordinator.cluster.cluster import Cluster
+from coordinator.cluster.membership import Membership
+from coordinator.cluster.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
+from coordinator.cluster.planner import DEFAULT_PREFIX_CACHE_TOKENS
+from coordinator.local import LocalWorkers
+from coordinator.serving.engine import (
     DEFAULT_MAX_WAITING,
     DEFAULT_PREFILL_CHUNK,
     DEFAULT_RECOVER_TIMEOUT,
     Engine,
 )
-from coordinator.http_api import HttpServer
-from coordinator.local import LocalWorkers
-from coordinator.membership import Membership
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
-from coordinator.planner import DEFAULT_PREFIX_CACHE_TOKENS
-from coordinator.service import InferenceService, set_serving, start_server, watch_health
-from coordinator.speculation import DraftProposer, NgramProposer, Speculator
+from coordinator.serving.metrics import CoordinatorMetrics
+from coordinator.serving.speculation import DraftProposer, NgramProposer, Speculator
 from protos import auth, tls
 from protos.units import format_size
 

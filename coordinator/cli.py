@@ -164,10 +164,10 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from coordinator.cluster import ClusterError
+    from coordinator.cluster.cluster import ClusterError
+    from coordinator.cluster.modelinfo import ModelError
+    from coordinator.cluster.planner import PlanError
     from coordinator.local import LocalWorkerError
-    from coordinator.modelinfo import ModelError
-    from coordinator.planner import PlanError
 
     if args.local_memory and len(args.local_memory) != args.local_workers:
         raise CLIError("--local-memory needs one size per local worker")

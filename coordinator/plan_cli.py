@@ -3,7 +3,7 @@
     coordinator plan --model mlx-community/Llama-3.2-3B-Instruct-4bit \
         --memory 16GiB,24GiB,64GiB --bandwidth 120,273,546
 
-Relies on coordinator.modelinfo (sizes from headers) and coordinator.planner.
+Relies on coordinator.cluster.modelinfo (sizes from headers) and coordinator.cluster.planner.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from coordinator.modelinfo import ModelError, check_family, read_model_info, resolve_model
-from coordinator.planner import (
+from coordinator.cluster.modelinfo import ModelError, check_family, read_model_info, resolve_model
+from coordinator.cluster.planner import (
     DEFAULT_PREFIX_CACHE_TOKENS,
     PARTITIONS,
     NodeCapacity,

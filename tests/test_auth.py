@@ -14,7 +14,7 @@ from conftest import ROOT, GiB, Serving, reference_tokens, run
 from serving_thread import ServingThread, http
 
 from coordinator.client import Client, Unauthenticated
-from coordinator.cluster import ClusterError, WorkerRefused, connect
+from coordinator.cluster.cluster import ClusterError, WorkerRefused, connect
 from coordinator.demo import ModelSpec
 from coordinator.local import LocalWorkers
 from protos import auth, inference_pb2, inference_pb2_grpc, worker_pb2, worker_pb2_grpc

@@ -7,8 +7,8 @@ import asyncio
 import pytest
 from conftest import run
 
-from coordinator.batcher import Microbatcher
-from coordinator.pipeline import PipelineError
+from coordinator.serving.batcher import Microbatcher
+from coordinator.serving.pipeline import PipelineError
 from protos import worker_pb2
 
 

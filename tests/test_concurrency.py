@@ -168,7 +168,7 @@ def test_full_queue_is_refused_with_resource_exhausted(model_dir, workers):
 
 
 def test_scheduler_is_fifo_and_a_cancelled_waiter_leaves_the_queue():
-    from coordinator.scheduler import QueueFull, Scheduler
+    from coordinator.serving.scheduler import QueueFull, Scheduler
 
     async def scenario():
         s = Scheduler(max_running=1, max_waiting=2)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, run
 
-from coordinator.cluster import ClusterError, Worker
-from coordinator.discovery import MemberTable, exclusion, join_address, order_addresses
+from coordinator.cluster.cluster import ClusterError, Worker
+from coordinator.cluster.discovery import MemberTable, exclusion, join_address, order_addresses
 from protos import WIRE_VERSION, worker_pb2
 from protos.discovery import (
     MAX_TXT_BYTES,
@@ -178,7 +178,7 @@ def test_addresses_are_dialled_ipv4_first():
 
 
 def test_min_workers_without_discovery_fails_naming_who_was_seen(workers):
-    from coordinator.membership import Membership
+    from coordinator.cluster.membership import Membership
 
     async def gather():
         m = Membership(cluster="default", discover=False, min_workers=3, progress=lambda s: None)
@@ -328,8 +328,8 @@ async def join_while_running(s, address: str, prompt: list[int]):
     would) and wait until membership can use it; returns (the request's task, (host, port))."""
     import asyncio
 
-    from coordinator.discovery import split_address
-    from coordinator.membership import dial
+    from coordinator.cluster.discovery import split_address
+    from coordinator.cluster.membership import dial
 
     membership = s.coordinator.membership
     joiner = await dial(address)
@@ -403,8 +403,8 @@ def test_a_join_with_no_rebalance_stays_standby(model_dir, workers):
 
     from conftest import Serving, reference_tokens
 
+    from coordinator.cluster.discovery import LEFT
     from coordinator.demo import ModelSpec
-    from coordinator.discovery import LEFT
 
     path = model_dir(ModelSpec(family="llama"))
     prompt = [1, 5, 9, 200, 33, 4]

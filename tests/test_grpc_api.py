@@ -115,7 +115,7 @@ def test_sampling_through_grpc_is_checked_seeded_and_logged(server):
 
 def test_health_is_not_serving_while_loading_and_after_a_worker_dies(model_dir, cache_dir,
                                                                     monkeypatch):
-    from coordinator.cluster import Cluster
+    from coordinator.cluster.cluster import Cluster
     from coordinator.local import LocalWorkers
 
     path = model_dir(SPEC)
@@ -200,7 +200,7 @@ def test_health_is_not_serving_while_loading_and_after_a_worker_dies(model_dir, 
 
 @pytest.mark.parametrize("reader_broke_first", [False, True])
 def test_a_failed_write_to_stage_0_says_why_once(reader_broke_first):
-    from coordinator.pipeline import Pipeline, PipelineError
+    from coordinator.serving.pipeline import Pipeline, PipelineError
     from protos import worker_pb2
 
     first = "pipeline broken: Socket closed"

@@ -9,11 +9,11 @@ import openai
 import pytest
 from serving_thread import ServingThread, http
 
+from coordinator.api.http_api import Output
+from coordinator.api.requests import Request
+from coordinator.api.token_bytes import byte_decoder
 from coordinator.demo import ModelSpec
-from coordinator.engine import FINISH_LENGTH, Chunk
-from coordinator.http_api import Output
-from coordinator.requests import Request
-from coordinator.token_bytes import byte_decoder
+from coordinator.serving.engine import FINISH_LENGTH, Chunk
 from protos import inference_pb2, worker_pb2
 
 SPEC = ModelSpec(family="llama")

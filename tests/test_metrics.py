@@ -18,7 +18,7 @@ from conftest import ROOT, Serving, run
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.demo import ModelSpec
-from coordinator.metrics import sd_targets
+from coordinator.serving.metrics import sd_targets
 from protos import WIRE_VERSION, inference_pb2
 
 SPEC_MODEL = ModelSpec(family="qwen3")
@@ -201,10 +201,10 @@ def test_standby_and_lost_workers_are_counted_and_standby_ones_scraped():
     """Workers outside the plan (standby joiners, excluded, joining, left, unreachable) show in
     shardline_workers under the states membership sets; live plan and standby workers are in
     /sd/workers, with the labels shardline_worker_layers uses; gone ones drop out."""
-    from coordinator.cluster import Worker
-    from coordinator.discovery import LEFT, UNREACHABLE
-    from coordinator.membership import Membership
-    from coordinator.metrics import CoordinatorMetrics
+    from coordinator.cluster.cluster import Worker
+    from coordinator.cluster.discovery import LEFT, UNREACHABLE
+    from coordinator.cluster.membership import Membership
+    from coordinator.serving.metrics import CoordinatorMetrics
     from protos import worker_pb2
     from protos.discovery import WorkerAd
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.modelinfo import (
+from coordinator.cluster.modelinfo import (
     ModelError,
     ModelInfo,
     check_family,

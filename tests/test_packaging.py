@@ -36,7 +36,13 @@ def test_console_scripts_packages_and_python():
     assert project["requires-python"] == ">=3.11"
     assert project["scripts"] == {"coordinator": "coordinator.cli:main",
                                   "worker": "worker.cli:main"}
-    assert set(PYPROJECT["tool"]["setuptools"]["packages"]) == {"coordinator", "worker", "protos"}
+    packages = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    assert packages == {"coordinator", "coordinator.api", "coordinator.serving",
+                        "coordinator.cluster", "worker", "protos"}
+    # every package directory is installed (a new one must be listed too)
+    found = {".".join(p.parent.relative_to(ROOT).parts) for top in ("coordinator", "worker",
+             "protos") for p in (ROOT / top).rglob("__init__.py")}
+    assert found == packages, found ^ packages
 
 
 def test_ci_runs_the_readme_test_command():

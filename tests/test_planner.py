@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from coordinator import plan_cli
-from coordinator.modelinfo import ModelError, ModelInfo
-from coordinator.planner import (
+from coordinator.cluster.modelinfo import ModelError, ModelInfo
+from coordinator.cluster.planner import (
     NodeCapacity,
     Plan,
     PlanError,

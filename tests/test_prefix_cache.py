@@ -5,7 +5,7 @@ from __future__ import annotations
 from conftest import Serving, reference_tokens, run
 
 from coordinator.demo import ModelSpec
-from coordinator.prefix_cache import PrefixCache
+from coordinator.serving.prefix_cache import PrefixCache
 
 SPEC = ModelSpec(family="llama")
 

@@ -9,11 +9,11 @@ import asyncio
 
 from conftest import GiB, Serving, reference_tokens, run
 
+from coordinator.cluster.discovery import split_address
+from coordinator.cluster.membership import dial
+from coordinator.cluster.shipping import Shipper
 from coordinator.demo import ModelSpec
-from coordinator.discovery import split_address
 from coordinator.local import LocalWorkers
-from coordinator.membership import dial
-from coordinator.shipping import Shipper
 from protos import inference_pb2
 from protos.discovery import WorkerAd
 

@@ -16,11 +16,11 @@ import grpc
 import pytest
 from conftest import GiB, Serving, reference_tokens, run
 
-from coordinator.cluster import ClusterError
+from coordinator.cluster.cluster import ClusterError
+from coordinator.cluster.modelinfo import read_model_info
+from coordinator.cluster.shipping import Shipper, Transfer
 from coordinator.demo import ModelSpec
 from coordinator.local import LocalWorkers
-from coordinator.modelinfo import read_model_info
-from coordinator.shipping import Shipper, Transfer
 from protos import inference_pb2, worker_pb2, worker_pb2_grpc
 
 SPEC = ModelSpec(family="llama")
@@ -333,7 +333,7 @@ def test_a_worker_with_the_same_model_in_its_models_dir_gets_nothing(model_dir, 
 
 
 def test_files_are_split_over_streams_by_bytes_in_their_order(tmp_path):
-    from coordinator.shipping import split
+    from coordinator.cluster.shipping import split
     from protos.tensorfiles import FileSource
 
     files = [FileSource(name=f"f{i}", sha256=f"{i:064x}", size=size, path=tmp_path)

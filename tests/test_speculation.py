@@ -12,7 +12,7 @@ from conftest import GiB, Serving, reference_tokens, run
 
 from coordinator.demo import FAMILIES, ModelSpec, draft_model
 from coordinator.local import LocalWorkers
-from coordinator.speculation import NgramProposer
+from coordinator.serving.speculation import NgramProposer
 from protos import inference_pb2, worker_pb2
 from worker.shard import load_shard
 from worker.stage import StageRunner

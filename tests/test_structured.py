@@ -18,9 +18,9 @@ import pytest
 from conftest import Serving, reference_tokens, run
 from serving_thread import ServingThread
 
+from coordinator.api.structured import grammar_of
+from coordinator.api.tools import Tools
 from coordinator.demo import ModelSpec
-from coordinator.structured import grammar_of
-from coordinator.tools import Tools
 from protos import inference_pb2
 
 SPEC = ModelSpec(family="llama")

@@ -8,10 +8,10 @@ import asyncio
 import grpc
 from conftest import reference_tokens, run
 
-from coordinator.cluster import Cluster, connect_all
+from coordinator.cluster.cluster import Cluster, connect_all
+from coordinator.cluster.modelinfo import read_model_info
 from coordinator.demo import ModelSpec
-from coordinator.modelinfo import read_model_info
-from coordinator.pipeline import PLAN_METADATA_KEY
+from coordinator.serving.pipeline import PLAN_METADATA_KEY
 from protos import worker_pb2
 from worker.mlx_thread import MLXThread
 from worker.shard import load_shard

@@ -1,7 +1,8 @@
 """Checking proposed tokens on the last stage: sample every position, keep the confirmed prefix.
 
 A step whose sequence carries `SeqInput.draft = k` runs a chunk `[t, d1 .. dk]`: the token
-sampled last and k proposals (coordinator/speculation.py). The last stage samples each of the
+sampled last and k proposals (coordinator/serving/speculation.py). The last stage samples each of
+the
 k + 1 positions with the sequence's own sampler, exactly as k + 1 steps of one token would (same
 history, same (seed, position) key), and keeps the proposals up to the first that differs from
 its own sample, then its own token there. So the tokens are those of decoding without

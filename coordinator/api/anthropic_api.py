@@ -1,9 +1,9 @@
 """Anthropic's Messages API (`POST /v1/messages`) as a dialect of the HTTP API.
 
 A thin translation: the body becomes an OpenAI chat body, checked by the one request path
-(coordinator/requests.py), with errors naming the fields as Anthropic names them; the engine's
+(coordinator/api/requests.py), with errors naming the fields as Anthropic names them; the engine's
 chunks become a message, or Anthropic's server-sent events. Tools map to the OpenAI tool-call
-machinery (coordinator/tools.py): `tool_use` blocks out, `tool_result` blocks in.
+machinery (coordinator/api/tools.py): `tool_use` blocks out, `tool_result` blocks in.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
-from coordinator.engine import Chunk, RequestError
-from coordinator.requests import FieldError, Request, from_openai
+from coordinator.api.requests import FieldError, Request, from_openai
+from coordinator.serving.engine import Chunk, RequestError
 from protos import inference_pb2
 
 STOP_REASON = {inference_pb2.FINISH_REASON_STOP: "end_turn",

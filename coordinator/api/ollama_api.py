@@ -1,8 +1,8 @@
 """Ollama's API (`/api/chat`, `/api/generate`, `/api/tags`, `/api/show`, `/api/ps`,
 `/api/version`) as a dialect of the HTTP API, so Ollama clients list and use the served model.
 
-A thin translation, as coordinator/anthropic_api.py: the body becomes an OpenAI body checked by
-the one request path (coordinator/requests.py), `options` naming the sampling fields as Ollama
+A thin translation, as coordinator/api/anthropic_api.py: the body becomes an OpenAI body checked by
+the one request path (coordinator/api/requests.py), `options` naming the sampling fields as Ollama
 does; the answer is one JSON object or NDJSON lines (Ollama streams by default).
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from coordinator.engine import Chunk, RequestError
-from coordinator.requests import FieldError, Request, from_openai, model_not_found
+from coordinator.api.requests import FieldError, Request, from_openai, model_not_found
+from coordinator.serving.engine import Chunk, RequestError
 from protos import inference_pb2
 
 VERSION = "0.6.0"  # the Ollama API version these routes follow

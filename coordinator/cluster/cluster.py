@@ -15,11 +15,11 @@ from typing import Any
 import grpc
 
 import protos
-from coordinator.modelinfo import ModelInfo
-from coordinator.pipeline import Pipeline, PipelineError
-from coordinator.planner import NodeCapacity, Plan, plan
-from coordinator.progress import TransferBars
-from coordinator.shipping import ShipError, Shipper, Transfer, describe
+from coordinator.cluster.modelinfo import ModelInfo
+from coordinator.cluster.planner import NodeCapacity, Plan, plan
+from coordinator.cluster.progress import TransferBars
+from coordinator.cluster.shipping import ShipError, Shipper, Transfer, describe
+from coordinator.serving.pipeline import Pipeline, PipelineError
 from protos import auth, default_cache_dir, inference_pb2, worker_pb2, worker_pb2_grpc
 from protos.tensorfiles import TensorFileError
 from protos.units import format_size
@@ -27,8 +27,9 @@ from protos.units import format_size
 log = logging.getLogger("shardline.cluster")
 
 
-# A plan worker's status (Worker.status) while the cluster runs it; coordinator.discovery names
-# the states membership adds (left, unreachable, restarted) and those of workers not in the plan.
+# A plan worker's status (Worker.status) while the cluster runs it; coordinator.cluster.discovery
+# names the states membership adds (left, unreachable, restarted) and those of workers not in
+# the plan.
 READY, LOADING, SERVING, FAILED = "ready", "loading", "serving", "failed"
 WORKER_STATES = (READY, LOADING, SERVING, FAILED)
 
@@ -163,9 +164,9 @@ class Cluster:
     plan: Plan | None = None
     pipeline: Pipeline | None = None
     plan_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    # rows of workers seen but not in the plan (set by coordinator.membership)
+    # rows of workers seen but not in the plan (set by coordinator.cluster.membership)
     extra_states: Callable[[], list[inference_pb2.WorkerState]] | None = None
-    # told when the pipeline breaks (coordinator.membership re-plans over the live workers)
+    # told when the pipeline breaks (coordinator.cluster.membership re-plans over the live workers)
     on_broken: Callable[[str], None] | None = None
     recovering: bool = False  # a re-plan after a failure is under way: requests wait for it
     secret: bytes | None = field(default=None, repr=False)  # signs every call to a worker

@@ -21,8 +21,8 @@ from typing import Any
 
 import grpc
 
-from coordinator.modelinfo import ModelInfo
-from coordinator.progress import HashBar
+from coordinator.cluster.modelinfo import ModelInfo
+from coordinator.cluster.progress import HashBar
 from protos import worker_pb2
 from protos.tensorfiles import CONFIG_FILES, FileSource, HashIndex, config_file, model_tensors
 from protos.units import format_size

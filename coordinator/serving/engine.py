@@ -11,14 +11,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from coordinator.batcher import Microbatcher
-from coordinator.metrics import CoordinatorMetrics
-from coordinator.pipeline import Pipeline, PipelineError
-from coordinator.prefix_cache import PrefixCache
-from coordinator.scheduler import QueueFull, Scheduler
-from coordinator.speculation import SpecRequest, Speculator
-from coordinator.stops import StopMatcher
-from coordinator.structured import GrammarError, grammar_of
+from coordinator.api.structured import GrammarError, grammar_of
+from coordinator.serving.batcher import Microbatcher
+from coordinator.serving.metrics import CoordinatorMetrics
+from coordinator.serving.pipeline import Pipeline, PipelineError
+from coordinator.serving.prefix_cache import PrefixCache
+from coordinator.serving.scheduler import QueueFull, Scheduler
+from coordinator.serving.speculation import SpecRequest, Speculator
+from coordinator.serving.stops import StopMatcher
 from protos import inference_pb2, worker_pb2
 
 FINISH_STOP = inference_pb2.FINISH_REASON_STOP

@@ -1,6 +1,7 @@
 """Split a model's layers into contiguous stages over worker nodes, within each node's memory.
 
-Relies on `ModelInfo` (coordinator.modelinfo) for exact per-stage bytes. Stage i always runs on
+Relies on `ModelInfo` (coordinator.cluster.modelinfo) for exact per-stage bytes. Stage i always
+runs on
 nodes[i]. Two partitions:
 - `memory`: layers in proportion to usable memory, then the fewest layer moves that make every
   stage fit (an exact dynamic program over boundaries, so neighbours with slack absorb the excess).
@@ -16,7 +17,7 @@ from fractions import Fraction
 from itertools import pairwise
 from typing import Any
 
-from coordinator.modelinfo import ModelInfo
+from coordinator.cluster.modelinfo import ModelInfo
 from protos.units import format_size
 
 PARTITIONS = ("memory", "balanced")
@@ -165,7 +166,7 @@ def plan(
     """Assign contiguous layer ranges to `nodes` in order; raise PlanError if none fits.
 
     Every stage reserves KV for `max_sequences` x `context` tokens and for the
-    `prefix_cache_tokens` the prefix cache may keep (coordinator/prefix_cache.py).
+    `prefix_cache_tokens` the prefix cache may keep (coordinator/serving/prefix_cache.py).
     """
     context = min(info.max_context, DEFAULT_CONTEXT) if context is None else context
     _validate(info, nodes, partition, context, max_sequences, reserve_fraction)

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator.structured import GrammarError, set_schema
+from coordinator.api.structured import GrammarError, set_schema
 from protos import inference_pb2
 
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")

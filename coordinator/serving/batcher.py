@@ -14,12 +14,12 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from coordinator.pipeline import Pipeline, PipelineError
+from coordinator.serving.pipeline import Pipeline, PipelineError
 from protos import worker_pb2
 
 # a step, its result, and the pipeline its sequence runs on (None: the current one). After a
 # join re-plan, sequences started on the old pipeline finish there while new ones start on
-# the new one (coordinator/cluster.py, "draining").
+# the new one (coordinator/cluster/cluster.py, "draining").
 Item = tuple[worker_pb2.SeqInput, asyncio.Future, Pipeline | None]
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.cluster import Worker
+from coordinator.cluster.cluster import Worker
 from protos import API_SERVICE_TYPE, WIRE_VERSION, WORKER_SERVICE_TYPE, inference_pb2, worker_pb2
 from protos.discovery import (
     ApiAd,
@@ -33,12 +33,13 @@ from protos.netif import Interface, list_interfaces, select_interfaces, zeroconf
 
 log = logging.getLogger("shardline.discovery")
 
-# Membership states (set by coordinator.membership; shown by GetCluster, counted by metrics).
+# Membership states (set by coordinator.cluster.membership; shown by GetCluster, counted by
+# metrics).
 # A worker seen but not in the plan is `joining` (announced, not dialled yet), `standby`
 # (usable, waiting for the next re-plan), `excluded` (left out, with a reason), or gone: `left`
 # (mDNS goodbye or expiry) or `unreachable` (failed health checks). A plan worker gone is `left`
 # or `unreachable` too, and `restarted` when it came back without its shard; otherwise it has
-# one of coordinator.cluster.WORKER_STATES.
+# one of coordinator.cluster.cluster.WORKER_STATES.
 JOINING, STANDBY, EXCLUDED = "joining", "standby", "excluded"
 LEFT, UNREACHABLE, RESTARTED = "left", "unreachable", "restarted"
 GONE_STATES = (LEFT, UNREACHABLE)

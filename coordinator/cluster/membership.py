@@ -5,7 +5,7 @@ are usable. `Membership.watch` then keeps the view current while serving: an mDN
 expiry, or two failed health checks, marks a worker within seconds. A serving worker that goes,
 or a pipeline stream that breaks, breaks the pipeline: the plan's workers are probed and the
 model re-planned over those that answer at once, while running requests wait to resume
-(coordinator.engine); if they cannot hold it, requests get UNAVAILABLE with the numbers. A
+(coordinator.serving.engine); if they cannot hold it, requests get UNAVAILABLE with the numbers. A
 worker that joins never disturbs running requests: it enters the plan at the next re-plan,
 which happens only while no request runs or waits (never with `--no-rebalance`).
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from coordinator.cluster import (
+from coordinator.cluster.cluster import (
     SERVING,
     ClusterError,
     Worker,
@@ -29,7 +29,7 @@ from coordinator.cluster import (
     open_worker,
     wait_all,
 )
-from coordinator.discovery import (
+from coordinator.cluster.discovery import (
     JOINING,
     LEFT,
     RESTARTED,
@@ -40,7 +40,7 @@ from coordinator.discovery import (
     ask_info,
     resolve_ips,
 )
-from coordinator.planner import PlanError
+from coordinator.cluster.planner import PlanError
 from protos import inference_pb2
 from protos.discovery import ApiAd, WorkerAd, check_cluster_name
 from protos.netif import describe, list_interfaces

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from coordinator import structured, tools
-from coordinator.engine import DEFAULT_MAX_TOKENS, Engine, RequestError
-from coordinator.structured import GrammarError
+from coordinator.api import structured, tools
+from coordinator.api.structured import GrammarError
+from coordinator.serving.engine import DEFAULT_MAX_TOKENS, Engine, RequestError
 from protos import inference_pb2
 
 ROLES = ("system", "user", "assistant", "tool", "developer")

@@ -20,14 +20,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 import protos
-from coordinator import ollama_api
-from coordinator.anthropic_api import Messages
-from coordinator.engine import Chunk, RequestError
-from coordinator.metrics import sd_targets
-from coordinator.requests import FieldError, Request, from_openai, model_not_found, prompt_ids
-from coordinator.responses_api import Responses
-from coordinator.service import not_ready
-from coordinator.token_bytes import TokenBytes
+from coordinator.api import ollama_api
+from coordinator.api.anthropic_api import Messages
+from coordinator.api.requests import FieldError, Request, from_openai, model_not_found, prompt_ids
+from coordinator.api.responses_api import Responses
+from coordinator.api.service import not_ready
+from coordinator.api.token_bytes import TokenBytes
+from coordinator.serving.engine import Chunk, RequestError
+from coordinator.serving.metrics import sd_targets
 from protos import auth, inference_pb2
 
 log = logging.getLogger("shardline.http")
@@ -378,7 +378,7 @@ class HttpApi:
         return body
 
     async def complete(self, request: HttpRequest, dialect: Any) -> Response:
-        """One generation request in `dialect` (OpenAI here; coordinator/anthropic_api.py):
+        """One generation request in `dialect` (OpenAI here; coordinator/api/anthropic_api.py):
         its body becomes the one Request form, its chunks its answer, whole or streamed."""
         engine = self.source.engine
         try:

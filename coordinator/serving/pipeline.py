@@ -54,7 +54,7 @@ class Pipeline:
         self._writer: asyncio.Task | None = None
         self._wake: asyncio.Future | None = None
         self.broken: str | None = None
-        self.users = 0  # requests running on it (coordinator/engine.py)
+        self.users = 0  # requests running on it (coordinator/serving/engine.py)
         # replaced by a re-plan: its running requests finish on it, then it closes
         self.retired = False
         # called once, synchronously, when the pipeline breaks (before any step fails), so the

@@ -22,8 +22,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 import protos
-from coordinator.cluster import WORKER_STATES
-from coordinator.discovery import GONE_STATES, MEMBER_STATES, RESTARTED, STANDBY
+from coordinator.cluster.cluster import WORKER_STATES
+from coordinator.cluster.discovery import GONE_STATES, MEMBER_STATES, RESTARTED, STANDBY
 from protos import inference_pb2
 from protos.grpc_metrics import MetricsInterceptor, server_interceptor
 
@@ -58,7 +58,7 @@ class KnownWorker:
     """One worker the coordinator knows, in the plan or not, with its state and label."""
 
     state: str
-    worker: Any = None  # coordinator.cluster.Worker; None unless in the plan or on standby
+    worker: Any = None  # coordinator.cluster.cluster.Worker; None unless in the plan or on standby
     label: str = ""  # the `worker` label ("" for members neither in the plan nor on standby)
     in_plan: bool = False
 

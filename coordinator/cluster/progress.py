@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 class TransferBars:
     """A tqdm bar per worker (bytes, rate, time left); none when stderr is not a terminal,
-    where the one-line summaries of coordinator/shipping.py stand alone."""
+    where the one-line summaries of coordinator/cluster/shipping.py stand alone."""
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled and sys.stderr.isatty()

@@ -1,10 +1,10 @@
 """OpenAI's Responses API (`POST /v1/responses`) as a dialect of the HTTP API.
 
-A thin translation, as coordinator/anthropic_api.py: `input` (text or items), `instructions`,
+A thin translation, as coordinator/api/anthropic_api.py: `input` (text or items), `instructions`,
 `max_output_tokens`, `text.format` and function `tools` become an OpenAI chat body checked by the
-one request path (coordinator/requests.py), with errors naming the Responses fields; the
+one request path (coordinator/api/requests.py), with errors naming the Responses fields; the
 engine's chunks become a response object or the Responses stream of events. Tool calls are
-`function_call` items out and `function_call_output` items in (coordinator/tools.py).
+`function_call` items out and `function_call_output` items in (coordinator/api/tools.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 
 from starlette.responses import Response
 
-from coordinator.engine import Chunk, RequestError
-from coordinator.requests import FieldError, Request, from_openai
+from coordinator.api.requests import FieldError, Request, from_openai
+from coordinator.serving.engine import Chunk, RequestError
 from protos import inference_pb2
 
 # chat body names in errors -> the Responses API's
@@ -135,7 +135,7 @@ class Responses:
 
     @staticmethod
     def error(e: RequestError) -> Response:
-        from coordinator.http_api import request_error
+        from coordinator.api.http_api import request_error
 
         return request_error(e)
 

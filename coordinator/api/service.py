@@ -14,15 +14,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import protos
-from coordinator.cluster import Cluster
-from coordinator.engine import Engine, RequestError
-from coordinator.requests import (
+from coordinator.api.requests import (
     check_prompt,
     check_sampling,
     encode_chat,
     fill_max_tokens,
     model_not_found,
 )
+from coordinator.cluster.cluster import Cluster
+from coordinator.serving.engine import Engine, RequestError
 from protos import inference_pb2, inference_pb2_grpc
 
 log = logging.getLogger("shardline.api")

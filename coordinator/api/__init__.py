@@ -1,0 +1,1 @@
+"""Shardline coordinator: the HTTP and gRPC APIs: request checking, dialects, structured output."""

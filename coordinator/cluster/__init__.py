@@ -1,0 +1,1 @@
+"""Shardline coordinator: the workers: discovery, membership, planning, shipping weights."""

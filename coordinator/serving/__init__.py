@@ -1,0 +1,1 @@
+"""Shardline coordinator: generation: the engine, batching, the pipeline, scheduling, metrics."""
