@@ -234,14 +234,14 @@ def test_full_queue_over_http_is_429_in_openai_shape(model_dir, workers):
 
     path = model_dir(SPEC)
 
-    def post(url: str) -> tuple[int, dict]:
+    def post(url: str) -> tuple[int, dict, str | None]:
         req = urllib.request.Request(url, data=json.dumps({"prompt": "hello", "max_tokens": 4})
                                      .encode(), headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
-                return r.status, json.loads(r.read())
+                return r.status, json.loads(r.read()), r.headers.get("Retry-After")
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
+            return e.code, json.loads(e.read()), e.headers.get("Retry-After")
 
     async def scenario():
         async with Serving(path, workers[:2], max_sequences=1, max_waiting=0) as s:
@@ -252,8 +252,8 @@ def test_full_queue_over_http_is_429_in_openai_shape(model_dir, workers):
             await busy
             return result
 
-    status, body = run(scenario())
-    assert status == 429
+    status, body, retry = run(scenario())
+    assert status == 429 and retry == "1"  # the client is told when to come back
     assert body["error"]["type"] == "rate_limit_error" and "retry later" in body["error"]["message"]
 
 

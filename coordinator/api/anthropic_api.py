@@ -16,7 +16,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
-from coordinator.api.requests import FieldError, Request, from_openai
+from coordinator.api.requests import FieldError, Request, from_openai, retry_after
 from coordinator.serving.engine import Chunk, RequestError
 from protos import inference_pb2
 
@@ -36,7 +36,7 @@ PARAMS = {"stop": "stop_sequences", "max_tokens": "max_tokens", "tool_choice": "
 def error_response(e: RequestError) -> Response:
     status, kind = ERRORS.get(e.code, (500, "api_error"))
     return JSONResponse({"type": "error", "error": {"type": kind, "message": e.message}},
-                        status)
+                        status, headers=retry_after(e.code))
 
 
 def _text(block: Any, where: str) -> str:

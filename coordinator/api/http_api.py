@@ -22,7 +22,14 @@ from starlette.routing import Route
 import protos
 from coordinator.api import ollama_api
 from coordinator.api.anthropic_api import Messages
-from coordinator.api.requests import FieldError, Request, from_openai, model_not_found, prompt_ids
+from coordinator.api.requests import (
+    FieldError,
+    Request,
+    from_openai,
+    model_not_found,
+    prompt_ids,
+    retry_after,
+)
 from coordinator.api.responses_api import Responses
 from coordinator.api.service import not_ready
 from coordinator.api.token_bytes import TokenBytes
@@ -55,7 +62,8 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 def request_error(e: RequestError) -> JSONResponse:
     status, type_ = STATUS.get(e.code, (500, "server_error"))
     code = "model_not_found" if e.code == "NOT_FOUND" else e.code.lower()
-    return JSONResponse(error_body(e.message, type_, e.param, code), status)
+    return JSONResponse(error_body(e.message, type_, e.param, code), status,
+                        headers=retry_after(e.code))
 
 
 def check_unicode(body: Any) -> None:

@@ -18,7 +18,13 @@ from typing import Any
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from coordinator.api.requests import FieldError, Request, from_openai, model_not_found
+from coordinator.api.requests import (
+    FieldError,
+    Request,
+    from_openai,
+    model_not_found,
+    retry_after,
+)
 from coordinator.serving.engine import Chunk, RequestError
 from protos import inference_pb2
 
@@ -33,7 +39,8 @@ STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAUTHENTICATED": 401,
 
 
 def error_response(e: RequestError) -> Response:
-    return JSONResponse({"error": e.message}, STATUS.get(e.code, 500))
+    return JSONResponse({"error": e.message}, STATUS.get(e.code, 500),
+                        headers=retry_after(e.code))
 
 
 def bare(model: str) -> str:

@@ -27,6 +27,11 @@ class FieldError(RequestError):
         super().__init__(code, f"{param} {message}", param)
 
 
+def retry_after(code: str) -> dict[str, str]:
+    """HTTP headers of a refusal: a full queue (429) asks the client to come back in a second."""
+    return {"Retry-After": "1"} if code == "RESOURCE_EXHAUSTED" else {}
+
+
 def model_not_found(model: str, served: str) -> FieldError:
     return FieldError("model", f"{model!r} is not served here; this cluster serves {served!r}",
                       code="NOT_FOUND")
