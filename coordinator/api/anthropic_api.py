@@ -9,14 +9,13 @@ machinery (coordinator/api/tools.py): `tool_use` blocks out, `tool_result` block
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
-from coordinator.api.requests import FieldError, Request, from_openai, retry_after
+from coordinator.api.requests import FieldError, Request, from_openai, renamed, retry_after
 from coordinator.serving.engine import Chunk, RequestError
 from protos import inference_pb2
 
@@ -135,11 +134,7 @@ class Messages:
             return from_openai(to_openai(body), chat=True, context=engine.context,
                                tokenizer=engine.tokenizer)
         except FieldError as e:
-            param = e.param or ""
-            base = re.split(r"[.\[]", param, maxsplit=1)[0]
-            named = PARAMS.get(base, base) + param[len(base):]
-            text = e.message[len(param):].lstrip() if e.message.startswith(param) else e.message
-            raise FieldError(named, text) from None
+            raise renamed(e, PARAMS) from None
 
     def output(self, req: Request, model: str, tokenizer: Any) -> MessageOutput:
         return MessageOutput(req, model)

@@ -9,7 +9,6 @@ does; the answer is one JSON object or NDJSON lines (Ollama streams by default).
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -23,6 +22,7 @@ from coordinator.api.requests import (
     Request,
     from_openai,
     model_not_found,
+    renamed,
     retry_after,
 )
 from coordinator.serving.engine import Chunk, RequestError
@@ -119,11 +119,7 @@ class Ollama:
             req = from_openai(openai_body, chat="messages" in openai_body,
                               context=engine.context, tokenizer=engine.tokenizer)
         except FieldError as e:
-            param = e.param or ""
-            base = re.split(r"[.\[]", param, maxsplit=1)[0]
-            named = PARAMS.get(base, base) + param[len(base):]
-            text = e.message[len(param):].lstrip() if e.message.startswith(param) else e.message
-            raise FieldError(named, text) from None
+            raise renamed(e, PARAMS) from None
         req.max_tokens_param = "options.num_predict"
         return req
 

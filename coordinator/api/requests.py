@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,16 @@ class FieldError(RequestError):
 
     def __init__(self, param: str, message: str, code: str = "INVALID_ARGUMENT") -> None:
         super().__init__(code, f"{param} {message}", param)
+
+
+def renamed(e: FieldError, names: dict[str, str]) -> FieldError:
+    """`e` with its field named as another API names it (`names`: OpenAI body field -> that
+    API's), for the dialects that translate their bodies into an OpenAI one."""
+    param = e.param or ""
+    base = re.split(r"[.\[]", param, maxsplit=1)[0]
+    named = names.get(base, base) + param[len(base):]
+    text = e.message[len(param):].lstrip() if e.message.startswith(param) else e.message
+    return FieldError(named, text)
 
 
 def retry_after(code: str) -> dict[str, str]:

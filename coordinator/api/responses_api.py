@@ -10,7 +10,6 @@ engine's chunks become a response object or the Responses stream of events. Tool
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ from typing import Any
 
 from starlette.responses import Response
 
-from coordinator.api.requests import FieldError, Request, from_openai
+from coordinator.api.requests import FieldError, Request, from_openai, renamed
 from coordinator.serving.engine import Chunk, RequestError
 from protos import inference_pb2
 
@@ -122,11 +121,7 @@ class Responses:
             req = from_openai(to_chat(body), chat=True, context=engine.context,
                               tokenizer=engine.tokenizer)
         except FieldError as e:
-            param = e.param or ""
-            base = re.split(r"[.\[]", param, maxsplit=1)[0]
-            named = PARAMS.get(base, base) + param[len(base):]
-            text = e.message[len(param):].lstrip() if e.message.startswith(param) else e.message
-            raise FieldError(named, text) from None
+            raise renamed(e, PARAMS) from None
         req.max_tokens_param = "max_output_tokens"
         return req
 
