@@ -45,6 +45,18 @@ def workers(cache_dir: Path) -> Iterator[list[str]]:
         local.stop()
 
 
+async def until(condition, timeout: float = 30.0, every: float = 0.01) -> bool:
+    """Poll `condition()` until it holds (True) or `timeout` seconds pass (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(every)
+    return True
+
+
 def run(coro):
     """Run a coroutine on a fresh event loop (each test owns its loop)."""
     return asyncio.run(coro)

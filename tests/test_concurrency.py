@@ -7,7 +7,7 @@ import time
 from functools import cache
 
 import pytest
-from conftest import Serving, reference_tokens, run
+from conftest import Serving, reference_tokens, run, until
 
 from coordinator.demo import ModelSpec
 from protos import inference_pb2, worker_pb2
@@ -147,11 +147,12 @@ def test_full_queue_is_refused_with_resource_exhausted(model_dir, workers):
 
     async def scenario():
         async with Serving(path, workers[:2], max_sequences=1, max_waiting=1) as s:
+            scheduler = s.coordinator.engine.scheduler
             first = asyncio.create_task(s.generate([20, 21, 22], 400))
-            await asyncio.sleep(0.2)  # running
+            assert await until(lambda: scheduler.running == 1)
             second = asyncio.create_task(s.generate([23, 24, 25], 10))
-            await asyncio.sleep(0.1)  # waiting
-            waiting = s.coordinator.engine.scheduler.waiting
+            assert await until(lambda: scheduler.waiting == 1)
+            waiting = scheduler.waiting
             try:
                 await s.generate([26, 27], 5)
                 third = "OK"
@@ -180,10 +181,10 @@ def test_scheduler_is_fifo_and_a_cancelled_waiter_leaves_the_queue():
                 await asyncio.sleep(hold)
 
         a = asyncio.create_task(job("a", 0.05))
-        await asyncio.sleep(0)
+        assert await until(lambda: s.running == 1, every=0)
         b = asyncio.create_task(job("b", 0))
         c = asyncio.create_task(job("c", 0))
-        await asyncio.sleep(0.01)
+        assert await until(lambda: s.waiting == 2, every=0)
         full = None
         try:
             async with s.slot():
@@ -246,7 +247,7 @@ def test_full_queue_over_http_is_429_in_openai_shape(model_dir, workers):
     async def scenario():
         async with Serving(path, workers[:2], max_sequences=1, max_waiting=0) as s:
             busy = asyncio.create_task(s.generate([20, 21, 22], 400))
-            await asyncio.sleep(0.2)
+            assert await until(lambda: s.coordinator.engine.scheduler.running == 1)
             url = f"http://127.0.0.1:{s.coordinator.http_port}/v1/completions"
             result = await asyncio.to_thread(post, url)
             await busy

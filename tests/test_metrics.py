@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -288,8 +289,21 @@ def scraped(model_dir, workers):
             urls = [f"http://{t['targets'][0]}/metrics" for t in sd]
             before = [families((await asyncio.to_thread(get, u))[0]) for u in urls]
             tokens, finish, _ = await s.generate(prompt, max_tokens)
-            await asyncio.sleep(0.5)  # the release step reaches every stage
-            after = [await asyncio.to_thread(get, u) for u in urls]
+
+            def decoded(page: str, i: int) -> float:
+                return sum(s.value for s in families(page).get(
+                    "shardline_stage_forward_seconds_count", [])
+                    if s.labels.get("phase") == "decode") - sum(
+                    s.value for s in before[i].get("shardline_stage_forward_seconds_count", [])
+                    if s.labels.get("phase") == "decode")
+
+            deadline = time.monotonic() + 20
+            while True:  # the last step's metrics reach every stage a moment after the reply
+                after = [await asyncio.to_thread(get, u) for u in urls]
+                if all(decoded(p, i) >= len(tokens) for i, (p, _) in enumerate(after)) or \
+                        time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             codes = []
             for ids, model in (([10**6], ""), ([1, 2], "no-such-model")):
                 try:

@@ -9,7 +9,7 @@ import os
 import signal
 import time
 
-from conftest import GiB, Serving, reference_tokens, run
+from conftest import GiB, Serving, reference_tokens, run, until
 from test_recovery import stream
 
 from coordinator.demo import ModelSpec
@@ -69,15 +69,6 @@ async def streaming(got: list[list[int]], tasks: list[asyncio.Task], at: int = 4
     for task in tasks:
         if task.done():
             task.result()
-
-
-async def until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 def test_a_paused_worker_is_replanned_around_and_its_wakeup_disturbs_no_one(

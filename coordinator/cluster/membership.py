@@ -352,7 +352,7 @@ class Membership:
         pipeline = cluster.pipeline
         if lost and pipeline is not None and not pipeline.broken:
             pipeline.fail(f"lost worker {', '.join(lost)} (left, unreachable or restarted)")
-        if self._due() and not self._replanning:
+        if self.due() and not self._replanning:
             self._replanning = True
             self._spawn(self._replan())
 
@@ -388,9 +388,10 @@ class Membership:
         if not self._probing and not self._replanning:
             self.source.cluster.recovering = False
 
-    def _due(self) -> str:
+    def due(self) -> str:
         """Why a re-plan is due ("worker_lost": the pipeline is broken; "worker_joined"), or
-        "" (none, or the last re-plan over these same workers failed)."""
+        "" (none, or the last re-plan over these same workers failed): what the membership
+        loop acts on, exposed so that a caller can see that no re-plan is coming."""
         if self.source.engine is None or self._probing:
             return ""
         cluster = self.source.cluster
@@ -405,7 +406,7 @@ class Membership:
     async def _replan(self) -> None:
         cluster = self.source.cluster
         try:
-            while why := self._due():
+            while why := self.due():
                 if why == "worker_lost":
                     # nothing can run on a broken pipeline: re-plan now; the requests that
                     # were running wait for it and then resume
@@ -424,7 +425,7 @@ class Membership:
 
     async def _reload(self, why: str) -> None:
         """Plan over the usable workers (plan order kept, joiners last) and load the shards;
-        a failure is remembered for this set of workers (`_due` skips it until it changes)."""
+        a failure is remembered for this set of workers (`due` skips it until it changes)."""
         cluster, engine = self.source.cluster, self.source.engine
         for attempt in range(2):
             usable = [m.worker for m in self.table.usable()]
