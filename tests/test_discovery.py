@@ -171,6 +171,20 @@ def test_duplicate_node_id_is_refused_until_the_original_goes():
     assert late.reason.startswith("duplicate node id same")
 
 
+def test_a_goodbye_after_failed_health_checks_makes_the_worker_left():
+    # a stopping worker's streams break first (health checks: unreachable), then its goodbye
+    table = MemberTable("lab")
+    member, _ = table.saw("w2._shardline._tcp.local.", WorkerAd(id="n2", cluster="lab"),
+                          ["10.0.0.2"], 50061)
+    table.identified(member, worker("10.0.0.2:50061", "n2"))
+    table.left(member.key, "unreachable")
+    since = member.gone_since
+    table.left(member.key)
+    assert member.status() == "left" and member.gone_since == since
+    table.left(member.key, "unreachable")  # a failed check never hides a goodbye
+    assert member.status() == "left"
+
+
 def test_addresses_are_dialled_ipv4_first():
     assert order_addresses(["fe80::1%eth0", "2001:db8::1", "10.0.0.1"]) == \
         ["10.0.0.1", "2001:db8::1", "fe80::1%eth0"]

@@ -212,13 +212,17 @@ class MemberTable:
             return
 
     def left(self, key: str, why: str = LEFT) -> Member | None:
-        """mDNS goodbye or expiry (`why`=LEFT), or failed health checks (UNREACHABLE)."""
+        """mDNS goodbye or expiry (`why`=LEFT), or failed health checks (UNREACHABLE).
+
+        A goodbye after failed checks says more (a stopping worker's streams often break
+        before its goodbye arrives): the member becomes LEFT, gone since the first sign."""
         member = self.members.get(key)
-        if member is not None and not member.gone:
-            member.gone, member.gone_since = why, time.monotonic()
-            for alias in self.members.values():
-                if alias.alias_of == key and not alias.gone:
-                    alias.gone, alias.gone_since = why, member.gone_since
+        if member is None:
+            return None
+        since = member.gone_since if member.gone else time.monotonic()
+        for m in (member, *(a for a in self.members.values() if a.alias_of == key)):
+            if not m.gone or (why == LEFT and m.gone == UNREACHABLE):
+                m.gone, m.gone_since = why, since
         return member
 
     def recheck_duplicates(self) -> list[Member]:
