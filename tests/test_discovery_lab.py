@@ -9,29 +9,21 @@ Every host is a namespace with its own address on a private bridge; nothing reac
 from __future__ import annotations
 
 import json
-import os
-import random
-import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, reference_tokens
+from conftest import reference_tokens
+from lab import built
 
 from coordinator.demo import ModelSpec
 from protos import WIRE_VERSION
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
-                       reason="the lab builds network namespaces, which needs root"),
-    pytest.mark.skipif(shutil.which("ip") is None, reason="needs iproute2 (`ip`)"),
-]
+# root and iproute2: without them `built` skips, or fails under CI (tests/lab.py)
+pytestmark = pytest.mark.slow
 
 GRPC = "127.0.0.1:50051"
 PROMPT = [1, 17, 42, 99, 7, 250, 31]
@@ -116,98 +108,10 @@ print(json.dumps({"sd": json.loads(get("/sd/workers")), "workers": workers}))
 """
 
 
-def sh(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=30)
-
-
-class Lab:
-    """Namespaces `h1..hN` on one bridge, with a unique name and a random 10.x/24 subnet."""
-
-    def __init__(self, hosts: int, workdir: Path) -> None:
-        tag = secrets.token_hex(2)
-        self.prefix = f"sl{tag}"
-        self.bridge = f"{self.prefix}br"
-        self.subnet = f"10.{random.randint(100, 250)}.{random.randint(0, 255)}"
-        self.hosts = [f"{self.prefix}h{i}" for i in range(1, hosts + 1)]
-        self.workdir = workdir
-        self.procs: list[tuple[subprocess.Popen, Path]] = []
-
-    def ip(self, host: int) -> str:
-        return f"{self.subnet}.{host}"
-
-    def build(self) -> None:
-        sh("ip", "link", "add", self.bridge, "type", "bridge")
-        sh("ip", "link", "set", self.bridge, "up")
-        for i, ns in enumerate(self.hosts, 1):
-            veth = f"{self.prefix}v{i}"
-            sh("ip", "netns", "add", ns)
-            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            sh("ip", "link", "set", veth, "master", self.bridge, "up")
-            sh("ip", "-n", ns, "addr", "add", f"{self.ip(i)}/24", "dev", "eth0")
-            sh("ip", "-n", ns, "link", "set", "eth0", "up")
-            sh("ip", "-n", ns, "link", "set", "lo", "up")
-
-    def start(self, host: int, name: str, *args: str) -> subprocess.Popen:
-        """Run `python -m ARGS` on host `host`; output goes to a log file named `name`."""
-        log = self.workdir / f"{name}.log"
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.hosts[host - 1], sys.executable, "-m", *args],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        self.procs.append((proc, log))
-        return proc
-
-    def run(self, host: int, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.hosts[host - 1], sys.executable,
-                               *args], cwd=ROOT, capture_output=True, text=True,
-                              timeout=timeout)
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}"
-                         for _, log in self.procs if log.exists())
-
-    def teardown(self) -> None:
-        for proc, _ in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc, _ in self.procs:
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for ns in self.hosts:
-            pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
-            for pid in pids:  # anything still in our namespaces was started by this test
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            sh("ip", "netns", "del", ns, check=False)
-        sh("ip", "link", "del", self.bridge, check=False)
-        deadline = time.monotonic() + 10  # veth peers go away asynchronously with their netns
-        while self.prefix in sh("ip", "-o", "link", "show", check=False).stdout and \
-                time.monotonic() < deadline:
-            time.sleep(0.1)
-        for i in range(1, len(self.hosts) + 1):
-            if f"{self.prefix}v{i}" in sh("ip", "-o", "link", "show", check=False).stdout:
-                sh("ip", "link", "del", f"{self.prefix}v{i}", check=False)
-
-
 @pytest.fixture
 def lab(tmp_path):
-    lab = Lab(6, tmp_path)
-    try:
-        try:
-            lab.build()
-        except subprocess.CalledProcessError as e:
-            pytest.skip(f"cannot build network namespaces here: {e.stderr.strip()}")
+    with built(6, tmp_path) as lab:
         yield lab
-    finally:
-        lab.teardown()
-    leftover = sh("ip", "-o", "link", "show", check=False).stdout
-    assert lab.prefix not in leftover and not any(
-        ns in sh("ip", "netns", "list", check=False).stdout for ns in lab.hosts)
 
 
 def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tmp_path):
