@@ -99,6 +99,11 @@ def decode(args: argparse.Namespace) -> None:
         cells = [f"{median_tps(by[s]):.1f} ({median_tps(by[s]) / median_tps(base[s]):.2f}x)"
                  for s in streams]
         print(f"| shardline, {w} worker{'s' if w > 1 else ''} | " + " | ".join(cells) + " |")
+    if 1 in streams:  # greedy: every run's tokens are mlx-lm's, or the speed means nothing
+        want = base[1][0].ids
+        same = {w: all(r.ids == want for r in by[1]) for w, by in rows.items()}
+        print("token-exact against mlx-lm at one stream: " + ", ".join(
+            f"{w} worker{'s' if w > 1 else ''} {'yes' if ok else 'NO'}" for w, ok in same.items()))
 
 
 def hops(args: argparse.Namespace) -> None:

@@ -31,7 +31,7 @@ from bench_serving import GiB, bench_shardline  # noqa: E402
 
 from coordinator.demo import cached_model  # noqa: E402
 
-PARTS = ("receive", "host", "device", "serialise", "send", "waiting")
+PARTS = ("receive", "host", "device", "serialise", "send", "waiting", "prepare")
 BUSY = ("receive", "host", "device", "serialise", "send")
 
 

@@ -49,6 +49,7 @@ class Result:
     wall: float = 0.0
     ttft: list[float] = field(default_factory=list)
     itl: list[float] = field(default_factory=list)
+    ids: list[list[int]] = field(default_factory=list)  # each stream's tokens (where kept)
 
     @property
     def tps(self) -> float:
@@ -73,7 +74,8 @@ def bench_mlx_lm(path: Path, streams: int, prompt_len: int, new: int) -> Result:
         if PIN and hasattr(os, "sched_setaffinity") else None
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=pin_child)
     data = json.loads(out.stdout.strip().splitlines()[-1])
-    return Result("mlx-lm", streams, data["tokens"], data["wall"], data["ttft"], data["itl"])
+    return Result("mlx-lm", streams, data["tokens"], data["wall"], data["ttft"], data["itl"],
+                  data.get("ids", []))
 
 
 def run_mlx_lm(path: str, streams: int, prompt_len: int, new: int) -> None:
@@ -90,8 +92,9 @@ def run_mlx_lm(path: str, streams: int, prompt_len: int, new: int) -> None:
         batch_generate(model, tokenizer, prompts(streams, prompt_len), max_tokens=4)
     t0 = time.perf_counter()
     if streams == 1:
-        last = None
-        for _ in stream_generate(model, tokenizer, prompts(1, prompt_len)[0], max_tokens=new):
+        last, res.ids = None, [[]]
+        for r in stream_generate(model, tokenizer, prompts(1, prompt_len)[0], max_tokens=new):
+            res.ids[0].append(r.token)
             now = time.perf_counter()
             if last is None:
                 res.ttft.append(now - t0)
@@ -103,7 +106,8 @@ def run_mlx_lm(path: str, streams: int, prompt_len: int, new: int) -> None:
         batch_generate(model, tokenizer, prompts(streams, prompt_len), max_tokens=new)
         res.tokens = streams * new  # test models never emit EOS: every prompt runs to the end
     res.wall = time.perf_counter() - t0
-    print(json.dumps({"tokens": res.tokens, "wall": res.wall, "ttft": res.ttft, "itl": res.itl}))
+    print(json.dumps({"tokens": res.tokens, "wall": res.wall, "ttft": res.ttft, "itl": res.itl,
+                      "ids": res.ids}))
 
 
 async def bench_shardline(coordinator, label: str, streams: int, prompt_len: int,
@@ -120,7 +124,8 @@ async def bench_shardline(coordinator, label: str, streams: int, prompt_len: int
     async with channel:
         stub = inference_pb2_grpc.InferenceStub(channel)
 
-        async def one(ids: list[int], max_tokens: int = new) -> None:
+        async def one(ids: list[int], max_tokens: int = new) -> list[int]:
+            out: list[int] = []
             req = inference_pb2.GenerateRequest(
                 prompt_token_ids=ids, sampling=inference_pb2.SamplingParams(max_tokens=max_tokens))
             t0 = time.perf_counter()
@@ -134,13 +139,15 @@ async def bench_shardline(coordinator, label: str, streams: int, prompt_len: int
                         res.itl.append(now - last)
                     last = now
                     res.tokens += len(msg.token_ids)
+                    out += msg.token_ids
+            return out
 
         # warm up with the timed shapes, as for mlx-lm
         if warm:
             await asyncio.gather(*(one(p, 4) for p in prompts(streams, prompt_len)))
         res.tokens, res.ttft, res.itl = 0, [], []
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(p) for p in prompts(streams, prompt_len)))
+        res.ids = await asyncio.gather(*(one(p) for p in prompts(streams, prompt_len)))
         res.wall = time.perf_counter() - t0
     return res
 

@@ -34,13 +34,21 @@ def encode(array: mx.array) -> worker_pb2.Tensor:
     return encode_into(worker_pb2.Tensor(), array)
 
 
-def encode_into(tensor: worker_pb2.Tensor, array: mx.array) -> worker_pb2.Tensor:
-    """Fill `tensor` (a field of a message being built) with an evaluated array's bytes."""
+def wire(array: mx.array) -> mx.array:
+    """`array` as its bytes travel (bf16 as its uint16 bits), lazily: evaluated with the
+    values, it gives `encode_into` the bytes without another evaluation (on a GPU, a sync)."""
+    return array.view(mx.uint16) if array.dtype == mx.bfloat16 else array
+
+
+def encode_into(tensor: worker_pb2.Tensor, array: mx.array,
+                wired: mx.array | None = None) -> worker_pb2.Tensor:
+    """Fill `tensor` (a field of a message being built) with an evaluated array's bytes
+    (read from `wired`, its evaluated `wire` form, where given)."""
     name = dtype_name(array.dtype)
     if name not in _WIRE:
         raise ValueError(f"dtype {name} cannot travel on the wire")
     # bf16 has no buffer format: its bits go out as uint16 (memoryview reads a view directly)
-    view = array.view(_WIRE[name][0]) if name == "bfloat16" else array
+    view = wired if wired is not None else wire(array)
     tensor.data = bytes(memoryview(view))
     del tensor.shape[:]
     tensor.shape.extend(array.shape)
@@ -59,3 +67,31 @@ def decode(tensor: worker_pb2.Tensor) -> mx.array:
         raise ValueError(f"tensor has {flat.size} values for shape {list(tensor.shape)}")
     array = mx.array(flat.reshape(tuple(tensor.shape)))
     return array.view(_MX[tensor.dtype]) if tensor.dtype == "bfloat16" else array
+
+
+def placeholder(shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[mx.array, np.ndarray]:
+    """An evaluated zero array of `shape` and `dtype`, and a writable numpy view of its buffer
+    (bf16 as its uint16 bits): a graph built on the array now reads what `fill` writes into
+    the view before the graph is evaluated."""
+    name = dtype_name(dtype)
+    if name not in _WIRE:
+        raise ValueError(f"dtype {name} cannot travel on the wire")
+    array = mx.array(np.zeros(shape, dtype=np.float32), dtype=dtype)
+    bits = array.view(_WIRE[name][0]) if name == "bfloat16" else array
+    mx.eval(bits)
+    view = np.asarray(bits)
+    if not view.flags.writeable:
+        raise ValueError("this MLX backend gives no writable view of an array's buffer")
+    return array, view
+
+
+def fill(view: np.ndarray, tensor: worker_pb2.Tensor) -> bool:
+    """Write a Tensor message's values into a placeholder's view (`placeholder`); False, and
+    nothing written, when its dtype, shape or byte count differ from the placeholder's."""
+    wire = _WIRE.get(tensor.dtype)
+    if wire is None or wire[1] != view.dtype or tuple(tensor.shape) != view.shape or \
+            len(tensor.data) != view.nbytes:
+        return False
+    view[...] = np.frombuffer(tensor.data, dtype=wire[1]).reshape(view.shape)
+    return True
+

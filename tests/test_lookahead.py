@@ -1,12 +1,14 @@
-"""Decode-ahead (worker/lookahead.py): guesses of a whole-model stage are taken or rolled back."""
+"""Decode-ahead (worker/lookahead.py): guessed steps, on a whole-model stage and on slices of the
+model (placeholder inputs), are taken or rolled back, and outputs stay exact."""
 
 from __future__ import annotations
 
+import mlx.core as mx
 import pytest
 from conftest import reference_tokens
 
 from coordinator.demo import ModelSpec
-from protos import inference_pb2, worker_pb2
+from protos import codec, inference_pb2, worker_pb2
 from worker.shard import load_shard
 from worker.stage import StageRunner
 
@@ -84,7 +86,7 @@ def test_guesses_roll_back_when_the_next_step_differs_and_outputs_stay_exact(mod
     assert ahead.tokens == plain.tokens and ahead.logprobs == plain.logprobs
     assert ahead.tokens["c"] == reference_tokens(path, PROMPTS["c"], len(ahead.tokens["c"]))
     # a guess for "c" is out; rolled back, the session is exactly the one without guesses
-    assert runner.lookahead.guess is not None
+    assert list(runner.lookahead.guesses) == [("c",)]
     runner.lookahead.drop(["c"])
     mine, theirs = runner.sessions["c"], plain.runner.sessions["c"]
     assert mine.offset == theirs.offset == len(PROMPTS["c"]) + len(ahead.tokens["c"]) - 1
@@ -106,13 +108,101 @@ def test_a_repetition_penalty_is_never_guessed(model_dir):
     assert runs[0].tokens == runs[1].tokens
 
 
-def test_a_slice_of_the_model_never_guesses(model_dir):
+class Chain(Driver):
+    """Steps a pipeline of StageRunners (slices of the model) as workers would: each step's
+    output message is the next stage's input; `run` prepares each stage's guess after it."""
+
+    def __init__(self, runners: list[StageRunner]) -> None:
+        super().__init__(runners[-1])
+        self.runners = runners
+
+    def _run(self, seqs, release=()):
+        self.step_id += 1
+        msg = worker_pb2.StageMessage(step_id=self.step_id, seqs=seqs, release=list(release))
+        for runner in self.runners:
+            out = runner.run(msg)
+            msg = out.forward
+        for o in out.outputs:
+            self.tokens[o.seq_id].append(o.token)
+            self.logprobs[o.seq_id].append(o.logprob)
+
+
+def chain(path, spec, cuts, lookahead=True):
+    bounds = [0, *cuts, spec.num_layers]
+    return Chain([StageRunner(load_shard(path, a, b), lookahead=lookahead)
+                  for a, b in zip(bounds, bounds[1:], strict=False)])
+
+
+@pytest.mark.parametrize("spec", [ModelSpec(family="llama"), ModelSpec(family="qwen3"),
+                                  ModelSpec(family="llama", bits=4)],
+                         ids=lambda s: s.family + (f"-q{s.bits}" if s.bits else ""))
+def test_slices_build_each_decode_step_before_it_arrives_token_exact(spec, model_dir):
+    path = model_dir(spec)
+    pipe = chain(path, spec, [2, 4])
+    pipe.start("a", PROMPTS["a"])
+    for _ in range(15):
+        pipe.decode(["a"])
+    # every stage: each decode step after the first was prepared on placeholders and taken
+    assert [r.lookahead.taken for r in pipe.runners] == [15, 15, 15]
+    assert [r.lookahead.dropped for r in pipe.runners] == [0, 0, 0]
+    assert pipe.tokens["a"] == reference_tokens(path, PROMPTS["a"], 16)
+
+
+def test_slice_guesses_roll_back_when_the_next_step_differs_and_outputs_stay_exact(model_dir):
     spec = ModelSpec(family="llama")
     path = model_dir(spec)
-    assert StageRunner(load_shard(path, 0, 3)).lookahead is None
-    assert StageRunner(load_shard(path, 3, spec.num_layers)).lookahead is None
+    plain, ahead = chain(path, spec, [3], lookahead=False), chain(path, spec, [3])
+    sampling = inference_pb2.SamplingParams(temperature=0.8, seed=7, logprobs=3)
+    for d in (plain, ahead):
+        d.start("a", PROMPTS["a"])
+        d.start("b", PROMPTS["b"], sampling)  # a prompt instead of "a"'s guessed step
+        for _ in range(4):
+            d.decode(["a", "b"])  # batched, the same group: guesses are taken
+        d.start("c", PROMPTS["c"])
+        for _ in range(3):
+            d.decode(["a", "b", "c"])  # the group changed
+        d.decode(["b", "c"], release=["a"])  # a sequence finished mid-guess
+        d.decode(["c"])  # a group split: "b"'s and "c"'s guess rolled back
+        d.decode(["b"])
+        d.decode(["b", "c"])
+    assert ahead.tokens == plain.tokens and ahead.logprobs == plain.logprobs
+    assert ahead.tokens["c"] == reference_tokens(path, PROMPTS["c"], len(ahead.tokens["c"]))
+    for runner in ahead.runners:
+        assert runner.lookahead.taken >= 5 and runner.lookahead.dropped >= 3
+        # the guess still out, rolled back: the sessions are exactly those without guesses
+        assert list(runner.lookahead.guesses) == [("b", "c")]
+        runner.lookahead.drop(["b"])
+    for ahead_runner, plain_runner in zip(ahead.runners, plain.runners, strict=True):
+        for k in "bc":
+            mine, theirs = ahead_runner.sessions[k], plain_runner.sessions[k]
+            assert mine.offset == theirs.offset
+            assert [c.offset for c in ahead_runner.caches_of((k,))] == \
+                [c.offset for c in plain_runner.caches_of((k,))]
+            if mine.sampler is not None:
+                assert mine.sampler.history == theirs.sampler.history
+
+
+def test_a_step_whose_tensor_does_not_fit_the_placeholder_is_checked_as_usual(model_dir):
+    spec = ModelSpec(family="llama")
+    path = model_dir(spec)
+    pipe = chain(path, spec, [3])
+    pipe.start("a", PROMPTS["a"])
+    pipe.decode(["a"])
+    last = pipe.runners[1]
+    assert list(last.lookahead.guesses) == [("a",)]
+    bad = worker_pb2.SeqInput(seq_id="a", token_ids=[pipe.tokens["a"][-1]], sample=True,
+                              offset=len(PROMPTS["a"]) + 1)
+    bad.hidden.CopyFrom(codec.encode(mx.zeros((1, 1, 7), dtype=mx.bfloat16)))
+    with pytest.raises(Exception, match="shape|size|broadcast"):
+        last.run(worker_pb2.StageMessage(step_id=50, seqs=[bad]))
+    assert last.lookahead.dropped == 1 and not last.lookahead.guesses
+
+
+def test_sliding_window_caches_never_guess(model_dir):
     sliding = ModelSpec(family="gemma3_text")  # its sliding-window caches are not trimmed
-    assert StageRunner(load_shard(model_dir(sliding), 0, sliding.num_layers)).lookahead is None
+    path = model_dir(sliding)
+    assert StageRunner(load_shard(path, 0, sliding.num_layers)).lookahead is None
+    assert StageRunner(load_shard(path, 0, 2)).lookahead is None
 
 
 def test_one_worker_serves_token_exact_with_its_guesses_counted_in_metrics(model_dir):

@@ -15,6 +15,8 @@ import protos
 from protos import auth, tls
 from protos.units import format_size, parse_size
 
+SWITCH_INTERVAL = 0.0005  # seconds: see `serve`
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worker", description=__doc__)
@@ -116,6 +118,10 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.ready_file:
             _write_ready(args.ready_file, port)
 
+    # Two threads share the GIL: the event loop moving messages and the MLX thread building
+    # graphs. Python hands the GIL over only every switch interval (5 ms by default), which
+    # would hold a message back for up to that long whenever the MLX thread builds.
+    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         asyncio.run(serve_advertised(config, args.host, args.port, ready, metrics=metrics,
                                      advertise=not args.no_advertise, interface=args.interface))

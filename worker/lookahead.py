@@ -1,109 +1,209 @@
-"""Decode-ahead on a stage that holds the whole model: begin step t+1 before it is asked for.
+"""Decode-ahead: a stage builds its next decode step's graph before that step's input arrives.
 
-A decode step's only input is the token the step before sampled. A stage that is both first and
-last has that token on its own device, still lazy, the moment it has built step t's graph, so it
-builds step t+1's graph on it and starts it (`mx.async_eval`) while step t computes and its token
-travels to the coordinator and back, as mlx-lm's `generate_step` does. When the coordinator's
-step t+1 arrives and names the same sequences with the tokens that were sampled, it is already
-running; anything else (a sequence finished, a prompt chunk came first, the group changed) rolls
-the guess back: one position trimmed off each cache and off each sampler's history. Results are
-the same bits either way (the same kernels on the same values).
+Building a step's graph (tens of small ops per layer) costs host time that, on a fast GPU, is
+longer than the device's time for the step. mlx-lm hides it by building step t+1 while step t
+computes; a stage of a pipeline can do the same whenever it can guess step t+1:
+
+- A stage that holds the whole model (first and last) has step t's sampled token on its own
+  device, still lazy, the moment it has built step t, so it builds step t+1 on it and starts it
+  (`mx.async_eval`) while step t computes and its token travels to the coordinator and back
+  (`propose`, as mlx-lm's `generate_step` does).
+- Any other stage builds step t+1 while it waits (`prepare`, called by worker/mlx_thread.py
+  when it has nothing else to do): the same sequences, one position further, on placeholder
+  inputs (protos/codec.py `placeholder`): a token id on the first stage, a hidden state on
+  the others. When the message arrives its values are written into the placeholders and the
+  graph, already built, is started at once: the stage's time on the token's path is launching
+  and computing, not building.
+
+When the next step names the same sequences, each decoding one token at the guessed position,
+the guess is taken; anything else (a sequence finished, a prompt chunk came first, the group
+changed, speculation) rolls it back: one position trimmed off each cache and off each sampler's
+history. Results are the same bits either way (the same kernels on the same values).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+import numpy as np
 
-from protos import worker_pb2
+from protos import codec, worker_pb2
 
 if TYPE_CHECKING:
     from worker.shard import Shard
     from worker.stage import Pending, StageRunner
+
+log = logging.getLogger("shardline.worker")
 
 PLACEHOLDER = -1  # a sampler's history entry for a token not sampled yet
 
 
 @dataclass
 class _Guess:
-    after: Pending  # the step whose tokens the guess decodes
-    pending: Pending  # the guessed step, begun
+    after: Pending  # the step whose successor the guess is
+    pending: Pending  # the guessed step: built (and begun, on a whole-model stage)
     caches: list[list[Any]]  # per group of the guess, the caches it advanced by one position
+    views: list[np.ndarray] | None = None  # the placeholders' buffers (None: lazy tokens)
+
+
+def placeholders_work() -> bool:
+    """Whether a graph built on a placeholder reads what is written into it afterwards (true
+    wherever MLX arrays live in host-visible memory: CPU, Apple silicon, CUDA managed memory)."""
+    global _WORKS
+    if _WORKS is None:
+        try:
+            slot, view = codec.placeholder((1, 4), mx.float32)
+            out = slot * 2
+            view[...] = 3
+            _WORKS = bool(mx.all(out == 6).item())
+        except Exception:  # noqa: BLE001 - no placeholders, then: slices do not prepare
+            _WORKS = False
+        if not _WORKS:
+            log.warning("placeholder inputs do not work on this backend: stages that hold a "
+                        "slice of the model build each step when it arrives")
+    return _WORKS
+
+
+_WORKS: bool | None = None
 
 
 class Lookahead:
-    """One guessed step at a time for one StageRunner (call from its MLX thread only)."""
+    """Guessed steps, at most one per group of sequences, for one StageRunner (call from its
+    MLX thread only)."""
 
-    def __init__(self) -> None:
-        self.guess: _Guess | None = None
+    def __init__(self, whole: bool) -> None:
+        self.whole = whole  # first and last: guesses build on lazy tokens (propose)
+        self.guesses: dict[tuple[str, ...], _Guess] = {}
         self.taken = 0  # guesses the next step confirmed
         self.dropped = 0  # guesses rolled back
         self.reported = {"taken": 0, "dropped": 0}  # how many of each the metrics counted
 
     @staticmethod
     def suits(shard: Shard) -> bool:
-        """Only a stage with the embedding and the head, and caches that can be trimmed."""
-        return shard.is_first and shard.is_last and shard.forkable
+        """A stage whose caches can be trimmed; a slice of the model only where placeholders
+        work on this backend."""
+        return shard.forkable and ((shard.is_first and shard.is_last) or placeholders_work())
+
+    @staticmethod
+    def _guessable(runner: StageRunner, step: Pending) -> bool:
+        """Every sequence of `step` decoded one token (sampling with no logits processor on
+        the last stage), and this step is the latest of each on this stage."""
+        if not step.seqs:
+            return False
+        for seq, session, (_, sampled) in zip(step.seqs, step.sessions, step.rows, strict=True):
+            if seq.start or seq.draft or len(seq.token_ids) != 1 or \
+                    runner.sessions.get(seq.seq_id) is not session or \
+                    session.offset != seq.offset + 1:
+                return False
+            if runner.shard.is_last and (not seq.sample or sampled is None or
+                                         session.sampler is None or
+                                         session.sampler.has_processors):
+                return False
+        return True
 
     def propose(self, runner: StageRunner, step: Pending) -> None:
-        """Begin the decode step after `step` on its lazily sampled tokens, when it can be
-        guessed: every sequence decodes one token and samples with no logits processor."""
-        if self.guess is not None or not step.seqs:
+        """Whole-model stage: begin the decode step after `step` on its lazily sampled tokens."""
+        key = tuple(s.seq_id for s in step.seqs)
+        if not self.whole or key in self.guesses or not self._guessable(runner, step):
             return
-        for seq, session, (_, sampled) in zip(step.seqs, step.sessions, step.rows, strict=True):
-            if (seq.start or not seq.sample or len(seq.token_ids) != 1 or sampled is None
-                    or session.sampler is None or session.sampler.has_processors):
-                return
-        seqs = [worker_pb2.SeqInput(seq_id=s.seq_id, token_ids=[0], offset=s.offset + 1,
-                                    sample=True) for s in step.seqs]  # one position each
         family = runner.shard.family
         inputs = [family.embed(sampled[0].reshape(1, 1).astype(mx.int32))
                   for _, sampled in step.rows]
-        history = [[PLACEHOLDER] for _ in seqs]
-        pending = runner.build(worker_pb2.StageMessage(seqs=seqs), seqs, step.sessions, inputs,
-                               history)
+        self._build(runner, step, key, inputs, None)
+
+    def prepare(self, runner: StageRunner, step: Pending) -> None:
+        """A stage holding a slice of the model, with nothing else to do: build the decode
+        step after `step` on placeholder inputs, not yet evaluated."""
+        if self.whole or runner.shard is None:
+            return
+        key = tuple(s.seq_id for s in step.seqs)
+        if key in self.guesses or not self._guessable(runner, step):
+            return
+        if runner.shard.is_first:
+            slots = [codec.placeholder((1, 1), mx.int32) for _ in step.seqs]
+            inputs = [runner.shard.family.embed(slot) for slot, _ in slots]
+        else:
+            slots = [codec.placeholder(x.shape, x.dtype) for x in step.inputs]
+            inputs = [slot for slot, _ in slots]
+        self._build(runner, step, key, inputs, [view for _, view in slots])
+
+    def _build(self, runner: StageRunner, step: Pending, key: tuple[str, ...],
+               inputs: list[mx.array], views: list[np.ndarray] | None) -> None:
+        seqs = [worker_pb2.SeqInput(seq_id=s.seq_id, token_ids=[0], offset=s.offset + 1,
+                                    sample=s.sample) for s in step.seqs]  # one position each
+        history = [[PLACEHOLDER] for _ in seqs] if runner.shard.is_last else None
+        try:
+            pending = runner.build(worker_pb2.StageMessage(seqs=seqs), seqs, step.sessions,
+                                   inputs, history, start=views is None)
+        except Exception:  # noqa: BLE001 - caches may be half advanced: end these sequences
+            log.exception("building a guessed step failed; releasing its sequences")
+            runner.release(list(key))
+            return
         caches = [runner.caches_of(tuple(seqs[i].seq_id for i in g)) for g in pending.groups]
-        self.guess = _Guess(step, pending, caches)
+        self.guesses[key] = _Guess(step, pending, caches, views)
 
     def take(self, runner: StageRunner, msg: worker_pb2.StageMessage) -> Pending | None:
-        """The guessed step if `msg` is exactly it (the step before has finished), else None
-        after rolling the guess back."""
-        guess = self.guess
-        if guess is None or not msg.seqs:
-            return None  # a bare release: StageRunner.release drops the guess if it must
-        self.guess = None
-        tokens = [int(sampled[0].item()) for _, sampled in guess.after.rows]
-        for session, token in zip(guess.pending.sessions, tokens, strict=True):
-            session.sampler.history[-1] = token
-        ids = [s.seq_id for s in guess.pending.seqs]
+        """The guessed step if `msg` is exactly it (its inputs written into the placeholders
+        and its evaluation started), else None after rolling back every guess that shares a
+        sequence with it."""
+        if not msg.seqs or not self.guesses:
+            return None  # a bare release: StageRunner.release drops guesses if it must
         seqs = list(msg.seqs)
-        same = (
-            [s.seq_id for s in seqs] == ids
-            and not set(msg.release) & set(ids)
-            and all(
-                list(s.token_ids) == [t] and s.sample and not s.start and not s.fork_from
-                and s.offset + 1 == session.offset  # the guess has counted its position
-                for s, t, session in zip(seqs, tokens, guess.pending.sessions, strict=True)
-            )
-        )
+        ids = tuple(s.seq_id for s in seqs)
+        guess = self.guesses.pop(ids, None)
+        for key in [k for k in self.guesses if set(k) & set(ids)]:
+            self._roll_back(self.guesses.pop(key))
+        if guess is None:
+            return None
+        if self.whole:
+            tokens = [int(sampled[0].item()) for _, sampled in guess.after.rows]
+        else:
+            tokens = [s.token_ids[0] if len(s.token_ids) == 1 else None for s in seqs]
+        same = not set(msg.release) & set(ids) and all(
+            list(s.token_ids) == [t] and s.sample == g.sample and not s.start
+            and not s.fork_from and not s.draft
+            and s.offset + 1 == session.offset  # the guess has counted its position
+            for s, t, g, session in zip(seqs, tokens, guess.pending.seqs,
+                                        guess.pending.sessions, strict=True))
+        if same and guess.views is not None:
+            same = self._fill(runner, guess.views, seqs)
         if not same:
             self._roll_back(guess)
             return None
+        for session, token in zip(guess.pending.sessions, tokens, strict=True):
+            if session.sampler is not None:
+                session.sampler.history[-1] = token
         runner.release(list(msg.release))
         self.taken += 1
         pending = guess.pending
         pending.msg, pending.seqs = msg, seqs
+        if guess.views is not None:
+            runner.launch(pending)
         runner.resolve(pending)  # constrained rows: their masks follow the tokens just known
         return pending
 
+    @staticmethod
+    def _fill(runner: StageRunner, views: list[np.ndarray],
+              seqs: list[worker_pb2.SeqInput]) -> bool:
+        """Write the step's inputs into the placeholders; False if one does not fit (a
+        tensor of another shape or dtype: the step then runs, and is checked, as built)."""
+        if runner.shard.is_first:
+            for view, seq in zip(views, seqs, strict=True):
+                view[...] = seq.token_ids[0]
+            return True
+        return all(codec.fill(view, seq.hidden) for view, seq in zip(views, seqs, strict=True))
+
     def drop(self, seq_ids: list[str]) -> None:
-        """Roll back the guess if it decodes one of `seq_ids` (about to be released)."""
-        guess = self.guess
-        if guess is not None and {s.seq_id for s in guess.pending.seqs} & set(seq_ids):
-            self.guess = None
-            self._roll_back(guess)
+        """Roll back every guess that decodes one of `seq_ids` (about to be released)."""
+        for key in [k for k in self.guesses if set(k) & set(seq_ids)]:
+            self._roll_back(self.guesses.pop(key))
+
+    def clear(self) -> None:
+        """Forget every guess without rolling back (the runner lets its caches go)."""
+        self.guesses.clear()
 
     def _roll_back(self, guess: _Guess) -> None:
         self.dropped += 1
@@ -111,5 +211,6 @@ class Lookahead:
             for cache in caches:
                 cache.trim(1)
         for session in guess.pending.sessions:
-            session.sampler.history.pop()
+            if session.sampler is not None:
+                session.sampler.history.pop()
             session.offset -= 1

@@ -33,7 +33,7 @@ TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 # The parts of one decode step on one stage (StepParts): tens of microseconds to a second.
 PART_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-STEP_PARTS = ("receive", "host", "device", "serialise", "send", "waiting")
+STEP_PARTS = ("receive", "host", "device", "serialise", "send", "waiting", "prepare")
 
 MEMORY_KINDS = ("weights", "kv", "active", "peak", "total")
 SAMPLE_EVERY = 0.25  # seconds between memory samples while steps run
@@ -176,6 +176,10 @@ class StepParts:
         if decode:
             for part in ("receive", "host", "device", "serialise"):
                 self._part[part].observe(getattr(times, part))
+
+    def prepared(self, seconds: float) -> None:
+        """A decode step built ahead while waiting (worker/lookahead.py; on the MLX thread)."""
+        self._part["prepare"].observe(seconds)
 
     def sent(self, times: Any, *, decode: bool) -> None:
         now = time.perf_counter()

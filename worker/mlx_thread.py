@@ -4,7 +4,11 @@ MLX arrays are bound to the thread that built them, so loading, caches, forward 
 sampling all run here. A pipeline step runs in two halves (worker/stage.py): `begin` builds its
 graph and starts the device, `finish` waits for the values and builds the output. When the next
 step is already queued, this thread begins it before finishing the one before, so the host
-builds step g+1's graph while the device computes step g.
+builds step g+1's graph while the device computes step g. Once a step's output has left the worker
+(`idle`), and nothing is queued or begun, it builds the decode step most likely to come next on
+a stage holding a slice of the model (`StageRunner.prepare`, worker/lookahead.py), so that step
+only launches when it arrives. (Not before the output has left: building a graph holds the GIL,
+which the event loop needs to send it.)
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from worker.stage import Pending, StageRunner, StepOutput
 log = logging.getLogger("shardline.worker")
 
 DEPTH = 2  # steps begun and not yet finished, at most
+READY = 8  # finished steps whose successors may still be prepared, at most
 _CLOSE = object()
+_IDLE = object()
 
 
 @dataclass
@@ -32,7 +38,7 @@ class StepTimes:
 
     arrived: float  # perf_counter when the message was in hand on the event loop
     receive: float = 0.0  # arrival until this thread began it
-    host: float = 0.0  # building the graph (and the lookahead's guess)
+    host: float = 0.0  # building the graph, or filling a prepared one and launching it
     device: float = 0.0  # waiting for the device's values
     serialise: float = 0.0  # building the output messages from the values
     done: float = 0.0  # perf_counter when the output was ready
@@ -58,6 +64,8 @@ class MLXThread:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._begun: deque[_Step] = deque()
+        self._ready: deque[_Step] = deque(maxlen=READY)  # finished, successors not prepared
+        self.on_prepared: Any = None  # called with the seconds each prepare took
         self.overlapped = 0  # steps begun while the one before was still computing
         self._thread = threading.Thread(target=self._loop, name="shardline-mlx", daemon=True)
         self._thread.start()
@@ -82,6 +90,10 @@ class MLXThread:
                 continue
             if item is _CLOSE:
                 break
+            if item is _IDLE:  # prepare the likely next steps, oldest first
+                while self._ready and not self._begun and self._queue.empty():
+                    self._prepare(self._ready.popleft())
+                continue
             if isinstance(item, _Step):
                 self._begin(item)
                 continue
@@ -90,6 +102,7 @@ class MLXThread:
                 continue
             while self._begun:  # a plain call sees every step before it finished
                 self._finish(self._begun.popleft())
+            self._ready.clear()  # (a call may load another shard)
             try:
                 result = fn(*args)
             except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
@@ -104,7 +117,7 @@ class MLXThread:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not _CLOSE:
+            if item is not _CLOSE and item is not _IDLE:
                 loop, future = (item.loop, item.future) if isinstance(item, _Step) else item[:2]
                 loop.call_soon_threadsafe(future.cancel)
 
@@ -122,6 +135,15 @@ class MLXThread:
             return
         step.times.host = time.perf_counter() - t0
         self._begun.append(step)
+
+    def _prepare(self, step: _Step) -> None:
+        t0 = time.perf_counter()
+        try:
+            step.runner.prepare(step.pending)
+        except Exception:  # noqa: BLE001 - a guess that cannot be built is no guess
+            log.exception("preparing the next step failed")
+        if self.on_prepared is not None:
+            self.on_prepared(time.perf_counter() - t0)
 
     def _finish(self, step: _Step) -> None:
         if isinstance(step.pending, BaseException):
@@ -142,6 +164,8 @@ class MLXThread:
             except Exception:  # noqa: BLE001 - metrics must not stop the stage
                 log.exception("recording a step failed")
         step.loop.call_soon_threadsafe(_settle, step.future, out, None)
+        if out.decode_tokens and not out.prefill_tokens:
+            self._ready.append(step)
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run `fn(*args)` on this thread (after every step queued before it) and return it."""
@@ -164,6 +188,11 @@ class MLXThread:
         future = loop.create_future()
         self._queue.put(_Step(loop, future, runner, msg, times, after))
         return future, times
+
+    def idle(self) -> None:
+        """The worker has sent every output so far: the thread may build steps ahead."""
+        if self._ready:
+            self._queue.put(_IDLE)
 
     def close(self) -> None:
         self._closed = True

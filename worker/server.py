@@ -74,6 +74,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.metrics = metrics or WorkerMetrics(config.hardware.memory_bytes)
         self.mlx = MLXThread()
         self.parts = StepParts(self.metrics)
+        self.mlx.on_prepared = self.parts.prepared
         self._sinks: dict[str, asyncio.Queue] = {}  # plan id -> its open Results stream
         self.runner: StageRunner | None = None
         self.shard_info: worker_pb2.ShardInfo | None = None
@@ -292,6 +293,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 if isinstance(item, BaseException):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
                 yield item
+                if back.empty():
+                    self.mlx.idle()  # written: the MLX thread may build ahead
         finally:
             for task in tasks:
                 task.cancel()
@@ -314,6 +317,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             yield worker_pb2.StageResult()  # attached: results of this plan come here now
             while True:
                 yield await sink.get()
+                if sink.empty():
+                    self.mlx.idle()  # written: the MLX thread may build ahead
         finally:
             if self._sinks.get(request.plan_id) is sink:
                 del self._sinks[request.plan_id]
@@ -380,6 +385,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     if msg.seqs:
                         self.metrics.transfer.observe(time.perf_counter() - t1)
                     self.parts.sent(times, decode=decode)
+                    if steps.empty():
+                        self.mlx.idle()  # written: the MLX thread may build ahead
                 elif msg.seqs or error:
                     result = worker_pb2.StageResult(step_id=msg.step_id, error=error)
                     if out is not None:

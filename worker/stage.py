@@ -87,6 +87,9 @@ class Pending:
     rows: list[tuple[mx.array, Any]]
     targets: list[Any]
     groups: list[list[int]]
+    inputs: list[mx.array] = field(default_factory=list)  # each sequence's input (its shape)
+    marks: list[mx.array] = field(default_factory=list)  # not started: where launches break
+    wired: dict[int, mx.array] = field(default_factory=dict)  # row -> its hidden, wire form
 
 
 class StageRunner:
@@ -97,8 +100,9 @@ class StageRunner:
         self.sessions: dict[str, Session] = {}
         self.batching = batching and batchable(shard.cache_template)
         self.batches: dict[tuple[str, ...], DecodeBatch] = {}
-        # a stage holding the whole model begins each decode step's successor early
-        self.lookahead = Lookahead() if lookahead and Lookahead.suits(shard) else None
+        # each decode step's successor is built early (worker/lookahead.py)
+        self.lookahead = Lookahead(shard.is_first and shard.is_last) \
+            if lookahead and Lookahead.suits(shard) else None
         self.grammar_tokenizer = GrammarTokenizer(shard.path) if shard.is_last else None
 
     def close(self) -> None:
@@ -107,7 +111,7 @@ class StageRunner:
         self.sessions.clear()
         self.batches.clear()
         if self.lookahead is not None:
-            self.lookahead.guess = None
+            self.lookahead.clear()
         self.shard = None
 
     @property
@@ -223,18 +227,30 @@ class StageRunner:
                             f"{self.shard.start}")
         return codec.decode(seq.hidden)
 
-    def _layers(self, h: mx.array, caches: list[Any]) -> mx.array:
+    def _layers(self, h: mx.array, caches: list[Any], marks: list[mx.array] | None = None
+                ) -> mx.array:
         """The slice's layers on `h`. Every EVAL_EVERY layers the graph so far is sent to the
         device (`mx.async_eval`), so it computes the first layers while the host builds the
         rest, even behind a step still computing: on a fast GPU building a graph takes longer
-        than computing it (the values are the same: only when they are computed changes)."""
+        than computing it (the values are the same: only when they are computed changes).
+        With `marks` (a step built ahead, not started) those points are collected instead,
+        for `launch`."""
         masks = self.shard.family.masks(h, self.shard.start, caches)
         layers = self.shard.layers
         for n, (layer, mask, cache) in enumerate(zip(layers, masks, caches, strict=True), 1):
             h = layer(h, mask, cache)
             if n % EVAL_EVERY == 0 and n < len(layers):
-                mx.async_eval(h)
+                marks.append(h) if marks is not None else mx.async_eval(h)
         return h
+
+    @staticmethod
+    def launch(pending: Pending) -> None:
+        """Start a step built ahead: its first layers go to the device first, so the device
+        computes them while the rest is launched."""
+        for mark in pending.marks:
+            mx.async_eval(mark)
+        mx.async_eval(pending.targets)
+        pending.marks = []
 
     def _groups(self, seqs: list[worker_pb2.SeqInput]) -> list[list[int]]:
         """Rows computed together: all one-token decode rows in one batch, the rest alone."""
@@ -245,8 +261,17 @@ class StageRunner:
         return [decode, *rest]
 
     def run(self, msg: worker_pb2.StageMessage) -> StepOutput:
-        """Run one step to the end: `finish(begin(msg))`."""
-        return self.finish(self.begin(msg))
+        """Run one step to the end: `finish(begin(msg))`, then `prepare` its successor."""
+        pending = self.begin(msg)
+        out = self.finish(pending)
+        self.prepare(pending)
+        return out
+
+    def prepare(self, pending: Pending) -> None:
+        """With nothing else to do: build the decode step that may follow `pending` (a stage
+        holding a slice of the model; worker/lookahead.py)."""
+        if self.lookahead is not None and self.shard is not None:
+            self.lookahead.prepare(self, pending)
 
     def begin(self, msg: worker_pb2.StageMessage) -> Pending:
         """Check the step, build its graph and start evaluating it (`mx.async_eval`); the host
@@ -274,20 +299,23 @@ class StageRunner:
 
     def build(self, msg: worker_pb2.StageMessage, seqs: list[worker_pb2.SeqInput],
               sessions: list[Session], inputs: list[mx.array],
-              history: list[list[int]] | None = None) -> Pending:
-        """The lazy graph of one step over checked sessions, its evaluation started.
+              history: list[list[int]] | None = None, start: bool = True) -> Pending:
+        """The lazy graph of one step over checked sessions, its evaluation started (not
+        with `start` false: the lookahead's placeholders are not filled yet).
 
         `history` overrides the token ids the samplers record (the lookahead passes
         placeholders for tokens not sampled yet)."""
         rows: list[tuple[mx.array, Any]] = [None] * len(seqs)  # (hidden, sampled) per sequence
         targets: list[Any] = []
         groups = self._groups(seqs)
+        marks: list[mx.array] | None = None if start else []
+        wired: dict[int, mx.array] = {}
         for group in groups:
             ids = tuple(seqs[i].seq_id for i in group)
             caches = self.caches_of(ids)
             h = inputs[group[0]] if len(group) == 1 else mx.concatenate(
                 [inputs[i] for i in group], axis=0)
-            h = self._layers(h, caches)
+            h = self._layers(h, caches, marks)
             logits = None
             width = window(seqs, group)
             if self.shard.is_last and any(seqs[i].sample for i in group):
@@ -308,16 +336,21 @@ class StageRunner:
                 # positions count when a step is begun: the next may be begun before this
                 # one has finished (worker/mlx_thread.py)
                 sessions[i].offset += len(seqs[i].token_ids)
+                if not self.shard.is_last:
+                    wired[i] = codec.wire(rows[i][0])  # its bytes, computed with the step
                 targets.append(sampled.samples if isinstance(sampled, Checked)
                                else sampled.logits if isinstance(sampled, Deferred)
-                               else sampled if sampled is not None else rows[i][0])
+                               else sampled if sampled is not None
+                               else wired.get(i, rows[i][0]))
             if self.shard.is_last and logits is None:
                 # A prompt chunk on the last stage only fills caches: like mlx-lm, evaluate
                 # those and skip the last layer's attention output and MLP.
                 del targets[-len(group) :]
                 targets += [c.state for c in caches]
-        mx.async_eval(targets)
-        pending = Pending(msg, seqs, sessions, rows, targets, groups)
+        if start:
+            mx.async_eval(targets)
+        pending = Pending(msg, seqs, sessions, rows, targets, groups, inputs, marks or [],
+                          wired)
         if history is None:  # a guess's tokens are not known yet: Lookahead.take resolves it
             self.resolve(pending)
         return pending
@@ -353,16 +386,16 @@ class StageRunner:
         t0 = time.perf_counter()
         mx.eval(pending.targets)
         t1 = time.perf_counter()
-        out = self._output(pending.msg, pending.seqs, pending.sessions, pending.rows)
+        out = self._output(pending.msg, pending.seqs, pending.rows, pending.wired)
         out.device_seconds, out.serialise_seconds = t1 - t0, time.perf_counter() - t1
         return out
 
     def _output(self, msg: worker_pb2.StageMessage, seqs: list[worker_pb2.SeqInput],
-                sessions: list[Session], rows: list[tuple[mx.array, Any]]) -> StepOutput:
+                rows: list[tuple[mx.array, Any]], wired: dict[int, mx.array]) -> StepOutput:
         out = StepOutput()
         if not self.shard.is_last:
             out.forward = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release)
-        for seq, (h, sampled) in zip(seqs, rows, strict=True):
+        for i, (seq, (h, sampled)) in enumerate(zip(seqs, rows, strict=True)):
             n = len(seq.token_ids)
             if n == 1:
                 out.decode_tokens += 1
@@ -373,7 +406,7 @@ class StageRunner:
                 seq.ClearField("hidden")
                 fwd = out.forward.seqs.add()
                 fwd.CopyFrom(seq)
-                codec.encode_into(fwd.hidden, h)
+                codec.encode_into(fwd.hidden, h, wired.get(i))
             elif isinstance(sampled, Checked):
                 out.outputs.append(accept(seq.seq_id, sampled))
             elif sampled is not None:
