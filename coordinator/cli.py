@@ -1,4 +1,5 @@
-"""`coordinator`: serve a model over workers, plan a split, show status, generate text."""
+"""`coordinator`: serve a model over workers, plan a split, show status, generate text, make
+TLS certificates, ask a server's gRPC health."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import grpc
 
 import protos
-from protos import auth, tls
+from protos import auth, health, tls
 from protos.units import format_size, parse_size
 
 
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_plan_parser(sub)
     add_client_parsers(sub)
+    health.add_parser(sub, f"127.0.0.1:{protos.DEFAULT_GRPC_PORT}", "coordinator")
     return parser
 
 
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     from coordinator.plan_cli import run_plan
 
     commands = {"serve": run_serve, "plan": run_plan, "status": run_status,
-                "generate": run_generate, "certs": run_certs}
+                "generate": run_generate, "certs": run_certs, "health": health.run}
     try:
         return commands[args.command](args)
     except CLIError as e:

@@ -1,6 +1,7 @@
 """Cluster secret and API keys on the wire: HMAC-signed worker calls, proofs, bearer keys.
 
-Every call to a worker started with a cluster secret carries `x-shardline-auth:
+Every call to a worker started with a cluster secret (but grpc.health.v1's, open to probes)
+carries `x-shardline-auth:
 v1:<unix time>:<nonce>:<hex HMAC-SHA256(secret, method, time, nonce)>`. The worker refuses
 calls without it, with a bad MAC, a time more than `MAX_SKEW` seconds off its clock, or a
 nonce it has already seen (a replay), with `UNAUTHENTICATED`. The secret itself never travels.
@@ -9,7 +10,7 @@ challenge with an HMAC, so a coordinator never sends activations to an impostor 
 itself on mDNS. Clients of the coordinator send `authorization: Bearer <API key>` (gRPC metadata
 or HTTP header), as OpenAI clients do.
 
-Traffic is authenticated, not encrypted: run a cluster on a network you trust (or a VPN).
+This authenticates; protos/tls.py encrypts (mutual TLS), and the two work together.
 """
 
 from __future__ import annotations
@@ -221,15 +222,20 @@ class ServerAuth(grpc.aio.ServerInterceptor):
         return _refusal(handler, reason)
 
 
+# a worker's methods open without the secret: grpc.health.v1 only (probes sign nothing)
+OPEN_WORKER = ("/grpc.health.v1.Health/",)
+
+
 def worker_auth(secret: bytes) -> ServerAuth:
-    """The interceptor a worker started with a cluster secret runs every call through."""
+    """The interceptor a worker started with a cluster secret runs every call through (all
+    but `OPEN_WORKER`)."""
     verifier = Verifier(secret)
 
     def check(method: str, metadata: Any) -> str | None:
         value = next((v for k, v in metadata or () if k == AUTH_KEY), None)
         return verifier.check(method, value)
 
-    return ServerAuth(check)
+    return ServerAuth(check, OPEN_WORKER)
 
 
 def api_key_auth(key: str, open_prefixes: tuple[str, ...]) -> ServerAuth:

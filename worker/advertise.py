@@ -19,6 +19,7 @@ from protos.discovery import (
     encode_worker_txt,
     instance_name,
 )
+from protos.health import Health
 from protos.netif import (
     Interface,
     advertised_addresses,
@@ -27,7 +28,7 @@ from protos.netif import (
     select_interfaces,
     zeroconf_interfaces,
 )
-from worker.server import WorkerConfig, serve
+from worker.server import WORKER_SERVICE, WorkerConfig, serve
 
 log = logging.getLogger("shardline.advertise")
 
@@ -217,12 +218,13 @@ class Advertiser:
 async def serve_advertised(config: WorkerConfig, host: str, port: int,
                            ready: Callable[[int], None] | None = None, *, advertise: bool = True,
                            interface: str | None = None, **serve_kwargs: Any) -> None:
-    """`worker.server.serve`, announced on mDNS once it listens; SIGTERM/SIGINT say goodbye
-    first, then stop the server."""
+    """`worker.server.serve`, announced on mDNS once it listens; SIGTERM/SIGINT turn gRPC
+    health NOT_SERVING and say goodbye first, then stop the server."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     advertiser: Advertiser | None = None
     started: asyncio.Task | None = None
+    health = serve_kwargs.setdefault("health", Health((WORKER_SERVICE,)))
 
     def on_ready(bound: int) -> None:
         nonlocal advertiser, started
@@ -233,6 +235,7 @@ async def serve_advertised(config: WorkerConfig, host: str, port: int,
             started = loop.create_task(advertiser.start())
 
     async def shutdown() -> None:
+        await health.stopping()  # probes and load balancers hear it before the port closes
         if started is not None and not started.done():
             started.cancel()
         if advertiser is not None:

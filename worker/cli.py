@@ -1,4 +1,5 @@
-"""`worker serve`: start a Shardline worker that serves a slice of a model's layers."""
+"""`worker serve`: start a Shardline worker that serves a slice of a model's layers (and
+`worker cache`, `worker health`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 from pathlib import Path
 
 import protos
-from protos import auth, tls
+from protos import auth, health, tls
 from protos.units import format_size, parse_size
 
 SWITCH_INTERVAL = 0.0005  # seconds: see `serve`
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prune":
             c.add_argument("--model", default=None, help="remove this model's shards")
             c.add_argument("--all", action="store_true", help="remove every shard")
+    health.add_parser(sub, f"127.0.0.1:{protos.DEFAULT_WORKER_PORT}", "worker")
     return parser
 
 
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "cache":
         return run_cache(args)
+    if args.command == "health":
+        return health.run(args)
     try:
         args.secret = auth.read_secret(args.secret_file)
         args.tls = tls.TLS.load(args.tls_cert, args.tls_key, args.tls_ca)

@@ -15,6 +15,7 @@ import mlx.core as mx
 
 import protos
 from protos import auth, tls, worker_pb2, worker_pb2_grpc
+from protos.health import Health
 from protos.tensorfiles import HashIndex, TensorFileError, model_tensors, parts
 from protos.units import format_size
 from worker.backend import Hardware, wire_memory
@@ -27,6 +28,7 @@ from worker.stage import StageRunner, StepOutput
 log = logging.getLogger("shardline.worker")
 
 PLAN_METADATA_KEY = "x-shardline-plan"
+WORKER_SERVICE = worker_pb2.DESCRIPTOR.services_by_name["Worker"].full_name
 
 
 @dataclass
@@ -434,25 +436,31 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
 
 async def serve(config: WorkerConfig, host: str, port: int,
-                ready: Any = None, metrics: WorkerMetrics | None = None) -> None:
-    """Run the worker's gRPC server until cancelled; `ready(port)` is called once it listens."""
+                ready: Any = None, metrics: WorkerMetrics | None = None,
+                health: Health | None = None) -> None:
+    """Run the worker's gRPC server until cancelled; `ready(port)` is called once it listens.
+    grpc.health.v1 (`health`) says SERVING from then on, NOT_SERVING once it stops."""
     service = WorkerService(config, metrics)
     interceptors = [service.metrics.interceptor]  # first: refused calls are counted too
     if config.secret:
         interceptors.append(auth.worker_auth(config.secret))
     server = grpc.aio.server(options=protos.channel_options(), interceptors=interceptors)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    health = health or Health((WORKER_SERVICE,))
+    health.add_to(server)
     tls.use(config.tls)  # the stream to the next stage presents this worker's certificate
     credentials = config.tls.server_credentials(require_client_cert=True) if config.tls \
         else None
     bound = protos.listen(server, host, port, credentials)
     await server.start()
+    await health.set(True)
     log.info("worker %s (%s) listening on %s:%d", config.name, config.node_id, host, bound)
     if ready is not None:
         ready(bound)
     try:
         await server.wait_for_termination()
     finally:
+        await health.stopping()
         await server.stop(grace=1.0)
         await service.close()
 

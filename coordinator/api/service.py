@@ -24,6 +24,7 @@ from coordinator.api.requests import (
 from coordinator.cluster.cluster import Cluster
 from coordinator.serving.engine import Engine, RequestError
 from protos import inference_pb2, inference_pb2_grpc
+from protos.health import LIVENESS
 
 log = logging.getLogger("shardline.api")
 
@@ -141,8 +142,8 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
 async def start_server(service: InferenceService, host: str, port: int,
                        interceptors: Sequence[Any] = (), credentials: Any = None
                        ) -> tuple[grpc.aio.Server, health.aio.HealthServicer, int]:
-    """Start the API server with health (NOT_SERVING until marked) and reflection; over TLS
-    with `credentials`."""
+    """Start the API server with health (NOT_SERVING until marked; `liveness` SERVING) and
+    reflection; over TLS with `credentials`."""
     server = grpc.aio.server(options=protos.channel_options(),
                              interceptors=[*interceptors, RefuseUndecodable()])
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
@@ -155,6 +156,8 @@ async def start_server(service: InferenceService, host: str, port: int,
     )
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    # for liveness probes: this server answers, whatever the cluster's state (protos/health.py)
+    await health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
     bound = protos.listen(server, host, port, credentials)
     await server.start()
     return server, health_servicer, bound
