@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import http.server
-import importlib.util
 import io
 import json
 import os
@@ -13,10 +11,8 @@ import plistlib
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -46,9 +42,9 @@ PLACEHOLDERS = {
 PROGRAMS = {"worker": worker_parser, "coordinator": coordinator_parser}
 
 
-def parse(argv: list[str], where: str):
-    """`argv` (program name first) read by that program's own parser; fails with argparse's
-    complaint when it does not accept it."""
+def parse(argv: list[str], where: str, command: str = "serve"):
+    """`argv` (program name first, then `command`) read by that program's own parser; fails
+    with argparse's complaint when it does not accept it."""
     program = Path(argv[0]).name
     assert program in PROGRAMS, f"{where}: runs {argv[0]!r}, not worker or coordinator"
     parser = PROGRAMS[program]()
@@ -58,13 +54,13 @@ def parse(argv: list[str], where: str):
             args = parser.parse_args(argv[1:])
     except SystemExit:
         pytest.fail(f"{where}: `{shlex.join(argv)}` is refused: {err.getvalue().strip()}")
-    assert args.command == "serve", f"{where}: {shlex.join(argv)}"
+    assert args.command == command, f"{where}: {shlex.join(argv)}"
     # argparse takes abbreviations (--cache for --cache-dir): only whole flag names here
     (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    flags = subparsers.choices["serve"]._option_string_actions
+    flags = subparsers.choices[command]._option_string_actions
     for word in argv[2:]:
         if word.startswith("--"):
-            assert word.partition("=")[0] in flags, f"{where}: {word} is not a flag of serve"
+            assert word.partition("=")[0] in flags, f"{where}: {word} is not a flag of {command}"
     return args
 
 
@@ -476,87 +472,6 @@ def test_hadolint_accepts_the_dockerfile():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope="module")
-def healthcheck():
-    spec = importlib.util.spec_from_file_location("healthcheck", DOCKER / "healthcheck.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_healthcheck_finds_the_server_and_its_port(healthcheck):
-    cmd = ["/opt/shardline/bin/python", "/opt/shardline/bin/worker", "serve", "--port", "50071"]
-    found = healthcheck.find_command([["/sbin/docker-init", "--", "sh"], cmd])
-    assert found == ("worker", ["serve", "--port", "50071"])
-    assert healthcheck.probe_target(*found) == ("tcp", "127.0.0.1", 50071, None)
-    found = healthcheck.find_command([["coordinator", "serve", "--demo", "--http-port", "8081",
-                                       "--host", "10.0.0.5"]])
-    assert healthcheck.probe_target(*found) == ("http", "10.0.0.5", 8081, None)
-    tls = ["--tls-cert", "c.crt", "--tls-key", "c.key", "--tls-ca", "ca.crt"]
-    found = healthcheck.find_command([["coordinator", "serve", "--demo", *tls]])
-    assert healthcheck.probe_target(*found) == ("https", "127.0.0.1", 8080, "ca.crt")
-    assert healthcheck.find_command([["python", "-m", "http.server"]]) is None
-    assert healthcheck.find_command([["worker", "cache", "list"]]) is None
-    if Path("/proc/self/cmdline").exists():  # Linux, as in a container
-        assert healthcheck.running_cmdlines()  # this process, at least
-
-
-def _serve_health(status: dict, context=None) -> http.server.HTTPServer:
-    class Health(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            code = status["code"] if self.path == "/health" else 404
-            self.send_response(code)
-            self.end_headers()
-            self.wfile.write(b'{"status": "..."}')
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), Health)
-    if context is not None:
-        server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def test_healthcheck_asks_a_port_and_an_http_health(healthcheck):
-    status = {"code": 503}
-    server = _serve_health(status)
-    try:
-        port = server.server_address[1]
-        assert healthcheck.check("tcp", "127.0.0.1", port) is None
-        assert "503" in healthcheck.check("http", "127.0.0.1", port)
-        status["code"] = 200
-        assert healthcheck.check("http", "127.0.0.1", port) is None
-    finally:
-        server.shutdown()
-        server.server_close()
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        closed = s.getsockname()[1]
-    assert healthcheck.check("tcp", "127.0.0.1", closed, timeout=1) is not None
-
-
-def test_healthcheck_trusts_the_cluster_ca_over_tls(healthcheck, tmp_path):
-    import ssl
-
-    from protos.tls import make_certs
-
-    make_certs(tmp_path, ["studio.local"])  # a name that is not 127.0.0.1
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(tmp_path / "studio.local.crt", tmp_path / "studio.local.key")
-    server = _serve_health({"code": 200}, context)
-    try:
-        port = server.server_address[1]
-        assert healthcheck.check("https", "127.0.0.1", port, str(tmp_path / "ca.crt")) is None
-        other = tmp_path / "other"
-        make_certs(other, ["x.local"])
-        assert healthcheck.check("https", "127.0.0.1", port, str(other / "ca.crt"))
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 # -- compose ---------------------------------------------------------------------------------
 
 def interpolate(value: str) -> str:
@@ -704,7 +619,7 @@ def check_cluster(docs: dict[tuple[str, str], dict], where: str) -> None:
     annotations = pod["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/path": "/metrics",
                            "prometheus.io/port": str(wargs.metrics_port)}
-    assert worker["readinessProbe"] and worker["livenessProbe"]
+    assert worker["readinessProbe"] and worker["livenessProbe"]  # test_deploy_probes.py
     assert str(wargs.cache_dir) in [m["mountPath"] for m in worker["volumeMounts"]]
 
     deploy = docs["Deployment", "coordinator"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import signal
 import subprocess
@@ -128,6 +129,22 @@ def test_worker_health_over_mutual_tls(certs, tmp_path):
         proc = cli("worker", "health", "--tls-cert", str(certs / "ca.crt"))
         assert proc.returncode == 2 and "--tls-key" in proc.stderr
 
+        # the image's HEALTHCHECK reads the worker's own command line and asks the same way
+        healthcheck = _healthcheck()
+        port = address.rpartition(":")[2]
+        argv = healthcheck.probe_argv("worker", ["serve", "--port", port,
+                                                 *tls_args(certs, "mini1.local")])
+        proc = cli("worker", *argv)
+        assert (proc.returncode, proc.stdout.strip()) == (0, "SERVING"), proc.stderr
+
+
+def _healthcheck():
+    spec = importlib.util.spec_from_file_location("healthcheck",
+                                                  ROOT / "deploy/docker/healthcheck.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 def test_coordinator_liveness_serves_while_the_cluster_cannot(certs):
     """The API server as a coordinator starts it before its shards load, over TLS with an API
@@ -137,6 +154,7 @@ def test_coordinator_liveness_serves_while_the_cluster_cannot(certs):
     from protos.tls import TLS
 
     tls = TLS.load(*(certs / n for n in ("mini1.local.crt", "mini1.local.key", "ca.crt")))
+    healthcheck = _healthcheck()
 
     async def scenario() -> dict:
         server, _, port = await start_server(
@@ -144,8 +162,9 @@ def test_coordinator_liveness_serves_while_the_cluster_cannot(certs):
             interceptors=[auth.api_key_auth("k" * 24, OPEN_GRPC)],
             credentials=tls.server_credentials(require_client_cert=False))
         try:
-            argv = ["health", "--address", f"127.0.0.1:{port}",
-                    *tls_args(certs, "mini1.local")]
+            argv = healthcheck.probe_argv("coordinator", [
+                "serve", "--demo", "--host", "127.0.0.1", "--grpc-port", str(port),
+                *tls_args(certs, "mini1.local")])
             seen = {"image": await asyncio.to_thread(cli, "coordinator", *argv),
                     "liveness": await asyncio.to_thread(cli, "coordinator", *argv,
                                                         "--service", "liveness")}

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import http.client
 import os
-import socket
-import ssl
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 PROGRAMS = ("worker", "coordinator")
+_WILDCARD = ("", "0.0.0.0", "::", "[::]")
 
 
 def find_command(cmdlines: Iterable[Sequence[str]]) -> tuple[str, list[str]] | None:
@@ -39,52 +37,30 @@ def running_cmdlines(proc: Path = Path("/proc")) -> list[list[str]]:
     return out
 
 
-def probe_target(program: str, args: list[str]) -> tuple[str, str, int, str | None]:
-    """(kind, host, port, CA file) to ask, read with the program's own argument parser: kind
-    "http" or "https" (a coordinator, https with --tls-cert) or "tcp" (a worker)."""
+def _parser(program: str):
     if program == "coordinator":
         from coordinator.cli import build_parser
     else:
         from worker.cli import build_parser
-    parsed = build_parser().parse_args(args)
-    host = parsed.host
-    if host in ("", "0.0.0.0", "::", "[::]"):
-        host = "127.0.0.1"
-    if program == "coordinator":
-        ca = getattr(parsed, "tls_ca", None)
-        if getattr(parsed, "tls_cert", None):
-            return "https", host, parsed.http_port, str(ca) if ca else None
-        return "http", host, parsed.http_port, None
-    return "tcp", host, parsed.port, None
+    return build_parser()
 
 
-def check(kind: str, host: str, port: int, ca: str | None = None,
-          timeout: float = 4.0) -> str | None:
-    """None when healthy, else why not. The coordinator: `GET /health` answers 200 once its
-    shards are loaded and its pipeline is whole (503 before); over TLS its certificate must
-    be signed by the cluster CA `ca` (it need not name 127.0.0.1). A worker: its gRPC port
-    accepts a connection (calls to a worker with a cluster secret must be signed, and with
-    TLS it wants a client certificate, so nothing more)."""
-    try:
-        if kind == "tcp":
-            with socket.create_connection((host, port), timeout=timeout):
-                return None
-        if kind == "https":
-            context = ssl.create_default_context(cafile=ca)
-            context.check_hostname = False
-            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-                host, port, timeout=timeout, context=context)
-        else:
-            conn = http.client.HTTPConnection(host, port, timeout=timeout)
-        try:
-            conn.request("GET", "/health")
-            resp = conn.getresponse()
-            body = resp.read(500).decode(errors="replace")
-        finally:
-            conn.close()
-        return None if resp.status == 200 else f"GET /health: {resp.status} {body}"
-    except OSError as e:
-        return f"{host}:{port}: {e}"
+def probe_argv(program: str, args: list[str]) -> list[str]:
+    """The `health` command line (for the same program) that asks the server `args` start,
+    read with that program's own parser: its gRPC port on this host, over TLS with its own
+    certificate and CA when it has them (grpc.health.v1 needs no secret or API key). A
+    coordinator says SERVING once its shards are loaded and its pipeline is whole; a worker
+    once it listens."""
+    parsed = _parser(program).parse_args(args)
+    host = "127.0.0.1" if parsed.host in _WILDCARD else parsed.host
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    port = parsed.grpc_port if program == "coordinator" else parsed.port
+    argv = ["health", "--address", f"{host}:{port}"]
+    if parsed.tls_cert:  # its certificate names it (any name will do: we know who it is)
+        argv += ["--tls-ca", str(parsed.tls_ca), "--tls-cert", str(parsed.tls_cert),
+                 "--tls-key", str(parsed.tls_key)]
+    return argv
 
 
 def main() -> int:
@@ -92,15 +68,16 @@ def main() -> int:
     if found is None:
         print("no `worker serve` or `coordinator serve` is running", file=sys.stderr)
         return 1
+    program, args = found
     try:
-        target = probe_target(*found)
+        argv = probe_argv(program, args)
     except SystemExit:  # argparse could not read it (it printed why)
         return 1
-    problem = check(*target)
-    if problem:
-        print(problem, file=sys.stderr)
-        return 1
-    return 0
+    if program == "coordinator":
+        from coordinator.cli import main as run
+    else:
+        from worker.cli import main as run
+    return run(argv)
 
 
 if __name__ == "__main__":
