@@ -80,7 +80,8 @@ def _distributions(modules: set[str]) -> dict[str, set[str]]:
     from importlib.metadata import packages_distributions
 
     provided = packages_distributions()
-    local = {"coordinator", "worker", "protos", "conftest", "serving_thread"}
+    # this project's packages, and the helper modules beside the tests (conftest, lab, ...)
+    local = {"coordinator", "worker", "protos"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
     return {m: {d.lower().replace("_", "-") for d in provided.get(m, [m])} for m in modules
             if m not in sys.stdlib_module_names and m not in local and not m.startswith("test")
             and not m.startswith("bench") and m != "__future__"}
