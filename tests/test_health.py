@@ -66,7 +66,9 @@ def test_worker_health_answers_without_the_secret_and_nothing_else_does(secret_w
         for call in (lambda: stub.Info(worker_pb2.InfoRequest(), timeout=10),
                      lambda: stub.Want(worker_pb2.ShardFiles(), timeout=10),
                      lambda: next(stub.LoadShard(worker_pb2.LoadShardRequest(), timeout=10)),
-                     lambda: next(stub.Results(worker_pb2.ResultsRequest(), timeout=10))):
+                     lambda: next(stub.Results(worker_pb2.ResultsRequest(), timeout=10)),
+                     lambda: next(stub.Put(iter(()), timeout=10)),
+                     lambda: next(stub.Forward(iter(()), timeout=10))):
             with pytest.raises(grpc.RpcError) as e:
                 call()
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
