@@ -205,7 +205,9 @@ def test_sliding_window_caches_never_guess(model_dir):
     assert StageRunner(load_shard(path, 0, 2)).lookahead is None
 
 
-def test_one_worker_serves_token_exact_with_its_guesses_counted_in_metrics(model_dir):
+def served(path, workers: int, names: list[str]):
+    """Greedy generations through `workers` local workers: one alone, then three together;
+    each worker's shardline_lookahead_steps_total by outcome."""
     import asyncio
     import urllib.request
 
@@ -214,28 +216,39 @@ def test_one_worker_serves_token_exact_with_its_guesses_counted_in_metrics(model
 
     from coordinator.local import LocalWorkers
 
-    spec = ModelSpec(family="llama")
-    path = model_dir(spec)
-    local = LocalWorkers(1, memory=[GiB], names=["whole"])
+    local = LocalWorkers(workers, memory=[GiB] * workers, names=names)
     addresses = local.start()
 
     async def scenario():
         async with Serving(path, addresses) as s:
             alone = await s.generate(PROMPTS["a"], 12)
             together = await asyncio.gather(*(s.generate(PROMPTS[k], 10) for k in "abc"))
-            port = s.coordinator.cluster.workers[0].info.metrics_port
-            return alone, together, urllib.request.urlopen(
-                f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            ports = [w.info.metrics_port for w in s.coordinator.cluster.workers]
+            return alone, together, [urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode() for port in ports]
 
     try:
-        alone, together, text = run(scenario())
+        alone, together, texts = run(scenario())
     finally:
         local.stop()
     assert alone[0] == reference_tokens(path, PROMPTS["a"], 12)
     for k, (tokens, _, _) in zip("abc", together, strict=True):
         assert tokens == reference_tokens(path, PROMPTS[k], 10)
-    counts = {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
-              if f.name == "shardline_lookahead_steps" for s in f.samples
-              if s.name.endswith("_total")}
+    return [{s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
+             if f.name == "shardline_lookahead_steps" for s in f.samples
+             if s.name.endswith("_total")} for text in texts]
+
+
+def test_one_worker_serves_token_exact_with_its_guesses_counted_in_metrics(model_dir):
+    spec = ModelSpec(family="llama")
+    [counts] = served(model_dir(spec), 1, ["whole"])
     assert counts["taken"] >= 11 + 1  # every lone decode step, and batched ones
     assert counts["dropped"] >= 1  # a finished stream's guess, at least
+
+
+def test_two_workers_serve_token_exact_each_taking_steps_it_built_ahead(model_dir):
+    # each stage builds its next step while the token goes round (MLXThread.idle): a step
+    # whose message came first is built as it comes, so only some need be taken
+    spec = ModelSpec(family="llama")
+    for counts in served(model_dir(spec), 2, ["first", "second"]):
+        assert counts["taken"] >= 1, counts
