@@ -10,9 +10,11 @@ the target's first layers with its embedding and head (`coordinator.demo.draft_m
 
     python bench/bench_speculation.py            # CPU: 8 layers (hidden 512), 3 workers
     python bench/bench_speculation.py --gpu      # GPU: the 8B-shaped 4-bit llama, 3 workers
+    python bench/bench_speculation.py --tiny     # CPU: 6 layers of hidden 128, nothing pinned:
+                                                 # the hops, not the compute, set the pace
 
-On the CPU every worker and mlx-lm run pinned to core 0; the coordinator (and the draft model
-it runs) and the client share the other core.
+On the CPU every worker and mlx-lm run pinned to core 0 (not with --tiny); the coordinator (and
+the draft model it runs) and the client share the other core.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ CPU_SPEC = ModelSpec(family="llama", num_layers=8, hidden_size=512, intermediate
 GPU_SPEC = ModelSpec(family="llama", num_layers=32, hidden_size=4096, intermediate_size=14336,
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, bits=4,
                      max_position_embeddings=4096, quiet_after=4)
+TINY_SPEC = ModelSpec(family="llama", num_layers=6, hidden_size=128, intermediate_size=256,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
+                      max_position_embeddings=4096, quiet_after=2)
 
 
 def prompt(length: int) -> list[int]:
@@ -84,14 +89,16 @@ async def variant(path: Path, addresses: list[str], ids: list[int], new: int, ru
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU: a tiny model, nothing pinned (per-hop costs dominate)")
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--num-draft-tokens", type=int, default=4)
     args = parser.parse_args()
-    spec = GPU_SPEC if args.gpu else CPU_SPEC
-    pin = not args.gpu and hasattr(os, "sched_setaffinity")
+    spec = GPU_SPEC if args.gpu else TINY_SPEC if args.tiny else CPU_SPEC
+    pin = not args.gpu and not args.tiny and hasattr(os, "sched_setaffinity")
     bench_serving.PIN = pin
     path = cached_model(spec)
     draft = draft_model(path, spec.quiet_after)
@@ -119,7 +126,8 @@ def main() -> None:
 
     mlx = statistics.median(base)
     plain = statistics.median(r[0] for r in rows["no speculation"])
-    where = "GPU" if args.gpu else "CPU, workers and mlx-lm pinned to core 0"
+    where = "GPU" if args.gpu else "CPU, workers and mlx-lm pinned to core 0" if pin else \
+        "CPU, nothing pinned"
     print(f"model {spec.key()} (layers after {spec.quiet_after} quiet), {args.workers} workers,"
           f" prompt {args.prompt} (a repeated 16-token phrase), {args.new} new tokens, greedy, "
           f"K = {args.num_draft_tokens}, medians of {args.runs} runs, {where}")
