@@ -229,3 +229,34 @@ def test_a_middle_stage_counts_the_hidden_bytes_it_receives_and_sends(model_dir,
     assert moved[0] == {"in": 0, "out": hidden}
     assert moved[1] == {"in": hidden, "out": hidden}  # the middle stage: both ways
     assert moved[2] == {"in": hidden, "out": 0}
+
+
+def test_a_slice_builds_its_next_step_only_once_told_its_output_has_left(model_dir):
+    """The MLX thread prepares a guessed step (worker/lookahead.py) when `idle` says the output
+    has been sent, not before: building a graph holds the GIL the event loop needs to send."""
+    from conftest import until
+
+    path = model_dir(SPEC)
+
+    async def scenario():
+        thread = MLXThread()
+        prepared: list[float] = []
+        thread.on_prepared = prepared.append
+        runner = await thread.run(lambda: StageRunner(load_shard(path, 0, 3)))
+        await thread.step(runner, first_step("s"), 0.0)[0]
+        seen = []
+        for i in range(5):
+            decode = worker_pb2.StageMessage(step_id=2 + i, seqs=[worker_pb2.SeqInput(
+                seq_id="s", token_ids=[7 + i], offset=len(PROMPT) + i, sample=True)])
+            await thread.step(runner, decode, 0.0)[0]
+            # a bare step after it: once it is done, so is whatever the thread does unasked
+            await thread.step(runner, worker_pb2.StageMessage(step_id=100 + i), 0.0)[0]
+            seen.append(len(prepared))  # before being told: nothing more prepared
+            thread.idle()
+            assert await until(lambda n=i: len(prepared) == n + 1, timeout=30)
+        thread.close()
+        return seen, runner.lookahead.taken
+
+    seen, taken = run(scenario())
+    assert seen == [0, 1, 2, 3, 4]
+    assert taken == 4  # each decode step after the first was the one built ahead
