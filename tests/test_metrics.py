@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import grpc
 import pytest
 import yaml
-from conftest import ROOT, Serving, run
+from conftest import ROOT, Serving, need, run
 from prometheus_client.parser import text_string_to_metric_families
 
 from coordinator.demo import ModelSpec
@@ -164,8 +164,8 @@ def test_deploy_provisions_prometheus_and_grafana():
     assert mounted and mounted[0].split(":")[1] == providers[0]["options"]["path"]
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason=NO_PROMTOOL)
 def test_promtool_accepts_the_prometheus_config():
+    need(shutil.which("promtool"), NO_PROMTOOL)
     proc = subprocess.run(["promtool", "check", "config", str(ROOT / "deploy/prometheus.yml")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -330,8 +330,8 @@ def scraped(model_dir, workers):
     return run(scenario())
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason=NO_PROMTOOL)
 def test_promtool_check_metrics_passes_on_coordinator_and_workers(scraped):
+    need(shutil.which("promtool"), NO_PROMTOOL)
     for text, _ in [scraped.coordinator, *scraped.after]:
         proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
                               text=True, timeout=60)

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from conftest import need_module
 
 from coordinator.cluster.modelinfo import (
     ModelError,
@@ -305,9 +306,9 @@ def test_plan_command_reads_a_real_checkpoint(tmp_path, capsys):
 # Cross-check against checkpoints written by mlx-lm itself (its names, quantization, ties).
 @pytest.mark.parametrize("family, tied, bits", [("llama", False, 4), ("qwen3", True, None)])
 def test_sizes_match_an_mlx_lm_checkpoint(tmp_path, family, tied, bits):
-    mx = pytest.importorskip("mlx.core")
-    nn = pytest.importorskip("mlx.nn")
-    models = pytest.importorskip(f"mlx_lm.models.{family}")
+    mx = need_module("mlx.core")
+    nn = need_module("mlx.nn")
+    models = need_module(f"mlx_lm.models.{family}")
     from mlx.utils import tree_flatten
     from mlx_lm.utils import save_config, save_model
 

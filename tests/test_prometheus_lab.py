@@ -16,15 +16,17 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
-from conftest import ROOT, Serving, run
+from conftest import ROOT, Serving, need, run
 from test_metrics import SPEC_MODEL, panel_targets
 
 from protos import inference_pb2
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("prometheus") is None,
-    reason="the prometheus binary is not installed (Debian package prometheus; .ci/run "
-           "installs it)")
+
+@pytest.fixture(autouse=True)
+def _prometheus_installed() -> None:
+    """Skip without the prometheus binary, or fail under CI (.ci/run installs it)."""
+    need(shutil.which("prometheus"), "the prometheus binary is not installed (Debian package "
+         "prometheus; .ci/run installs it)")
 
 SHIPPED = ROOT / "deploy" / "prometheus.yml"
 SCRAPE = yaml.safe_load(SHIPPED.read_text())["global"]["scrape_interval"]  # the shipped one

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import GiB, Serving, reference_tokens, run
+from conftest import GiB, Serving, need, reference_tokens, run
 
 from coordinator.cluster.cluster import ClusterError
 from coordinator.cluster.modelinfo import read_model_info
@@ -27,9 +27,11 @@ SPEC = ModelSpec(family="llama")
 PROMPT = [1, 5, 9, 200, 33, 4, 77, 12]
 MAX_TOKENS = 24
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None,
-    reason="needs root and unshare (mount namespaces, tmpfs)")
+@pytest.fixture
+def needs_root() -> None:
+    """Root and unshare (mount namespaces, tmpfs), else skip (fail under CI)."""
+    need(os.geteuid() == 0 and shutil.which("unshare"),
+         "needs root and unshare (mount namespaces, tmpfs)")
 
 
 def hidden_from(path: Path) -> list[str]:
@@ -56,7 +58,7 @@ def stage_sizes(s: Serving) -> dict[str, tuple[int, int]]:
     return out
 
 
-@needs_root
+@pytest.mark.usefixtures("needs_root")
 def test_workers_without_the_model_get_exactly_their_shards_and_keep_them(model_dir, tmp_path):
     """Three workers that cannot see the model directory: exact output, each sent about its
     shard (not the model), and after a restart of every worker nothing is sent again."""
@@ -179,7 +181,7 @@ def test_an_interrupted_transfer_resumes_and_a_corrupted_chunk_is_sent_again(mod
     assert list(again.needs) == []  # every file complete and checked
 
 
-@needs_root
+@pytest.mark.usefixtures("needs_root")
 def test_a_disk_too_small_for_the_shard_is_refused_before_any_transfer(model_dir, tmp_path):
     model = model_dir(SPEC)
     small = tmp_path / "small"
