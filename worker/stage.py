@@ -104,6 +104,9 @@ class StageRunner:
         self.lookahead = Lookahead(shard.is_first and shard.is_last) \
             if lookahead and Lookahead.suits(shard) else None
         self.grammar_tokenizer = GrammarTokenizer(shard.path) if shard.is_last else None
+        # token ids index the embedding (first stage) and the samplers' history (last): one
+        # outside the vocabulary would read outside those arrays
+        self.vocab = getattr(getattr(shard.model, "args", None), "vocab_size", None)
 
     def close(self) -> None:
         """Let go of the shard, the caches and any guess (a new shard replaces this one); a
@@ -177,6 +180,13 @@ class StageRunner:
             raise StepError(f"sequence {seq.seq_id!r}: {seq.draft} proposals in a chunk of "
                             f"{len(seq.token_ids)} tokens")
         return session
+
+    def _check_tokens(self, seq: worker_pb2.SeqInput) -> None:
+        ids = seq.token_ids
+        if ids and self.vocab and (min(ids) < 0 or max(ids) >= self.vocab):
+            bad = next(t for t in ids if not 0 <= t < self.vocab)
+            raise StepError(f"sequence {seq.seq_id!r}: token {bad} is outside the vocabulary "
+                            f"(0..{self.vocab - 1})")
 
     def _constraint(self, seq: worker_pb2.SeqInput) -> Constraint | None:
         if not seq.grammar or not self.shard.is_last:
@@ -288,6 +298,8 @@ class StageRunner:
             if len({s.seq_id for s in seqs}) != len(seqs):
                 raise StepError("a step names the same sequence twice")
             # Check every sequence before touching any cache, so a bad step changes nothing.
+            for seq in seqs:
+                self._check_tokens(seq)
             sessions = [self._session(seq) for seq in seqs]
             inputs = [self._input(seq) for seq in seqs]
             for seq, session in zip(seqs, sessions, strict=True):
