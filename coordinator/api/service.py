@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import protos
 from coordinator.api.requests import (
     check_prompt,
+    check_prompt_text,
     check_sampling,
     encode_chat,
     fill_max_tokens,
@@ -25,6 +24,7 @@ from coordinator.cluster.cluster import Cluster
 from coordinator.serving.engine import Engine, RequestError
 from protos import inference_pb2, inference_pb2_grpc
 from protos.health import LIVENESS
+from protos.undecodable import RefuseUndecodable
 
 log = logging.getLogger("shardline.api")
 
@@ -72,6 +72,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
                                    "set exactly one of prompt and prompt_token_ids", "prompt")
             if request.prompt_token_ids:
                 return list(request.prompt_token_ids), "prompt_token_ids"
+            check_prompt_text(self.engine, [request.prompt], "prompt")
             return self.engine.encode_prompt(request.prompt), "prompt"
 
         async for msg in self._stream(ids, request.request_id, request.sampling, context):
@@ -81,6 +82,7 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
         def ids() -> tuple[list[int], str]:
             self._check_model(request.model)
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            check_prompt_text(self.engine, [m["content"] for m in messages], "messages")
             return encode_chat(self.engine, messages), "messages"
 
         async for msg in self._stream(ids, request.request_id, request.sampling, context):
@@ -93,50 +95,6 @@ class InferenceService(inference_pb2_grpc.InferenceServicer):
 
     async def GetCluster(self, request: Any, context: Any) -> inference_pb2.ClusterState:
         return self.cluster.state()
-
-
-class _Undecodable:
-    """What a request that does not parse becomes, so its handler can refuse it."""
-
-    def __init__(self, error: DecodeError) -> None:
-        self.message = (f"the request does not parse: {error} (protobuf strings must be valid "
-                        "UTF-8)")
-
-
-class RefuseUndecodable(grpc.aio.ServerInterceptor):
-    """Unary-request calls whose message does not parse (a string field that is not UTF-8)
-    end with INVALID_ARGUMENT, not grpc's UNKNOWN for a failing deserializer."""
-
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None or handler.request_streaming or handler.request_deserializer is None:
-            return handler
-        parse = handler.request_deserializer
-
-        def deserialize(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except DecodeError as e:
-                return _Undecodable(e)
-
-        kind = "unary_stream" if handler.response_streaming else "unary_unary"
-        behavior = getattr(handler, kind)
-
-        async def refuse(request: Any, context: Any) -> None:
-            if isinstance(request, _Undecodable):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-
-        if inspect.isasyncgenfunction(behavior):
-            async def checked(request: Any, context: Any) -> Any:
-                await refuse(request, context)
-                async for msg in behavior(request, context):
-                    yield msg
-        else:  # a coroutine (unary, or streaming through context.write)
-            async def checked(request: Any, context: Any) -> Any:
-                await refuse(request, context)
-                return await behavior(request, context)
-
-        return handler._replace(request_deserializer=deserialize, **{kind: checked})
 
 
 async def start_server(service: InferenceService, host: str, port: int,
