@@ -12,11 +12,13 @@ from typing import Any
 
 import grpc
 import mlx.core as mx
+from google.protobuf.message import DecodeError
 
 import protos
 from protos import auth, tls, worker_pb2, worker_pb2_grpc
 from protos.health import Health
 from protos.tensorfiles import HashIndex, TensorFileError, model_tensors, parts
+from protos.undecodable import RefuseUndecodable
 from protos.units import format_size
 from worker.backend import Hardware, wire_memory
 from worker.cache import CacheFull, ShardCache
@@ -155,7 +157,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             free_bytes=self.cache.free_bytes())
 
     async def Put(self, request_iterator: Any, context: Any):
-        async for chunk in request_iterator:
+        async for chunk in _parsed(request_iterator, context):
             try:
                 ack = await asyncio.to_thread(self.cache.put, chunk.sha256, chunk.size,
                                               chunk.offset, chunk.data, chunk.chunk_sha256)
@@ -284,7 +286,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         # for the plan, a downstream failure, or None at the end.
         back: asyncio.Queue[worker_pb2.StageResult | BaseException | None] = asyncio.Queue()
         downstream = await self._downstream(spec) if spec.next_address else None
-        tasks = [asyncio.create_task(self._pump(request_iterator, loaded, downstream, back))]
+        started: set[str] = set()  # sequences this stream started and has not released
+        tasks = [asyncio.create_task(self._pump(request_iterator, loaded, downstream, back,
+                                                started))]
         if downstream is not None:
             tasks.append(asyncio.create_task(self._watch(downstream, back, spec)))
         try:
@@ -292,6 +296,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 item = await back.get()
                 if item is None:
                     return
+                if isinstance(item, DecodeError):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        f"a message does not parse: {item}")
                 if isinstance(item, BaseException):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
                 yield item
@@ -302,6 +309,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 task.cancel()
             if downstream is not None:
                 downstream.cancel()
+            self._release_left(loaded, started)
             self._streams[spec.plan_id] -= 1
             if not self._streams[spec.plan_id]:
                 del self._streams[spec.plan_id]
@@ -339,8 +347,21 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         return loaded
 
+    def _release_left(self, loaded: Loaded, started: set[str]) -> None:
+        """Free the sequences a Forward stream started and left behind when it ends: no
+        later step can reach them (a sender's sequences live on its stream), so a client
+        that goes, or a hostile one, leaves no caches on the stage."""
+        if not started or loaded.runner.shard is None:
+            return
+        try:
+            future, _ = self.mlx.step(loaded.runner, worker_pb2.StageMessage(
+                release=sorted(started)), time.perf_counter())
+        except RuntimeError:  # the MLX thread is closed: shutting down
+            return
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
     async def _pump(self, requests: Any, loaded: Loaded, downstream: Any,
-                    back: asyncio.Queue) -> None:
+                    back: asyncio.Queue, started: set[str]) -> None:
         """Hand each incoming step to the MLX thread as soon as it arrives (it begins the next
         while the device computes the one before) and send the outputs on in order."""
         steps: asyncio.Queue[tuple[Any, asyncio.Future, StepTimes] | None] = asyncio.Queue()
@@ -350,6 +371,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             async for msg in requests:
                 arrived = time.perf_counter()
                 self.parts.arrived(arrived)
+                started.difference_update(msg.release)
+                started.update(seq.seq_id for seq in msg.seqs if seq.start)
                 if msg.error:  # an earlier stage failed this step: free what it frees, pass
                     bare = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release)
                     future, times = self.mlx.step(runner, bare, arrived)
@@ -360,6 +383,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await sender
         except grpc.aio.AioRpcError as e:
             await back.put(ConnectionError(f"previous stage: {e.details()}"))
+        except DecodeError as e:  # a message that is not a StageMessage: the stream ends
+            await back.put(e)
         finally:
             sender.cancel()
 
@@ -444,6 +469,7 @@ async def serve(config: WorkerConfig, host: str, port: int,
     interceptors = [service.metrics.interceptor]  # first: refused calls are counted too
     if config.secret:
         interceptors.append(auth.worker_auth(config.secret))
+    interceptors.append(RefuseUndecodable())  # after auth: refused first, parsed or not
     server = grpc.aio.server(options=protos.channel_options(), interceptors=interceptors)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     health = health or Health((WORKER_SERVICE,))
@@ -463,6 +489,16 @@ async def serve(config: WorkerConfig, host: str, port: int,
         await health.stopping()
         await server.stop(grace=1.0)
         await service.close()
+
+
+async def _parsed(requests: Any, context: Any) -> Any:
+    """The messages of a request stream; one that does not parse ends the call with
+    INVALID_ARGUMENT."""
+    try:
+        async for msg in requests:
+            yield msg
+    except DecodeError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message does not parse: {e}")
 
 
 def _same_parts(before: worker_pb2.ShardSpec | None, after: worker_pb2.ShardSpec
