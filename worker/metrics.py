@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import sys
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import prometheus_client
 from prometheus_client import (
@@ -14,9 +17,10 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
+    make_wsgi_app,
 )
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 from protos.grpc_metrics import MetricsInterceptor, server_interceptor
@@ -190,9 +194,37 @@ class StepParts:
             self._idle_since = now
 
 
+# Seconds a client of the metrics port has to send its request: one that never does (slowloris)
+# holds its thread and descriptor no longer than that.
+METRICS_CLIENT_SECONDS = 10.0
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    timeout = METRICS_CLIENT_SECONDS  # on the socket: a read that waits longer ends the handler
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
+        pass
+
+
+class _MetricsServer(ThreadingWSGIServer):
+    """prometheus_client's threaded WSGI server, quiet about clients that were too slow or
+    went away."""
+
+    request_queue_size = 128  # socketserver's 5 drops a burst of connections' SYNs
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):
+            return
+        super().handle_error(request, client_address)
+
+
 def start_metrics_server(metrics: WorkerMetrics, host: str, port: int = 0) -> tuple[Any, int]:
     """Serve `metrics` at http://host:port/metrics in a thread; returns (server, bound port)."""
-    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    server_class = type("MetricsServer", (_MetricsServer,), {
+        "address_family": socket.AF_INET6 if ":" in host else socket.AF_INET})
+    server = make_server(host, port, make_wsgi_app(metrics.registry), server_class,
+                         handler_class=_MetricsHandler)
+    threading.Thread(target=server.serve_forever, name="shardline-metrics", daemon=True).start()
     return server, server.server_port
 
 
