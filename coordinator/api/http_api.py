@@ -22,6 +22,7 @@ from starlette.routing import Route
 import protos
 from coordinator.api import ollama_api
 from coordinator.api.anthropic_api import Messages
+from coordinator.api.limits import TimelyH11, read_body
 from coordinator.api.requests import (
     FieldError,
     Request,
@@ -375,7 +376,7 @@ class HttpApi:
         kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
         if kind.lower() != "application/json":
             raise FieldError("Content-Type", f"must be application/json, got {kind!r}")
-        raw = await request.body()
+        raw = await read_body(request)  # 413 over MAX_BODY_BYTES, 408 if too slow
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -473,8 +474,10 @@ class HttpServer:
         # HTTPS with the coordinator's certificate (protos/tls.py) when it has one
         certs = {"ssl_certfile": str(tls.cert_path), "ssl_keyfile": str(tls.key_path)} \
             if tls is not None else {}
+        # TimelyH11: a client that never finishes its request is let go (limits.py)
         config = uvicorn.Config(HttpApi(source).app, log_level="warning", lifespan="off",
-                                access_log=False, timeout_graceful_shutdown=2, **certs)
+                                access_log=False, timeout_graceful_shutdown=2, http=TimelyH11,
+                                **certs)
         self.server = _Server(config)
         self.task: asyncio.Task | None = None
 
