@@ -164,9 +164,41 @@ def check_prompt(engine: Engine, ids: Sequence[int], sampling: inference_pb2.Sam
     engine.check(ids, max_tokens, param=param, max_tokens_param=max_tokens_param)
 
 
+def longest_token(tokenizer: Any) -> int:
+    """Characters of the longest entry of the vocabulary (special tokens included): no token
+    stands for more text than that. Computed once per tokenizer."""
+    key = id(tokenizer)
+    if key not in _LONGEST:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        _LONGEST[key] = max(map(len, vocab), default=0)
+    return _LONGEST[key]
+
+
+_LONGEST: dict[int, int] = {}
+
+
+def check_prompt_text(engine: Engine, texts: Sequence[Any], param: str) -> None:
+    """Refuse, before tokenizing it, text too long for any tokenization of it to fit the
+    context: more than context x the longest token's characters (twice that, for normalizers
+    that join characters). A prompt of megabytes is refused at once, not tokenized for
+    minutes while every other request waits for the tokenizer's thread."""
+    longest = longest_token(engine.tokenizer)
+    if not longest:
+        return
+    chars = sum(len(t) for t in texts if isinstance(t, str))
+    limit = 2 * engine.context * longest
+    if chars > limit:
+        raise FieldError(param, f"is {chars} characters; no text over {limit} characters fits "
+                         f"the context of {engine.context} tokens")
+
+
 def prompt_ids(engine: Engine, req: Request) -> list[int]:
     """Tokenize an OpenAI request (prompt, token ids or chat), check it against the engine and
     fill its default max_tokens."""
+    if req.messages is not None:
+        check_prompt_text(engine, [m.get("content") for m in req.messages], "messages")
+    elif not req.prompt_token_ids:
+        check_prompt_text(engine, [req.prompt], "prompt")
     if req.messages is not None:
         ids = encode_chat(engine, req.messages,
                           req.tools.template_tools() if req.tools else None)
