@@ -73,8 +73,10 @@ def to_openai(body: Any, chat: bool) -> dict:
     """The OpenAI body (chat or completions) that asks for the same as an Ollama body."""
     if not isinstance(body, dict):
         raise FieldError("body", f"must be a JSON object, got {type(body).__name__}")
-    out: dict[str, Any] = {"model": bare(body.get("model") or ""),
-                           "stream": body.get("stream", True)}
+    model = body.get("model") or ""
+    if not isinstance(model, str):
+        raise FieldError("model", f"must be a string, got {type(model).__name__}")
+    out: dict[str, Any] = {"model": bare(model), "stream": body.get("stream", True)}
     if chat:
         out["messages"] = _messages(body.get("messages"))
     else:
