@@ -236,6 +236,9 @@ def test_worker_port_takes_malformed_protobuf(cluster, spec, data, keyed, which)
     if keyed and method == "LoadShard":
         keyed = False
     metadata = signed(WORKER + method) if keyed else None
+    if keyed and method == "Forward":  # on the stream of the plan it serves: parsed, then run
+        plan = cluster.infos[which].shard.spec.plan_id
+        metadata = (("x-shardline-plan", plan), *metadata)
     code = worker_call(cluster.worker_channels[which], method, streams_in, streams_out, data,
                        metadata)
     if not keyed and method != "Nope":
