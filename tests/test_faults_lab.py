@@ -1,10 +1,10 @@
 """A cut and a lossy link under running requests, on lab hosts (network namespaces, needs root).
 
 A coordinator (h4) and three workers (h1-h3) each on its own host, given by address. While
-requests with a deadline stream, worker h2's cable is pulled for 5 s and plugged back, or its
-link made slow and lossy: every request finishes with exactly the fault-free tokens or fails
-UNAVAILABLE within its deadline saying why; none hangs; and the cluster serves again, exactly,
-without a restart.
+requests with a deadline stream, worker h2's cable (or the coordinator's) is pulled for 5 s
+and plugged back, or h2's link made slow and lossy: every request finishes with exactly the
+fault-free tokens or fails UNAVAILABLE within its deadline saying why; none hangs; and the
+cluster serves again, exactly, without a restart.
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ GRPC = "127.0.0.1:50051"
 MAX_TOKENS = 100
 DEADLINE = 60.0  # seconds each request may take, fault included
 CUT = 5.0  # seconds the cable stays out
-CUT_HOST = 2  # the middle stage: its streams in and out both cross the cut
 PROMPTS = [[1, 5, 9, 200, 33, 4, 77, 12], [3, 141, 59, 26, 5, 35], [7, 8, 9, 10, 11],
            [250, 251, 17, 42]]
 # two greedy and two seeded requests (temperature > 0: their fault-free tokens come from a
@@ -217,15 +216,19 @@ def lab(tmp_path):
         yield lab
 
 
-def test_a_cut_link_loses_no_request_and_the_cluster_serves_again(lab, model_dir, tmp_path):
+# the middle stage (its streams in and out both cross the cut), or the coordinator (no worker
+# answers it: nothing to re-plan over, so its requests fail, and it serves again after)
+@pytest.mark.parametrize("host", [2, 4], ids=["worker", "coordinator"])
+def test_a_cut_link_loses_no_request_and_the_cluster_serves_again(lab, model_dir, tmp_path,
+                                                                  host):
     model = model_dir(ModelSpec(family="llama"))
     start_cluster(lab, model, tmp_path)
     requests = [[p, s] for p, s in zip(PROMPTS, SAMPLINGS, strict=True)]
 
     def cut() -> None:
-        lab.cut(CUT_HOST)
+        lab.cut(host)
         time.sleep(CUT)  # the fault's length, not a wait for a state
-        lab.mend(CUT_HOST)
+        lab.mend(host)
 
     alone, results, took = run_with_fault(lab, model, cut, requests)
     expected = expected_tokens(model, alone)
