@@ -53,3 +53,13 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
                 return await behavior(request, context)
 
         return handler._replace(request_deserializer=deserialize, **{kind: checked})
+
+
+async def parsed(requests: Any, context: Any) -> Any:
+    """The messages of a request stream; one that does not parse ends the call with
+    INVALID_ARGUMENT."""
+    try:
+        async for msg in requests:
+            yield msg
+    except DecodeError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message does not parse: {e}")

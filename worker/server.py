@@ -18,7 +18,7 @@ import protos
 from protos import auth, tls, worker_pb2, worker_pb2_grpc
 from protos.health import Health
 from protos.tensorfiles import HashIndex, TensorFileError, model_tensors, parts
-from protos.undecodable import RefuseUndecodable
+from protos.undecodable import RefuseUndecodable, parsed
 from protos.units import format_size
 from worker.backend import Hardware, wire_memory
 from worker.cache import CacheFull, ShardCache
@@ -157,7 +157,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             free_bytes=self.cache.free_bytes())
 
     async def Put(self, request_iterator: Any, context: Any):
-        async for chunk in _parsed(request_iterator, context):
+        async for chunk in parsed(request_iterator, context):
             try:
                 ack = await asyncio.to_thread(self.cache.put, chunk.sha256, chunk.size,
                                               chunk.offset, chunk.data, chunk.chunk_sha256)
@@ -489,16 +489,6 @@ async def serve(config: WorkerConfig, host: str, port: int,
         await health.stopping()
         await server.stop(grace=1.0)
         await service.close()
-
-
-async def _parsed(requests: Any, context: Any) -> Any:
-    """The messages of a request stream; one that does not parse ends the call with
-    INVALID_ARGUMENT."""
-    try:
-        async for msg in requests:
-            yield msg
-    except DecodeError as e:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"a message does not parse: {e}")
 
 
 def _same_parts(before: worker_pb2.ShardSpec | None, after: worker_pb2.ShardSpec

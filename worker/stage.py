@@ -289,6 +289,8 @@ class StageRunner:
         stage holds the whole model) is taken as it is."""
         if self.shard is None:
             raise StepError("this stage's shard was replaced (another plan was loaded)")
+        for seq in msg.seqs:  # before a guess takes them as its inputs too
+            self._check_tokens(seq)
         ahead = self.lookahead.take(self, msg) if self.lookahead else None
         if ahead is not None:
             pending = ahead
@@ -298,8 +300,6 @@ class StageRunner:
             if len({s.seq_id for s in seqs}) != len(seqs):
                 raise StepError("a step names the same sequence twice")
             # Check every sequence before touching any cache, so a bad step changes nothing.
-            for seq in seqs:
-                self._check_tokens(seq)
             sessions = [self._session(seq) for seq in seqs]
             inputs = [self._input(seq) for seq in seqs]
             for seq, session in zip(seqs, sessions, strict=True):
