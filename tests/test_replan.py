@@ -102,3 +102,39 @@ def test_a_join_moves_only_the_layers_that_change_while_requests_run(model_dir, 
             assert kept == max(0, min(b, end) - max(a, start)), (name, kept)
         else:
             assert kept == 0
+
+
+def test_a_second_replan_while_the_first_drains_loses_no_request(model_dir, tmp_path):
+    """Two joins in a row: the requests still finishing on the plan the first replaced (its
+    shards a worker gives up at the second load) stop and resume on the new plan, exactly,
+    instead of failing on a replaced shard."""
+    path = model_dir(SPEC)
+    expected = [reference_tokens(path, p, MAX_TOKENS) for p in PROMPTS]
+    local = LocalWorkers(4, memory=[1 * GiB] * 4, cache_dir=tmp_path,
+                         names=["d1", "d2", "d3", "d4"])
+    addresses = local.start()
+
+    async def scenario():
+        async with Serving(path, addresses[:2], context=256) as s:
+            membership = s.coordinator.membership
+            membership.settle = 0.05
+            got: list[list[int]] = [[] for _ in PROMPTS]
+            tasks = [asyncio.create_task(stream(s, p, got[i])) for i, p in enumerate(PROMPTS)]
+            while min(map(len, got)) < 4:
+                await asyncio.sleep(0.002)
+            await announce(s, addresses[2], "d3")
+            while membership.replans == 0:  # switched: the requests drain on the first plan
+                await asyncio.sleep(0.001)
+            at_second = [len(g) for g in got]
+            await announce(s, addresses[3], "d4")
+            finishes = await asyncio.gather(*tasks)
+            return got, finishes, at_second, membership.replans, s.coordinator.engine.resumed
+
+    try:
+        got, finishes, at_second, replans, resumed = run(scenario())
+    finally:
+        local.stop()
+    assert max(at_second) < MAX_TOKENS, at_second  # still running when the second began
+    assert got == expected
+    assert set(finishes) == {inference_pb2.FINISH_REASON_LENGTH}
+    assert replans == 2 and resumed == len(PROMPTS)

@@ -173,6 +173,8 @@ class Cluster:
     cache_dir: Path | None = None  # the model's hash index is kept under it
     metrics: Any = None  # CoordinatorMetrics: bytes shipped to each worker
     _shipper: Shipper | None = field(default=None, repr=False)
+    # pipelines a re-plan replaced whose requests still finish on them (closed by the last)
+    _draining: list[Pipeline] = field(default_factory=list, repr=False)
 
     def make_plan(self) -> Plan:
         nodes = [
@@ -214,6 +216,13 @@ class Cluster:
         if self.plan is None:
             self.make_plan()
         stages = self.plan.stages
+        # A worker keeps one plan besides the one it loads: the shards of a plan still draining
+        # from an earlier re-plan go now, so its requests stop and resume like the rest (else
+        # their next step would meet a replaced shard, a stage error: lost).
+        for draining in self._draining:
+            if draining.users and not draining.broken:
+                self._retire(draining, "re-planning again")
+        self._draining = []
         old = self.pipeline if self.pipeline is not None and not self.pipeline.broken else None
         keep = keep_serving and old is not None and self._can_keep_serving(stages)
         if old is not None and not keep:
@@ -307,6 +316,8 @@ class Cluster:
             old.retired = True
             if not old.users:
                 await old.close()
+            else:
+                self._draining.append(old)
         elif before is not None:
             await before.close()
 
