@@ -218,6 +218,11 @@ class StageRunner:
         length = seq.fork_length
         if source is None:
             raise StepError(f"cannot fork from unknown sequence {seq.fork_from!r}")
+        if self.lookahead is not None:
+            # a step built ahead on the source's batch wrote a position into the batch's caches;
+            # taking the source's own caches splits that batch, so roll the guess back first
+            # (its rollback trims the batch's caches, which its other rows no longer use)
+            self.lookahead.drop([seq.fork_from])
         if not 0 < length <= source.offset:
             raise StepError(f"cannot fork {length} positions of {seq.fork_from!r}, "
                             f"which holds {source.offset}")
