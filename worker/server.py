@@ -348,9 +348,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return loaded
 
     def _release_left(self, loaded: Loaded, started: set[str]) -> None:
-        """Free the sequences a Forward stream started and left behind when it ends: no
-        later step can reach them (a sender's sequences live on its stream), so a client
-        that goes, or a hostile one, leaves no caches on the stage."""
+        """Free the sequences a Forward stream started and left when it ends: no later step
+        can reach them, so a client that goes (or a hostile one) leaves no caches behind."""
         if not started or loaded.runner.shard is None:
             return
         try:
