@@ -9,6 +9,7 @@ import grpc
 import pytest
 from conftest import GiB, Serving, reference_tokens, run
 
+import protos
 from coordinator.demo import ModelSpec
 from coordinator.local import LocalWorkers
 from protos import inference_pb2
@@ -146,3 +147,23 @@ def test_recover_timeout_zero_fails_running_requests_but_the_cluster_still_recov
         local.stop()
     assert error.code() == grpc.StatusCode.UNAVAILABLE and resumed == 0
     assert later == expected  # served by z1 alone after the re-plan
+
+
+def test_a_goodbye_after_a_failed_load_makes_the_worker_left():
+    """A stopping worker answered a health check during its grace, a re-plan took it, and its
+    load failed as it stopped: its goodbye says why, so it shows as left (not excluded)."""
+    from coordinator.cluster.cluster import Worker
+    from coordinator.cluster.discovery import LOAD_FAILED, MemberTable
+    from protos import worker_pb2
+    from protos.discovery import WorkerAd
+
+    table = MemberTable("lab")
+    member, _ = table.saw("w2._shardline._tcp.local.", WorkerAd(id="n2", cluster="lab"),
+                          ["10.0.0.2"], 50061)
+    table.identified(member, Worker("10.0.0.2:50061", worker_pb2.WorkerInfo(
+        id="n2", name="w2", cluster="lab", api=protos.WIRE_VERSION, memory_bytes=1 << 30),
+        channel=None))
+    member.reason = LOAD_FAILED
+    assert member.status() == f"excluded: {LOAD_FAILED}"
+    table.left(member.key)
+    assert member.status() == "left"

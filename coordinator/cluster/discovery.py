@@ -42,6 +42,8 @@ log = logging.getLogger("shardline.discovery")
 # one of coordinator.cluster.cluster.WORKER_STATES.
 JOINING, STANDBY, EXCLUDED = "joining", "standby", "excluded"
 LEFT, UNREACHABLE, RESTARTED = "left", "unreachable", "restarted"
+# why a worker is left out after a re-plan could not load its shard (its goodbye clears it)
+LOAD_FAILED = "could not load its shard"
 GONE_STATES = (LEFT, UNREACHABLE)
 MEMBER_STATES = (JOINING, STANDBY, EXCLUDED, LEFT, UNREACHABLE)
 
@@ -223,6 +225,8 @@ class MemberTable:
         for m in (member, *(a for a in self.members.values() if a.alias_of == key)):
             if not m.gone or (why == LEFT and m.gone == UNREACHABLE):
                 m.gone, m.gone_since = why, since
+            if why == LEFT and m.reason == LOAD_FAILED:
+                m.reason = ""  # it was stopping: the load failed because it left
         return member
 
     def recheck_duplicates(self) -> list[Member]:

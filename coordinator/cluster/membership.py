@@ -32,6 +32,7 @@ from coordinator.cluster.cluster import (
 from coordinator.cluster.discovery import (
     JOINING,
     LEFT,
+    LOAD_FAILED,
     RESTARTED,
     UNREACHABLE,
     Browser,
@@ -455,8 +456,8 @@ class Membership:
                 self.progress(f"re-plan failed: {e}")
                 for w in workers:
                     m = self.table.member_of(w)
-                    if w.status == "failed" and m is not None:
-                        m.reason = "could not load its shard"
+                    if w.status == "failed" and m is not None and m.gone != LEFT:
+                        m.reason = LOAD_FAILED
                 if cluster.pipeline is not None:
                     cluster.pipeline.fail(f"re-plan failed: {e}")  # its shards are gone
                 if attempt == 0 and len(self.table.usable()) >= 1:
