@@ -252,3 +252,34 @@ def test_two_workers_serve_token_exact_each_taking_steps_it_built_ahead(model_di
     spec = ModelSpec(family="llama")
     for counts in served(model_dir(spec), 2, ["first", "second"]):
         assert counts["taken"] >= 1, counts
+
+
+def test_a_fork_from_a_sequence_with_a_step_built_ahead_leaves_its_batch_exact(model_dir):
+    # "c" reuses the first positions of "a" (the prefix cache) while a step for the batch
+    # ("a", "b") is built ahead: that step is rolled back before the batch is split, so no
+    # guessed position stays behind in "a"'s or "b"'s caches
+    spec = ModelSpec(family="llama")
+    path = model_dir(spec)
+    shared = 10
+    prompt_c = PROMPTS["a"][:shared] + PROMPTS["c"][:7]
+    runs = []
+    for lookahead in (False, True):
+        d = chain(path, spec, [3], lookahead=lookahead)
+        d.start("a", PROMPTS["a"])
+        d.start("b", PROMPTS["b"])
+        for _ in range(3):
+            d.decode(["a", "b"])  # a step for ("a", "b") is built ahead after each
+        d.tokens["c"], d.logprobs["c"] = [], []
+        d._run([worker_pb2.SeqInput(seq_id="c", token_ids=prompt_c[shared:-1], start=True,
+                                    offset=shared, fork_from="a", fork_length=shared)])
+        d._run([worker_pb2.SeqInput(seq_id="c", token_ids=prompt_c[-1:], sample=True,
+                                    offset=len(prompt_c) - 1)])
+        for _ in range(4):
+            d.decode(["a", "b"])
+        runs.append(d)
+    plain, ahead = runs
+    assert ahead.tokens == plain.tokens and ahead.logprobs == plain.logprobs
+    assert ahead.tokens["a"] == reference_tokens(path, PROMPTS["a"], len(ahead.tokens["a"]))
+    assert ahead.tokens["b"] == reference_tokens(path, PROMPTS["b"], len(ahead.tokens["b"]))
+    assert ahead.tokens["c"] == reference_tokens(path, prompt_c, 1)
+    assert all(r.lookahead.taken >= 4 for r in ahead.runners)
