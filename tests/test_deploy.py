@@ -42,25 +42,34 @@ PLACEHOLDERS = {
 PROGRAMS = {"worker": worker_parser, "coordinator": coordinator_parser}
 
 
-def parse(argv: list[str], where: str, command: str = "serve"):
-    """`argv` (program name first, then `command`) read by that program's own parser; fails
-    with argparse's complaint when it does not accept it."""
-    program = Path(argv[0]).name
-    assert program in PROGRAMS, f"{where}: runs {argv[0]!r}, not worker or coordinator"
-    parser = PROGRAMS[program]()
+def parse_cli(argv: list[str], where: str) -> argparse.Namespace:
+    """`argv` read by worker's or coordinator's own parser, whole flag names only (argparse
+    would take abbreviations: --cache for --cache-dir); fails with argparse's complaint."""
+    parser = PROGRAMS[Path(argv[0]).name]()
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
             args = parser.parse_args(argv[1:])
     except SystemExit:
         pytest.fail(f"{where}: `{shlex.join(argv)}` is refused: {err.getvalue().strip()}")
-    assert args.command == command, f"{where}: {shlex.join(argv)}"
-    # argparse takes abbreviations (--cache for --cache-dir): only whole flag names here
-    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    flags = subparsers.choices[command]._option_string_actions
-    for word in argv[2:]:
+    inner = parser  # the innermost subcommand
+    for word in argv[1:]:
+        subs = [a for a in inner._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and word in subs[0].choices:
+            inner = subs[0].choices[word]
+    for word in argv[1:]:
         if word.startswith("--"):
-            assert word.partition("=")[0] in flags, f"{where}: {word} is not a flag of {command}"
+            assert word.partition("=")[0] in inner._option_string_actions, \
+                f"{where}: {word} is not a flag of {shlex.join(argv[:2])}"
+    return args
+
+
+def parse(argv: list[str], where: str, command: str = "serve") -> argparse.Namespace:
+    """`argv` (program name first, then `command`) read by that program's own parser."""
+    program = Path(argv[0]).name
+    assert program in PROGRAMS, f"{where}: runs {argv[0]!r}, not worker or coordinator"
+    args = parse_cli(argv, where)
+    assert args.command == command, f"{where}: {shlex.join(argv)}"
     return args
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import os
 import plistlib
 import re
@@ -19,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import ROOT
-from test_deploy import PROGRAMS, UNITS, exec_start, read_unit
+from test_deploy import PROGRAMS, UNITS, exec_start, parse_cli, read_unit
 
 GUIDES = [ROOT / "docs" / "deploy.md", ROOT / "docs" / "linux-gpu.md"]
 
@@ -113,27 +110,6 @@ def commands(text: str) -> list[list[str]]:
 def shell_commands() -> list[tuple[str, list[str]]]:
     return [(b.where, argv) for path in GUIDES for b in blocks(path) if b.lang in SHELL
             for argv in commands(b.text)]
-
-
-def parse_cli(argv: list[str], where: str) -> argparse.Namespace:
-    """`argv` read by worker's or coordinator's own parser, whole flag names only."""
-    parser = PROGRAMS[Path(argv[0]).name]()
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err):
-            args = parser.parse_args(argv[1:])
-    except SystemExit:
-        pytest.fail(f"{where}: `{shlex.join(argv)}` is refused: {err.getvalue().strip()}")
-    inner = parser  # the innermost subcommand: argparse would take abbreviations
-    for word in argv[1:]:
-        subs = [a for a in inner._actions if isinstance(a, argparse._SubParsersAction)]
-        if subs and word in subs[0].choices:
-            inner = subs[0].choices[word]
-    for word in argv[1:]:
-        if word.startswith("--"):
-            assert word.partition("=")[0] in inner._option_string_actions, \
-                f"{where}: {word} is not a flag of {shlex.join(argv[:2])}"
-    return args
 
 
 def check_paths(argv: list[str], where: str) -> None:
