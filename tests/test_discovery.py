@@ -174,12 +174,15 @@ def test_duplicate_node_id_is_refused_until_the_original_goes():
 def test_a_goodbye_after_failed_health_checks_makes_the_worker_left():
     # a stopping worker's streams break first (health checks: unreachable), then its goodbye
     table = MemberTable("lab")
-    member, _ = table.saw("w2._shardline._tcp.local.", WorkerAd(id="n2", cluster="lab"),
-                          ["10.0.0.2"], 50061)
+    name = "w2._shardline._tcp.local."
+    member, _ = table.saw(name, WorkerAd(id="n2", cluster="lab"), ["10.0.0.2"], 50061,
+                          instance=name)
     table.identified(member, worker("10.0.0.2:50061", "n2"))
     table.left(member.key, "unreachable")
     since = member.gone_since
+    assert table.claiming(name) == [member]  # the goodbye that comes next is its own
     table.left(member.key)
+    assert table.claiming(name) == []
     assert member.status() == "left" and member.gone_since == since
     table.left(member.key, "unreachable")  # a failed check never hides a goodbye
     assert member.status() == "left"

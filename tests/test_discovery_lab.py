@@ -169,7 +169,8 @@ def test_workers_found_over_mdns_serve_and_membership_follows(lab, model_dir, tm
                     assert t["labels"]["layers"].startswith("[") and t["labels"]["worker_id"]
                 return seen
             time.sleep(0.3)
-        pytest.fail(f"/sd/workers and /metrics did not follow {what} in 10s: {seen}")
+        pytest.fail(f"/sd/workers and /metrics did not follow {what} in 10s: {seen}\n"
+                    f"cluster: {probe('state')}\n{lab.logs()}")
 
     # w1's node id is also given to a worker started later on h6 (a copied cache dir)
     (tmp_path / "w1").mkdir()

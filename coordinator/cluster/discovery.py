@@ -244,8 +244,10 @@ class MemberTable:
         return freed
 
     def claiming(self, instance: str) -> list[Member]:
-        """Present members announced under this mDNS instance name (normally one)."""
-        return [m for m in self.members.values() if m.instance == instance and not m.gone]
+        """Members announced under this mDNS instance name that have not said goodbye
+        (normally one): present, or unreachable since (a stopping worker's streams often
+        break, and a check fails, before its goodbye arrives)."""
+        return [m for m in self.members.values() if m.instance == instance and m.gone != LEFT]
 
     def forget(self, older_than: float, keep: Callable[[Member], bool] = lambda m: False
                ) -> list[Member]:
