@@ -188,6 +188,49 @@ def test_a_goodbye_after_failed_health_checks_makes_the_worker_left():
     assert member.status() == "left"
 
 
+def test_an_announcement_resolved_across_its_goodbye_is_not_taken(monkeypatch):
+    # a stopping worker: its records were being resolved when its goodbye came; taking them
+    # after the goodbye would dial it in its grace period and bring it back into a plan
+    import asyncio
+    import types
+
+    import zeroconf.asyncio
+
+    from coordinator.cluster.discovery import Browser
+
+    release = asyncio.Event()
+
+    class SlowInfo:
+        def __init__(self, service_type, name):
+            self.port, self.properties, self.server = 50061, {}, "w2-host.local."
+
+        async def async_request(self, zc, timeout):
+            await release.wait()
+            return True
+
+        def parsed_scoped_addresses(self):
+            return ["10.0.0.2"]
+
+    monkeypatch.setattr(zeroconf.asyncio, "AsyncServiceInfo", SlowInfo)
+    events = []
+    name = "w2._shardline._tcp.local."
+
+    async def scenario():
+        browser = Browser(lambda n, *rest: events.append(("seen", n)),
+                          lambda n: events.append(("gone", n)))
+        browser.zc = types.SimpleNamespace(zeroconf=None)
+        change = types.SimpleNamespace
+        browser._on_change(None, "", name, change(name="Updated"))  # resolving...
+        browser._on_change(None, "", name, change(name="Removed"))  # ...its goodbye
+        release.set()
+        await asyncio.gather(*browser._tasks)
+        browser._on_change(None, "", name, change(name="Added"))  # back for real, later
+        await asyncio.gather(*browser._tasks)
+
+    run(scenario())
+    assert events == [("gone", name), ("seen", name)]
+
+
 def test_addresses_are_dialled_ipv4_first():
     assert order_addresses(["fe80::1%eth0", "2001:db8::1", "10.0.0.1"]) == \
         ["10.0.0.1", "2001:db8::1", "fe80::1%eth0"]

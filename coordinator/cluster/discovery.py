@@ -317,6 +317,7 @@ class Browser:
         self._browser: Any = None
         self._api: Any = None
         self._tasks: set[asyncio.Task] = set()
+        self._removed: dict[str, float] = {}  # instance name -> when its goodbye came
 
     async def start(self) -> list[Interface]:
         """Start browsing; returns the interfaces used (empty: no LAN here, nothing started).
@@ -335,18 +336,25 @@ class Browser:
 
     def _on_change(self, zeroconf: Any, service_type: str, name: str, state_change: Any) -> None:
         if state_change.name == "Removed":
+            self._removed[name] = time.monotonic()
             self.on_gone(name)
             return
-        task = asyncio.get_running_loop().create_task(self._resolve(name))
+        task = asyncio.get_running_loop().create_task(self._resolve(name, time.monotonic()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _resolve(self, name: str) -> None:
+    async def _resolve(self, name: str, asked: float) -> None:
+        """Resolve an announcement seen at `asked`; one whose goodbye came while it was
+        resolved is dropped (its records were read before the goodbye: taking them would
+        bring a stopping worker back)."""
         from zeroconf.asyncio import AsyncServiceInfo
 
         info = AsyncServiceInfo(WORKER_SERVICE_TYPE, name)
         if not await info.async_request(self.zc.zeroconf, 3000) or not info.port:
             log.info("could not resolve %s", name)
+            return
+        if self._removed.get(name, -1.0) >= asked:
+            log.info("%s said goodbye while it was resolved: not taken back", name)
             return
         ad, error = None, ""
         try:
