@@ -63,21 +63,27 @@ def test_one_stream_decodes_ahead_and_every_guess_is_taken_token_exact(spec, mod
     assert driver.tokens["a"] == reference_tokens(path, PROMPTS["a"], 16)
 
 
+def mixed_steps(d: Driver) -> None:
+    """Steps that take guesses and roll them back: a prompt arrives while "a" decodes, a
+    batched group decodes, a new prompt and a changed group, a sequence finished mid-guess."""
+    sampling = inference_pb2.SamplingParams(temperature=0.8, seed=7, logprobs=3)
+    d.start("a", PROMPTS["a"])
+    d.start("b", PROMPTS["b"], sampling)  # a prompt instead of "a"'s guessed step
+    for _ in range(4):
+        d.decode(["a", "b"])  # batched, the same group: guesses are taken
+    d.start("c", PROMPTS["c"])  # a new prompt instead of the guessed step
+    for _ in range(3):
+        d.decode(["a", "b", "c"])  # the group changed
+    d.decode(["b", "c"], release=["a"])  # a sequence finished mid-guess
+
+
 def test_guesses_roll_back_when_the_next_step_differs_and_outputs_stay_exact(model_dir):
     spec = ModelSpec(family="llama")
     path = model_dir(spec)
     plain = Driver(StageRunner(load_shard(path, 0, spec.num_layers), lookahead=False))
     ahead = Driver(StageRunner(load_shard(path, 0, spec.num_layers)))
-    sampling = inference_pb2.SamplingParams(temperature=0.8, seed=7, logprobs=3)
     for d in (plain, ahead):
-        d.start("a", PROMPTS["a"])
-        d.start("b", PROMPTS["b"], sampling)  # a prompt arrives while "a"'s guess runs
-        for _ in range(4):
-            d.decode(["a", "b"])  # batched, the same group: guesses are taken
-        d.start("c", PROMPTS["c"])  # a new prompt instead of the guessed step
-        for _ in range(3):
-            d.decode(["a", "b", "c"])  # the group changed
-        d.decode(["b", "c"], release=["a"])  # a sequence finished mid-guess
+        mixed_steps(d)
         d.decode(["b", "c"])
         d.runner.run(worker_pb2.StageMessage(step_id=99, release=["b"]))  # a bare release
         d.decode(["c"])
@@ -152,16 +158,8 @@ def test_slice_guesses_roll_back_when_the_next_step_differs_and_outputs_stay_exa
     spec = ModelSpec(family="llama")
     path = model_dir(spec)
     plain, ahead = chain(path, spec, [3], lookahead=False), chain(path, spec, [3])
-    sampling = inference_pb2.SamplingParams(temperature=0.8, seed=7, logprobs=3)
     for d in (plain, ahead):
-        d.start("a", PROMPTS["a"])
-        d.start("b", PROMPTS["b"], sampling)  # a prompt instead of "a"'s guessed step
-        for _ in range(4):
-            d.decode(["a", "b"])  # batched, the same group: guesses are taken
-        d.start("c", PROMPTS["c"])
-        for _ in range(3):
-            d.decode(["a", "b", "c"])  # the group changed
-        d.decode(["b", "c"], release=["a"])  # a sequence finished mid-guess
+        mixed_steps(d)
         d.decode(["c"])  # a group split: "b"'s and "c"'s guess rolled back
         d.decode(["b"])
         d.decode(["b", "c"])
