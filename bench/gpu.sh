@@ -7,6 +7,10 @@
 #   bench/gpu.sh hotpath DIR [ARGS]  # bench_hotpath.py --gpu ARGS (the 8B shape; DIR may be -)
 #   bench/gpu.sh profile DIR [ARGS]  # bench_profile.py --gpu ARGS
 #   bench/gpu.sh speculation DIR [ARGS]  # bench_speculation.py --gpu ARGS
+#   bench/gpu.sh knobs DIR [ARGS]    # bench_knobs.py --gpu ARGS (MLX's CUDA launch settings)
+#
+# MLX settings in the environment (MLX_MAX_OPS_PER_BUFFER=50 bench/gpu.sh hotpath ...) reach
+# mlx-lm and every worker alike.
 #
 # The mlx-cuda-13 wheel (~90 MB) is split with `split -b 46000000` so each half fits one carry.
 # Results (detect.txt, tests.txt, RESULTS-gpu.md, serving-gpu.png) go to $OUT when it is set.
@@ -24,7 +28,7 @@ install() {
     cat "$parts"/part.* > "$parts/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl"
     python3 -m pip install -q --no-deps --target /root/site "$parts"/*.whl
 }
-if [ "$1" = hotpath ] || [ "$1" = profile ] || [ "$1" = speculation ]; then
+if [ "$1" = hotpath ] || [ "$1" = profile ] || [ "$1" = speculation ] || [ "$1" = knobs ]; then
     [ -d /root/site/mlx ] || install
     mode=$1
     shift 2

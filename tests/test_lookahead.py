@@ -9,6 +9,7 @@ from conftest import reference_tokens
 
 from coordinator.demo import ModelSpec
 from protos import codec, inference_pb2, worker_pb2
+from worker.lookahead import AHEAD
 from worker.shard import load_shard
 from worker.stage import StageRunner
 
@@ -60,6 +61,8 @@ def test_one_stream_decodes_ahead_and_every_guess_is_taken_token_exact(spec, mod
         driver.decode(["a"])
     ahead = driver.runner.lookahead
     assert ahead.taken == 15 and ahead.dropped == 0
+    # once a token has left, the steps after it are begun on lazy tokens, AHEAD deep
+    assert [len(chain) for chain in ahead.guesses.values()] == [AHEAD]
     assert driver.tokens["a"] == reference_tokens(path, PROMPTS["a"], 16)
 
 
@@ -91,8 +94,10 @@ def test_guesses_roll_back_when_the_next_step_differs_and_outputs_stay_exact(mod
     assert runner.lookahead.taken >= 5 and runner.lookahead.dropped >= 3
     assert ahead.tokens == plain.tokens and ahead.logprobs == plain.logprobs
     assert ahead.tokens["c"] == reference_tokens(path, PROMPTS["c"], len(ahead.tokens["c"]))
-    # a guess for "c" is out; rolled back, the session is exactly the one without guesses
+    # guesses for "c" are out, each built on the one before; rolled back, the session is
+    # exactly the one without guesses
     assert list(runner.lookahead.guesses) == [("c",)]
+    assert len(runner.lookahead.guesses[("c",)]) == AHEAD
     runner.lookahead.drop(["c"])
     mine, theirs = runner.sessions["c"], plain.runner.sessions["c"]
     assert mine.offset == theirs.offset == len(PROMPTS["c"]) + len(ahead.tokens["c"]) - 1
@@ -252,7 +257,8 @@ def test_two_workers_serve_token_exact_each_taking_steps_it_built_ahead(model_di
         assert counts["taken"] >= 1, counts
 
 
-def test_a_fork_from_a_sequence_with_a_step_built_ahead_leaves_its_batch_exact(model_dir):
+@pytest.mark.parametrize("cuts", [[], [3]], ids=["whole", "slices"])
+def test_a_fork_from_a_sequence_with_a_step_built_ahead_leaves_its_batch_exact(cuts, model_dir):
     # "c" reuses the first positions of "a" (the prefix cache) while a step for the batch
     # ("a", "b") is built ahead: that step is rolled back before the batch is split, so no
     # guessed position stays behind in "a"'s or "b"'s caches
@@ -262,7 +268,7 @@ def test_a_fork_from_a_sequence_with_a_step_built_ahead_leaves_its_batch_exact(m
     prompt_c = PROMPTS["a"][:shared] + PROMPTS["c"][:7]
     runs = []
     for lookahead in (False, True):
-        d = chain(path, spec, [3], lookahead=lookahead)
+        d = chain(path, spec, cuts, lookahead=lookahead)
         d.start("a", PROMPTS["a"])
         d.start("b", PROMPTS["b"])
         for _ in range(3):

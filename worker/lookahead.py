@@ -6,8 +6,9 @@ computes; a stage of a pipeline can do the same whenever it can guess step t+1:
 
 - A stage that holds the whole model (first and last) has step t's sampled token on its own
   device, still lazy, the moment it has built step t, so it builds step t+1 on it and starts it
-  (`mx.async_eval`) while step t computes and its token travels to the coordinator and back
-  (`propose`, as mlx-lm's `generate_step` does).
+  (`mx.async_eval`) while step t computes (`propose`, as mlx-lm's `generate_step` does). Once
+  step t's token has left, it builds step t+2 on step t+1's lazy token too (`prepare`, up to
+  AHEAD steps), so the host never waits for the token's trip to the coordinator and back.
 - Any other stage builds step t+1 while it waits (`prepare`, called by worker/mlx_thread.py
   when it has nothing else to do): the same sequences, one position further, on placeholder
   inputs (protos/codec.py `placeholder`): a token id on the first stage, a hidden state on
@@ -17,13 +18,15 @@ computes; a stage of a pipeline can do the same whenever it can guess step t+1:
 
 When the next step names the same sequences, each decoding one token at the guessed position,
 the guess is taken; anything else (a sequence finished, a prompt chunk came first, the group
-changed, speculation) rolls it back: one position trimmed off each cache and off each sampler's
-history. Results are the same bits either way (the same kernels on the same values).
+changed, speculation) rolls it back, with every guess built on it: one position per guess
+trimmed off each cache and off each sampler's history. Results are the same bits either way
+(the same kernels on the same values).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("shardline.worker")
 
 PLACEHOLDER = -1  # a sampler's history entry for a token not sampled yet
+# guessed steps in flight per group on a whole-model stage (a slice: 1); 1 turns the second off
+AHEAD = max(1, int(os.environ.get("SHARDLINE_DECODE_AHEAD", "2")))
 
 
 @dataclass
@@ -47,6 +52,7 @@ class _Guess:
     pending: Pending  # the guessed step: built (and begun, on a whole-model stage)
     caches: list[list[Any]]  # per group of the guess, the caches it advanced by one position
     views: list[np.ndarray] | None = None  # the placeholders' buffers (None: lazy tokens)
+    slots: list[int] | None = None  # per sequence, where its sampler's history holds PLACEHOLDER
 
 
 def placeholders_work() -> bool:
@@ -76,7 +82,8 @@ class Lookahead:
 
     def __init__(self, whole: bool) -> None:
         self.whole = whole  # first and last: guesses build on lazy tokens (propose)
-        self.guesses: dict[tuple[str, ...], _Guess] = {}
+        # per group of sequences, its guessed steps in order (each built on the one before)
+        self.guesses: dict[tuple[str, ...], list[_Guess]] = {}
         self.taken = 0  # guesses the next step confirmed
         self.dropped = 0  # guesses rolled back
         self.reported = {"taken": 0, "dropped": 0}  # how many of each the metrics counted
@@ -105,19 +112,20 @@ class Lookahead:
         return True
 
     def propose(self, runner: StageRunner, step: Pending) -> None:
-        """Whole-model stage: begin the decode step after `step` on its lazily sampled tokens."""
-        key = tuple(s.seq_id for s in step.seqs)
-        if not self.whole or key in self.guesses or not self._guessable(runner, step):
-            return
-        family = runner.shard.family
-        inputs = [family.embed(sampled[0].reshape(1, 1).astype(mx.int32))
-                  for _, sampled in step.rows]
-        self._build(runner, step, key, inputs, None)
+        """Whole-model stage, a step just begun: unless a guess already follows it, begin the
+        decode step after `step` on its lazily sampled tokens."""
+        if self.whole:
+            self._extend(runner, step, 1)
 
     def prepare(self, runner: StageRunner, step: Pending) -> None:
-        """A stage holding a slice of the model, with nothing else to do: build the decode
-        step after `step` on placeholder inputs, not yet evaluated."""
-        if self.whole or runner.shard is None:
+        """Nothing else to do, `step`'s output has left: on a whole-model stage, begin guessed
+        steps up to AHEAD after it, each on the lazy tokens of the one before; on a slice of
+        the model, build the decode step after `step` on placeholder inputs, not yet
+        evaluated."""
+        if runner.shard is None:
+            return
+        if self.whole:
+            self._extend(runner, step, AHEAD)
             return
         key = tuple(s.seq_id for s in step.seqs)
         if key in self.guesses or not self._guessable(runner, step):
@@ -130,8 +138,24 @@ class Lookahead:
             inputs = [slot for slot, _ in slots]
         self._build(runner, step, key, inputs, [view for _, view in slots])
 
+    def _extend(self, runner: StageRunner, step: Pending, depth: int) -> None:
+        """Begin guesses after `step` (or after its group's last guess) until `depth` are in
+        flight."""
+        key = tuple(s.seq_id for s in step.seqs)
+        chain = self.guesses.get(key, [])
+        while len(chain) < depth:
+            tail = chain[-1].pending if chain else step
+            if not self._guessable(runner, tail):
+                return
+            family = runner.shard.family
+            inputs = [family.embed(sampled[0].reshape(1, 1).astype(mx.int32))
+                      for _, sampled in tail.rows]
+            if not self._build(runner, tail, key, inputs, None):
+                return
+            chain = self.guesses[key]
+
     def _build(self, runner: StageRunner, step: Pending, key: tuple[str, ...],
-               inputs: list[mx.array], views: list[np.ndarray] | None) -> None:
+               inputs: list[mx.array], views: list[np.ndarray] | None) -> bool:
         seqs = [worker_pb2.SeqInput(seq_id=s.seq_id, token_ids=[0], offset=s.offset + 1,
                                     sample=s.sample) for s in step.seqs]  # one position each
         history = [[PLACEHOLDER] for _ in seqs] if runner.shard.is_last else None
@@ -141,9 +165,12 @@ class Lookahead:
         except Exception:  # noqa: BLE001 - caches may be half advanced: end these sequences
             log.exception("building a guessed step failed; releasing its sequences")
             runner.release(list(key))
-            return
+            return False
         caches = [runner.caches_of(tuple(seqs[i].seq_id for i in g)) for g in pending.groups]
-        self.guesses[key] = _Guess(step, pending, caches, views)
+        slots = [len(s.sampler.history) - 1 if s.sampler is not None else -1
+                 for s in step.sessions]
+        self.guesses.setdefault(key, []).append(_Guess(step, pending, caches, views, slots))
+        return True
 
     def take(self, runner: StageRunner, msg: worker_pb2.StageMessage) -> Pending | None:
         """The guessed step if `msg` is exactly it (its inputs written into the placeholders
@@ -153,11 +180,12 @@ class Lookahead:
             return None  # a bare release: StageRunner.release drops guesses if it must
         seqs = list(msg.seqs)
         ids = tuple(s.seq_id for s in seqs)
-        guess = self.guesses.pop(ids, None)
+        chain = self.guesses.pop(ids, None)
         for key in [k for k in self.guesses if set(k) & set(ids)]:
             self._roll_back(self.guesses.pop(key))
-        if guess is None:
+        if not chain:
             return None
+        guess = chain[0]
         if self.whole:
             tokens = [int(sampled[0].item()) for _, sampled in guess.after.rows]
         else:
@@ -165,17 +193,20 @@ class Lookahead:
         same = not set(msg.release) & set(ids) and all(
             list(s.token_ids) == [t] and s.sample == g.sample and not s.start
             and not s.fork_from and not s.draft
-            and s.offset + 1 == session.offset  # the guess has counted its position
+            and s.offset + len(chain) == session.offset  # the guesses counted their positions
             for s, t, g, session in zip(seqs, tokens, guess.pending.seqs,
                                         guess.pending.sessions, strict=True))
         if same and guess.views is not None:
             same = self._fill(runner, guess.views, seqs)
         if not same:
-            self._roll_back(guess)
+            self._roll_back(chain)
             return None
-        for session, token in zip(guess.pending.sessions, tokens, strict=True):
+        if len(chain) > 1:
+            self.guesses[ids] = chain[1:]
+        for session, token, slot in zip(guess.pending.sessions, tokens, guess.slots,
+                                        strict=True):
             if session.sampler is not None:
-                session.sampler.history[-1] = token
+                session.sampler.history[slot] = token
         runner.release(list(msg.release))
         self.taken += 1
         pending = guess.pending
@@ -205,12 +236,14 @@ class Lookahead:
         """Forget every guess without rolling back (the runner lets its caches go)."""
         self.guesses.clear()
 
-    def _roll_back(self, guess: _Guess) -> None:
-        self.dropped += 1
-        for caches in guess.caches:
-            for cache in caches:
-                cache.trim(1)
-        for session in guess.pending.sessions:
-            if session.sampler is not None:
-                session.sampler.history.pop()
-            session.offset -= 1
+    def _roll_back(self, chain: list[_Guess]) -> None:
+        """Undo a group's guesses, the last built first."""
+        for guess in reversed(chain):
+            self.dropped += 1
+            for caches in guess.caches:
+                for cache in caches:
+                    cache.trim(1)
+            for session in guess.pending.sessions:
+                if session.sampler is not None:
+                    session.sampler.history.pop()
+                session.offset -= 1
