@@ -17,11 +17,11 @@ from google.protobuf.message import DecodeError
 import protos
 from protos import auth, tls, worker_pb2, worker_pb2_grpc
 from protos.health import Health
-from protos.tensorfiles import HashIndex, TensorFileError, model_tensors, parts
-from protos.undecodable import RefuseUndecodable, parsed
-from protos.units import format_size
+from protos.tensorfiles import parts
+from protos.undecodable import RefuseUndecodable
 from worker.backend import Hardware, wire_memory
-from worker.cache import CacheFull, ShardCache
+from worker.cache import ShardCache
+from worker.files import ShardFiles
 from worker.metrics import StepParts, WorkerMetrics, hidden_bytes
 from worker.mlx_thread import MLXThread, StepTimes
 from worker.shard import ShardError, load_shard
@@ -87,8 +87,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._previous: Loaded | None = None
         self._streams: dict[str, int] = {}  # plan id -> its open Forward streams
         self._load_lock = asyncio.Lock()
-        self.cache = ShardCache(config.weights_dir())
-        self._local_index = HashIndex(self.cache.root / "hashes")
+        self.files = ShardFiles(config, ShardCache(config.weights_dir()), self.metrics)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     # -- Info -------------------------------------------------------------------------------
@@ -112,74 +111,23 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             kv_bytes=self.metrics.kv_bytes if self.runner else 0,
         )
 
-    # -- Want / Put: shard files into the cache -----------------------------------------
-    def _local_dir(self, model_id: str) -> Path | None:
-        if self.config.models_dir and model_id:
-            candidate = self.config.models_dir / model_id
-            if (candidate / "config.json").is_file():
-                return candidate
-        return None
-
-    def _local_has(self, model_id: str, files: Any) -> Path | None:
-        """This worker's own copy of the model (--models-dir) when it holds every one of
-        `files`' tensors with the same bytes (hashed once, remembered in the cache)."""
-        local = self._local_dir(model_id)
-        if local is None:
-            return None
-        try:
-            mine = {t.sha256 for t in model_tensors(local, self._local_index).values()}
-        except (TensorFileError, OSError) as e:
-            log.warning("not using %s: %s", local, e)
-            return None
-        wanted = {f.sha256 for f in files if f.name.endswith(".safetensors")}
-        if not wanted <= mine:
-            log.info("%s differs from the coordinator's model: receiving the shard", local)
-            return None
-        return local
-
+    # -- Want / Put: shard files into the cache (worker/files.py) ------------------------
     async def Want(self, request: worker_pb2.ShardFiles, context: Any) -> worker_pb2.FileNeeds:
-        where = f"layers [{request.layer_start}, {request.layer_end}) of {request.model_id}"
-        try:
-            if await asyncio.to_thread(self._local_has, request.model_id, request.files):
-                return worker_pb2.FileNeeds(local=True)
-            needs = await asyncio.to_thread(self.cache.needs, request.files)
-        except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.config.name}: {e}")
-        except CacheFull as e:
-            missing, free = e.args
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.config.name}: {where} need {format_size(missing)} more on disk, "
-                f"{self.cache.root} has {format_size(free)} free")
-        return worker_pb2.FileNeeds(
-            needs=[worker_pb2.FileNeed(sha256=f.sha256, size=f.size, held=held)
-                   for f, held in needs],
-            free_bytes=self.cache.free_bytes())
+        return await self.files.want(request, context)
 
     async def Put(self, request_iterator: Any, context: Any):
-        async for chunk in parsed(request_iterator, context):
-            try:
-                ack = await asyncio.to_thread(self.cache.put, chunk.sha256, chunk.size,
-                                              chunk.offset, chunk.data, chunk.chunk_sha256)
-            except ValueError as e:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{self.config.name}: {e}")
-            except OSError as e:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"{self.config.name}: cannot store a shard file: {e}")
-            if ack.ok:
-                self.metrics.shard_received.inc(len(chunk.data))
-            yield worker_pb2.ChunkAck(sha256=chunk.sha256, offset=chunk.offset, ok=ack.ok,
-                                      complete=ack.complete, held=ack.held, error=ack.error)
+        async for ack in self.files.put(request_iterator, context):
+            yield ack
 
     # -- LoadShard --------------------------------------------------------------------------
     def _model_path(self, spec: worker_pb2.ShardSpec) -> Path:
         if spec.files:
-            local = self._local_has(spec.model_id, spec.files)
+            local = self.files.local_has(spec.model_id, spec.files)
             if local is not None:
                 return local
-            return self.cache.assemble(spec.model_id, (spec.layer_start, spec.layer_end),
+            return self.files.cache.assemble(spec.model_id, (spec.layer_start, spec.layer_end),
                                        spec.files)
-        return self._local_dir(spec.model_id) or Path(spec.model_path)
+        return self.files.local_dir(spec.model_id) or Path(spec.model_path)
 
     def _drop_previous(self) -> None:
         if self._previous is not None:
