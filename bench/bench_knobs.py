@@ -8,7 +8,8 @@ time on a token's path is launching its slice's graph and waiting for the device
 - mlx-lm alone: one stream's decode tokens/s (`stream_generate`), the ratio to the default;
 - a 16-layer slice of the model, one decode step as a stage runs one built ahead: building the
   graph, launching it in four-layer pieces (`mx.async_eval`), waiting for its values;
-- the whole model the same way.
+- the whole model the same way, and a step of 5 positions (a check of 4 speculative
+  proposals) done synchronously.
 
     python bench/bench_knobs.py --gpu      # the 8B-shaped 4-bit llama (bench_hotpath's)
     python bench/bench_knobs.py            # the CPU bench model (the settings do not apply)
@@ -81,8 +82,22 @@ def child(path: str) -> None:
         mx.eval(y)
         return t1 - t0, t2 - t1, time.perf_counter() - t2, y
 
+    def verify_step(caches: list) -> float:
+        """A step checking 4 proposals (5 positions, as speculative decoding sends), rolled
+        back after: its whole time, synchronously."""
+        t0 = time.perf_counter()
+        mx.eval(mx.argmax(model(mx.array([[11, 12, 13, 14, 15]]), cache=caches), axis=-1))
+        seconds = time.perf_counter() - t0
+        for cache in caches:
+            cache.trim(5)
+        return seconds
+
     prompt = mx.array([[(7 * i + 3) % 1000 + 10 for i in range(64)]])
     out = {}
+    caches = make_prompt_cache(model)
+    mx.eval(model(prompt, cache=caches))
+    times = [verify_step(caches) for _ in range(STEPS // 2)][STEPS // 8:]
+    out["verify"] = statistics.median(times) * 1e3
     for name in ("slice", "model"):
         caches = make_prompt_cache(model)
         mx.eval(model(prompt, cache=caches))
@@ -130,10 +145,10 @@ def main() -> None:
     print(f"\nmodel {path.name}, prompt 64, 128 new tokens, one stream; ms per decode step "
           f"(medians of {STEPS - STEPS // 4} steps)")
     print("| setting | mlx-lm tok/s | vs default | slice build | slice launch | slice wait "
-          "| model build | model launch | model wait |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| model build | model launch | model wait | model, 5 positions, synchronous |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (tps, parts) in rows.items():
-        cells = [f"{v:.2f}" for v in parts["slice"] + parts["model"]]
+        cells = [f"{v:.2f}" for v in parts["slice"] + parts["model"] + [parts["verify"]]]
         print(f"| {name} | {tps:.1f} | {tps / base:.2f}x | " + " | ".join(cells) + " |")
     best = max(rows, key=lambda n: rows[n][0])
     if rows[best][0] < 1.03 * base:  # within the run-to-run spread: keep MLX's default

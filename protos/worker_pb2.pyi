@@ -82,10 +82,12 @@ class ChunkAck(_message.Message):
     def __init__(self, sha256: _Optional[str] = ..., offset: _Optional[int] = ..., ok: _Optional[bool] = ..., complete: _Optional[bool] = ..., held: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class ResultsRequest(_message.Message):
-    __slots__ = ("plan_id",)
+    __slots__ = ("plan_id", "loop")
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
+    LOOP_FIELD_NUMBER: _ClassVar[int]
     plan_id: str
-    def __init__(self, plan_id: _Optional[str] = ...) -> None: ...
+    loop: bool
+    def __init__(self, plan_id: _Optional[str] = ..., loop: _Optional[bool] = ...) -> None: ...
 
 class InfoRequest(_message.Message):
     __slots__ = ("challenge",)
@@ -94,7 +96,7 @@ class InfoRequest(_message.Message):
     def __init__(self, challenge: _Optional[bytes] = ...) -> None: ...
 
 class ShardSpec(_message.Message):
-    __slots__ = ("model_id", "model_path", "layer_start", "layer_end", "num_layers", "stage_index", "num_stages", "next_address", "max_message_bytes", "plan_id", "files")
+    __slots__ = ("model_id", "model_path", "layer_start", "layer_end", "num_layers", "stage_index", "num_stages", "next_address", "max_message_bytes", "plan_id", "files", "last_address")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +108,7 @@ class ShardSpec(_message.Message):
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     PLAN_ID_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    LAST_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     model_path: str
     layer_start: int
@@ -117,7 +120,8 @@ class ShardSpec(_message.Message):
     max_message_bytes: int
     plan_id: str
     files: _containers.RepeatedCompositeFieldContainer[ShardFile]
-    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_address: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., plan_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ShardFile, _Mapping]]] = ...) -> None: ...
+    last_address: str
+    def __init__(self, model_id: _Optional[str] = ..., model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., num_layers: _Optional[int] = ..., stage_index: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_address: _Optional[str] = ..., max_message_bytes: _Optional[int] = ..., plan_id: _Optional[str] = ..., files: _Optional[_Iterable[_Union[ShardFile, _Mapping]]] = ..., last_address: _Optional[str] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("spec", "model_type", "weight_bytes", "active_memory_bytes", "load_seconds", "forkable")

@@ -123,9 +123,12 @@ class Chain(Driver):
     """Steps a pipeline of StageRunners (slices of the model) as workers would: each step's
     output message is the next stage's input; `run` prepares each stage's guess after it."""
 
-    def __init__(self, runners: list[StageRunner]) -> None:
+    def __init__(self, runners: list[StageRunner], loop=None) -> None:
         super().__init__(runners[-1])
         self.runners = runners
+        # with `loop`, stage 0 gets the last stage's results as worker/loop.py hands them
+        # over, through `loop(result)` (which may change them): before the next step
+        self.loop = loop
 
     def _run(self, seqs, release=()):
         self.step_id += 1
@@ -133,6 +136,9 @@ class Chain(Driver):
         for runner in self.runners:
             out = runner.run(msg)
             msg = out.forward
+        if self.loop is not None:
+            self.runners[0].start_early(self.loop(worker_pb2.StageResult(
+                step_id=self.step_id, outputs=out.outputs)))
         for o in out.outputs:
             self.tokens[o.seq_id].append(o.token)
             self.logprobs[o.seq_id].append(o.logprob)
@@ -183,6 +189,39 @@ def test_slice_guesses_roll_back_when_the_next_step_differs_and_outputs_stay_exa
                 [c.offset for c in plain_runner.caches_of((k,))]
             if mine.sampler is not None:
                 assert mine.sampler.history == theirs.sampler.history
+
+
+def test_stage_0_starts_steps_on_the_last_stage_tokens_and_rolls_back_any_other_step(
+        model_dir):
+    # stage 0 starts its guess on the tokens as sampled (worker/loop.py); the coordinator's
+    # next message confirms it, or, when it is another step (a group changed, a sequence
+    # finished, another token), rolls it back and runs what it says
+    spec = ModelSpec(family="llama")
+    path = model_dir(spec)
+    wrong = {"n": 0}
+
+    def sometimes_wrong(result):
+        wrong["n"] += 1
+        if wrong["n"] % 5 == 0:  # as if the coordinator had sent another token
+            result.outputs[0].token = (result.outputs[0].token + 1) % 512
+        return result
+
+    plain = chain(path, spec, [3], lookahead=False)
+    ahead = chain(path, spec, [3])
+    ahead.loop = sometimes_wrong
+    for d in (plain, ahead):
+        mixed_steps(d)
+        for _ in range(6):
+            d.decode(["b", "c"])
+    assert ahead.tokens == plain.tokens and ahead.logprobs == plain.logprobs
+    assert ahead.tokens["c"] == reference_tokens(path, PROMPTS["c"], len(ahead.tokens["c"]))
+    first, last = ahead.runners
+    assert first.lookahead.early >= 8 and last.lookahead.early == 0
+    assert first.lookahead.dropped >= last.lookahead.dropped + 2  # the wrong tokens
+    first.lookahead.drop(["b", "c"])
+    for k in "bc":
+        assert [c.offset for c in first.caches_of((k,))] == \
+            [c.offset for c in plain.runners[0].caches_of((k,))]
 
 
 def test_a_step_whose_tensor_does_not_fit_the_placeholder_is_checked_as_usual(model_dir):
@@ -255,6 +294,16 @@ def test_two_workers_serve_token_exact_each_taking_steps_it_built_ahead(model_di
     spec = ModelSpec(family="llama")
     for counts in served(model_dir(spec), 2, ["first", "second"]):
         assert counts["taken"] >= 1, counts
+
+
+def test_three_workers_serve_token_exact_stage_0_starting_steps_on_the_last_stage_tokens(
+        model_dir):
+    # stage 0 follows the last stage's results (worker/loop.py): steps it built ahead start
+    # when the tokens are sampled, and the coordinator's message confirms them
+    spec = ModelSpec(family="llama")
+    first, *rest = served(model_dir(spec), 3, ["first", "second", "third"])
+    assert first["early"] >= 5 and first["taken"] >= 5, first
+    assert all(counts["early"] == 0 for counts in rest), rest
 
 
 @pytest.mark.parametrize("cuts", [[], [3]], ids=["whole", "slices"])

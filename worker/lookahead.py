@@ -53,6 +53,7 @@ class _Guess:
     caches: list[list[Any]]  # per group of the guess, the caches it advanced by one position
     views: list[np.ndarray] | None = None  # the placeholders' buffers (None: lazy tokens)
     slots: list[int] | None = None  # per sequence, where its sampler's history holds PLACEHOLDER
+    early: list[int] | None = None  # the tokens written in and started on before the message
 
 
 def placeholders_work() -> bool:
@@ -86,7 +87,8 @@ class Lookahead:
         self.guesses: dict[tuple[str, ...], list[_Guess]] = {}
         self.taken = 0  # guesses the next step confirmed
         self.dropped = 0  # guesses rolled back
-        self.reported = {"taken": 0, "dropped": 0}  # how many of each the metrics counted
+        self.early = 0  # guesses started on the last stage's tokens (stage 0 of a pipeline)
+        self.reported = {"taken": 0, "dropped": 0, "early": 0}  # what the metrics counted
 
     @staticmethod
     def suits(shard: Shard) -> bool:
@@ -188,6 +190,8 @@ class Lookahead:
         guess = chain[0]
         if self.whole:
             tokens = [int(sampled[0].item()) for _, sampled in guess.after.rows]
+        elif guess.early is not None:  # started already: the message must be what it ran on
+            tokens = guess.early
         else:
             tokens = [s.token_ids[0] if len(s.token_ids) == 1 else None for s in seqs]
         same = not set(msg.release) & set(ids) and all(
@@ -196,7 +200,7 @@ class Lookahead:
             and s.offset + len(chain) == session.offset  # the guesses counted their positions
             for s, t, g, session in zip(seqs, tokens, guess.pending.seqs,
                                         guess.pending.sessions, strict=True))
-        if same and guess.views is not None:
+        if same and guess.views is not None and guess.early is None:
             same = self._fill(runner, guess.views, seqs)
         if not same:
             self._roll_back(chain)
@@ -211,10 +215,30 @@ class Lookahead:
         self.taken += 1
         pending = guess.pending
         pending.msg, pending.seqs = msg, seqs
-        if guess.views is not None:
+        if guess.views is not None and guess.early is None:
             runner.launch(pending)
         runner.resolve(pending)  # constrained rows: their masks follow the tokens just known
         return pending
+
+    def start_early(self, runner: StageRunner, result: worker_pb2.StageResult) -> bool:
+        """Stage 0 of a pipeline: the last stage sampled `result`'s tokens; if they are the
+        inputs of the guess after step `result.step_id`, write them in and start it."""
+        if self.whole or runner.shard is None or not runner.shard.is_first:
+            return False
+        chain = self.guesses.get(tuple(o.seq_id for o in result.outputs))
+        if not chain:
+            return False
+        guess = chain[0]
+        if guess.views is None or guess.early is not None or \
+                guess.after.msg.step_id != result.step_id or \
+                any(o.accepted for o in result.outputs):
+            return False
+        guess.early = [o.token for o in result.outputs]
+        for view, token in zip(guess.views, guess.early, strict=True):
+            view[...] = token
+        runner.launch(guess.pending)
+        self.early += 1
+        return True
 
     @staticmethod
     def _fill(runner: StageRunner, views: list[np.ndarray],

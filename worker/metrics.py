@@ -40,6 +40,7 @@ PART_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.00
 STEP_PARTS = ("receive", "host", "device", "serialise", "send", "waiting", "prepare")
 
 MEMORY_KINDS = ("weights", "kv", "active", "peak", "total")
+OUTCOMES = ("taken", "dropped", "early")  # of a decode step built ahead (worker/lookahead.py)
 SAMPLE_EVERY = 0.25  # seconds between memory samples while steps run
 
 
@@ -97,9 +98,10 @@ class WorkerMetrics:
                                "results), waiting (idle before it arrived).",
                                ["part"], buckets=PART_BUCKETS, registry=r)
         self.lookahead = Counter("shardline_lookahead_steps",
-                                 "Decode steps a whole-model stage began ahead (worker/"
+                                 "Decode steps this stage built ahead (worker/"
                                  "lookahead.py), by outcome: taken (the next step was the "
-                                 "guess) or dropped (rolled back).",
+                                 "guess), dropped (rolled back), early (started on the last "
+                                 "stage's tokens before the coordinator's step came).",
                                  ["outcome"], registry=r)
         self.shard_received = Counter("shardline_shard_received",
                                       "Shard file bytes received from the coordinator into "
@@ -108,7 +110,7 @@ class WorkerMetrics:
         # labelled children looked up once, not on every step
         self._forward = {phase: self.forward.labels(phase) for phase in ("prefill", "decode")}
         self._bytes = {d: self.activation_bytes.labels(d) for d in ("in", "out")}
-        self._guesses = {o: self.lookahead.labels(o) for o in ("taken", "dropped")}
+        self._guesses = {o: self.lookahead.labels(o) for o in OUTCOMES}
         self.lock = threading.Lock()
         self.memory: dict[str, int] = {"total": total_memory_bytes}
         self.sessions = 0
@@ -127,7 +129,7 @@ class WorkerMetrics:
 
     def guesses(self, lookahead: Any) -> None:
         """Bring the lookahead counters up to a Lookahead's own (call on the MLX thread)."""
-        for outcome in ("taken", "dropped"):
+        for outcome in OUTCOMES:
             new = getattr(lookahead, outcome) - lookahead.reported[outcome]
             if new:
                 self._guesses[outcome].inc(new)

@@ -4,11 +4,11 @@ MLX arrays are bound to the thread that built them, so loading, caches, forward 
 sampling all run here. A pipeline step runs in two halves (worker/stage.py): `begin` builds its
 graph and starts the device, `finish` waits for the values and builds the output. When the next
 step is already queued, this thread begins it before finishing the one before, so the host
-builds step g+1's graph while the device computes step g. Once a step's output has left the worker
-(`idle`), and nothing is queued or begun, it builds the decode step most likely to come next on
-a stage holding a slice of the model (`StageRunner.prepare`, worker/lookahead.py), so that step
-only launches when it arrives. (Not before the output has left: building a graph holds the GIL,
-which the event loop needs to send it.)
+builds step g+1's graph while the device computes step g. Once a step's output has left the
+worker (`idle`), and nothing is queued or begun, it builds the decode steps most likely to come
+next (`StageRunner.prepare`, worker/lookahead.py), so that a step only launches when it arrives
+(on stage 0, when the last stage's tokens arrive: `early`). Not before the output has left:
+building a graph holds the GIL, which the event loop needs to send it.
 """
 
 from __future__ import annotations
@@ -43,6 +43,12 @@ class StepTimes:
     serialise: float = 0.0  # building the output messages from the values
     done: float = 0.0  # perf_counter when the output was ready
     bytes_in: int = 0  # hidden-state bytes the message brought (read before the step runs)
+
+
+@dataclass
+class _Early:
+    runner: StageRunner
+    result: Any  # a StageResult of the last stage (worker/loop.py)
 
 
 @dataclass
@@ -97,6 +103,12 @@ class MLXThread:
             if isinstance(item, _Step):
                 self._begin(item)
                 continue
+            if isinstance(item, _Early):
+                try:
+                    item.runner.start_early(item.result)
+                except Exception:  # noqa: BLE001 - the coordinator's message runs it then
+                    log.exception("starting a step on the last stage's tokens failed")
+                continue
             loop, future, fn, args = item
             if future.cancelled():
                 continue
@@ -117,7 +129,7 @@ class MLXThread:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not _CLOSE and item is not _IDLE:
+            if item is not _CLOSE and item is not _IDLE and not isinstance(item, _Early):
                 loop, future = (item.loop, item.future) if isinstance(item, _Step) else item[:2]
                 loop.call_soon_threadsafe(future.cancel)
 
@@ -193,6 +205,12 @@ class MLXThread:
         """The worker has sent every output so far: the thread may build steps ahead."""
         if self._ready:
             self._queue.put(_IDLE)
+
+    def early(self, runner: StageRunner, result: Any) -> None:
+        """Stage 0: the last stage sampled `result`'s tokens; start the step built ahead on
+        them (in queue order with the steps; StageRunner.start_early)."""
+        if not self._closed:
+            self._queue.put(_Early(runner, result))
 
     def close(self) -> None:
         self._closed = True

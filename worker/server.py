@@ -22,6 +22,7 @@ from protos.undecodable import RefuseUndecodable
 from worker.backend import Hardware, wire_memory
 from worker.cache import ShardCache
 from worker.files import ShardFiles
+from worker.loop import Loops, follow
 from worker.metrics import StepParts, WorkerMetrics, hidden_bytes
 from worker.mlx_thread import MLXThread, StepTimes
 from worker.shard import ShardError, load_shard
@@ -80,6 +81,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self.parts = StepParts(self.metrics)
         self.mlx.on_prepared = self.parts.prepared
         self._sinks: dict[str, asyncio.Queue] = {}  # plan id -> its open Results stream
+        self._loops = Loops()  # stage 0s following this last stage's tokens (worker/loop.py)
         self.runner: StageRunner | None = None
         self.shard_info: worker_pb2.ShardInfo | None = None
         # the plan before the latest, still serving while the coordinator switches over (a
@@ -210,14 +212,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return (f"stage {spec.stage_index} ({self.config.name}, layers "
                 f"[{spec.layer_start}, {spec.layer_end})): {err}")
 
-    async def _downstream(self, spec: worker_pb2.ShardSpec) -> Any:
-        channel = self._channels.get(spec.next_address)
+    def _channel(self, address: str, spec: worker_pb2.ShardSpec) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
         if channel is None:
             channel = auth.worker_channel(
-                spec.next_address, self.config.secret,
+                address, self.config.secret,
                 protos.channel_options(spec.max_message_bytes or protos.DEFAULT_MAX_MESSAGE_BYTES))
-            self._channels[spec.next_address] = channel
-        stub = worker_pb2_grpc.WorkerStub(channel)
+            self._channels[address] = channel
+        return channel
+
+    async def _downstream(self, spec: worker_pb2.ShardSpec) -> Any:
+        stub = worker_pb2_grpc.WorkerStub(self._channel(spec.next_address, spec))
         return stub.Forward(metadata=((PLAN_METADATA_KEY, spec.plan_id),))
 
     async def _close_channels(self) -> None:
@@ -239,6 +244,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                                                 started))]
         if downstream is not None:
             tasks.append(asyncio.create_task(self._watch(downstream, back, spec)))
+        if spec.last_address and spec.stage_index == 0:  # the token's short way round
+            tasks.append(asyncio.create_task(follow(
+                self._channel(spec.last_address, spec), spec.plan_id, self.mlx, loaded.runner)))
         try:
             while True:
                 item = await back.get()
@@ -269,6 +277,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         if loaded.spec.next_address:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "only the last stage has results")
+        if request.loop:
+            async for result in self._loops.serve(request.plan_id):
+                yield result
+            return
         sink: asyncio.Queue[worker_pb2.StageResult] = asyncio.Queue()
         self._sinks[request.plan_id] = sink
         try:
@@ -365,6 +377,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     result = worker_pb2.StageResult(step_id=msg.step_id, error=error)
                     if out is not None:
                         result.outputs.extend(out.outputs)
+                    self._loops.send(spec.plan_id, result)  # first: stage 0 starts on it
                     sink = self._sinks.get(spec.plan_id)
                     (sink or back).put_nowait(result)
                     self.parts.sent(times, decode=decode)

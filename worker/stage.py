@@ -288,6 +288,13 @@ class StageRunner:
         if self.lookahead is not None and self.shard is not None:
             self.lookahead.prepare(self, pending)
 
+    def start_early(self, result: worker_pb2.StageResult) -> bool:
+        """Stage 0: start the step built ahead on the tokens the last stage just sampled
+        (worker/lookahead.py); False when no guess waits for them."""
+        if self.lookahead is None or self.shard is None:
+            return False
+        return self.lookahead.start_early(self, result)
+
     def begin(self, msg: worker_pb2.StageMessage) -> Pending:
         """Check the step, build its graph and start evaluating it (`mx.async_eval`); the host
         is free again while the device computes. A step the lookahead already began (this
