@@ -194,6 +194,7 @@ class Pipeline:
             reader.cancel()
         if self._results is not None:
             self._results.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)  # none left pending
         await self._channel.close()
         if self._last_channel is not None:
             await self._last_channel.close()
