@@ -22,7 +22,6 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -50,7 +49,7 @@ async def cluster_runs(path: Path, workers: int, streams: list[int], prompt: int
 
     local = LocalWorkers(workers, memory=[(4 if pin else 32) * GiB] * workers,
                          cpus=[0] * workers if pin else None,
-                         cache_dir=Path(tempfile.mkdtemp()))
+                         fresh_cache=True)
     addresses = local.start(timeout=300)
     coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
                                      grpc_port=0, max_sequences=max(streams), context=4096,

@@ -55,13 +55,12 @@ def scrape(port: int) -> dict[str, tuple[float, float]]:
 
 async def profile(path: Path, workers: int, new: int, pin: bool) -> tuple[float, list[dict]]:
     """ITL p50 (ms) of one stream and, per stage, the mean ms of each part per decode step."""
-    import tempfile
 
     from coordinator.app import Coordinator, ServeOptions
     from coordinator.local import LocalWorkers
 
     local = LocalWorkers(workers, memory=[(4 if pin else 32) * GiB] * workers,
-                         cpus=[0] * workers if pin else None, cache_dir=Path(tempfile.mkdtemp()))
+                         cpus=[0] * workers if pin else None, fresh_cache=True)
     coord = Coordinator(ServeOptions(model=str(path), workers=local.start(timeout=300),
                                      host="127.0.0.1", grpc_port=0, max_sequences=4,
                                      context=4096, prefix_cache_tokens=0),

@@ -20,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,7 +157,7 @@ async def with_cluster(path: Path, workers: int, fn, *, prefill_chunk: int = 512
 
     local = LocalWorkers(workers, memory=[(32 if not PIN else 4) * GiB] * workers,
                          cpus=list(range(workers)) if PIN else None,
-                         cache_dir=Path(tempfile.mkdtemp()), secret=SECRET)
+                         fresh_cache=True, secret=SECRET)
     addresses = local.start()
     coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
                                      grpc_port=0, max_sequences=16, context=4096,

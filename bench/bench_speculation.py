@@ -24,7 +24,6 @@ import asyncio
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -109,7 +108,7 @@ def main() -> None:
     base = [bench_mlx_lm(path, 1, args.prompt, args.new).tps for _ in range(args.runs)]
     local = LocalWorkers(args.workers, memory=[(4 if pin else 32) * GiB] * args.workers,
                          cpus=[0] * args.workers if pin else None,
-                         cache_dir=Path(tempfile.mkdtemp()))
+                         fresh_cache=True)
     addresses = local.start(timeout=600)
     rows = {}
     try:

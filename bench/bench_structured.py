@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,7 +62,7 @@ async def cluster(path: Path, workers: int, streams: list[int], args: argparse.N
     from protos import inference_pb2_grpc
 
     local = LocalWorkers(workers, memory=[(4 if pin else 32) * GiB] * workers,
-                         cpus=[0] * workers if pin else None, cache_dir=Path(tempfile.mkdtemp()))
+                         cpus=[0] * workers if pin else None, fresh_cache=True)
     addresses = local.start(timeout=300)
     coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
                                      grpc_port=0, max_sequences=max(streams), context=4096,

@@ -36,7 +36,7 @@ async def run(path: Path, certs: Path | None, streams: list[int], args: argparse
     extra = [a for flag, f in zip(("--tls-cert", "--tls-key", "--tls-ca"), files, strict=False)
              for a in (flag, str(f))]
     local = LocalWorkers(args.workers, memory=[8 * GiB] * args.workers, extra_args=extra,
-                         cache_dir=Path(tempfile.mkdtemp()))
+                         fresh_cache=True)
     coord = Coordinator(ServeOptions(model=str(path), workers=local.start(timeout=300),
                                      host="127.0.0.1", grpc_port=0, http_port=0,
                                      max_sequences=max(streams), context=4096,

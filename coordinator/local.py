@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,8 @@ class LocalWorkers:
     def __init__(self, count: int, *, memory: Sequence[int] | None = None,
                  cache_dir: Path | None = None, names: Sequence[str] | None = None,
                  extra_args: Sequence[str] = (), cpus: Sequence[int] | None = None,
-                 secret: bytes | None = None, wrap: Sequence[str] = ()) -> None:
+                 secret: bytes | None = None, wrap: Sequence[str] = (),
+                 fresh_cache: bool = False) -> None:
         if count < 1:
             raise ValueError("--local-workers must be at least 1")
         self.count = count
@@ -42,6 +44,11 @@ class LocalWorkers:
         if secret:  # through the environment, never argv (visible in ps)
             self.env["SHARDLINE_SECRET"] = os.fsdecode(secret)
         self._tmp = tempfile.TemporaryDirectory(prefix="shardline-local-")
+        # fresh_cache: the workers start with an empty shard cache (as on new machines), which
+        # stop() deletes, so repeated clusters do not fill the disk with shipped shards
+        self._fresh = fresh_cache
+        if fresh_cache:
+            self.cache_dir = Path(self._tmp.name) / "cache"
         self.procs: list[subprocess.Popen] = []
         self.addresses: list[str] = []
 
@@ -92,6 +99,8 @@ class LocalWorkers:
                 proc.kill()
                 proc.wait()
         self.procs = []
+        if self._fresh and self.cache_dir is not None:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
 
     def __enter__(self) -> list[str]:
         return self.start()

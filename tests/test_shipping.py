@@ -347,3 +347,23 @@ def test_files_are_split_over_streams_by_bytes_in_their_order(tmp_path):
     assert max(loads) - min(loads) <= 40, loads
     for p in parts:
         assert [todo.index(t) for t in p] == sorted(todo.index(t) for t in p)
+
+
+def test_local_workers_with_a_fresh_cache_receive_the_shard_and_leave_no_bytes_behind(model_dir):
+    # benchmarks start many clusters of new-machine workers: each cluster's shipped shards
+    # go when it stops, or repeated runs fill the disk
+    path = model_dir(ModelSpec(family="llama"))
+    local = LocalWorkers(2, memory=[GiB, GiB], fresh_cache=True)
+    addresses = local.start()
+    try:
+        async def scenario():
+            async with Serving(path, addresses) as s:
+                return await s.generate([11, 12, 13, 14], 3)
+
+        tokens, _, _ = run(scenario())
+        assert tokens == reference_tokens(path, [11, 12, 13, 14], 3)
+        received = sum(f.stat().st_size for f in local.cache_dir.rglob("*") if f.is_file())
+        assert received > 0  # the workers had no model: its shards came into their cache
+    finally:
+        local.stop()
+    assert not local.cache_dir.exists()
