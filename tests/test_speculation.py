@@ -12,7 +12,7 @@ from conftest import GiB, Serving, reference_tokens, run
 
 from coordinator.demo import FAMILIES, ModelSpec, draft_model
 from coordinator.local import LocalWorkers
-from coordinator.serving.speculation import NgramProposer
+from coordinator.serving.speculation import MAX_PAUSE, NgramProposer, Speculator
 from protos import inference_pb2, worker_pb2
 from worker.shard import load_shard
 from worker.stage import StageRunner
@@ -36,6 +36,43 @@ async def generate(s: Serving, prompt: list[int], max_tokens: int = MAX_TOKENS, 
         if msg.HasField("usage"):
             usage = msg.usage
     return tokens, usage
+
+
+class Always:
+    """A proposer whose every guess the target confirms."""
+
+    async def propose(self, key, tokens, k):
+        return [1] * k
+
+    async def drop(self, key):
+        pass
+
+
+def guessed_share(round_seconds: float, plain_seconds: float, steps: int = 600) -> float:
+    """Drive one request's controller for `steps` steps: every guess confirmed, a step with
+    k guesses taking `round_seconds`, one without `plain_seconds`; the share of steps that
+    carried guesses."""
+    req = Speculator(Always(), 4).request("a")
+
+    async def drive():
+        guessed = 0
+        for _ in range(steps):
+            drafts = await req.propose([0], running=1, room=10_000)
+            req.record(len(drafts), len(drafts), round_seconds if drafts else plain_seconds)
+            guessed += bool(drafts)
+        return guessed / steps
+
+    return asyncio.run(drive())
+
+
+def test_guesses_pause_where_steps_with_them_bring_tokens_slower_than_steps_without():
+    # up to 5 tokens a step, all confirmed: 20 ms a step pays against 10 ms without guesses,
+    # 60 ms (12 ms a token, a draft as costly as the target) does not: guesses pause, each
+    # pause twice as long, so few steps carry them
+    assert guessed_share(0.020, 0.010) > 0.95
+    slow = guessed_share(0.060, 0.010)
+    assert slow < 0.05, slow
+    assert guessed_share(0.060, 0.010, steps=MAX_PAUSE * 4) < slow  # longer pauses
 
 
 def test_prompt_lookup_proposes_what_followed_the_last_occurrence():

@@ -313,6 +313,7 @@ class Engine:
                             if not hit and n < max_tokens and j == len(results) - 1:
                                 # The next step depends only on this token: send it now, so
                                 # the stages compute while this chunk travels to the client.
+                                t_step = time.perf_counter()
                                 drafts = await spec.propose(
                                     ids + sampled, self.scheduler.running, max_tokens - n
                                 ) if spec is not None else []
@@ -336,7 +337,8 @@ class Engine:
                         out = await step
                         step = None
                         if spec is not None:
-                            spec.record(len(drafts), len(out.accepted))
+                            spec.record(len(drafts), len(out.accepted),
+                                        time.perf_counter() - t_step)
                 except PipelineError as e:
                     if step is not None and not step.done():
                         step.cancel()

@@ -7,7 +7,9 @@ the token it has with the guesses as one step (`SeqInput.draft`); the last stage
 position as single steps would and returns the guesses its own samples confirm, then its own
 token (worker/verify.py), so the output is what decoding without guesses gives. Per request the
 number of guesses adapts to how many get confirmed, and no guesses are made while more than
-`MAX_STREAMS` requests run (their steps already share each trip) or while few are confirmed.
+`MAX_STREAMS` requests run (their steps already share each trip), while few are confirmed, or
+while steps with guesses bring tokens more slowly than steps without (a draft as costly as the
+target, or a device whose check of a few positions costs several single steps).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ LOW_ACCEPTANCE = 0.25  # below this confirmed share (after a few rounds) a reque
 PAUSE_STEPS = 32  # steps without guesses after a low acceptance (doubling each time, up to
 MAX_PAUSE = 512  # this), then it tries one again
 EMA = 0.3
+SLOWER = 0.95  # steps with guesses pause when they bring tokens slower than this share of
+TIMED = 3  # the pace of steps without, both measured over at least this many steps
 
 
 class Proposer(Protocol):
@@ -162,20 +166,32 @@ class SpecRequest:
         self.rate = 1.0  # moving share of guesses confirmed
         self.paused = 0
         self.pause = PAUSE_STEPS  # the next pause's length
+        # seconds per token brought, moving averages: steps with guesses (since the last
+        # pause) and paused steps without; how many steps each has seen
+        self.pace: float | None = None
+        self.plain: float | None = None
+        self.timed = self.plain_steps = 0
+        self._plain_step = False  # the step being proposed is a paused one
 
     async def propose(self, tokens: Sequence[int], running: int, room: int) -> list[int]:
         """Guesses to send after `tokens`; `room` tokens may still come (the step gives back
         up to k + 1)."""
+        self._plain_step = False
         if running > MAX_STREAMS or room <= 1:
             return []
         if self.paused:
             self.paused -= 1
+            self._plain_step = True
             return []
         return await self.spec.proposer.propose(self.key, tokens, min(self.k, room - 1))
 
-    def record(self, drafted: int, accepted: int) -> None:
-        """A step with `drafted` guesses confirmed `accepted` of them."""
+    def record(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
+        """A step with `drafted` guesses confirmed `accepted` of them; `seconds` from before
+        its guesses were made until its result came (its tokens: `accepted` + 1)."""
         if not drafted:
+            if self._plain_step and seconds is not None:
+                self.plain = _mix(self.plain, seconds)
+                self.plain_steps += 1
             return
         self.drafted += drafted
         self.accepted += accepted
@@ -183,12 +199,24 @@ class SpecRequest:
         self.rate = (1 - EMA) * self.rate + EMA * accepted / drafted
         full = self.spec.num_draft_tokens
         self.k = min(full, self.k + 1) if accepted == drafted else max(1, accepted + 1)
+        if seconds is not None:
+            self.pace = _mix(self.pace, seconds / (accepted + 1))
+            self.timed += 1
         if self.rounds >= 3 and self.rate < LOW_ACCEPTANCE:
-            self.paused, self.rate, self.k, self.rounds = self.pause, 0.5, 1, 0
-            self.pause = min(2 * self.pause, MAX_PAUSE)
+            self._rest(rate=0.5)
+        elif self.timed >= TIMED and self.plain_steps < TIMED:
+            self.paused = TIMED - self.plain_steps  # time a few steps without guesses
+        elif self.timed >= TIMED and self.pace * SLOWER > self.plain:
+            self._rest(rate=self.rate)
         if (m := self.spec.metrics) is not None:
             m.spec_draft.inc(drafted)
             m.spec_accepted.inc(accepted)
+
+    def _rest(self, rate: float) -> None:
+        """No guesses for the next pause (twice as long each time), then try again afresh."""
+        self.paused, self.rate, self.k, self.rounds = self.pause, rate, 1, 0
+        self.pause = min(2 * self.pause, MAX_PAUSE)
+        self.pace, self.timed = None, 0
 
     async def rekey(self, key: str) -> None:
         """The sequence continues under a new id (after a re-plan)."""
@@ -197,3 +225,7 @@ class SpecRequest:
 
     async def close(self) -> None:
         await self.spec.proposer.drop(self.key)
+
+
+def _mix(average: float | None, value: float) -> float:
+    return value if average is None else (1 - EMA) * average + EMA * value
