@@ -75,6 +75,17 @@ def test_guesses_pause_where_steps_with_them_bring_tokens_slower_than_steps_with
     assert guessed_share(0.060, 0.010, steps=MAX_PAUSE * 4) < slow  # longer pauses
 
 
+def test_the_pace_of_steps_with_guesses_is_their_seconds_over_their_tokens():
+    # a round that confirmed nothing brought one token: it weighs as one token, so rounds of
+    # 5 tokens in 16 ms and 1 token in 15 ms go at about 31 ms / 6 tokens, not the 9 ms a
+    # token an average of each round's own pace would say
+    req = Speculator(Always(), 4).request("a")
+    for _ in range(20):
+        req.record(4, 4, 0.016)
+        req.record(4, 0, 0.015)
+    assert 0.0045 < req.pace < 0.0060, req.pace
+
+
 def test_prompt_lookup_proposes_what_followed_the_last_occurrence():
     p = NgramProposer()
     assert p.lookup("a", [7, 8, 9, 1, 2, 7, 8], 3) == [9, 1, 2]  # after "7 8"

@@ -27,6 +27,7 @@ MAX_PAUSE = 512  # this), then it tries one again
 EMA = 0.3
 SLOWER = 0.95  # steps with guesses pause when they bring tokens slower than this share of
 TIMED = 3  # the pace of steps without, both measured over at least this many steps
+TIME_EMA = 0.15  # weight of the latest step in those moving averages
 
 
 class Proposer(Protocol):
@@ -166,10 +167,10 @@ class SpecRequest:
         self.rate = 1.0  # moving share of guesses confirmed
         self.paused = 0
         self.pause = PAUSE_STEPS  # the next pause's length
-        # seconds per token brought, moving averages: steps with guesses (since the last
-        # pause) and paused steps without; how many steps each has seen
-        self.pace: float | None = None
-        self.plain: float | None = None
+        # moving averages of (seconds, tokens brought) per step: steps with guesses (since the
+        # last pause) and paused steps without; how many steps each has seen
+        self._rounds: tuple[float, float] | None = None
+        self._plain: tuple[float, float] | None = None
         self.timed = self.plain_steps = 0
         self._plain_step = False  # the step being proposed is a paused one
 
@@ -190,7 +191,7 @@ class SpecRequest:
         its guesses were made until its result came (its tokens: `accepted` + 1)."""
         if not drafted:
             if self._plain_step and seconds is not None:
-                self.plain = _mix(self.plain, seconds)
+                self._plain = _mix(self._plain, seconds, 1)
                 self.plain_steps += 1
             return
         self.drafted += drafted
@@ -200,7 +201,7 @@ class SpecRequest:
         full = self.spec.num_draft_tokens
         self.k = min(full, self.k + 1) if accepted == drafted else max(1, accepted + 1)
         if seconds is not None:
-            self.pace = _mix(self.pace, seconds / (accepted + 1))
+            self._rounds = _mix(self._rounds, seconds, accepted + 1)
             self.timed += 1
         if self.rounds >= 3 and self.rate < LOW_ACCEPTANCE:
             self._rest(rate=0.5)
@@ -212,11 +213,22 @@ class SpecRequest:
             m.spec_draft.inc(drafted)
             m.spec_accepted.inc(accepted)
 
+    @property
+    def pace(self) -> float | None:
+        """Seconds per token of recent steps with guesses (a ratio of averages: a round that
+        brought one token weighs as one token, not as a round)."""
+        return None if self._rounds is None else self._rounds[0] / self._rounds[1]
+
+    @property
+    def plain(self) -> float | None:
+        """Seconds per token of recent paused steps."""
+        return None if self._plain is None else self._plain[0] / self._plain[1]
+
     def _rest(self, rate: float) -> None:
         """No guesses for the next pause (twice as long each time), then try again afresh."""
         self.paused, self.rate, self.k, self.rounds = self.pause, rate, 1, 0
         self.pause = min(2 * self.pause, MAX_PAUSE)
-        self.pace, self.timed = None, 0
+        self._rounds, self.timed = None, 0
 
     async def rekey(self, key: str) -> None:
         """The sequence continues under a new id (after a re-plan)."""
@@ -227,5 +239,10 @@ class SpecRequest:
         await self.spec.proposer.drop(self.key)
 
 
-def _mix(average: float | None, value: float) -> float:
-    return value if average is None else (1 - EMA) * average + EMA * value
+def _mix(average: tuple[float, float] | None, seconds: float, tokens: float
+         ) -> tuple[float, float]:
+    """Moving averages of a step's seconds and tokens (TIME_EMA)."""
+    if average is None:
+        return seconds, tokens
+    return ((1 - TIME_EMA) * average[0] + TIME_EMA * seconds,
+            (1 - TIME_EMA) * average[1] + TIME_EMA * tokens)
