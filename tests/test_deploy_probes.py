@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_deploy import DEPLOY, DOCKER, K8S, base_docs, docs_of, interpolate, kustomize, parse
+from test_deploy import DEPLOY, DOCKER, K8S, parse
+from test_deploy_containers import base_docs, docs_of, interpolate, kustomize
 
 
 @pytest.fixture(scope="module")
