@@ -38,10 +38,12 @@ NOT_RUN = {
     "pmset": "macOS only",
     "open": "macOS only: opens a browser",
     "curl": "needs a running coordinator (tests/test_http_api.py asks /health)",
-    "docker": "needs a Docker daemon; tests/test_deploy.py lints the Dockerfile and the "
+    "docker": "needs a Docker daemon; tests/test_deploy_containers.py lints the Dockerfile "
+              "and the "
               "compose file, and `worker`/`coordinator` command lines after the image are "
               "parsed here",
-    "kubectl": "needs a Kubernetes cluster; tests/test_deploy.py builds the kustomizations "
+    "kubectl": "needs a Kubernetes cluster; tests/test_deploy_containers.py builds the "
+               "kustomizations "
                "(kubectl kustomize) and validates them against the Kubernetes schemas",
 }
 # Subcommands of worker/coordinator that are parsed here but not run, and why; the others
