@@ -38,6 +38,7 @@ class Health:
     def __init__(self, services: Sequence[str] = ()) -> None:
         self.servicer = health.aio.HealthServicer()
         self.services = ("", *services)
+        self.stopped = False  # `stopping` was called: NOT_SERVING for good
 
     def add_to(self, server: grpc.aio.Server) -> None:
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
@@ -50,6 +51,7 @@ class Health:
 
     async def stopping(self) -> None:
         """NOT_SERVING for good: watchers hear it at once, later `set` calls change nothing."""
+        self.stopped = True
         await self.servicer.enter_graceful_shutdown()
 
 

@@ -188,3 +188,38 @@ def test_coordinator_liveness_serves_while_the_cluster_cannot(certs):
         seen["image"].stderr
     assert (seen["liveness"].returncode, seen["liveness"].stdout.strip()) == (0, "SERVING")
     assert seen["api"] == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_stopping_worker_says_so_in_info_and_no_coordinator_takes_it(tmp_path):
+    # in its shutdown grace a worker still answers: a coordinator that dialled it then took it
+    # back into a plan, and excluded it when its load failed
+    import contextlib
+
+    from coordinator.cluster.membership import dial
+    from protos.health import Health
+    from worker.backend import detect
+    from worker.server import WORKER_SERVICE, WorkerConfig, serve
+
+    async def scenario():
+        health = Health((WORKER_SERVICE,))
+        port = asyncio.get_running_loop().create_future()
+        config = WorkerConfig(node_id="n1", name="leaving", hardware=detect(),
+                              cache_dir=tmp_path)
+        task = asyncio.create_task(serve(config, "127.0.0.1", 0, port.set_result,
+                                         health=health))
+        address = f"127.0.0.1:{await port}"
+        try:
+            before = await dial(address)
+            assert before is not None and not before.info.stopping
+            await before.channel.close()
+            await health.stopping()  # what SIGTERM does first (worker/advertise.py)
+            assert await dial(address) is None
+            async with grpc.aio.insecure_channel(address) as channel:
+                info = await worker_pb2_grpc.WorkerStub(channel).Info(worker_pb2.InfoRequest())
+            assert info.stopping and info.name == "leaving"
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    run(scenario())

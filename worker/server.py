@@ -74,8 +74,10 @@ class Loaded:
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves one shard at a time; a new LoadShard replaces the previous one."""
 
-    def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None) -> None:
+    def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None,
+                 health: Health | None = None) -> None:
         self.config = config
+        self.health = health  # its `stopped` is Info's `stopping`
         self.metrics = metrics or WorkerMetrics(config.hardware.memory_bytes)
         self.mlx = MLXThread()
         self.parts = StepParts(self.metrics)
@@ -111,6 +113,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             proof=auth.prove(self.config.secret, request.challenge)
             if self.config.secret and request.challenge else b"",
             kv_bytes=self.metrics.kv_bytes if self.runner else 0,
+            stopping=self.health is not None and self.health.stopped,
         )
 
     # -- Want / Put: shard files into the cache (worker/files.py) ------------------------
@@ -425,14 +428,14 @@ async def serve(config: WorkerConfig, host: str, port: int,
                 health: Health | None = None) -> None:
     """Run the worker's gRPC server until cancelled; `ready(port)` is called once it listens.
     grpc.health.v1 (`health`) says SERVING from then on, NOT_SERVING once it stops."""
-    service = WorkerService(config, metrics)
+    health = health or Health((WORKER_SERVICE,))
+    service = WorkerService(config, metrics, health)
     interceptors = [service.metrics.interceptor]  # first: refused calls are counted too
     if config.secret:
         interceptors.append(auth.worker_auth(config.secret))
     interceptors.append(RefuseUndecodable())  # after auth: refused first, parsed or not
     server = grpc.aio.server(options=protos.channel_options(), interceptors=interceptors)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
-    health = health or Health((WORKER_SERVICE,))
     health.add_to(server)
     tls.use(config.tls)  # the stream to the next stage presents this worker's certificate
     credentials = config.tls.server_credentials(require_client_cert=True) if config.tls \

@@ -52,16 +52,21 @@ log = logging.getLogger("shardline.membership")
 
 async def dial(address: str, timeout: float = 3.0, secret: bytes | None = None,
                refused: list[str] | None = None) -> Worker | None:
-    """Connect and ask Info (any wire version: the table judges); None if it does not answer
-    or the cluster secrets disagree (then why is appended to `refused`)."""
+    """Connect and ask Info (any wire version: the table judges); None if it does not answer,
+    says it is stopping, or the cluster secrets disagree (then why is appended to
+    `refused`)."""
     try:
-        return await open_worker(address, timeout, secret)
+        worker = await open_worker(address, timeout, secret)
     except WorkerRefused as e:
         if refused is not None:
             refused.append(str(e))
         return None
     except (ClusterError, ValueError):
         return None
+    if worker.info.stopping:  # in its shutdown grace: it answers, and is gone in a moment
+        await worker.channel.close()
+        return None
+    return worker
 
 
 class Membership:
@@ -213,6 +218,10 @@ class Membership:
             if member.failures >= misses and not member.gone:
                 member.gone, member.gone_since = UNREACHABLE, time.monotonic()
                 log.warning("worker %s does not answer health checks", member.label)
+                self._changed()
+            return
+        if info.stopping:  # leaving: as if its goodbye had come
+            if self.table.left(member.key, LEFT) is not None:
                 self._changed()
             return
         member.failures = 0
