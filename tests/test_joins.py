@@ -10,6 +10,16 @@ from coordinator.cluster.discovery import MemberTable
 from protos.discovery import WorkerAd
 
 
+async def replanned(membership, seconds: float = 10.0) -> None:
+    """Wait (polling) until membership has re-planned at least once, or `seconds` pass."""
+    import asyncio
+
+    for _ in range(int(seconds / 0.05)):
+        if membership.replans:
+            return
+        await asyncio.sleep(0.05)
+
+
 async def join_while_running(s, address: str, prompt: list[int]):
     """Start a 60-token request on `s`, then announce the worker at `address` as w3 (as mDNS
     would) and wait until membership can use it; returns (the request's task, (host, port))."""
@@ -52,10 +62,7 @@ def test_a_join_mid_request_enters_the_plan_and_the_request_ends_exact(model_dir
             membership.settle = 0.1
             running, (host, port) = await join_while_running(s, workers[2], prompt)
             tokens, _, _ = await running
-            for _ in range(200):
-                if membership.replans:
-                    break
-                await asyncio.sleep(0.05)
+            await replanned(membership)
             state = s.coordinator.cluster.state()
             again, _, _ = await s.generate(prompt, 60)
             # w3 re-announced with another process's TXT (what a resolver returns when a
@@ -122,10 +129,7 @@ def test_a_join_with_no_rebalance_stays_standby(model_dir, workers):
             w2 = membership.table.member_of(s.coordinator.cluster.workers[1])
             membership.table.left(w2.key, LEFT)
             membership._changed()
-            for _ in range(200):
-                if membership.replans:
-                    break
-                await asyncio.sleep(0.05)
+            await replanned(membership)
             after_loss = s.coordinator.cluster.state()
             third, _, _ = await s.generate(prompt, 60)
             return (tokens, again, third, replans_idle, membership.replans, standby, sd,
