@@ -203,3 +203,16 @@ def test_metal_wires_the_recommended_working_set_and_other_backends_wire_nothing
         other.set_wired_limit = wired.append
         assert backend.wire_memory(1 << 20, other) == 0
     assert wired == [48 << 30, 48 << 30]  # the big shard still wires what it may
+
+
+def test_short_chunks_are_padded_to_eight_rows_on_cuda_only(monkeypatch) -> None:
+    monkeypatch.delenv("SHARDLINE_PAD_ROWS", raising=False)
+    assert backend.row_floor(fake_mx(False, True, {})) == backend.CUDA_ROW_FLOOR == 8
+    assert backend.row_floor(fake_mx(True, None, {})) == 1
+    assert backend.row_floor(fake_mx(False, None, {})) == 1
+    monkeypatch.setenv("SHARDLINE_PAD_ROWS", "1")
+    assert backend.row_floor(fake_mx(False, True, {})) == 1
+    monkeypatch.setenv("SHARDLINE_PAD_ROWS", "6")
+    assert backend.row_floor(fake_mx(False, None, {})) == 6
+    monkeypatch.setenv("SHARDLINE_PAD_ROWS", "many")
+    assert backend.row_floor(fake_mx(False, True, {})) == 8

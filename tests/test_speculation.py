@@ -249,6 +249,66 @@ def test_rejected_positions_leave_the_kv_of_the_confirmed_tokens_only(model_dir)
         step(spec, [worker_pb2.SeqInput(seq_id="s", token_ids=[1], offset=2, sample=True)])
 
 
+class Rows:
+    """Wraps a layer and records the positions each call computes."""
+
+    def __init__(self, layer):
+        self.layer, self.seen = layer, []
+
+    def __call__(self, h, *args, **kwargs):
+        self.seen.append(h.shape[1])
+        return self.layer(h, *args, **kwargs)
+
+
+@pytest.mark.parametrize("split", [6, 3], ids=["one stage", "two stages"])
+def test_a_short_chunk_padded_to_eight_rows_gives_the_same_tokens_and_kv(model_dir, monkeypatch,
+                                                                         split):
+    """Where few rows cost more than eight (worker/backend.py `row_floor`, CUDA), a stage
+    computes a prompt chunk or a check of proposals as eight positions: the tokens, the
+    accepted proposals and every stage's KV are those of the chunk computed as it is."""
+    path = model_dir(spec_for("llama"))
+    sampling = inference_pb2.SamplingParams()
+
+    def chain(rows: str):
+        monkeypatch.setenv("SHARDLINE_PAD_ROWS", rows)
+        runners = [StageRunner(load_shard(path, a, b), batching=False, lookahead=False)
+                   for a, b in ((0, split), (split, 6)) if a < b]
+        layers = runners[0].shard.family.inner.layers
+        first = layers[0] = Rows(layers[0])
+        return runners, first
+
+    def step(runners, seq):
+        msg = worker_pb2.StageMessage(seqs=[seq])
+        for runner in runners:
+            out = runner.run(msg)
+            msg = out.forward
+        return out.outputs[0]
+
+    results = []
+    for rows in ("1", "8"):
+        runners, first = chain(rows)
+        prompt = [1, 5, 9, 200, 33]
+        out = step(runners, worker_pb2.SeqInput(seq_id="s", token_ids=prompt, start=True,
+                                                 sampling=sampling, sample=True))
+        tokens = [out.token]
+        # a check of three proposals: whatever is confirmed, the rest is trimmed next step
+        out = step(runners, worker_pb2.SeqInput(seq_id="s", token_ids=[out.token, 7, 8, 9],
+                                                 offset=5, sample=True, draft=3))
+        tokens += [a.token for a in out.accepted] + [out.token]
+        out = step(runners, worker_pb2.SeqInput(seq_id="s", token_ids=[out.token],
+                                                 offset=5 + len(tokens) - 1, sample=True))
+        tokens.append(out.token)
+        caches = [c for r in runners for c in r.sessions["s"].caches]
+        results.append((tokens, caches, first.seen))
+    (plain, plain_kv, plain_rows), (padded, padded_kv, padded_rows) = results
+    assert plain_rows == [5, 4, 1] and padded_rows == [8, 8, 1]
+    assert padded == plain
+    for a, b in zip(padded_kv, plain_kv, strict=True):
+        assert a.offset == b.offset == 5 + len(plain) - 1
+        for x, y in zip(a.state[:2], b.state[:2], strict=True):
+            assert mx.array_equal(x[..., : a.offset, :], y[..., : b.offset, :]).item()
+
+
 def test_a_draft_model_with_another_tokenizer_is_refused(model_dir, workers, tmp_path):
     import shutil
 

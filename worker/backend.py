@@ -243,6 +243,35 @@ def _detect_mlx(mx: Any = None) -> Hardware | None:
     return None
 
 
+# MLX 0.32's quantized matrix product on CUDA costs 2.4 times one row's for 5 rows and is back
+# near one row's from 8 (bench/RESULTS-gpu.md, "Rows per product"); Metal and the CPU have no
+# such step (a product costs what its rows do).
+CUDA_ROW_FLOOR = 8
+
+
+def row_floor(mx: Any = None) -> int:
+    """Positions a chunk of 2 or more is padded to before a stage computes it, where a product
+    of fewer rows costs more than one of this many: 8 on CUDA, else 1 (never pad).
+    SHARDLINE_PAD_ROWS overrides it (`mx` is injectable for tests)."""
+    env = os.environ.get("SHARDLINE_PAD_ROWS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            log.warning("SHARDLINE_PAD_ROWS=%r is not a number; ignored", env)
+    try:
+        if mx is None:
+            import mlx.core as mx
+        metal, cuda = getattr(mx, "metal", None), getattr(mx, "cuda", None)
+        if metal is not None and metal.is_available():
+            return 1
+        if cuda is not None and hasattr(cuda, "is_available") and cuda.is_available():
+            return CUDA_ROW_FLOOR
+    except Exception:  # noqa: BLE001 - an MLX without the probe: no padding
+        pass
+    return 1
+
+
 def _device_info(mx: Any) -> dict[str, Any]:
     # mx.device_info is the current name; mx.metal.device_info the old one (Metal only).
     for probe in (lambda: mx.device_info(mx.gpu), lambda: mx.metal.device_info()):

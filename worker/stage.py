@@ -10,6 +10,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from protos import codec, worker_pb2
+from worker.backend import row_floor
 from worker.batch import DecodeBatch, batchable
 from worker.constrain import Constraint, ConstraintError, GrammarTokenizer
 from worker.lookahead import Lookahead
@@ -27,6 +28,10 @@ def fork_cache(cache: Any, length: int) -> KVCache:
     out.values = cache.values[..., :length, :]
     out.offset = length
     return out
+
+
+def _trimmable(caches: list[Any]) -> bool:
+    return all(getattr(c, "is_trimmable", lambda: False)() for c in caches)
 
 
 # Layers whose graph is built before the device is given it to compute (see _layers).
@@ -107,6 +112,7 @@ class StageRunner:
         # token ids index the embedding (first stage) and the samplers' history (last): one
         # outside the vocabulary would read outside those arrays
         self.vocab = getattr(getattr(shard.model, "args", None), "vocab_size", None)
+        self.row_floor = row_floor()  # short chunks computed as this many rows (_padding)
 
     def close(self) -> None:
         """Let go of the shard, the caches and any guess (a new shard replaces this one); a
@@ -202,7 +208,7 @@ class StageRunner:
         n = session.offset - seq.offset
         if n > 0:
             caches = self._own_caches(seq.seq_id)
-            if not all(getattr(c, "is_trimmable", lambda: False)() for c in caches):
+            if not _trimmable(caches):
                 raise StepError(f"sequence {seq.seq_id!r}: its caches cannot go back {n} "
                                 "positions (sliding window)")
             for cache in caches:
@@ -339,12 +345,22 @@ class StageRunner:
             caches = self.caches_of(ids)
             h = inputs[group[0]] if len(group) == 1 else mx.concatenate(
                 [inputs[i] for i in group], axis=0)
+            pad = self._padding(h, caches)
+            if pad:
+                h = mx.concatenate([h, mx.repeat(h[:, -1:, :], pad, axis=1)], axis=1)
             h = self._layers(h, caches, marks)
+            if pad:  # the padded positions leave the caches; their rows stay for the head
+                for cache in caches:
+                    cache.trim(pad)
             logits = None
             width = window(seqs, group)
             if self.shard.is_last and any(seqs[i].sample for i in group):
-                logits = self.shard.family.head(h[:, -width:, :])
+                end = h.shape[1] - pad  # a check's logits take the padded rows too
+                tail = h[:, end - 1 : end, :] if width == 1 else h[:, end - width :, :]
+                logits = self.shard.family.head(tail)[:, :width, :]
                 logits = logits[:, -1, :] if width == 1 else logits
+            if pad:
+                h = h[:, :-pad, :]
             for row, i in enumerate(group):
                 sampled = None
                 if self.shard.is_last and seqs[i].sample and seqs[i].draft:
@@ -378,6 +394,16 @@ class StageRunner:
         if history is None:  # a guess's tokens are not known yet: Lookahead.take resolves it
             self.resolve(pending)
         return pending
+
+    def _padding(self, h: mx.array, caches: list[Any]) -> int:
+        """Positions to add after a chunk of one sequence so the device computes `row_floor`
+        rows, where fewer cost more (worker/backend.py `row_floor`); the rows before them do
+        not see them (causal attention) and their cache positions are trimmed after the
+        layers. 0 for one position, enough positions, or caches that cannot drop them."""
+        n = h.shape[1]
+        if h.shape[0] != 1 or not 1 < n < self.row_floor or not _trimmable(caches):
+            return 0
+        return self.row_floor - n
 
     def _checked(self, seq: worker_pb2.SeqInput, session: Session, logits: mx.array) -> Checked:
         try:
