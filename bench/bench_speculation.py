@@ -36,9 +36,11 @@ from coordinator.demo import ModelSpec, cached_model, draft_model  # noqa: E402
 CPU_SPEC = ModelSpec(family="llama", num_layers=8, hidden_size=512, intermediate_size=1536,
                      num_attention_heads=8, num_key_value_heads=4, vocab_size=2048,
                      max_position_embeddings=4096, quiet_after=2)
+# 28 quiet layers: each scaled by 0.01, so that together they move the residual about as much
+# as the CPU models' 6 layers at 0.05 do
 GPU_SPEC = ModelSpec(family="llama", num_layers=32, hidden_size=4096, intermediate_size=14336,
                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, bits=4,
-                     max_position_embeddings=4096, quiet_after=4)
+                     max_position_embeddings=4096, quiet_after=4, quiet_scale=0.01)
 TINY_SPEC = ModelSpec(family="llama", num_layers=6, hidden_size=128, intermediate_size=256,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
                       max_position_embeddings=4096, quiet_after=2)
@@ -95,6 +97,10 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--num-draft-tokens", type=int, default=4)
+    parser.add_argument("--pad-rows", default="",
+                        help="comma-separated SHARDLINE_PAD_ROWS settings to compare, each on "
+                             "freshly started workers ('' = the backend's default; 1 = never "
+                             "pad; worker/backend.py row_floor)")
     args = parser.parse_args()
     spec = GPU_SPEC if args.gpu else TINY_SPEC if args.tiny else CPU_SPEC
     pin = not args.gpu and not args.tiny and hasattr(os, "sched_setaffinity")
@@ -106,28 +112,33 @@ def main() -> None:
     from coordinator.local import LocalWorkers
 
     base = [bench_mlx_lm(path, 1, args.prompt, args.new).tps for _ in range(args.runs)]
-    local = LocalWorkers(args.workers, memory=[(4 if pin else 32) * GiB] * args.workers,
-                         cpus=[0] * args.workers if pin else None,
-                         fresh_cache=True)
-    addresses = local.start(timeout=600)
-    rows = {}
-    try:
-        for name, options in (
-                ("no speculation", {}),
-                (f"draft model ({spec.quiet_after} layers)",
-                 {"draft_model": str(draft), "num_draft_tokens": args.num_draft_tokens}),
-                ("prompt lookup (ngram)",
-                 {"speculative": "ngram", "num_draft_tokens": args.num_draft_tokens})):
-            rows[name] = asyncio.run(variant(path, addresses, ids, args.new, args.runs,
-                                             **options))
-    finally:
-        local.stop()
+    rows, plain_of = {}, {}  # row name -> results; -> its "no speculation" row
+    for pad in args.pad_rows.split(","):
+        local = LocalWorkers(args.workers, memory=[(4 if pin else 32) * GiB] * args.workers,
+                             cpus=[0] * args.workers if pin else None,
+                             fresh_cache=True)
+        if pad:
+            local.env["SHARDLINE_PAD_ROWS"] = pad
+        label = f", SHARDLINE_PAD_ROWS={pad}" if pad else ""
+        addresses = local.start(timeout=600)
+        try:
+            for name, options in (
+                    ("no speculation", {}),
+                    (f"draft model ({spec.quiet_after} layers)",
+                     {"draft_model": str(draft), "num_draft_tokens": args.num_draft_tokens}),
+                    ("prompt lookup (ngram)",
+                     {"speculative": "ngram", "num_draft_tokens": args.num_draft_tokens})):
+                plain_of[name + label] = "no speculation" + label
+                rows[name + label] = asyncio.run(variant(path, addresses, ids, args.new,
+                                                         args.runs, **options))
+        finally:
+            local.stop()
 
     mlx = statistics.median(base)
-    plain = statistics.median(r[0] for r in rows["no speculation"])
     where = "GPU" if args.gpu else "CPU, workers and mlx-lm pinned to core 0" if pin else \
         "CPU, nothing pinned"
-    print(f"model {spec.key()} (layers after {spec.quiet_after} quiet), {args.workers} workers,"
+    print(f"model {spec.key()} (layers after {spec.quiet_after} scaled by {spec.quiet_scale}), "
+          f"{args.workers} workers,"
           f" prompt {args.prompt} (a repeated 16-token phrase), {args.new} new tokens, greedy, "
           f"K = {args.num_draft_tokens}, medians of {args.runs} runs, {where}")
     print("| system | decode tok/s | vs no speculation | vs mlx-lm alone | confirmed |")
@@ -135,6 +146,7 @@ def main() -> None:
     print(f"| mlx-lm alone (1 process) | {mlx:.1f} | | 1.00x | |")
     for name, results in rows.items():
         tps = statistics.median(r[0] for r in results)
+        plain = statistics.median(r[0] for r in rows[plain_of[name]])
         drafted = sum(r[1] for r in results)
         accepted = sum(r[2] for r in results)
         share = f"{accepted}/{drafted} ({accepted / drafted:.0%})" if drafted else "-"

@@ -121,6 +121,9 @@ grey, its foam is white, it keeps the harbour lamps alight.
 """
 
 
+QUIET_SCALE = 0.05  # ModelSpec.quiet_scale's default
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """What to build: family, shape, quantization, dtype and the random seed.
@@ -143,8 +146,9 @@ class ModelSpec:
     weight_scale: float | None = None
     max_position_embeddings: int = 2048
     # layers from this index on add little to the residual (output projections scaled by
-    # QUIET_SCALE): a draft of the layers before it (draft_model) agrees with the model mostly
+    # quiet_scale): a draft of the layers before it (draft_model) agrees with the model mostly
     quiet_after: int = 0
+    quiet_scale: float = QUIET_SCALE
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -169,6 +173,8 @@ class ModelSpec:
         fields = asdict(self)
         if not self.quiet_after:
             del fields["quiet_after"]  # models built before the field keep their keys
+        if self.quiet_scale == QUIET_SCALE:
+            del fields["quiet_scale"]
         blob = json.dumps(
             {"spec": fields, "version": BUILD_VERSION, "corpus": CORPUS}, sort_keys=True
         )
@@ -340,7 +346,7 @@ def _build_weights(out_dir: Path, spec: ModelSpec, cfg: dict[str, Any], special:
     mx.eval(model.parameters())
     _scale_weights(model, spec, special)
     if spec.quiet_after:
-        _quiet(model, spec.quiet_after)
+        _quiet(model, spec.quiet_after, spec.quiet_scale)
     model.set_dtype(getattr(mx, spec.dtype))
     if spec.bits:
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints bits per weight
@@ -349,11 +355,9 @@ def _build_weights(out_dir: Path, spec: ModelSpec, cfg: dict[str, Any], special:
     save_config(cfg, config_path=out_dir / "config.json")
 
 
-QUIET_SCALE = 0.05
 
-
-def _quiet(model: Any, start: int) -> None:
-    """Scale the output projections of layers [start, ...) by QUIET_SCALE."""
+def _quiet(model: Any, start: int, scale: float) -> None:
+    """Scale the output projections of layers [start, ...) by `scale`."""
     import mlx.core as mx
 
     updates = []
@@ -361,7 +365,7 @@ def _quiet(model: Any, start: int) -> None:
         if i >= start:
             for name, proj in (("self_attn.o_proj", layer.self_attn.o_proj),
                                ("mlp.down_proj", layer.mlp.down_proj)):
-                updates.append((f"model.layers.{i}.{name}.weight", proj.weight * QUIET_SCALE))
+                updates.append((f"model.layers.{i}.{name}.weight", proj.weight * scale))
     model.load_weights(updates, strict=False)
     mx.eval(model.parameters())
 
