@@ -34,6 +34,12 @@ class Sampler:
         """Whether logits processors (repetition penalty) read the token history."""
         return bool(self._processors)
 
+    @property
+    def greedy(self) -> bool:
+        """Whether it picks the most likely token and reports only its logprob, reading no
+        history (so positions can be picked all at once: worker/verify.py)."""
+        return self.temperature <= 0 and self.top_logprobs <= 0 and not self._processors
+
     @classmethod
     def from_params(cls, params: inference_pb2.SamplingParams) -> Sampler:
         """Build from the wire's SamplingParams; unset fields take greedy defaults."""
