@@ -82,7 +82,11 @@ async def variant(path: Path, addresses: list[str], ids: list[int], new: int, ru
         # warm-up with the timed length: every chunk shape of the proposals is met once (on a
         # GPU the first of each compiles its kernels)
         await one_stream(coord, ids, new)
-        return [await one_stream(coord, ids, new) for _ in range(runs)]
+        out = [await one_stream(coord, ids, new) for _ in range(runs)]
+        if coord.draft is not None:
+            print(f"rounds drafted ahead: {coord.draft.ahead_taken} used, "
+                  f"{coord.draft.ahead_missed} not", flush=True)
+        return out
     finally:
         await coord.stop()
 

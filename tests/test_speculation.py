@@ -44,6 +44,12 @@ class Always:
     async def propose(self, key, tokens, k):
         return [1] * k
 
+    def ahead(self, key, tokens, proposals, k):
+        pass
+
+    def prefill(self, key, tokens):
+        pass
+
     async def drop(self, key):
         pass
 
@@ -107,8 +113,11 @@ def test_greedy_output_is_the_same_with_and_without_speculation(family, model_di
                                   ("draft", {"draft_model": str(draft)})):
                 async with Serving(path, workers[:n], context=256, **options) as s:
                     out[name, n] = await generate(s, PROMPT)
+                    if s.coordinator.draft is not None:
+                        ahead[n] = s.coordinator.draft.ahead_taken
         return out
 
+    ahead = {}  # workers -> rounds the draft had drafted while the last was checked
     results = run(scenario())
     for (name, n), (tokens, usage) in results.items():
         assert tokens == expected, (name, n)
@@ -120,6 +129,7 @@ def test_greedy_output_is_the_same_with_and_without_speculation(family, model_di
     if family not in SLIDING:
         drafted = [u for (name, _), (_, u) in results.items() if name == "draft"]
         assert all(u.accepted_draft_tokens > 0 for u in drafted)  # the agreeing draft
+        assert sum(ahead.values()) > 0, ahead
 
 
 def test_seeded_sampling_gives_the_same_text_with_and_without_speculation(model_dir, workers):

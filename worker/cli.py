@@ -16,8 +16,6 @@ import protos
 from protos import auth, health, tls
 from protos.units import format_size, parse_size
 
-SWITCH_INTERVAL = 0.0005  # seconds: see `serve`
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worker", description=__doc__)
@@ -78,6 +76,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from worker.backend import detect, tune_allocator
     from worker.identity import node_id
     from worker.metrics import WorkerMetrics, start_metrics_server
+    from worker.mlx_thread import SWITCH_INTERVAL
     from worker.server import WorkerConfig
 
     if problem := check_args(args.cluster, None if args.no_advertise else args.interface):
@@ -120,9 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if args.ready_file:
             _write_ready(args.ready_file, port)
 
-    # Two threads share the GIL: the event loop moving messages and the MLX thread building
-    # graphs. Python hands the GIL over only every switch interval (5 ms by default), which
-    # would hold a message back for up to that long whenever the MLX thread builds.
+    # the event loop and the MLX thread share the GIL (worker/mlx_thread.py)
     sys.setswitchinterval(SWITCH_INTERVAL)
     try:
         asyncio.run(serve_advertised(config, args.host, args.port, ready, metrics=metrics,

@@ -27,6 +27,10 @@ from worker.stage import Pending, StageRunner, StepOutput
 log = logging.getLogger("shardline.worker")
 
 DEPTH = 2  # steps begun and not yet finished, at most
+# Seconds between GIL hand-overs in a process where an MLX thread builds graphs while an event
+# loop moves messages: Python's default (5 ms) would hold a message back for up to that long
+# whenever the MLX thread builds (`sys.setswitchinterval`; worker/cli.py, the draft model).
+SWITCH_INTERVAL = 0.0005
 READY = 8  # finished steps whose successors may still be prepared, at most
 _CLOSE = object()
 _IDLE = object()

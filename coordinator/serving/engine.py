@@ -260,11 +260,13 @@ class Engine:
         self.resumed += 1
         return fresh
 
-    def _speculating(self, seq_id: str) -> SpecRequest | None:
+    def _speculating(self, seq_id: str, prompt: list[int]) -> SpecRequest | None:
         """Proposals for this request, where the cluster can go back over rejected ones."""
         if self.speculator is None or not getattr(self._source, "forkable", False):
             return None
-        return self.speculator.request(seq_id)
+        spec = self.speculator.request(seq_id)
+        spec.start(prompt, self.scheduler.running)
+        return spec
 
     async def _run(self, ids: list[int], sampling: inference_pb2.SamplingParams,
                    max_tokens: int) -> AsyncIterator[Chunk]:
@@ -275,7 +277,7 @@ class Engine:
         detok = self.tokenizer.detokenizer
         detok.reset()
         stops = StopMatcher(list(sampling.stop))
-        spec = self._speculating(seq_id)
+        spec = self._speculating(seq_id, ids)
         grammar = grammar_of(sampling)
         t0 = time.perf_counter()
         t_first = None

@@ -14,6 +14,9 @@ target, or a device whose check of a few positions costs several single steps).
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +31,24 @@ EMA = 0.3
 SLOWER = 0.95  # steps with guesses pause when they bring tokens slower than this share of
 TIMED = 3  # the pace of steps without, both measured over at least this many steps
 TIME_EMA = 0.15  # weight of the latest step in those moving averages
+# a draft drafts the next round while the pipeline checks this one when at least these are the
+# odds (the confirmed share to the power of the proposals plus one) that it guesses right
+AHEAD_ODDS = 0.25
+
+log = logging.getLogger("shardline.coordinator")
 
 
 class Proposer(Protocol):
     """Guesses the tokens that follow a sequence."""
 
     async def propose(self, key: str, tokens: Sequence[int], k: int) -> list[int]: ...
+
+    def ahead(self, key: str, tokens: Sequence[int], proposals: list[int], k: int) -> None:
+        """`proposals` after `tokens` go to be checked now: get up to k ready for the round
+        after, in case every one is confirmed (no await: it must not hold the check back)."""
+
+    def prefill(self, key: str, tokens: Sequence[int]) -> None:
+        """The prompt `tokens` goes to the pipeline now: take it in meanwhile (no await)."""
 
     async def drop(self, key: str) -> None: ...
 
@@ -71,13 +86,24 @@ class NgramProposer:
     async def propose(self, key: str, tokens: Sequence[int], k: int) -> list[int]:
         return self.lookup(key, tokens, k)
 
+    def ahead(self, key: str, tokens: Sequence[int], proposals: list[int], k: int) -> None:
+        pass  # a lookup costs next to nothing when it is needed
+
+    def prefill(self, key: str, tokens: Sequence[int]) -> None:
+        pass
+
     async def drop(self, key: str) -> None:
         self._grams.pop(key, None)
 
 
 class DraftProposer:
     """A small model with the target's tokenizer, decoding greedily on its own MLX thread; it
-    keeps each sequence's KV cache and goes back to the tokens the target confirmed."""
+    keeps each sequence's KV cache and goes back to the tokens the target confirmed.
+
+    While the pipeline checks a round's proposals, it drafts the next round (`ahead`) as if
+    every proposal were confirmed and the target's own token were the draft's next guess; the
+    next `propose` takes those when the tokens are exactly that, and otherwise drafts afresh
+    from the tokens in common."""
 
     def __init__(self, path: Path) -> None:
         from worker.mlx_thread import MLXThread
@@ -86,9 +112,19 @@ class DraftProposer:
         self.thread = MLXThread()
         self.model: Any = None
         self._states: dict[str, tuple[list[Any], list[int]]] = {}  # caches, tokens in them
+        # per sequence: the tokens a round drafted ahead assumed, and its proposals after them
+        self._ahead: dict[str, tuple[list[int], list[int]]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._scheduled = 0  # calls `_later` scheduled that have no task yet
+        self.ahead_taken = self.ahead_missed = 0  # rounds drafted ahead, used and not
+        self.tokens_fed = 0  # positions the draft model has computed
 
     async def load(self) -> None:
+        from worker.mlx_thread import SWITCH_INTERVAL
+
         await self.thread.run(self._load)
+        # this thread builds graphs while the event loop moves the pipeline's messages
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
 
     def _load(self) -> None:
         from mlx_lm.models.cache import KVCache, make_prompt_cache
@@ -99,7 +135,10 @@ class DraftProposer:
             raise ValueError(f"draft model {self.path}: sliding-window caches cannot go back "
                              "to the confirmed tokens; choose a model without them")
 
-    def _propose(self, key: str, tokens: Sequence[int], k: int) -> list[int]:
+    def _take_in(self, key: str, tokens: Sequence[int]) -> tuple[list[Any], list[int]]:
+        """Bring `key`'s caches back to the longest prefix they share with `tokens` (short of
+        the last token, which is always fed: its logits are wanted) and feed the rest but the
+        last piece; returns the caches and that piece."""
         import mlx.core as mx
         from mlx_lm.models.cache import make_prompt_cache
 
@@ -109,33 +148,99 @@ class DraftProposer:
             if a != b:
                 break
             common += 1
-        common = min(common, len(tokens) - 1)  # the last token is always fed: its logits
+        common = min(common, len(tokens) - 1)
         if common < len(done):
             for cache in caches:
                 cache.trim(len(done) - common)
         todo = list(tokens[common:])
-        for i in range(0, len(todo) - 1, 512):  # long prompts in pieces
-            piece = todo[i : min(i + 512, len(todo) - 1)]
-            self.model(mx.array(piece)[None], cache=caches)
+        pieces = [todo[i : i + 512] for i in range(0, len(todo), 512)]  # long prompts
+        for piece in pieces[:-1]:
+            self._feed(piece, caches)
             mx.eval([c.state for c in caches])
-        # each guess is built on the one before while it is still lazy: one sync for all
-        logits = self.model(mx.array(todo[-1:])[None], cache=caches)[:, -1, :]
+        return caches, pieces[-1]
+
+    def _feed(self, tokens: list[int], caches: list[Any]) -> Any:
+        import mlx.core as mx
+
+        self.tokens_fed += len(tokens)
+        return self.model(mx.array(tokens)[None], cache=caches)[:, -1, :]
+
+    def _warm(self, key: str, tokens: list[int]) -> None:
+        import mlx.core as mx
+
+        caches, last = self._take_in(key, tokens)
+        if len(last) > 1:
+            self._feed(last[:-1], caches)
+            mx.eval([c.state for c in caches])
+        self._states[key] = (caches, tokens[:-1])
+
+    def _propose(self, key: str, tokens: Sequence[int], k: int) -> list[int]:
+        import mlx.core as mx
+
+        ahead = self._ahead.pop(key, None)
+        if ahead is not None:
+            if ahead[0] == list(tokens) and len(ahead[1]) >= k:
+                self.ahead_taken += 1
+                return ahead[1][:k]
+            self.ahead_missed += 1
+        caches, last = self._take_in(key, tokens)
+        # the last piece (after a round, the last proposal and the target's own token) in one
+        # pass; each guess is built on the one before while it is still lazy: one sync for all
+        logits = self._feed(last, caches)
         guesses = []
         for i in range(k):
             guess = mx.argmax(logits, axis=-1)
             guesses.append(guess)
             if i + 1 < k:
+                self.tokens_fed += 1
                 logits = self.model(guess[None], cache=caches)[:, -1, :]
                 mx.async_eval(logits)
         out = [int(t) for t in mx.concatenate(guesses).tolist()]
         self._states[key] = (caches, list(tokens) + out[:-1])
         return out
 
+    def _draft_ahead(self, key: str, assumed: list[int], k: int) -> None:
+        guesses = self._propose(key, assumed, k + 1)  # the target's next token, then k
+        self._ahead[key] = (assumed + guesses[:1], guesses[1:])
+
     async def propose(self, key: str, tokens: Sequence[int], k: int) -> list[int]:
         return await self.thread.run(self._propose, key, list(tokens), k)
 
+    def ahead(self, key: str, tokens: Sequence[int], proposals: list[int], k: int) -> None:
+        self._later(self._draft_ahead, key, list(tokens) + list(proposals), k)
+
+    def prefill(self, key: str, tokens: Sequence[int]) -> None:
+        if len(tokens) > 1:
+            self._later(self._warm, key, list(tokens))
+
+    def _later(self, fn: Any, *args: Any) -> None:
+        """Run `fn(*args)` on the draft's thread two loop turns from now: the pipeline's
+        message goes out first (building a graph holds the GIL)."""
+        self._scheduled += 1
+        asyncio.get_running_loop().call_soon(self._start, fn, args)
+
+    def _start(self, fn: Any, args: tuple) -> None:
+        self._scheduled -= 1
+        task = asyncio.ensure_future(self.thread.run(fn, *args))
+        self._tasks.add(task)
+        task.add_done_callback(self._ahead_done)
+
+    def _ahead_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("the draft model failed: %s", task.exception())
+
+    async def settled(self) -> None:
+        """Wait until what `ahead` and `prefill` started is done."""
+        while self._scheduled or self._tasks:
+            await asyncio.gather(*self._tasks, asyncio.sleep(0), return_exceptions=True)
+
     async def drop(self, key: str) -> None:
-        await self.thread.run(self._states.pop, key, None)
+        await self.thread.run(self._forget, key)
+
+    def _forget(self, key: str) -> None:
+        self._states.pop(key, None)
+        self._ahead.pop(key, None)
 
     def close(self) -> None:
         self.thread.close()
@@ -174,6 +279,12 @@ class SpecRequest:
         self.timed = self.plain_steps = 0
         self._plain_step = False  # the step being proposed is a paused one
 
+    def start(self, prompt: Sequence[int], running: int) -> None:
+        """The prompt goes to the pipeline now: the proposer takes it in meanwhile, where
+        guesses may follow (`running` requests)."""
+        if running <= MAX_STREAMS:
+            self.spec.proposer.prefill(self.key, prompt)
+
     async def propose(self, tokens: Sequence[int], running: int, room: int) -> list[int]:
         """Guesses to send after `tokens`; `room` tokens may still come (the step gives back
         up to k + 1)."""
@@ -184,7 +295,10 @@ class SpecRequest:
             self.paused -= 1
             self._plain_step = True
             return []
-        return await self.spec.proposer.propose(self.key, tokens, min(self.k, room - 1))
+        out = await self.spec.proposer.propose(self.key, tokens, min(self.k, room - 1))
+        if out and self.rate ** (len(out) + 1) >= AHEAD_ODDS:
+            self.spec.proposer.ahead(self.key, tokens, out, self.spec.num_draft_tokens)
+        return out
 
     def record(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
         """A step with `drafted` guesses confirmed `accepted` of them; `seconds` from before
