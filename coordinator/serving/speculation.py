@@ -305,8 +305,8 @@ class SpecRequest:
         its guesses were made until its result came (its tokens: `accepted` + 1)."""
         if not drafted:
             if self._plain_step and seconds is not None:
-                self._plain = _mix(self._plain, seconds, 1)
                 self.plain_steps += 1
+                self._plain = _mix(self._plain, seconds, 1, self.plain_steps)
             return
         self.drafted += drafted
         self.accepted += accepted
@@ -315,8 +315,8 @@ class SpecRequest:
         full = self.spec.num_draft_tokens
         self.k = min(full, self.k + 1) if accepted == drafted else max(1, accepted + 1)
         if seconds is not None:
-            self._rounds = _mix(self._rounds, seconds, accepted + 1)
             self.timed += 1
+            self._rounds = _mix(self._rounds, seconds, accepted + 1, self.timed)
         if self.rounds >= 3 and self.rate < LOW_ACCEPTANCE:
             self._rest(rate=0.5)
         elif self.timed >= TIMED and self.plain_steps < TIMED:
@@ -353,10 +353,12 @@ class SpecRequest:
         await self.spec.proposer.drop(self.key)
 
 
-def _mix(average: tuple[float, float] | None, seconds: float, tokens: float
+def _mix(average: tuple[float, float] | None, seconds: float, tokens: float, n: int
          ) -> tuple[float, float]:
-    """Moving averages of a step's seconds and tokens (TIME_EMA)."""
+    """Moving averages of a step's seconds and tokens, the n-th step timed: plain means of the
+    first 1 / TIME_EMA steps, so that the first (a draft still taking the prompt in, say) weighs
+    no more than the others, then weight TIME_EMA for the latest."""
     if average is None:
         return seconds, tokens
-    return ((1 - TIME_EMA) * average[0] + TIME_EMA * seconds,
-            (1 - TIME_EMA) * average[1] + TIME_EMA * tokens)
+    w = max(TIME_EMA, 1 / n)
+    return (1 - w) * average[0] + w * seconds, (1 - w) * average[1] + w * tokens
