@@ -63,3 +63,35 @@ def test_batched_decode_matches_each_sequence_alone(spec, model_dir):
     assert chain.runners[0].batching and batched > 0
     for k, ids in prompts.items():
         assert tokens[k] == reference_tokens(path, ids, lengths[k]), f"sequence {k} diverged"
+
+
+def test_a_few_sequences_products_padded_to_eight_rows_stay_exact(model_dir, monkeypatch):
+    """Where a quantized product of 2 to 7 rows costs more than one of 8 (CUDA; worker/
+    padding.py), every product of a batch of 3 sequences, and of a short prompt chunk, is
+    computed as 8 rows; each sequence's tokens stay mlx-lm's."""
+    import mlx.core as mx
+
+    path = model_dir(ModelSpec(family="llama", bits=4))
+    prompts = {"a": [(3 * i + 11) % 480 + 10 for i in range(21)],
+               "b": [(7 * i + 5) % 480 + 10 for i in range(3)],
+               "c": [(5 * i + 1) % 480 + 10 for i in range(9)]}
+    expected = {k: reference_tokens(path, ids, 8) for k, ids in prompts.items()}
+    monkeypatch.setenv("SHARDLINE_PAD_ROWS", "8")
+    rows = []
+    product = mx.quantized_matmul
+
+    def counted(x, *args, **kwargs):
+        rows.append(x.size // x.shape[-1])
+        return product(x, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "quantized_matmul", counted)
+    chain = Chain(path, [(0, 2), (2, 6)])
+    tokens = {k: [_prefill(chain, k, ids)] for k, ids in prompts.items()}
+    while len(tokens["a"]) < 8:
+        out = chain.step([
+            worker_pb2.SeqInput(seq_id=k, token_ids=[tokens[k][-1]], sample=True,
+                                offset=len(prompts[k]) + len(tokens[k]) - 1) for k in tokens])
+        for k in tokens:
+            tokens[k].append(out[k])
+    assert tokens == expected
+    assert rows.count(8) > 0 and not [r for r in rows if 1 < r < 8], sorted(set(rows))

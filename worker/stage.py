@@ -14,6 +14,7 @@ from worker.backend import row_floor
 from worker.batch import DecodeBatch, batchable
 from worker.constrain import Constraint, ConstraintError, GrammarTokenizer
 from worker.lookahead import Lookahead
+from worker.padding import pad_products
 from worker.sampling import Sampler
 from worker.shard import Shard
 from worker.verify import Checked, accept, sample_positions, window
@@ -113,6 +114,7 @@ class StageRunner:
         # outside the vocabulary would read outside those arrays
         self.vocab = getattr(getattr(shard.model, "args", None), "vocab_size", None)
         self.row_floor = row_floor()  # short chunks computed as this many rows (_padding)
+        pad_products(shard.model, self.row_floor)  # and few sequences' quantized products
 
     def close(self) -> None:
         """Let go of the shard, the caches and any guess (a new shard replaces this one); a
