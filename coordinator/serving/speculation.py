@@ -118,6 +118,7 @@ class DraftProposer:
         self._scheduled = 0  # calls `_later` scheduled that have no task yet
         self.ahead_taken = self.ahead_missed = 0  # rounds drafted ahead, used and not
         self.tokens_fed = 0  # positions the draft model has computed
+        self.closed = False
 
     async def load(self) -> None:
         from worker.mlx_thread import SWITCH_INTERVAL
@@ -221,6 +222,8 @@ class DraftProposer:
 
     def _start(self, fn: Any, args: tuple) -> None:
         self._scheduled -= 1
+        if self.closed:
+            return
         task = asyncio.ensure_future(self.thread.run(fn, *args))
         self._tasks.add(task)
         task.add_done_callback(self._ahead_done)
@@ -243,6 +246,7 @@ class DraftProposer:
         self._ahead.pop(key, None)
 
     def close(self) -> None:
+        self.closed = True
         self.thread.close()
 
 
