@@ -102,3 +102,27 @@ def test_a_greedy_check_picks_every_position_at_once_as_single_steps_would():
     mx.eval(every.samples)
     last = accept("s", every)
     assert [a.token for a in last.accepted] == picks[:4] and last.token == picks[4]
+
+
+def test_a_sequence_dropped_while_its_draft_work_waits_leaves_no_caches(model_dir):
+    """A request that ends (or moves to a new sequence) right after its proposals went out:
+    the round it was to draft ahead, or the prompt it was to take in, is not drafted for it
+    afterwards (its caches would stay for good)."""
+    draft = draft_of(model_dir)
+
+    async def scenario():
+        p = DraftProposer(draft)
+        try:
+            await p.load()
+            first = await p.propose("s", PROMPT, 4)
+            held = p.sequences
+            p.ahead("s", PROMPT, first, 4)
+            p.prefill("t", PROMPT)
+            await p.drop("s")
+            await p.drop("t")
+            await p.settled()
+            return held, p.sequences
+        finally:
+            p.close()
+
+    assert run(scenario()) == (1, 0)

@@ -185,12 +185,16 @@ class MLXThread:
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run `fn(*args)` on this thread (after every step queued before it) and return it."""
+        return await self.submit(fn, *args)
+
+    def submit(self, fn: Any, *args: Any) -> asyncio.Future:
+        """Queue `fn(*args)` on this thread now; the future resolves with what it returns."""
         if self._closed:
             raise RuntimeError("the MLX thread is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put((loop, future, fn, args))
-        return await future
+        return future
 
     def step(self, runner: StageRunner, msg: Any, arrived: float, after: Any = None
              ) -> tuple[asyncio.Future, StepTimes]:

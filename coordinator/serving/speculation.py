@@ -114,8 +114,9 @@ class DraftProposer:
         self._states: dict[str, tuple[list[Any], list[int]]] = {}  # caches, tokens in them
         # per sequence: the tokens a round drafted ahead assumed, and its proposals after them
         self._ahead: dict[str, tuple[list[int], list[int]]] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._scheduled = 0  # calls `_later` scheduled that have no task yet
+        self._queued: set[asyncio.Future] = set()  # `ahead` and `prefill` work on the thread
+        self._pending: dict[str, int] = {}  # per sequence, such work not queued yet
+        self._gone: set[str] = set()  # sequences dropped while some was pending
         self.ahead_taken = self.ahead_missed = 0  # rounds drafted ahead, used and not
         self.tokens_fed = 0  # positions the draft model has computed
         self.closed = False
@@ -214,31 +215,45 @@ class DraftProposer:
         if len(tokens) > 1:
             self._later(self._warm, key, list(tokens))
 
-    def _later(self, fn: Any, *args: Any) -> None:
-        """Run `fn(*args)` on the draft's thread two loop turns from now: the pipeline's
-        message goes out first (building a graph holds the GIL)."""
-        self._scheduled += 1
-        asyncio.get_running_loop().call_soon(self._start, fn, args)
+    def _later(self, fn: Any, key: str, *args: Any) -> None:
+        """Queue `fn(key, *args)` on the draft's thread two loop turns from now, after the
+        pipeline's message has gone out (building a graph holds the GIL)."""
+        self._pending[key] = self._pending.get(key, 0) + 1
+        loop = asyncio.get_running_loop()
+        loop.call_soon(loop.call_soon, self._start, fn, key, args)
 
-    def _start(self, fn: Any, args: tuple) -> None:
-        self._scheduled -= 1
+    def _start(self, fn: Any, key: str, args: tuple) -> None:
+        left = self._pending.pop(key) - 1
+        if left:
+            self._pending[key] = left
+        if key in self._gone:  # dropped meanwhile: its caches must not come back
+            if not left:
+                self._gone.discard(key)
+            return
         if self.closed:
             return
-        task = asyncio.ensure_future(self.thread.run(fn, *args))
-        self._tasks.add(task)
-        task.add_done_callback(self._ahead_done)
+        future = self.thread.submit(fn, key, *args)
+        self._queued.add(future)
+        future.add_done_callback(self._done)
 
-    def _ahead_done(self, task: asyncio.Task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("the draft model failed: %s", task.exception())
+    def _done(self, future: asyncio.Future) -> None:
+        self._queued.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("the draft model failed: %s", future.exception())
 
     async def settled(self) -> None:
-        """Wait until what `ahead` and `prefill` started is done."""
-        while self._scheduled or self._tasks:
-            await asyncio.gather(*self._tasks, asyncio.sleep(0), return_exceptions=True)
+        """Wait until the work `ahead` and `prefill` scheduled is done."""
+        while self._pending or self._queued:
+            await asyncio.gather(*self._queued, asyncio.sleep(0), return_exceptions=True)
+
+    @property
+    def sequences(self) -> int:
+        """Sequences whose KV caches the draft holds."""
+        return len(self._states)
 
     async def drop(self, key: str) -> None:
+        if key in self._pending:
+            self._gone.add(key)
         await self.thread.run(self._forget, key)
 
     def _forget(self, key: str) -> None:
