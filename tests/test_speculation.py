@@ -153,6 +153,29 @@ def test_greedy_output_is_the_same_with_and_without_speculation(family, model_di
         assert sum(ahead.values()) > 0, ahead
 
 
+def test_the_next_step_goes_out_before_a_rounds_tokens_are_streamed(model_dir, workers):
+    """A round of confirmed proposals streams several tokens; the pipeline computes the next
+    round while they travel (coordinator/serving/engine.py), not after the last has gone."""
+    path = model_dir(spec_for("llama"))
+    draft = draft_model(path, 3)
+
+    async def scenario():
+        async with Serving(path, workers[:2], context=256, draft_model=str(draft)) as s:
+            engine = s.coordinator.engine
+            sampling = inference_pb2.SamplingParams(max_tokens=MAX_TOKENS)
+            idle = []  # per token: no step was in flight when it came out
+            async for chunk in engine.generate(PROMPT, sampling):
+                if chunk.token_ids:
+                    idle.append(engine.batcher.in_flight == 0)
+            return idle, engine.speculator.num_draft_tokens
+
+    idle, k = run(scenario())
+    assert len(idle) == MAX_TOKENS
+    # only the last round's tokens (no step follows them) come out with none in flight
+    last = idle.index(True)
+    assert all(idle[last:]) and len(idle) - last <= k + 1, idle
+
+
 def test_seeded_sampling_gives_the_same_text_with_and_without_speculation(model_dir, workers):
     """The last stage samples each proposed position with the key single steps would use,
     so over many seeds the sampled text (and so its distribution) is unchanged, and a seeded

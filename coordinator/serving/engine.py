@@ -300,8 +300,8 @@ class Engine:
                                                 grammar, len(ids))
                     while not done:
                         # a step with proposals gives the confirmed ones, then its own token
-                        results = [*out.accepted, out]
-                        for j, got in enumerate(results):
+                        chunks = []
+                        for got in [*out.accepted, out]:
                             n += 1
                             if t_first is None:
                                 t_first = time.perf_counter()
@@ -312,27 +312,29 @@ class Engine:
                                 break
                             detok.add_token(token)
                             text, hit = stops.feed(detok.last_segment)
-                            if not hit and n < max_tokens and j == len(results) - 1:
-                                # The next step depends only on this token: send it now, so
-                                # the stages compute while this chunk travels to the client.
-                                t_step = time.perf_counter()
-                                drafts = await spec.propose(
-                                    ids + sampled, self.scheduler.running, max_tokens - n
-                                ) if spec is not None else []
-                                step = self.batcher.submit(worker_pb2.SeqInput(
-                                    seq_id=seq_id, token_ids=[token, *drafts],
-                                    offset=len(ids) + n - 1, sample=True, draft=len(drafts)),
-                                    pipeline)
                             top = ([list(zip(got.top_tokens, got.top_logprobs, strict=True))]
                                    if got.top_tokens else [[]])
-                            yield Chunk(text=text, token_ids=[token], logprobs=[got.logprob],
-                                        top_logprobs=top)
+                            chunks.append(Chunk(text=text, token_ids=[token],
+                                                logprobs=[got.logprob], top_logprobs=top))
                             if hit:
                                 finish, done = FINISH_STOP, True
                                 break
                             if n >= max_tokens:
                                 done = True
                                 break
+                        if not done:
+                            # The next step depends only on the last token: send it now, so
+                            # the stages compute while this step's chunks travel to the client.
+                            t_step = time.perf_counter()
+                            drafts = await spec.propose(
+                                ids + sampled, self.scheduler.running, max_tokens - n
+                            ) if spec is not None else []
+                            step = self.batcher.submit(worker_pb2.SeqInput(
+                                seq_id=seq_id, token_ids=[sampled[-1], *drafts],
+                                offset=len(ids) + n - 1, sample=True, draft=len(drafts)),
+                                pipeline)
+                        for chunk in chunks:
+                            yield chunk
                         if done:
                             break
                         out = None
