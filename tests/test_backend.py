@@ -216,3 +216,7 @@ def test_short_chunks_are_padded_to_eight_rows_on_cuda_only(monkeypatch) -> None
     assert backend.row_floor(fake_mx(False, None, {})) == 6
     monkeypatch.setenv("SHARDLINE_PAD_ROWS", "many")
     assert backend.row_floor(fake_mx(False, True, {})) == 8
+    monkeypatch.setenv("SHARDLINE_PAD_ROWS", "100000")  # would pad every prompt chunk
+    assert backend.row_floor(fake_mx(False, None, {})) == backend.MAX_ROW_FLOOR == 64
+    monkeypatch.setenv("SHARDLINE_PAD_ROWS", "-3")
+    assert backend.row_floor(fake_mx(False, True, {})) == 1

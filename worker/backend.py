@@ -247,6 +247,7 @@ def _detect_mlx(mx: Any = None) -> Hardware | None:
 # near one row's from 8 (bench/RESULTS-gpu.md, "Rows per product"); Metal and the CPU have no
 # such step (a product costs what its rows do).
 CUDA_ROW_FLOOR = 8
+MAX_ROW_FLOOR = 64  # SHARDLINE_PAD_ROWS above this is taken as this (padding costs compute)
 
 
 def row_floor(mx: Any = None) -> int:
@@ -256,9 +257,14 @@ def row_floor(mx: Any = None) -> int:
     env = os.environ.get("SHARDLINE_PAD_ROWS", "").strip()
     if env:
         try:
-            return max(1, int(env))
+            rows = int(env)
         except ValueError:
             log.warning("SHARDLINE_PAD_ROWS=%r is not a number; ignored", env)
+        else:
+            if rows > MAX_ROW_FLOOR:
+                log.warning("SHARDLINE_PAD_ROWS=%d is more than %d; %d it is", rows,
+                            MAX_ROW_FLOOR, MAX_ROW_FLOOR)
+            return min(max(1, rows), MAX_ROW_FLOOR)
     try:
         if mx is None:
             import mlx.core as mx
