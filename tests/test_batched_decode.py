@@ -95,3 +95,33 @@ def test_a_few_sequences_products_padded_to_eight_rows_stay_exact(model_dir, mon
             tokens[k].append(out[k])
     assert tokens == expected
     assert rows.count(8) > 0 and not [r for r in rows if 1 < r < 8], sorted(set(rows))
+
+
+def test_quantized_layers_pad_and_stop_padding_on_request(monkeypatch):
+    """worker/padding.py on its own: 3 rows through padded layers give the same values as
+    unpadded ones, computed as 8 rows; `pad_products(model, 1)` turns it off again."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from worker.padding import pad_products
+
+    mx.random.seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
+    nn.quantize(model, group_size=32, bits=4)
+    x = mx.random.normal((1, 3, 64))
+    plain = model(x)
+    rows = []
+    product = mx.quantized_matmul
+
+    def counted(a, *args, **kwargs):
+        rows.append(a.size // a.shape[-1])
+        return product(a, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "quantized_matmul", counted)
+    assert pad_products(model, 8) == 2
+    padded = model(x)
+    assert padded.shape == (1, 3, 32) and mx.array_equal(padded, plain).item()
+    assert rows == [8, 8]
+    assert pad_products(model, 1) == 0
+    rows.clear()
+    assert mx.array_equal(model(x), plain).item() and rows == [3, 3]

@@ -58,16 +58,16 @@ _PADDED = {nn.QuantizedLinear: PaddedQuantizedLinear,
 
 def pad_products(model: Any, floor: int) -> int:
     """Make every quantized linear layer (and quantized embedding, as a head) of `model` pad
-    its input to `floor` rows; returns how many it changed (none for floor <= 1)."""
-    if floor <= 1:
-        return 0
+    its input to `floor` rows (1: none, also for layers padded before); returns how many
+    layers pad now."""
     changed = 0
     for _, module in model.named_modules():
         padded = _PADDED.get(type(module))
         if padded is None and type(module) in _PADDED.values():
             padded = type(module)
-        if padded is not None:
-            module.__class__ = padded
-            module.pad_rows = floor
-            changed += 1
+        if padded is None or (floor <= 1 and type(module) is not padded):
+            continue
+        module.__class__ = padded
+        module.pad_rows = max(1, floor)
+        changed += floor > 1
     return changed
