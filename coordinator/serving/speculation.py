@@ -4,10 +4,10 @@ A proposer guesses the next k tokens of a sequence: prompt lookup (`--speculativ
 tokens that followed the last occurrence of the sequence's last 1 to 3 tokens) or a small draft
 model with the same tokenizer (`--draft-model`, run greedily on this machine, which takes the
 prompt in during the prefill and drafts each next round while the pipeline checks the one
-before: `DraftProposer`). The engine sends
-the token it has with the guesses as one step (`SeqInput.draft`); the last stage samples every
-position as single steps would and returns the guesses its own samples confirm, then its own
-token (worker/verify.py), so the output is what decoding without guesses gives. Per request the
+before: `DraftProposer`). The engine sends the token it has with the guesses as one step
+(`SeqInput.draft`); the last stage samples every position as single steps would and returns
+the guesses its own samples confirm, then its own token (worker/verify.py), so the output is
+what decoding without guesses gives. Per request the
 number of guesses adapts to how many get confirmed, and no guesses are made while more than
 `MAX_STREAMS` requests run (their steps already share each trip), while few are confirmed, or
 while steps with guesses bring tokens more slowly than steps without (a draft as costly as the
