@@ -195,7 +195,7 @@ def test_a_stopping_worker_says_so_in_info_and_no_coordinator_takes_it(tmp_path)
     # back into a plan, and excluded it when its load failed
     import contextlib
 
-    from coordinator.cluster.membership import dial
+    from coordinator.cluster.cluster import dial
     from protos.health import Health
     from worker.backend import detect
     from worker.server import WORKER_SERVICE, WorkerConfig, serve

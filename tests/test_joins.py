@@ -25,8 +25,8 @@ async def join_while_running(s, address: str, prompt: list[int]):
     would) and wait until membership can use it; returns (the request's task, (host, port))."""
     import asyncio
 
+    from coordinator.cluster.cluster import dial
     from coordinator.cluster.discovery import split_address
-    from coordinator.cluster.membership import dial
 
     membership = s.coordinator.membership
     joiner = await dial(address)
@@ -168,3 +168,39 @@ def test_a_worker_restarted_without_goodbye_replaces_its_old_run():
     table.identified(new, worker("10.0.0.1:50061", "n1"))
     assert [m.key for m in table.usable()] == [new.key]
     assert [r.status for r in table.rows()] == ["standby"]  # the old run is not listed
+
+
+def test_a_late_copy_of_a_goodbye_workers_announcement_does_not_make_it_unreachable():
+    """mDNS can deliver an announcement of a worker after its goodbye: dialling it then finds
+    nobody, and the worker stays left (it said so), not unreachable."""
+    import asyncio
+    import socket
+
+    from coordinator.cluster.discovery import LEFT, UNREACHABLE
+    from coordinator.cluster.membership import Membership
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    name = "w9._shardline._tcp.local."
+
+    async def scenario():
+        m = Membership(cluster="lab", discover=False, progress=lambda s: None)
+        states = []
+        try:
+            for event in ("seen", "gone", "seen again"):
+                if event == "gone":
+                    m._on_gone(name)
+                else:
+                    m._on_seen(name, None, ["127.0.0.1"], port, "")
+                member = m.table.members[name]
+                deadline = asyncio.get_running_loop().time() + 10
+                while not member.gone:  # the dial gives up on the closed port
+                    assert asyncio.get_running_loop().time() < deadline
+                    await asyncio.sleep(0.01)
+                states.append(member.gone)
+        finally:
+            await m.close()
+        return states
+
+    assert run(scenario()) == [UNREACHABLE, LEFT, LEFT]

@@ -92,6 +92,28 @@ async def open_worker(address: str, timeout: float = 5.0, secret: bytes | None =
     return Worker(address=address, info=info, channel=channel)
 
 
+async def dial(address: str, timeout: float = 3.0, secret: bytes | None = None,
+               refused: list[str] | None = None, stopping: list[str] | None = None
+               ) -> Worker | None:
+    """Connect and ask Info (any wire version: the table judges); None if it does not answer,
+    says it is stopping (its address appended to `stopping`), or the cluster secrets disagree
+    (why appended to `refused`)."""
+    try:
+        worker = await open_worker(address, timeout, secret)
+    except WorkerRefused as e:
+        if refused is not None:
+            refused.append(str(e))
+        return None
+    except (ClusterError, ValueError):
+        return None
+    if worker.info.stopping:  # in its shutdown grace: it answers, and is gone in a moment
+        await worker.channel.close()
+        if stopping is not None:
+            stopping.append(address)
+        return None
+    return worker
+
+
 async def connect(address: str, timeout: float = 5.0, secret: bytes | None = None) -> Worker:
     """Ask the worker at `address` what it is; ClusterError if it does not answer in time,
     refuses our secret, or speaks another wire version."""

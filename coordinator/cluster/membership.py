@@ -21,14 +21,7 @@ from typing import Any
 
 import grpc
 
-from coordinator.cluster.cluster import (
-    SERVING,
-    ClusterError,
-    Worker,
-    WorkerRefused,
-    open_worker,
-    wait_all,
-)
+from coordinator.cluster.cluster import SERVING, ClusterError, Worker, dial, wait_all
 from coordinator.cluster.discovery import (
     JOINING,
     LEFT,
@@ -48,25 +41,6 @@ from protos.netif import describe, list_interfaces
 from protos.units import format_size
 
 log = logging.getLogger("shardline.membership")
-
-
-async def dial(address: str, timeout: float = 3.0, secret: bytes | None = None,
-               refused: list[str] | None = None) -> Worker | None:
-    """Connect and ask Info (any wire version: the table judges); None if it does not answer,
-    says it is stopping, or the cluster secrets disagree (then why is appended to
-    `refused`)."""
-    try:
-        worker = await open_worker(address, timeout, secret)
-    except WorkerRefused as e:
-        if refused is not None:
-            refused.append(str(e))
-        return None
-    except (ClusterError, ValueError):
-        return None
-    if worker.info.stopping:  # in its shutdown grace: it answers, and is gone in a moment
-        await worker.channel.close()
-        return None
-    return worker
 
 
 class Membership:
@@ -128,7 +102,7 @@ class Membership:
         if should_dial:
             if replaced is not None and not old.gone:
                 member.worker = replaced  # still the plan's worker while it is re-dialled
-            self._spawn(self._dial(member, replaced))
+            self._spawn(self._dial(member, replaced, old is not None and old.gone == LEFT))
         elif replaced is not None:
             self._release(replaced)
         self._changed()
@@ -150,12 +124,16 @@ class Membership:
         elif self.table.left(member.key, LEFT) is not None:
             self._changed()
 
-    async def _dial(self, member: Member, replaced: Worker | None = None) -> None:
-        """Dial a member announced on mDNS; `replaced` is what its previous record held."""
+    async def _dial(self, member: Member, replaced: Worker | None = None, left: bool = False
+                    ) -> None:
+        """Dial a member announced on mDNS; `replaced` is what its previous record held; `left`:
+        that record had said goodbye (a late copy of its announcement must not revive it)."""
         refused: list[str] = []
+        stopping: list[str] = []
         try:
             for address in member.addresses:
-                worker = await dial(address, secret=self.secret, refused=refused)
+                worker = await dial(address, secret=self.secret, refused=refused,
+                                    stopping=stopping)
                 if worker is None:
                     continue
                 if self.table.members.get(member.key) is not member or member.gone == LEFT:
@@ -173,7 +151,8 @@ class Membership:
                 log.warning("leaving out %s: %s", member.label, refused[0])
                 self._changed()
             elif not member.gone:
-                member.gone, member.gone_since = UNREACHABLE, time.monotonic()
+                gone = LEFT if left or stopping else UNREACHABLE
+                member.gone, member.gone_since = gone, time.monotonic()
                 self._changed()
         finally:
             if replaced is not None and replaced is not member.worker:
