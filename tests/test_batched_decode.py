@@ -65,11 +65,25 @@ def test_batched_decode_matches_each_sequence_alone(spec, model_dir):
         assert tokens[k] == reference_tokens(path, ids, lengths[k]), f"sequence {k} diverged"
 
 
+def product_rows(monkeypatch) -> list[int]:
+    """From now on, the rows of every quantized matrix product, in order."""
+    import mlx.core as mx
+
+    rows: list[int] = []
+    product = mx.quantized_matmul
+
+    def counted(a, *args, **kwargs):
+        rows.append(a.size // a.shape[-1])
+        return product(a, *args, **kwargs)
+
+    monkeypatch.setattr(mx, "quantized_matmul", counted)
+    return rows
+
+
 def test_a_few_sequences_products_padded_to_eight_rows_stay_exact(model_dir, monkeypatch):
     """Where a quantized product of 2 to 7 rows costs more than one of 8 (CUDA; worker/
     padding.py), every product of a batch of 3 sequences, and of a short prompt chunk, is
     computed as 8 rows; each sequence's tokens stay mlx-lm's."""
-    import mlx.core as mx
 
     path = model_dir(ModelSpec(family="llama", bits=4))
     prompts = {"a": [(3 * i + 11) % 480 + 10 for i in range(21)],
@@ -77,14 +91,7 @@ def test_a_few_sequences_products_padded_to_eight_rows_stay_exact(model_dir, mon
                "c": [(5 * i + 1) % 480 + 10 for i in range(9)]}
     expected = {k: reference_tokens(path, ids, 8) for k, ids in prompts.items()}
     monkeypatch.setenv("SHARDLINE_PAD_ROWS", "8")
-    rows = []
-    product = mx.quantized_matmul
-
-    def counted(x, *args, **kwargs):
-        rows.append(x.size // x.shape[-1])
-        return product(x, *args, **kwargs)
-
-    monkeypatch.setattr(mx, "quantized_matmul", counted)
+    rows = product_rows(monkeypatch)
     chain = Chain(path, [(0, 2), (2, 6)])
     tokens = {k: [_prefill(chain, k, ids)] for k, ids in prompts.items()}
     while len(tokens["a"]) < 8:
@@ -110,14 +117,7 @@ def test_quantized_layers_pad_and_stop_padding_on_request(monkeypatch):
     nn.quantize(model, group_size=32, bits=4)
     x = mx.random.normal((1, 3, 64))
     plain = model(x)
-    rows = []
-    product = mx.quantized_matmul
-
-    def counted(a, *args, **kwargs):
-        rows.append(a.size // a.shape[-1])
-        return product(a, *args, **kwargs)
-
-    monkeypatch.setattr(mx, "quantized_matmul", counted)
+    rows = product_rows(monkeypatch)
     assert pad_products(model, 8) == 2
     padded = model(x)
     assert padded.shape == (1, 3, 32) and mx.array_equal(padded, plain).item()

@@ -4,6 +4,8 @@ change no proposal; a round drafted ahead is used only when the tokens are what 
 
 from __future__ import annotations
 
+import contextlib
+
 from conftest import run
 
 from coordinator.demo import ModelSpec, draft_model
@@ -16,22 +18,29 @@ def draft_of(model_dir):
     return draft_model(model_dir(ModelSpec(family="llama", num_layers=6, quiet_after=3)), 3)
 
 
+@contextlib.asynccontextmanager
+async def proposers(draft, n: int):
+    """`n` loaded DraftProposers of `draft`, closed afterwards."""
+    made = [DraftProposer(draft) for _ in range(n)]
+    try:
+        for p in made:
+            await p.load()
+        yield made
+    finally:
+        for p in made:
+            p.close()
+
+
 def test_the_prompt_is_taken_in_before_the_first_proposals(model_dir):
     draft = draft_of(model_dir)
 
     async def scenario():
-        warm, cold = DraftProposer(draft), DraftProposer(draft)
-        try:
-            await warm.load()
-            await cold.load()
+        async with proposers(draft, 2) as (warm, cold):
             warm.prefill("s", PROMPT)
             await warm.settled()
             taken_in = warm.tokens_fed
             tokens = [*PROMPT, 7]
             return taken_in, await warm.propose("s", tokens, 4), await cold.propose("s", tokens, 4)
-        finally:
-            warm.close()
-            cold.close()
 
     taken_in, warm, cold = run(scenario())
     assert taken_in == len(PROMPT) - 1  # all but the last token, whose logits come later
@@ -42,10 +51,7 @@ def test_a_round_drafted_ahead_is_what_drafting_afresh_proposes(model_dir):
     draft = draft_of(model_dir)
 
     async def scenario():
-        p, fresh = DraftProposer(draft), DraftProposer(draft)
-        try:
-            await p.load()
-            await fresh.load()
+        async with proposers(draft, 2) as (p, fresh):
             first = await p.propose("s", PROMPT, 4)
             p.ahead("s", PROMPT, first, 4)
             await p.settled()
@@ -64,9 +70,6 @@ def test_a_round_drafted_ahead_is_what_drafting_afresh_proposes(model_dir):
             miss_fresh = await fresh.propose("m", other, 3)
             return (hit, hit_fresh, hit_fed, miss, miss_fresh, p.ahead_taken,
                     p.ahead_missed)
-        finally:
-            p.close()
-            fresh.close()
 
     hit, hit_fresh, hit_fed, miss, miss_fresh, taken, missed = run(scenario())
     assert taken == 1 and missed == 1
@@ -111,9 +114,7 @@ def test_a_sequence_dropped_while_its_draft_work_waits_leaves_no_caches(model_di
     draft = draft_of(model_dir)
 
     async def scenario():
-        p = DraftProposer(draft)
-        try:
-            await p.load()
+        async with proposers(draft, 1) as (p,):
             first = await p.propose("s", PROMPT, 4)
             held = p.sequences
             p.ahead("s", PROMPT, first, 4)
@@ -122,7 +123,5 @@ def test_a_sequence_dropped_while_its_draft_work_waits_leaves_no_caches(model_di
             await p.drop("t")
             await p.settled()
             return held, p.sequences
-        finally:
-            p.close()
 
     assert run(scenario()) == (1, 0)

@@ -19,13 +19,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def _padded(x: mx.array, floor: int) -> tuple[mx.array, int]:
-    """`x` as (rows, features) padded with zero rows to `floor`, and its rows (0: as it is)."""
+def _through(product: Any, x: mx.array, floor: int) -> mx.array:
+    """`product(x)` with 2 to floor - 1 rows of `x` computed as `floor` (zero rows added, then
+    cut off the output)."""
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
     if not 1 < rows < floor:
-        return x, 0
-    flat = x.reshape(rows, x.shape[-1])
-    return mx.pad(flat, [(0, floor - rows), (0, 0)]), rows
+        return product(x)
+    flat = mx.pad(x.reshape(rows, x.shape[-1]), [(0, floor - rows), (0, 0)])
+    return product(flat)[:rows].reshape(*x.shape[:-1], -1)
 
 
 class PaddedQuantizedLinear(nn.QuantizedLinear):
@@ -34,10 +35,7 @@ class PaddedQuantizedLinear(nn.QuantizedLinear):
     pad_rows = 1
 
     def __call__(self, x: mx.array) -> mx.array:
-        flat, rows = _padded(x, self.pad_rows)
-        if not rows:
-            return super().__call__(x)
-        return super().__call__(flat)[:rows].reshape(*x.shape[:-1], -1)
+        return _through(super().__call__, x, self.pad_rows)
 
 
 class PaddedQuantizedEmbedding(nn.QuantizedEmbedding):
@@ -46,10 +44,7 @@ class PaddedQuantizedEmbedding(nn.QuantizedEmbedding):
     pad_rows = 1
 
     def as_linear(self, x: mx.array) -> mx.array:
-        flat, rows = _padded(x, self.pad_rows)
-        if not rows:
-            return super().as_linear(x)
-        return super().as_linear(flat)[:rows].reshape(*x.shape[:-1], -1)
+        return _through(super().as_linear, x, self.pad_rows)
 
 
 _PADDED = {nn.QuantizedLinear: PaddedQuantizedLinear,
