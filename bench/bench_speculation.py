@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import statistics
 import sys
@@ -101,12 +102,17 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--num-draft-tokens", type=int, default=4)
+    parser.add_argument("--quiet-scale", type=float, default=None,
+                        help="scale of the quiet layers' output projections (the model's "
+                             "default if not given): smaller, the draft agrees more often")
     parser.add_argument("--pad-rows", default="",
                         help="comma-separated SHARDLINE_PAD_ROWS settings to compare, each on "
                              "freshly started workers ('' = the backend's default; 1 = never "
                              "pad; worker/backend.py row_floor)")
     args = parser.parse_args()
     spec = GPU_SPEC if args.gpu else TINY_SPEC if args.tiny else CPU_SPEC
+    if args.quiet_scale is not None:
+        spec = dataclasses.replace(spec, quiet_scale=args.quiet_scale)
     pin = not args.gpu and not args.tiny and hasattr(os, "sched_setaffinity")
     bench_serving.PIN = pin
     path = cached_model(spec)
