@@ -7,6 +7,9 @@ ratios to the plain run and to mlx-lm alone, and the share of proposals confirme
 The agreeing draft is built honestly: the target's layers after the first few barely change the
 residual (their output projections scaled by 0.05, `ModelSpec.quiet_after`), and the draft is
 the target's first layers with its embedding and head (`coordinator.demo.draft_model`).
+Prompt lookup is also measured where it pays: on a model whose continuation repeats text its
+prompt holds (every layer quiet and its head mapping each token to the next of a 16-id cycle,
+`ModelSpec.cycle`; the prompt is that cycle), against the same model without speculation.
 
     python bench/bench_speculation.py            # CPU: 8 layers (hidden 512), 3 workers
     python bench/bench_speculation.py --gpu      # GPU: the 8B-shaped 4-bit llama, 3 workers
@@ -45,12 +48,19 @@ GPU_SPEC = ModelSpec(family="llama", num_layers=32, hidden_size=4096, intermedia
 TINY_SPEC = ModelSpec(family="llama", num_layers=6, hidden_size=128, intermediate_size=256,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
                       max_position_embeddings=4096, quiet_after=2)
+CYCLE, CYCLE_BASE = 16, 256  # the repeating model's cycle (ModelSpec.cycle) and block in use
 
 
 def prompt(length: int) -> list[int]:
     """A prompt that repeats a 16-token phrase (prompt lookup finds copies in it)."""
     phrase = [(37 * j) % 1900 + 20 for j in range(16)]
     return (phrase * (length // 16 + 1))[:length]
+
+
+def cycle_prompt(length: int) -> list[int]:
+    """The 16-id block a CYCLE model continues, repeated: its continuation is text the prompt
+    already holds (what prompt lookup is for: code, retrieval, editing)."""
+    return [CYCLE_BASE + i % CYCLE for i in range(length)]
 
 
 async def one_stream(coordinator, ids: list[int], new: int) -> tuple[float, int, int]:
@@ -117,32 +127,41 @@ def main() -> None:
     bench_serving.PIN = pin
     path = cached_model(spec)
     draft = draft_model(path, spec.quiet_after)
-    ids = prompt(args.prompt)
-
-    from coordinator.local import LocalWorkers
 
     base = [bench_mlx_lm(path, 1, args.prompt, args.new).tps for _ in range(args.runs)]
     rows, plain_of = {}, {}  # row name -> results; -> its "no speculation" row
-    for pad in args.pad_rows.split(","):
+    draft_options = {"draft_model": str(draft), "num_draft_tokens": args.num_draft_tokens}
+    ngram_options = {"speculative": "ngram", "num_draft_tokens": args.num_draft_tokens}
+
+    def measure(model: Path, ids: list[int], variants: list[tuple[str, dict]], label: str,
+                pad: str = "") -> None:
+        """Each variant's runs on freshly started workers serving `model`."""
+        from coordinator.local import LocalWorkers
+
         local = LocalWorkers(args.workers, memory=[(4 if pin else 32) * GiB] * args.workers,
-                             cpus=[0] * args.workers if pin else None,
-                             fresh_cache=True)
+                             cpus=[0] * args.workers if pin else None, fresh_cache=True)
         if pad:
             local.env["SHARDLINE_PAD_ROWS"] = pad
-        label = f", SHARDLINE_PAD_ROWS={pad}" if pad else ""
         addresses = local.start(timeout=600)
         try:
-            for name, options in (
-                    ("no speculation", {}),
-                    (f"draft model ({spec.quiet_after} layers)",
-                     {"draft_model": str(draft), "num_draft_tokens": args.num_draft_tokens}),
-                    ("prompt lookup (ngram)",
-                     {"speculative": "ngram", "num_draft_tokens": args.num_draft_tokens})):
+            for name, options in variants:
                 plain_of[name + label] = "no speculation" + label
-                rows[name + label] = asyncio.run(variant(path, addresses, ids, args.new,
+                rows[name + label] = asyncio.run(variant(model, addresses, ids, args.new,
                                                          args.runs, **options))
         finally:
             local.stop()
+
+    for pad in args.pad_rows.split(","):
+        measure(path, prompt(args.prompt), [
+            ("no speculation", {}),
+            (f"draft model ({spec.quiet_after} layers)", draft_options),
+            ("prompt lookup (ngram)", ngram_options),
+        ], f", SHARDLINE_PAD_ROWS={pad}" if pad else "", pad)
+    # prompt lookup where it pays: a model that repeats text its prompt holds
+    repeating = dataclasses.replace(spec, quiet_after=0, cycle=CYCLE)
+    measure(cached_model(repeating), cycle_prompt(args.prompt), [
+        ("no speculation", {}), ("prompt lookup (ngram)", ngram_options),
+    ], ", repeating model")
 
     mlx = statistics.median(base)
     where = "GPU" if args.gpu else "CPU, workers and mlx-lm pinned to core 0" if pin else \
@@ -160,8 +179,8 @@ def main() -> None:
         drafted = sum(r[1] for r in results)
         accepted = sum(r[2] for r in results)
         share = f"{accepted}/{drafted} ({accepted / drafted:.0%})" if drafted else "-"
-        print(f"| Shardline, {name} | {tps:.1f} | {tps / plain:.2f}x | {tps / mlx:.2f}x | "
-              f"{share} |")
+        versus = "" if "repeating" in name else f"{tps / mlx:.2f}x"  # mlx-lm ran the other
+        print(f"| Shardline, {name} | {tps:.1f} | {tps / plain:.2f}x | {versus} | {share} |")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,9 @@ class ModelSpec:
     # quiet_scale): a draft of the layers before it (draft_model) agrees with the model mostly
     quiet_after: int = 0
     quiet_scale: float = QUIET_SCALE
+    # a model that repeats text (for prompt lookup): every layer quiet and the head mapping each
+    # ordinary token to the next id of its block of `cycle` ids (the last back to the first)
+    cycle: int = 0
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -165,6 +168,9 @@ class ModelSpec:
             raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
         if self.family in TIED_FAMILIES and not self.tied:
             object.__setattr__(self, "tied", True)
+        if self.cycle and (self.tied or self.cycle < 2 or self.quiet_after):
+            raise ValueError("cycle needs an untied head, a length of 2 or more and no "
+                             "quiet_after (it quiets every layer)")
         if self.weight_scale is None:
             object.__setattr__(self, "weight_scale", FAMILY_WEIGHT_SCALE[self.family])
 
@@ -175,6 +181,8 @@ class ModelSpec:
             del fields["quiet_after"]  # models built before the field keep their keys
         if self.quiet_scale == QUIET_SCALE:
             del fields["quiet_scale"]
+        if not self.cycle:
+            del fields["cycle"]
         blob = json.dumps(
             {"spec": fields, "version": BUILD_VERSION, "corpus": CORPUS}, sort_keys=True
         )
@@ -347,6 +355,9 @@ def _build_weights(out_dir: Path, spec: ModelSpec, cfg: dict[str, Any], special:
     _scale_weights(model, spec, special)
     if spec.quiet_after:
         _quiet(model, spec.quiet_after, spec.quiet_scale)
+    if spec.cycle:
+        _quiet(model, 0, spec.quiet_scale)
+        _cycle(model, spec.cycle, special)
     model.set_dtype(getattr(mx, spec.dtype))
     if spec.bits:
         with contextlib.redirect_stdout(io.StringIO()):  # mlx-lm prints bits per weight
@@ -367,6 +378,33 @@ def _quiet(model: Any, start: int, scale: float) -> None:
                                ("mlp.down_proj", layer.mlp.down_proj)):
                 updates.append((f"model.layers.{i}.{name}.weight", proj.weight * scale))
     model.load_weights(updates, strict=False)
+    mx.eval(model.parameters())
+
+
+def cycle_next(token: int, length: int) -> int:
+    """The token a `ModelSpec.cycle` model predicts after `token` (an ordinary one)."""
+    base = token - token % length
+    return base + (token + 1 - base) % length
+
+
+def _cycle(model: Any, length: int, special: list[int]) -> None:
+    """Make the head's row for each token the embedding of the token before it in its block of
+    `length` ids, so that (the layers being quiet) the model continues the block's cycle.
+    Blocks holding a special token map to themselves, and special tokens' rows stay zero."""
+    import mlx.core as mx
+
+    embed = model.model.embed_tokens.weight
+    vocab = embed.shape[0]
+    blocked = {t - t % length for t in special}
+    before = []
+    for j in range(vocab):
+        base = j - j % length
+        whole = base not in blocked and base + length <= vocab
+        before.append(base + (j - 1 - base) % length if whole else j)
+    head = embed[mx.array(before)]
+    drop = set(special)
+    keep = mx.array([[0.0 if j in drop else 1.0] for j in range(vocab)])
+    model.load_weights([("lm_head.weight", head * keep.astype(head.dtype))], strict=False)
     mx.eval(model.parameters())
 
 

@@ -248,3 +248,23 @@ def test_default_cache_dir(monkeypatch, tmp_path: Path) -> None:
     assert default_cache_dir() == Path.home() / ".cache" / "shardline"
     monkeypatch.setattr(sys, "platform", "darwin")
     assert default_cache_dir() == Path.home() / "Library" / "Caches" / "shardline"
+
+
+def test_a_cycle_model_continues_its_block_and_never_a_special_token(cache: Path) -> None:
+    """ModelSpec.cycle: a model that repeats text its prompt holds (prompt lookup's case)."""
+    path = cached_model(ModelSpec(family="llama", cycle=16), cache)
+    model, tokenizer = load(str(path))
+    prompt = [256 + i % 16 for i in range(40)]
+    expected, token = [], prompt[-1]
+    for _ in range(24):
+        token = demo.cycle_next(token, 16)
+        expected.append(token)
+    assert greedy(model, prompt, 24) == expected
+    # a block holding a special token maps to itself, so nothing leads to one
+    special = tokenizer.convert_tokens_to_ids(list(demo.SPECIAL_TOKENS))
+    block = special[0] - special[0] % 16
+    ordinary = next(t for t in range(block, block + 16) if t not in special)
+    assert greedy(model, [ordinary] * 3, 4) == [ordinary] * 4
+    for bad in ({"tied": True}, {"quiet_after": 2}, {"cycle": 1}):
+        with pytest.raises(ValueError, match="cycle"):
+            ModelSpec(family="llama", **{"cycle": 16, **bad})

@@ -153,6 +153,23 @@ def test_greedy_output_is_the_same_with_and_without_speculation(family, model_di
         assert sum(ahead.values()) > 0, ahead
 
 
+def test_prompt_lookup_confirms_repeated_text_and_changes_nothing(model_dir, workers):
+    """On a model whose continuation repeats its prompt (ModelSpec.cycle), prompt lookup's
+    proposals are confirmed and the output is still mlx-lm's, through 2 workers."""
+    path = model_dir(ModelSpec(family="llama", cycle=16))
+    prompt = [256 + i % 16 for i in range(24)]
+    expected = reference_tokens(path, prompt, MAX_TOKENS)
+
+    async def scenario():
+        async with Serving(path, workers[:2], context=256, speculative="ngram",
+                           num_draft_tokens=4) as s:
+            return await generate(s, prompt)
+
+    tokens, usage = run(scenario())
+    assert tokens == expected
+    assert usage.accepted_draft_tokens >= MAX_TOKENS // 2, usage  # most tokens came as guesses
+
+
 def test_the_next_step_goes_out_before_a_rounds_tokens_are_streamed(model_dir, workers):
     """A round of confirmed proposals streams several tokens; the pipeline computes the next
     round while they travel (coordinator/serving/engine.py), not after the last has gone."""
