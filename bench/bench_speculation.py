@@ -119,6 +119,9 @@ def main() -> None:
                         help="comma-separated SHARDLINE_PAD_ROWS settings to compare, each on "
                              "freshly started workers ('' = the backend's default; 1 = never "
                              "pad; worker/backend.py row_floor)")
+    parser.add_argument("--repeating", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run prompt lookup on a model that repeats its prompt (builds "
+                             "a second model: minutes for the 8B shape)")
     args = parser.parse_args()
     spec = GPU_SPEC if args.gpu else TINY_SPEC if args.tiny else CPU_SPEC
     if args.quiet_scale is not None:
@@ -157,11 +160,11 @@ def main() -> None:
             (f"draft model ({spec.quiet_after} layers)", draft_options),
             ("prompt lookup (ngram)", ngram_options),
         ], f", SHARDLINE_PAD_ROWS={pad}" if pad else "", pad)
-    # prompt lookup where it pays: a model that repeats text its prompt holds
-    repeating = dataclasses.replace(spec, quiet_after=0, cycle=CYCLE)
-    measure(cached_model(repeating), cycle_prompt(args.prompt), [
-        ("no speculation", {}), ("prompt lookup (ngram)", ngram_options),
-    ], ", repeating model")
+    if args.repeating:  # prompt lookup where it pays: a model that repeats its prompt
+        repeating = dataclasses.replace(spec, quiet_after=0, cycle=CYCLE)
+        measure(cached_model(repeating), cycle_prompt(args.prompt), [
+            ("no speculation", {}), ("prompt lookup (ngram)", ngram_options),
+        ], ", repeating model")
 
     mlx = statistics.median(base)
     where = "GPU" if args.gpu else "CPU, workers and mlx-lm pinned to core 0" if pin else \
