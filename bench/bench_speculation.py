@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serving  # noqa: E402
 from bench_serving import GiB, bench_mlx_lm  # noqa: E402
 
-from coordinator.demo import ModelSpec, cached_model, draft_model  # noqa: E402
+from coordinator.demo import ModelSpec, cached_model, cycle_prompt, draft_model  # noqa: E402
 
 CPU_SPEC = ModelSpec(family="llama", num_layers=8, hidden_size=512, intermediate_size=1536,
                      num_attention_heads=8, num_key_value_heads=4, vocab_size=2048,
@@ -48,19 +48,13 @@ GPU_SPEC = ModelSpec(family="llama", num_layers=32, hidden_size=4096, intermedia
 TINY_SPEC = ModelSpec(family="llama", num_layers=6, hidden_size=128, intermediate_size=256,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=2048,
                       max_position_embeddings=4096, quiet_after=2)
-CYCLE, CYCLE_BASE = 16, 256  # the repeating model's cycle (ModelSpec.cycle) and block in use
+CYCLE = 16  # the repeating model's cycle (ModelSpec.cycle; demo.cycle_prompt's block)
 
 
 def prompt(length: int) -> list[int]:
     """A prompt that repeats a 16-token phrase (prompt lookup finds copies in it)."""
     phrase = [(37 * j) % 1900 + 20 for j in range(16)]
     return (phrase * (length // 16 + 1))[:length]
-
-
-def cycle_prompt(length: int) -> list[int]:
-    """The 16-id block a CYCLE model continues, repeated: its continuation is text the prompt
-    already holds (what prompt lookup is for: code, retrieval, editing)."""
-    return [CYCLE_BASE + i % CYCLE for i in range(length)]
 
 
 async def one_stream(coordinator, ids: list[int], new: int) -> tuple[float, int, int]:
@@ -162,7 +156,7 @@ def main() -> None:
         ], f", SHARDLINE_PAD_ROWS={pad}" if pad else "", pad)
     if args.repeating:  # prompt lookup where it pays: a model that repeats its prompt
         repeating = dataclasses.replace(spec, quiet_after=0, cycle=CYCLE)
-        measure(cached_model(repeating), cycle_prompt(args.prompt), [
+        measure(cached_model(repeating), cycle_prompt(args.prompt, CYCLE), [
             ("no speculation", {}), ("prompt lookup (ngram)", ngram_options),
         ], ", repeating model")
 

@@ -316,9 +316,7 @@ def _scale_weights(model: Any, spec: ModelSpec, special_ids: list[int]) -> None:
         scale = 1.0 if is_embed and tied else float(spec.weight_scale)
         weight = module.weight * scale
         if name.endswith("lm_head") or (is_embed and tied):
-            drop = set(special_ids)  # a plain list, not a scatter: no kernel to JIT on CUDA
-            keep = mx.array([[0.0 if i in drop else 1.0] for i in range(weight.shape[0])])
-            weight = weight * keep.astype(weight.dtype)
+            weight = _without_rows(weight, special_ids)
         updates.append((name + ".weight", weight))
     model.load_weights(updates, strict=False)
     mx.eval(model.parameters())
@@ -387,6 +385,21 @@ def cycle_next(token: int, length: int) -> int:
     return base + (token + 1 - base) % length
 
 
+def cycle_prompt(tokens: int, length: int = 16, base: int = 256) -> list[int]:
+    """`tokens` ids of the block of `length` ids from `base`, in cycle order: a prompt whose
+    continuation by a `ModelSpec.cycle` model of that length is text the prompt holds."""
+    return [base + i % length for i in range(tokens)]
+
+
+def _without_rows(weight: Any, rows: list[int]) -> Any:
+    """`weight` with these rows zeroed (a plain mask, not a scatter: no kernel to JIT on CUDA)."""
+    import mlx.core as mx
+
+    drop = set(rows)
+    keep = mx.array([[0.0 if i in drop else 1.0] for i in range(weight.shape[0])])
+    return weight * keep.astype(weight.dtype)
+
+
 def _cycle(model: Any, length: int, special: list[int]) -> None:
     """Make the head's row for each token the embedding of the token before it in its block of
     `length` ids, so that (the layers being quiet) the model continues the block's cycle.
@@ -396,15 +409,13 @@ def _cycle(model: Any, length: int, special: list[int]) -> None:
     embed = model.model.embed_tokens.weight
     vocab = embed.shape[0]
     blocked = {t - t % length for t in special}
-    before = []
-    for j in range(vocab):
-        base = j - j % length
-        whole = base not in blocked and base + length <= vocab
-        before.append(base + (j - 1 - base) % length if whole else j)
-    head = embed[mx.array(before)]
-    drop = set(special)
-    keep = mx.array([[0.0 if j in drop else 1.0] for j in range(vocab)])
-    model.load_weights([("lm_head.weight", head * keep.astype(head.dtype))], strict=False)
+    before = list(range(vocab))  # head row j: the embedding of the token j follows
+    for t in range(vocab):
+        base = t - t % length
+        if base not in blocked and base + length <= vocab:
+            before[cycle_next(t, length)] = t
+    head = _without_rows(embed[mx.array(before)], special)
+    model.load_weights([("lm_head.weight", head)], strict=False)
     mx.eval(model.parameters())
 
 

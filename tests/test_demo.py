@@ -254,7 +254,7 @@ def test_a_cycle_model_continues_its_block_and_never_a_special_token(cache: Path
     """ModelSpec.cycle: a model that repeats text its prompt holds (prompt lookup's case)."""
     path = cached_model(ModelSpec(family="llama", cycle=16), cache)
     model, tokenizer = load(str(path))
-    prompt = [256 + i % 16 for i in range(40)]
+    prompt = demo.cycle_prompt(40, 16)
     expected, token = [], prompt[-1]
     for _ in range(24):
         token = demo.cycle_next(token, 16)

@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 from conftest import GiB, Serving, reference_tokens, run
 
-from coordinator.demo import FAMILIES, ModelSpec, draft_model
+from coordinator.demo import FAMILIES, ModelSpec, cycle_prompt, draft_model
 from coordinator.local import LocalWorkers
 from coordinator.serving.speculation import MAX_PAUSE, NgramProposer, Speculator
 from protos import inference_pb2, worker_pb2
@@ -157,7 +157,7 @@ def test_prompt_lookup_confirms_repeated_text_and_changes_nothing(model_dir, wor
     """On a model whose continuation repeats its prompt (ModelSpec.cycle), prompt lookup's
     proposals are confirmed and the output is still mlx-lm's, through 2 workers."""
     path = model_dir(ModelSpec(family="llama", cycle=16))
-    prompt = [256 + i % 16 for i in range(24)]
+    prompt = cycle_prompt(24, 16)
     expected = reference_tokens(path, prompt, MAX_TOKENS)
 
     async def scenario():
