@@ -76,9 +76,10 @@ def placeholder(shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[mx.array, np.n
     name = dtype_name(dtype)
     if name not in _WIRE:
         raise ValueError(f"dtype {name} cannot travel on the wire")
-    array = mx.array(np.zeros(shape, dtype=np.float32), dtype=dtype)
-    bits = array.view(_WIRE[name][0]) if name == "bfloat16" else array
-    mx.eval(bits)
+    # built from host values, so already evaluated: no sync with the device (bf16: its bits
+    # are, and the array is a lazy view of them that a graph reads when it runs)
+    bits = mx.array(np.zeros(shape, dtype=_WIRE[name][1]))
+    array = bits.view(dtype) if name == "bfloat16" else bits
     view = np.asarray(bits)
     if not view.flags.writeable:
         raise ValueError("this MLX backend gives no writable view of an array's buffer")
