@@ -8,7 +8,8 @@ before: `DraftProposer`). The engine sends the token it has with the guesses as 
 (`SeqInput.draft`); the last stage samples every position as single steps would and returns
 the guesses its own samples confirm, then its own token (worker/verify.py), so the output is
 what decoding without guesses gives. Per request the
-number of guesses adapts to how many get confirmed, and no guesses are made while more than
+number of guesses follows the odds that one is confirmed and what a check of k costs on this
+cluster (coordinator/serving/spec_depth.py), and no guesses are made while more than
 `MAX_STREAMS` requests run (their steps already share each trip), while few are confirmed, or
 while steps with guesses bring tokens more slowly than steps without (a draft as costly as the
 target, or a device whose check of a few positions costs several single steps).
@@ -24,17 +25,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from coordinator.serving import spec_depth
+
 NGRAM_MAX, NGRAM_MIN = 3, 1
 MAX_STREAMS = 2  # speculate only while at most this many requests run
-LOW_ACCEPTANCE = 0.25  # below this confirmed share (after a few rounds) a request pauses
+LOW_ACCEPTANCE = 0.25  # below these odds of a confirmation (a few rounds in) a request pauses
 PAUSE_STEPS = 32  # steps without guesses after a low acceptance (doubling each time, up to
 MAX_PAUSE = 512  # this), then it tries one again
 EMA = 0.3
+ODDS_EMA = 0.05  # weight of each checked guess in the odds that one is confirmed
+PRIOR = 2.0  # guesses a request's odds start from
 SLOWER = 0.95  # steps with guesses pause when they bring tokens slower than this share of
 TIMED = 3  # the pace of steps without, both measured over at least this many steps
 TIME_EMA = 0.15  # weight of the latest step in those moving averages
 # a draft drafts the next round while the pipeline checks this one when at least these are the
-# odds (the confirmed share to the power of the proposals plus one) that it guesses right
+# odds (a guess's odds of a confirmation to the power of the proposals plus one) that it is right
 AHEAD_ODDS = 0.25
 
 log = logging.getLogger("shardline.coordinator")
@@ -276,6 +281,7 @@ class Speculator:
         self.proposer = proposer
         self.num_draft_tokens = num_draft_tokens
         self.metrics = metrics
+        self.costs = spec_depth.RoundCosts()  # seconds of a step by its number of guesses
 
     def request(self, key: str) -> SpecRequest:
         return SpecRequest(self, key)
@@ -291,6 +297,9 @@ class SpecRequest:
         self.drafted = self.accepted = 0
         self.rounds = 0
         self.rate = 1.0  # moving share of guesses confirmed
+        # guesses checked (up to the first miss) and confirmed, moving; a start of PRIOR
+        # confirmed ones, as `rate` starts at 1, so one miss does not stop drafting ahead
+        self._tried = self._confirmed = PRIOR
         self.paused = 0
         self.pause = PAUSE_STEPS  # the next pause's length
         # moving averages of (seconds, tokens brought) per step: steps with guesses (since the
@@ -317,7 +326,7 @@ class SpecRequest:
             self._plain_step = True
             return []
         out = await self.spec.proposer.propose(self.key, tokens, min(self.k, room - 1))
-        if out and self.rate ** (len(out) + 1) >= AHEAD_ODDS:
+        if out and self.odds ** (len(out) + 1) >= AHEAD_ODDS:
             self.spec.proposer.ahead(self.key, tokens, out, self.spec.num_draft_tokens)
         return out
 
@@ -328,17 +337,27 @@ class SpecRequest:
             if self._plain_step and seconds is not None:
                 self.plain_steps += 1
                 self._plain = _mix(self._plain, seconds, 1, self.plain_steps)
+                self.spec.costs.add(0, seconds)
             return
         self.drafted += drafted
         self.accepted += accepted
         self.rounds += 1
         self.rate = (1 - EMA) * self.rate + EMA * accepted / drafted
+        # the guesses after the first miss were not checked: they say nothing of the odds
+        tried = accepted + (accepted < drafted)
+        keep = (1 - ODDS_EMA) ** tried  # a moving window of about 1 / ODDS_EMA guesses
+        self._tried = keep * self._tried + tried
+        self._confirmed = keep * self._confirmed + accepted
         full = self.spec.num_draft_tokens
-        self.k = min(full, self.k + 1) if accepted == drafted else max(1, accepted + 1)
+        if seconds is not None:
+            self.spec.costs.add(drafted, seconds)
+        k = spec_depth.best(self.odds, self.spec.costs, full)
+        self.k = k if k is not None else (
+            min(full, self.k + 1) if accepted == drafted else max(1, accepted + 1))
         if seconds is not None:
             self.timed += 1
             self._rounds = _mix(self._rounds, seconds, accepted + 1, self.timed)
-        if self.rounds >= 3 and self.rate < LOW_ACCEPTANCE:
+        if self.rounds >= 3 and self.odds < LOW_ACCEPTANCE:
             self._rest(rate=0.5)
         elif self.timed >= TIMED and self.plain_steps < TIMED:
             self.paused = TIMED - self.plain_steps  # time a few steps without guesses
@@ -347,6 +366,11 @@ class SpecRequest:
         if (m := self.spec.metrics) is not None:
             m.spec_draft.inc(drafted)
             m.spec_accepted.inc(accepted)
+
+    @property
+    def odds(self) -> float:
+        """Moving odds that a guess is confirmed, from the guesses checked."""
+        return self._confirmed / self._tried
 
     @property
     def pace(self) -> float | None:
@@ -362,6 +386,7 @@ class SpecRequest:
     def _rest(self, rate: float) -> None:
         """No guesses for the next pause (twice as long each time), then try again afresh."""
         self.paused, self.rate, self.k, self.rounds = self.pause, rate, 1, 0
+        self._tried, self._confirmed = PRIOR, PRIOR * rate  # the odds start again at `rate`
         self.pause = min(2 * self.pause, MAX_PAUSE)
         self._rounds, self.timed = None, 0
 

@@ -1,0 +1,104 @@
+"""How many proposals a round carries: the odds of a confirmation against what a check costs."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from coordinator.serving.spec_depth import RoundCosts, best, expected_tokens
+from coordinator.serving.speculation import Speculator
+
+
+def costs(seconds_of, sizes=(1, 2, 3, 4), rounds=5) -> RoundCosts:
+    c = RoundCosts()
+    for k in sizes:
+        for _ in range(rounds):
+            c.add(k, seconds_of(k))
+    return c
+
+
+def test_expected_tokens_of_a_round():
+    assert expected_tokens(1.0, 4) == 5
+    assert expected_tokens(0.0, 4) == 1
+    assert expected_tokens(0.5, 2) == pytest.approx(1 + 0.5 + 0.25)
+
+
+def test_no_answer_until_two_sizes_are_timed_a_few_times():
+    c = RoundCosts()
+    for _ in range(10):
+        c.add(4, 0.010)
+    assert best(0.8, c, 4) is None
+    c.add(1, 0.005)
+    c.add(1, 0.005)
+    assert best(0.8, c, 4) is None  # two rounds of one proposal are not enough yet
+    c.add(1, 0.005)
+    assert best(0.8, c, 4) is not None
+
+
+def test_a_flat_cost_takes_every_proposal_and_a_steep_one_few():
+    flat = costs(lambda k: 0.010)  # CUDA: a chunk of 2 to 8 positions costs one price
+    assert best(0.6, flat, 7) == 7
+    steep = costs(lambda k: 0.010 + 0.003 * k)  # each checked position: 30% of a step
+    assert [best(p, steep, 7) for p in (0.5, 0.7, 0.8, 0.9, 0.95)] == [1, 2, 3, 5, 7]
+
+
+def test_a_size_never_timed_is_read_off_the_line_and_no_round_costs_less_than_a_plain_step():
+    c = costs(lambda k: 0.010 + 0.002 * k, sizes=(2, 4))
+    assert c.estimate(6)[6] == pytest.approx(0.022)  # extrapolated
+    assert c.estimate(6)[1] == pytest.approx(0.014)  # not under the cheapest size timed
+    for _ in range(3):
+        c.add(0, 0.010)
+    assert c.estimate(6)[1] == pytest.approx(0.012)  # not under a step without proposals
+    tilted = costs(lambda k: 0.004 if k < 3 else 0.5, sizes=(1, 2, 3))
+    assert min(tilted.estimate(3).values()) >= 0.004
+
+
+def drive(seconds_of, odds: float, steps: int = 400, most: int = 7) -> list[int]:
+    """One request's proposals per round over `steps` rounds; a round of k takes
+    `seconds_of(k)`, each proposal is confirmed with `odds` (seeded)."""
+    req = Speculator(Proposer(), most).request("a")
+    rng = random.Random(0)
+
+    async def run():
+        sizes = []
+        for _ in range(steps):
+            drafts = await req.propose([0], running=1, room=10_000)
+            confirmed = 0
+            while confirmed < len(drafts) and rng.random() < odds:
+                confirmed += 1
+            req.record(len(drafts), confirmed, seconds_of(len(drafts)))
+            sizes.append(len(drafts))
+        return sizes
+
+    return asyncio.run(run())
+
+
+class Proposer:
+    async def propose(self, key, tokens, k):
+        return [1] * k
+
+    def ahead(self, key, tokens, proposals, k):
+        pass
+
+    def prefill(self, key, tokens):
+        pass
+
+    async def drop(self, key):
+        pass
+
+
+def test_a_request_keeps_every_proposal_where_a_check_costs_the_same_for_any_size():
+    # the size after a miss used to be one more than the proposals confirmed; once the costs
+    # are known, a miss no longer shrinks the round where a longer check costs nothing more
+    sizes = drive(lambda k: 0.010, odds=0.7)
+    late = sizes[100:]
+    assert late.count(7) / len(late) > 0.9, late[:40]
+
+
+def test_a_request_checks_few_proposals_where_each_costs_much_of_a_step():
+    # each checked position costs 30% of a step: at 70% odds two proposals bring the most
+    sizes = drive(lambda k: 0.010 + 0.003 * k, odds=0.7)
+    late = [k for k in sizes[100:] if k]
+    assert sum(late) / len(late) < 2.6 and sum(k >= 5 for k in late) < 0.05 * len(late), late
