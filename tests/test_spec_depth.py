@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import pytest
+from test_speculation import Always
 
 from coordinator.serving.spec_depth import RoundCosts, best, expected_tokens
 from coordinator.serving.speculation import Speculator
@@ -58,7 +59,7 @@ def test_a_size_never_timed_is_read_off_the_line_and_no_round_costs_less_than_a_
 def drive(seconds_of, odds: float, steps: int = 400, most: int = 7) -> list[int]:
     """One request's proposals per round over `steps` rounds; a round of k takes
     `seconds_of(k)`, each proposal is confirmed with `odds` (seeded)."""
-    req = Speculator(Proposer(), most).request("a")
+    req = Speculator(Always(), most).request("a")
     rng = random.Random(0)
 
     async def run():
@@ -73,20 +74,6 @@ def drive(seconds_of, odds: float, steps: int = 400, most: int = 7) -> list[int]
         return sizes
 
     return asyncio.run(run())
-
-
-class Proposer:
-    async def propose(self, key, tokens, k):
-        return [1] * k
-
-    def ahead(self, key, tokens, proposals, k):
-        pass
-
-    def prefill(self, key, tokens):
-        pass
-
-    async def drop(self, key):
-        pass
 
 
 def test_a_request_keeps_every_proposal_where_a_check_costs_the_same_for_any_size():
