@@ -91,6 +91,15 @@ async def variant(path: Path, addresses: list[str], ids: list[int], new: int, ru
         if coord.draft is not None:
             print(f"rounds drafted ahead: {coord.draft.ahead_taken} used, "
                   f"{coord.draft.ahead_missed} not", flush=True)
+        spec = coord.engine.speculator if coord.engine else None
+        if spec is not None:  # what the serve learned a round costs (spec_depth.py)
+            costs = spec.costs
+            timed = ", ".join(f"{k}: {costs.rounds[k]} x {costs.seconds[k] * 1e3:.2f} ms"
+                              for k in sorted(costs.rounds))
+            line = costs.estimate(spec.num_draft_tokens)
+            fitted = ", ".join(f"{k}: {s * 1e3:.2f}" for k, s in line.items()) if line else "-"
+            print(f"steps by proposals (count x moving ms): {timed}; fitted ms: {fitted}",
+                  flush=True)
         return out
     finally:
         await coord.stop()
