@@ -124,9 +124,15 @@ def hops(args: argparse.Namespace) -> None:
         added = "" if prev is None else f"{itl[w] - itl[prev]:+.3f}"
         print(f"| {w} | {itl[w]:.3f} | {added} |")
         prev = w
-    steps = [(itl[b] - itl[a]) / (b - a) for a, b in zip(counts, counts[1:], strict=False)]
-    print(f"added ms per token per added hop: median {statistics.median(steps):.3f} "
-          f"(target <= 0.3)")
+    if len(counts) < 2:
+        return
+    # the least-squares slope over every count: one noisy row moves it by a fraction of its
+    # error, where the median of the steps between neighbours could swing by all of it
+    mean_w, mean_t = statistics.mean(counts), statistics.mean(itl.values())
+    slope = sum((w - mean_w) * (itl[w] - mean_t) for w in counts) / sum(
+        (w - mean_w) ** 2 for w in counts)
+    print(f"added ms per token per added hop: {slope:.3f}, the least-squares slope over "
+          f"{min(counts)} to {max(counts)} workers (target <= 0.3)")
 
 
 def main() -> None:
