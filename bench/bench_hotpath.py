@@ -40,10 +40,8 @@ HOP_SPEC = ModelSpec(family="llama", num_layers=4, hidden_size=128, intermediate
                      max_position_embeddings=4096)
 
 
-async def cluster_runs(path: Path, workers: int, streams: list[int], prompt: int, new: int,
-                       runs: int, pin: bool) -> dict[int, list[Result]]:
-    """Start `workers` local workers and a coordinator; per stream count, a warm-up and `runs`
-    timed runs."""
+async def start_cluster(path: Path, workers: int, streams: int, pin: bool):
+    """`workers` local workers and a coordinator serving `path`, started."""
     from coordinator.app import Coordinator, ServeOptions
     from coordinator.local import LocalWorkers
 
@@ -52,21 +50,58 @@ async def cluster_runs(path: Path, workers: int, streams: list[int], prompt: int
                          fresh_cache=True)
     addresses = local.start(timeout=300)
     coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
-                                     grpc_port=0, max_sequences=max(streams), context=4096,
+                                     grpc_port=0, http_port=0, max_sequences=streams, context=4096,
                                      prefix_cache_tokens=0),
                         progress=lambda m: None)
-    label = f"shardline {workers} worker{'s' if workers > 1 else ''}"
-    out: dict[int, list[Result]] = {}
     try:
         await coord.start()
+    except BaseException:
+        local.stop()
+        raise
+    return local, coord
+
+
+def label_of(workers: int) -> str:
+    return f"shardline {workers} worker{'s' if workers > 1 else ''}"
+
+
+async def cluster_runs(path: Path, workers: int, streams: list[int], prompt: int, new: int,
+                       runs: int, pin: bool) -> dict[int, list[Result]]:
+    """Start `workers` local workers and a coordinator; per stream count, a warm-up and `runs`
+    timed runs."""
+    out = {}
+    local, coord = await start_cluster(path, workers, max(streams), pin)
+    try:
         for s in streams:
-            await bench_shardline(coord, label, s, prompt, min(new, 16))
-            out[s] = [await bench_shardline(coord, label, s, prompt, new, warm=False)
+            await bench_shardline(coord, label_of(workers), s, prompt, min(new, 16))
+            out[s] = [await bench_shardline(coord, label_of(workers), s, prompt, new, warm=False)
                       for _ in range(runs)]
     finally:
         await coord.stop()
         local.stop()
     return out
+
+
+async def interleaved_runs(path: Path, counts: list[int], prompt: int, new: int, runs: int,
+                           pin: bool) -> dict[int, list[Result]]:
+    """One stream through a cluster of each size in `counts`, all started at once and run in
+    turn (a run of every size, then the next round), so that a slow spell of the machine
+    falls on every size alike."""
+    clusters = {}
+    try:
+        for w in counts:
+            clusters[w] = await start_cluster(path, w, 1, pin)
+            await bench_shardline(clusters[w][1], label_of(w), 1, prompt, min(new, 16))
+        out: dict[int, list[Result]] = {w: [] for w in counts}
+        for _ in range(runs):
+            for w in counts:
+                out[w].append(await bench_shardline(clusters[w][1], label_of(w), 1, prompt,
+                                                    new, warm=False))
+        return out
+    finally:
+        for local, coord in clusters.values():
+            await coord.stop()
+            local.stop()
 
 
 def median_tps(results: list[Result]) -> float:
@@ -110,13 +145,11 @@ def hops(args: argparse.Namespace) -> None:
     bench_serving.PIN = pin
     path = cached_model(HOP_SPEC)
     counts = [int(w) for w in args.workers.split(",")] if args.workers_set else [1, 2, 3, 4]
-    itl = {}
-    for w in counts:
-        by = asyncio.run(cluster_runs(path, w, [1], 32, args.new, args.runs, pin))
-        itl[w] = median_itl_ms(by[1])
+    by = asyncio.run(interleaved_runs(path, counts, 32, args.new, args.runs, pin))
+    itl = {w: median_itl_ms(results) for w, results in by.items()}
     where = "workers pinned to core 0" if pin else "nothing pinned"
     print(f"model {HOP_SPEC.key()}, 1 stream, {args.new} new tokens, ITL p50 medians of "
-          f"{args.runs} runs, {where}")
+          f"{args.runs} runs interleaved across the cluster sizes, {where}")
     print("| workers | ITL p50 ms | added vs one fewer |")
     print("|---|---|---|")
     prev = None
