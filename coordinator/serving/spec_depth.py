@@ -5,9 +5,9 @@ each proposal confirmed with odds p, (1 - p^(k+1)) / (1 - p) on average. What it
 on the cluster: on the CPU every checked position adds to every matrix product, while on CUDA a
 chunk of 2 to 8 positions costs the same (docs/speculation.md). `RoundCosts` learns that cost
 from the steps the serve runs (a line through the seconds of rounds of each size, with a step
-without proposals as the least a round can cost), and `best`
-picks the k with the most tokens a second. Until rounds of two sizes are timed it has no answer
-and the request falls back to growing k after a full round and shrinking it after a miss.
+without proposals as the least a round can cost), and `best` picks the k with the most tokens
+a second. Until rounds of two sizes are timed it has no answer, and the request falls back to
+growing k after a full round and shrinking it after a miss.
 """
 
 from __future__ import annotations
