@@ -65,39 +65,29 @@ def label_of(workers: int) -> str:
     return f"shardline {workers} worker{'s' if workers > 1 else ''}"
 
 
-async def cluster_runs(path: Path, workers: int, streams: list[int], prompt: int, new: int,
-                       runs: int, pin: bool) -> dict[int, list[Result]]:
-    """Start `workers` local workers and a coordinator; per stream count, a warm-up and `runs`
-    timed runs."""
-    out = {}
-    local, coord = await start_cluster(path, workers, max(streams), pin)
-    try:
-        for s in streams:
-            await bench_shardline(coord, label_of(workers), s, prompt, min(new, 16))
-            out[s] = [await bench_shardline(coord, label_of(workers), s, prompt, new, warm=False)
-                      for _ in range(runs)]
-    finally:
-        await coord.stop()
-        local.stop()
-    return out
-
-
-async def interleaved_runs(path: Path, counts: list[int], prompt: int, new: int, runs: int,
-                           pin: bool) -> dict[int, list[Result]]:
-    """One stream through a cluster of each size in `counts`, all started at once and run in
-    turn (a run of every size, then the next round), so that a slow spell of the machine
-    falls on every size alike."""
+async def interleaved_runs(path: Path, counts: list[int], streams: list[int], prompt: int,
+                           new: int, runs: int, pin: bool, baseline=None
+                           ) -> tuple[dict[int, list[Result]], dict[int, dict[int, list[Result]]]]:
+    """A cluster of each size in `counts`, all started at once and warmed up, then `runs`
+    rounds of one run of each (`baseline(streams)` first, where given, then every cluster),
+    per stream count, so that a slow spell of the machine falls on every row alike. Returns
+    the baseline's runs and each cluster's, by stream count."""
     clusters = {}
     try:
         for w in counts:
-            clusters[w] = await start_cluster(path, w, 1, pin)
-            await bench_shardline(clusters[w][1], label_of(w), 1, prompt, min(new, 16))
-        out: dict[int, list[Result]] = {w: [] for w in counts}
+            clusters[w] = await start_cluster(path, w, max(streams), pin)
+            for s in streams:
+                await bench_shardline(clusters[w][1], label_of(w), s, prompt, min(new, 16))
+        base: dict[int, list[Result]] = {s: [] for s in streams}
+        out: dict[int, dict[int, list[Result]]] = {w: {s: [] for s in streams} for w in counts}
         for _ in range(runs):
-            for w in counts:
-                out[w].append(await bench_shardline(clusters[w][1], label_of(w), 1, prompt,
-                                                    new, warm=False))
-        return out
+            for s in streams:
+                if baseline is not None:  # in a thread: the coordinators' loop keeps running
+                    base[s].append(await asyncio.to_thread(baseline, s))
+                for w in counts:
+                    out[w][s].append(await bench_shardline(clusters[w][1], label_of(w), s,
+                                                           prompt, new, warm=False))
+        return base, out
     finally:
         for local, coord in clusters.values():
             await coord.stop()
@@ -119,12 +109,12 @@ def decode(args: argparse.Namespace) -> None:
     pin = not args.gpu and hasattr(os, "sched_setaffinity")
     bench_serving.PIN = pin
     path = cached_model(spec)
-    base = {s: [bench_mlx_lm(path, s, args.prompt, args.new) for _ in range(args.runs)]
-            for s in streams}
-    rows = {w: asyncio.run(cluster_runs(path, w, streams, args.prompt, args.new, args.runs, pin))
-            for w in workers}
+    base, rows = asyncio.run(interleaved_runs(
+        path, workers, streams, args.prompt, args.new, args.runs, pin,
+        baseline=lambda s: bench_mlx_lm(path, s, args.prompt, args.new)))
     print(f"model {spec.key()}, prompt {args.prompt}, {args.new} new tokens, greedy, "
-          f"medians of {args.runs} runs, {'GPU' if args.gpu else 'CPU pinned to core 0'}")
+          f"medians of {args.runs} runs, mlx-lm and every cluster in turn, "
+          f"{'GPU' if args.gpu else 'CPU pinned to core 0'}")
     print("| system | " + " | ".join(f"{s} stream{'s' if s > 1 else ''} tok/s" for s in streams)
           + " |")
     print("|---|" + "---|" * len(streams))
@@ -145,8 +135,8 @@ def hops(args: argparse.Namespace) -> None:
     bench_serving.PIN = pin
     path = cached_model(HOP_SPEC)
     counts = [int(w) for w in args.workers.split(",")] if args.workers_set else [1, 2, 3, 4]
-    by = asyncio.run(interleaved_runs(path, counts, 32, args.new, args.runs, pin))
-    itl = {w: median_itl_ms(results) for w, results in by.items()}
+    _, by = asyncio.run(interleaved_runs(path, counts, [1], 32, args.new, args.runs, pin))
+    itl = {w: median_itl_ms(results[1]) for w, results in by.items()}
     where = "workers pinned to core 0" if pin else "nothing pinned"
     print(f"model {HOP_SPEC.key()}, 1 stream, {args.new} new tokens, ITL p50 medians of "
           f"{args.runs} runs interleaved across the cluster sizes, {where}")
