@@ -61,11 +61,14 @@ def placeholders_work() -> bool:
     wherever MLX arrays live in host-visible memory: CPU, Apple silicon, CUDA managed memory)."""
     global _WORKS
     if _WORKS is None:
-        try:
-            slot, view = codec.placeholder((1, 4), mx.float32)
-            out = slot * 2
-            view[...] = 3
-            _WORKS = bool(mx.all(out == 6).item())
+        try:  # float32 as is, bf16 through a view of its bits (codec.placeholder)
+            works = True
+            for dtype in (mx.float32, mx.bfloat16):
+                slot, view = codec.placeholder((1, 4), dtype)
+                out = slot * 2
+                view[...] = 0x4040 if dtype == mx.bfloat16 else 3  # 3.0 in bf16's bits
+                works = works and bool(mx.all(out == 6).item())
+            _WORKS = works
         except Exception:  # noqa: BLE001 - no placeholders, then: slices do not prepare
             _WORKS = False
         if not _WORKS:
