@@ -1,11 +1,16 @@
-"""Hardware detection: real probe on this machine, and the Metal/CUDA paths through a fake MLX."""
+"""Hardware detection (a real probe on this machine, the Metal/CUDA paths through a fake MLX),
+and the host settings a worker applies at start."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
+from conftest import ROOT, GiB
 
 from worker import backend
 from worker.backend import CHIP_BANDWIDTH_GBPS, Hardware, chip_bandwidth, detect
@@ -220,3 +225,40 @@ def test_short_chunks_are_padded_to_eight_rows_on_cuda_only(monkeypatch) -> None
     assert backend.row_floor(fake_mx(False, None, {})) == backend.MAX_ROW_FLOOR == 64
     monkeypatch.setenv("SHARDLINE_PAD_ROWS", "-3")
     assert backend.row_floor(fake_mx(False, True, {})) == 1
+
+
+LINUX_ONLY = pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+
+
+@LINUX_ONLY
+def test_batch_scheduling_reaches_the_threads_started_after_it_and_can_be_turned_off() -> None:
+    script = (
+        "import os, threading\n"
+        "from worker.backend import batch_scheduling\n"
+        "applied = batch_scheduling()\n"
+        "seen = []\n"
+        "t = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))\n"
+        "t.start(); t.join()\n"
+        "print(applied, seen[0] == os.SCHED_BATCH, os.sched_getscheduler(0) == os.SCHED_BATCH)\n"
+    )
+    off = {"SHARDLINE_SCHED_BATCH": "0"}
+    for env, want in (({}, "True True True"), (off, "False False False")):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                             cwd=ROOT, env={**os.environ, **env}, check=True)
+        assert out.stdout.split() == want.split(), (env, out.stdout, out.stderr)
+
+
+@LINUX_ONLY
+def test_every_thread_of_a_running_worker_is_batch_scheduled(tmp_path) -> None:
+    # the hand-offs of a token between its threads must not pre-empt (bench/OVERHEAD.md)
+    from coordinator.local import LocalWorkers
+
+    local = LocalWorkers(1, memory=[1 * GiB], cache_dir=tmp_path)
+    try:
+        local.start()
+        pid = local.procs[0].pid
+        threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        assert len(threads) > 3  # the event loop, the MLX thread, gRPC's, the metrics server
+        assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_BATCH}
+    finally:
+        local.stop()

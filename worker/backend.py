@@ -19,7 +19,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -205,6 +205,38 @@ def tune_allocator() -> bool:
             (_M_TOP_PAD, 16 << 20)))
     except (OSError, AttributeError):
         return False
+
+
+def batch_scheduling(environ: Mapping[str, str] | None = None) -> bool:
+    """Run this process's threads, and every thread started from now on, under Linux's
+    SCHED_BATCH.
+
+    A pipeline stage hands each token between threads: the event loop wakes the MLX thread,
+    which wakes MLX's stream thread with every task it launches, and back. Under the default
+    policy a woken thread pre-empts the one that woke it, so on a busy host each hand-off
+    costs a task switch (7 to 16 a token on the MLX thread of a one-layer stage here,
+    bench/OVERHEAD.md); SCHED_BATCH drops that wake-up pre-emption and keeps everything else
+    (priorities, nice values, fair shares). Threads inherit it from the thread that starts
+    them; those already running (a BLAS pool started at import) are set one by one. Linux only
+    (a no-op elsewhere); SHARDLINE_SCHED_BATCH=0 keeps the default policy. Returns whether it
+    applied."""
+    environ = os.environ if environ is None else environ
+    if environ.get("SHARDLINE_SCHED_BATCH", "1") == "0" or not hasattr(os, "SCHED_BATCH"):
+        return False
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError:
+        return False
+    try:
+        running = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        running = []
+    for tid in running:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+        except OSError:  # gone meanwhile
+            pass
+    return True
 
 
 def detect(memory_override: int | None = None, cache_dir: Path | None = None) -> Hardware:

@@ -73,7 +73,7 @@ def _write_ready(path: Path, port: int) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from protos import default_cache_dir
     from worker.advertise import check_args, serve_advertised
-    from worker.backend import detect, tune_allocator
+    from worker.backend import batch_scheduling, detect, tune_allocator
     from worker.identity import node_id
     from worker.metrics import WorkerMetrics, start_metrics_server
     from worker.mlx_thread import SWITCH_INTERVAL
@@ -83,6 +83,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     name = args.name or socket.gethostname().split(".")[0]
+    batch_scheduling()  # before any thread starts: they all inherit it
     tune_allocator()
     cache_dir = args.cache_dir or default_cache_dir()
     hardware = detect(args.memory, cache_dir)
