@@ -32,7 +32,6 @@ MAX_STREAMS = 2  # speculate only while at most this many requests run
 LOW_ACCEPTANCE = 0.25  # below these odds of a confirmation (a few rounds in) a request pauses
 PAUSE_STEPS = 32  # steps without guesses after a low acceptance (doubling each time, up to
 MAX_PAUSE = 512  # this), then it tries one again
-EMA = 0.3
 ODDS_EMA = 0.05  # weight of each checked guess in the odds that one is confirmed
 PRIOR = 2.0  # guesses a request's odds start from
 SLOWER = 0.95  # steps with guesses pause when they bring tokens slower than this share of
@@ -296,9 +295,8 @@ class SpecRequest:
         self.k = speculator.num_draft_tokens
         self.drafted = self.accepted = 0
         self.rounds = 0
-        self.rate = 1.0  # moving share of guesses confirmed
         # guesses checked (up to the first miss) and confirmed, moving; a start of PRIOR
-        # confirmed ones, as `rate` starts at 1, so one miss does not stop drafting ahead
+        # confirmed ones, so that one miss does not stop drafting ahead
         self._tried = self._confirmed = PRIOR
         self.paused = 0
         self.pause = PAUSE_STEPS  # the next pause's length
@@ -342,7 +340,6 @@ class SpecRequest:
         self.drafted += drafted
         self.accepted += accepted
         self.rounds += 1
-        self.rate = (1 - EMA) * self.rate + EMA * accepted / drafted
         # the guesses after the first miss were not checked: they say nothing of the odds
         tried = accepted + (accepted < drafted)
         keep = (1 - ODDS_EMA) ** tried  # a moving window of about 1 / ODDS_EMA guesses
@@ -358,11 +355,11 @@ class SpecRequest:
             self.timed += 1
             self._rounds = _mix(self._rounds, seconds, accepted + 1, self.timed)
         if self.rounds >= 3 and self.odds < LOW_ACCEPTANCE:
-            self._rest(rate=0.5)
+            self._rest(odds=0.5)
         elif self.timed >= TIMED and self.plain_steps < TIMED:
             self.paused = TIMED - self.plain_steps  # time a few steps without guesses
         elif self.timed >= TIMED and self.pace * SLOWER > self.plain:
-            self._rest(rate=self.rate)
+            self._rest(odds=self.odds)
         if (m := self.spec.metrics) is not None:
             m.spec_draft.inc(drafted)
             m.spec_accepted.inc(accepted)
@@ -383,10 +380,10 @@ class SpecRequest:
         """Seconds per token of recent paused steps."""
         return None if self._plain is None else self._plain[0] / self._plain[1]
 
-    def _rest(self, rate: float) -> None:
+    def _rest(self, odds: float) -> None:
         """No guesses for the next pause (twice as long each time), then try again afresh."""
-        self.paused, self.rate, self.k, self.rounds = self.pause, rate, 1, 0
-        self._tried, self._confirmed = PRIOR, PRIOR * rate  # the odds start again at `rate`
+        self.paused, self.k, self.rounds = self.pause, 1, 0
+        self._tried, self._confirmed = PRIOR, PRIOR * odds  # the odds start again at `odds`
         self.pause = min(2 * self.pause, MAX_PAUSE)
         self._rounds, self.timed = None, 0
 
