@@ -69,8 +69,8 @@ async def interleaved_runs(path: Path, counts: list[int], streams: list[int], pr
                            new: int, runs: int, pin: bool, baseline=None
                            ) -> tuple[dict[int, list[Result]], dict[int, dict[int, list[Result]]]]:
     """A cluster of each size in `counts`, all started at once and warmed up, then `runs`
-    rounds of one run of each (`baseline(streams)` first, where given, then every cluster),
-    per stream count, so that a slow spell of the machine falls on every row alike. Returns
+    rounds of one run of each (`baseline(s)` first, where given, then every cluster), per
+    stream count s, so that a slow spell of the machine falls on every row alike. Returns
     the baseline's runs and each cluster's, by stream count."""
     clusters = {}
     try:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_hotpath  # noqa: E402
 import bench_serving  # noqa: E402
-from bench_serving import GiB, bench_shardline  # noqa: E402
+from bench_serving import bench_shardline  # noqa: E402
 
 from coordinator.demo import cached_model  # noqa: E402
 
@@ -55,18 +55,8 @@ def scrape(port: int) -> dict[str, tuple[float, float]]:
 
 async def profile(path: Path, workers: int, new: int, pin: bool) -> tuple[float, list[dict]]:
     """ITL p50 (ms) of one stream and, per stage, the mean ms of each part per decode step."""
-
-    from coordinator.app import Coordinator, ServeOptions
-    from coordinator.local import LocalWorkers
-
-    local = LocalWorkers(workers, memory=[(4 if pin else 32) * GiB] * workers,
-                         cpus=[0] * workers if pin else None, fresh_cache=True)
-    coord = Coordinator(ServeOptions(model=str(path), workers=local.start(timeout=300),
-                                     host="127.0.0.1", grpc_port=0, max_sequences=4,
-                                     context=4096, prefix_cache_tokens=0),
-                        progress=lambda m: None)
+    local, coord = await bench_hotpath.start_cluster(path, workers, 4, pin)
     try:
-        await coord.start()
         await bench_shardline(coord, "warm-up", 1, 32, 16)
         ports = [w.info.metrics_port for w in coord.cluster.workers[:workers]]
         before = [scrape(p) for p in ports]
