@@ -140,7 +140,7 @@ class ShardInfo(_message.Message):
     def __init__(self, spec: _Optional[_Union[ShardSpec, _Mapping]] = ..., model_type: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., active_memory_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., forkable: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("id", "name", "version", "api", "memory_bytes", "bandwidth_gbps", "chip", "backend", "cluster", "metrics_port", "shard", "sessions", "proof", "kv_bytes", "stopping")
+    __slots__ = ("id", "name", "version", "api", "memory_bytes", "bandwidth_gbps", "chip", "backend", "cluster", "metrics_port", "shard", "sessions", "proof", "kv_bytes", "stopping", "device", "lanes")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -156,6 +156,8 @@ class WorkerInfo(_message.Message):
     PROOF_FIELD_NUMBER: _ClassVar[int]
     KV_BYTES_FIELD_NUMBER: _ClassVar[int]
     STOPPING_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    LANES_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     version: str
@@ -171,7 +173,9 @@ class WorkerInfo(_message.Message):
     proof: bytes
     kv_bytes: int
     stopping: bool
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., bandwidth_gbps: _Optional[float] = ..., chip: _Optional[str] = ..., backend: _Optional[str] = ..., cluster: _Optional[str] = ..., metrics_port: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., sessions: _Optional[int] = ..., proof: _Optional[bytes] = ..., kv_bytes: _Optional[int] = ..., stopping: _Optional[bool] = ...) -> None: ...
+    device: str
+    lanes: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., version: _Optional[str] = ..., api: _Optional[int] = ..., memory_bytes: _Optional[int] = ..., bandwidth_gbps: _Optional[float] = ..., chip: _Optional[str] = ..., backend: _Optional[str] = ..., cluster: _Optional[str] = ..., metrics_port: _Optional[int] = ..., shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., sessions: _Optional[int] = ..., proof: _Optional[bytes] = ..., kv_bytes: _Optional[int] = ..., stopping: _Optional[bool] = ..., device: _Optional[str] = ..., lanes: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
     __slots__ = ("spec", "keep_serving")

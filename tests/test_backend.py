@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -191,7 +192,8 @@ def test_detect_measures_only_chips_the_tables_do_not_name(monkeypatch, tmp_path
     assert detect(cache_dir=tmp_path).bandwidth_gbps == 12.5 and measured == [1]
     known = Hardware("metal", "Apple M2 Max", 1 << 30, 400.0, 2 << 30)
     monkeypatch.setattr(backend, "_detect_mlx", lambda mx=None: known)
-    assert detect(cache_dir=tmp_path) == known and measured == [1]
+    got = detect(cache_dir=tmp_path)
+    assert replace(got, device="", lanes=1) == known and measured == [1]
 
 
 def test_metal_wires_the_recommended_working_set_and_other_backends_wire_nothing(caplog):
@@ -262,3 +264,24 @@ def test_every_thread_of_a_running_worker_is_batch_scheduled(tmp_path) -> None:
         assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_BATCH}
     finally:
         local.stop()
+
+
+def test_workers_that_share_a_device_name_it_alike_with_the_steps_it_computes_at_once(
+        monkeypatch) -> None:
+    monkeypatch.setattr(backend, "_machine_id", lambda: "m1")
+    # a GPU computes one step at a time, whichever worker sends it
+    assert backend.device_of("metal") == ("metal:m1", 1)
+    assert backend.device_of("cuda", {}) == ("cuda:m1:0", 1)
+    assert backend.device_of("cuda", {"CUDA_VISIBLE_DEVICES": "3,1"}) == ("cuda:m1:3", 1)
+    # a CPU as many as the cores this process may use; the same cores, the same device
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 0})
+        assert backend.device_of("cpu") == ("cpu:m1:0,1", 2)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+        assert backend.device_of("cpu") == ("cpu:m1:0", 1)
+    hw = detect()
+    assert hw.device == backend.device_of(hw.backend)[0] and hw.lanes >= 1
+
+
+def test_machine_id_is_the_same_each_time_and_never_empty() -> None:
+    assert backend._machine_id() == backend._machine_id() != ""

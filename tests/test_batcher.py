@@ -45,9 +45,11 @@ class FakePipeline:
 
 
 class Source:
-    def __init__(self) -> None:
+    def __init__(self, lanes: int | None = None) -> None:
         self.pipeline = FakePipeline()
         self.plan = None
+        if lanes is not None:  # steps the plan's devices compute at once (Cluster.lanes)
+            self.lanes = lanes
 
 
 def prompt(seq_id: str, sizes: list[int], fork_from: str = "") -> list[worker_pb2.SeqInput]:
@@ -196,3 +198,36 @@ def test_a_held_release_goes_out_once_the_forking_chunk_is_gone(cancel):
         return [e for e in src.pipeline.log if e[0] == "release"]
 
     assert run(scenario()) == ([("release", ["old"])] if cancel else [])
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_stages_that_share_one_device_decode_every_sequence_in_one_group(lanes):
+    """Three stages on one device (lanes 1): one decode group of all running sequences, and a
+    sequence that comes while it is in flight waits for it and goes with it, however long the
+    wait; on three devices (lanes 3) it goes on its own once `wait` passed, in a second group."""
+    async def scenario():
+        src = Source(lanes)
+        b = Microbatcher(src, 3, wait=0.0)
+        for s in ("a", "b", "c", "d"):
+            b.join(s)
+        first = [b.submit(decode(s, 10)) for s in ("a", "b", "c")]
+        await settle()
+        late = b.submit(decode("d", 10))  # its step came after the others left
+        await settle()
+        log = [e for _, e in src.pipeline.log]
+        for i in range(len(src.pipeline.steps)):
+            src.pipeline.finish(i)
+        # the engine sends a sequence's next step as soon as its token is in
+        again = [b.submit(decode(s, 11)) for s in ("a", "b", "c")]
+        await settle()
+        return log, [e for _, e in src.pipeline.log], b.groups, first + [late] + again
+
+    log, after, groups, futures = run(scenario())
+    if lanes == 1:
+        assert groups == 1
+        assert log == [["a@10", "b@10", "c@10"]]  # wait=0 passed, and d still waited
+        assert after[1:] == [["a@11", "b@11", "c@11", "d@10"]]  # with the group, not alone
+    else:
+        assert groups == 3  # groups of ceil(4 / 3) = 2, or what came within `wait`
+        assert log == [["a@10", "b@10"], ["c@10"], ["d@10"]]
+    assert all(f.done() for f in futures[:3])

@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -73,6 +74,8 @@ class Hardware:
     memory_bytes: int  # usable for weights + KV cache
     bandwidth_gbps: float | None
     total_memory_bytes: int
+    device: str = ""  # the compute device: workers that share one name it alike (`device_of`)
+    lanes: int = 1  # steps that device computes at once
 
 
 def chip_bandwidth(chip: str) -> float | None:
@@ -255,10 +258,42 @@ def detect(memory_override: int | None = None, cache_dir: Path | None = None) ->
     if memory_override is not None:
         if memory_override <= 0:
             raise ValueError(f"memory_override must be positive, not {memory_override}")
-        hw = Hardware(
-            hw.backend, hw.chip, int(memory_override), hw.bandwidth_gbps, hw.total_memory_bytes
-        )
-    return hw
+        hw = replace(hw, memory_bytes=int(memory_override))
+    device, lanes = device_of(hw.backend)
+    return replace(hw, device=device, lanes=lanes)
+
+
+def device_of(backend: str, environ: Mapping[str, str] | None = None) -> tuple[str, int]:
+    """This process's compute device, named alike by every worker that shares it, and how many
+    steps it computes at once. A GPU computes one: workers on one Mac, or on one CUDA device
+    (the first of `CUDA_VISIBLE_DEVICES`), take turns on it. A CPU computes as many as the
+    cores this process may run on (its affinity), and workers pinned to the same cores share
+    them."""
+    environ = os.environ if environ is None else environ
+    machine = _machine_id()
+    if backend == "cpu":
+        if hasattr(os, "sched_getaffinity"):
+            cores = sorted(os.sched_getaffinity(0))
+        else:
+            cores = list(range(os.cpu_count() or 1))
+        return f"cpu:{machine}:{','.join(map(str, cores))}", max(1, len(cores))
+    if backend == "cuda":
+        visible = environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip() or "0"
+        return f"cuda:{machine}:{visible}", 1
+    return f"{backend}:{machine}", 1
+
+
+def _machine_id() -> str:
+    """A name of this machine that no other has: systemd's machine id where there is one,
+    else a hardware address of the machine (`uuid.getnode`)."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text:
+            return text
+    return f"{uuid.getnode():012x}"
 
 
 def _detect_mlx(mx: Any = None) -> Hardware | None:

@@ -113,6 +113,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             proof=auth.prove(self.config.secret, request.challenge)
             if self.config.secret and request.challenge else b"",
             kv_bytes=self.metrics.kv_bytes if self.runner else 0,
+            device=hw.device,
+            lanes=hw.lanes,
             stopping=self.health is not None and self.health.stopped,
         )
 

@@ -173,6 +173,19 @@ async def wait_all(addresses: Sequence[str], secret: bytes | None = None, wait: 
     return list(outcomes)
 
 
+def lanes(infos: Sequence[worker_pb2.WorkerInfo]) -> int:
+    """Steps these workers compute at once: per device they share, as many as it computes
+    together (`WorkerInfo.lanes`, at most its workers); a worker that names no device has its
+    own. Several workers on one GPU take turns, so the microbatches that keep separate machines
+    busy would only read each stage's weights once per microbatch there."""
+    shared: dict[str, tuple[int, int]] = {}  # device -> (its lanes, its workers)
+    for i, info in enumerate(infos):
+        key = info.device or f"#{i}"
+        workers = shared.get(key, (0, 0))[1] + 1
+        shared[key] = (max(1, info.lanes), workers)
+    return max(1, sum(min(n, workers) for n, workers in shared.values()))
+
+
 @dataclass
 class Cluster:
     """Workers, the plan over them and the pipeline through them, for one model."""
@@ -363,6 +376,13 @@ class Cluster:
             if not self.recovering or time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(0.05)
+
+    @property
+    def lanes(self) -> int:
+        """Steps the plan's workers compute at once (`lanes`): the decode microbatches worth
+        sending together."""
+        stages = len(self.plan.stages) if self.plan is not None else 0
+        return lanes([w.info for w in self.workers[:stages]])
 
     @property
     def forkable(self) -> bool:

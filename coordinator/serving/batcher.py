@@ -1,10 +1,14 @@
 """Microbatching: decode steps and prompt chunks share the pipeline, one step per stage in flight.
 
-Decode steps of the running sequences split into N groups that circulate through the pipeline,
-so every stage computes at once, and each stage decodes a whole group with one read of its
-weights (worker/batch.py). Prompt chunks (chunked prefill) go through the same cap of N steps in
-flight: when both are waiting they take turns, so a long prompt neither stalls the running
-streams nor waits behind them, and a lone prompt still keeps N chunks in flight.
+Decode steps of the running sequences split into groups that circulate through the pipeline, so
+every device computes at once, and each stage decodes a whole group with one read of its
+weights (worker/batch.py). There are as many groups as steps the plan's devices compute at
+once: one per stage where each worker has a machine of its own, fewer where workers share one
+(workers on one GPU take turns on it, so there one group reads each stage's weights once for
+every running sequence; coordinator/cluster/cluster.py `lanes`). Decode groups and prompt
+chunks (chunked prefill) go through one cap of a step per stage in flight: when both are
+waiting they take turns, so a long prompt neither stalls the running streams nor waits behind
+them, and a lone prompt still keeps a chunk per stage in flight.
 """
 
 from __future__ import annotations
@@ -26,8 +30,9 @@ Item = tuple[worker_pb2.SeqInput, asyncio.Future, Pipeline | None]
 class Microbatcher:
     """Collects decode steps and prompt chunks and sends them as steps, at most `stages` at once.
 
-    A decode group is sent once it has its share of the running sequences (running / stages),
-    or after `wait` seconds, whichever comes first. A prefill step carries the oldest queued
+    A decode group is sent once it has its share of the running sequences (running / groups),
+    or `wait` seconds after a place for it came free, whichever comes first; at most `groups`
+    decode groups are in flight. A prefill step carries the oldest queued
     chunk of each of one or more prompts, up to `prefill_tokens` tokens (at least one chunk),
     so each prompt's chunks go out in order, one per step. When a decode group and prompt chunks
     both wait for a free place, they alternate.
@@ -44,6 +49,7 @@ class Microbatcher:
         self._pending: list[Item] = []  # decode steps
         self._prefill: list[Item] = []  # prompt chunks, in the order they were queued
         self.in_flight = 0
+        self.decode_in_flight = 0
         self.max_in_flight = 0  # high-water mark of steps in flight (decode and prefill)
         self._timer: asyncio.TimerHandle | None = None
         self._expired = False
@@ -103,11 +109,22 @@ class Microbatcher:
         await pipeline.release(seq_ids)
 
     # -- sending ------------------------------------------------------------------------------
+    @property
+    def groups(self) -> int:
+        """Decode groups in flight at once: the steps the plan's devices compute together
+        (the source's `lanes`), at most the stages."""
+        lanes = getattr(self._source, "lanes", None)
+        return min(self.stages, lanes) if isinstance(lanes, int) and lanes > 0 else self.stages
+
     def _target(self) -> int:
-        return min(self.max_batch, max(1, math.ceil(len(self.active) / self.stages)))
+        return min(self.max_batch, max(1, math.ceil(len(self.active) / self.groups)))
+
+    def _decode_room(self) -> bool:
+        return self.decode_in_flight < self.groups
 
     def _decode_ready(self) -> bool:
-        return bool(self._pending) and (len(self._pending) >= self._target() or self._expired)
+        return bool(self._pending) and self._decode_room() and (
+            len(self._pending) >= self._target() or self._expired)
 
     def _expire(self) -> None:
         self._timer = None
@@ -128,8 +145,10 @@ class Microbatcher:
         self._drop_done()
         while self.in_flight < self.stages:
             ready = self._decode_ready()
-            if self._pending and not ready and self._timer is None:
-                # a place is free: give the group `wait` seconds to fill up
+            if self._pending and not ready and self._timer is None and self._decode_room():
+                # a place is free: give the group `wait` seconds to fill up (not while every
+                # group's place is taken: the steps then wait for a group to come back, and go
+                # with its sequences, not on their own)
                 self._timer = asyncio.get_running_loop().call_later(self.wait, self._expire)
             if ready and (self._decode_turn or not self._prefill):
                 self._send_decode()
@@ -161,7 +180,7 @@ class Microbatcher:
             self._timer = None
         self.batches += 1
         self.batched_steps += len(group)
-        self._send(group)
+        self._send(group, decode=True)
 
     def _send_prefill(self) -> None:
         """One step: the oldest queued chunk of each prompt, oldest first, within the budget."""
@@ -185,7 +204,7 @@ class Microbatcher:
         self.prefill_chunks += len(step)
         self._send(step)
 
-    def _send(self, group: list[Item]) -> None:
+    def _send(self, group: list[Item], decode: bool = False) -> None:
         """Queue the group on its pipeline now (in order); its result resolves the futures."""
         try:
             pipeline = group[0][2] or self._source.pipeline
@@ -194,10 +213,12 @@ class Microbatcher:
             _fail(group, str(e))
             return
         self.in_flight += 1
+        self.decode_in_flight += decode
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
 
         def done(sent: asyncio.Future) -> None:
             self.in_flight -= 1
+            self.decode_in_flight -= decode
             try:
                 result = Pipeline.result(sent)
             except (PipelineError, asyncio.CancelledError) as e:
