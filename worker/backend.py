@@ -332,17 +332,22 @@ def row_floor(mx: Any = None) -> int:
                 log.warning("SHARDLINE_PAD_ROWS=%d is more than %d; %d it is", rows,
                             MAX_ROW_FLOOR, MAX_ROW_FLOOR)
             return min(max(1, rows), MAX_ROW_FLOOR)
+    return CUDA_ROW_FLOOR if accelerator(mx) == "cuda" else 1
+
+
+def accelerator(mx: Any = None) -> str | None:
+    """"metal" or "cuda" where MLX computes on that GPU, else None (`mx` is injectable)."""
     try:
         if mx is None:
             import mlx.core as mx
         metal, cuda = getattr(mx, "metal", None), getattr(mx, "cuda", None)
         if metal is not None and metal.is_available():
-            return 1
+            return "metal"
         if cuda is not None and hasattr(cuda, "is_available") and cuda.is_available():
-            return CUDA_ROW_FLOOR
-    except Exception:  # noqa: BLE001 - an MLX without the probe: no padding
+            return "cuda"
+    except Exception:  # noqa: BLE001 - an MLX without the probe: the CPU
         pass
-    return 1
+    return None
 
 
 def _device_info(mx: Any) -> dict[str, Any]:

@@ -10,7 +10,8 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from protos import codec, worker_pb2
-from worker.backend import row_floor
+from worker import attention
+from worker.backend import accelerator, row_floor
 from worker.batch import DecodeBatch, batchable
 from worker.constrain import Constraint, ConstraintError, GrammarTokenizer
 from worker.lookahead import Lookahead
@@ -115,6 +116,7 @@ class StageRunner:
         self.vocab = getattr(getattr(shard.model, "args", None), "vocab_size", None)
         self.row_floor = row_floor()  # short chunks computed as this many rows (_padding)
         pad_products(shard.model, self.row_floor)  # and few sequences' quantized products
+        attention.install(accelerator() == "cuda")  # a few positions: no plan per shape
 
     def close(self) -> None:
         """Let go of the shard, the caches and any guess (a new shard replaces this one); a
