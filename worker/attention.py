@@ -3,7 +3,8 @@
 On MLX 0.32's CUDA backend, `mx.fast.scaled_dot_product_attention` with 2 or more query
 positions costs 70 to 90 ms on an 8B-shaped llama whenever the key length is one it has not met
 yet, and 14 to 27 ms when it has (bench/RESULTS-speculation.md, "Attention of a few positions
-on CUDA"). A chunk of proposals to check (2 to 8 positions) comes at a new key length every
+on CUDA"): there it runs cuDNN's attention, whose graph MLX builds and caches per shape of the
+queries and keys. A chunk of proposals to check (2 to 8 positions) comes at a new key length every
 round, so every round paid that. The same attention composed of plain operations, exactly as
 MLX composes it where it has no fused kernel (its CPU backend), costs the same at every length:
 `few_queries` below, bit-identical to `mx.fast.scaled_dot_product_attention` on the CPU
