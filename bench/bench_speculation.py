@@ -75,7 +75,7 @@ async def one_stream(coordinator, ids: list[int], new: int) -> tuple[float, int,
 
 
 async def variant(path: Path, addresses: list[str], ids: list[int], new: int, runs: int,
-                  **options) -> list[tuple[float, int, int]]:
+                  report: bool = True, **options) -> list[tuple[float, int, int]]:
     from coordinator.app import Coordinator, ServeOptions
 
     coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
@@ -88,6 +88,8 @@ async def variant(path: Path, addresses: list[str], ids: list[int], new: int, ru
         # GPU the first of each compiles its kernels)
         await one_stream(coord, ids, new)
         out = [await one_stream(coord, ids, new) for _ in range(runs)]
+        if not report:
+            return out
         if coord.draft is not None:
             print(f"rounds drafted ahead: {coord.draft.ahead_taken} used, "
                   f"{coord.draft.ahead_missed} not", flush=True)
@@ -141,7 +143,8 @@ def main() -> None:
 
     def measure(model: Path, ids: list[int], variants: list[tuple[str, dict]], label: str,
                 pad: str = "") -> None:
-        """Each variant's runs on freshly started workers serving `model`."""
+        """Each variant's runs on the same freshly started workers serving `model`, in
+        rounds: a coordinator per variant and round (warmed up with one full-length run)."""
         from coordinator.local import LocalWorkers
 
         local = LocalWorkers(args.workers, memory=[(4 if pin else 32) * GiB] * args.workers,
@@ -149,11 +152,13 @@ def main() -> None:
         if pad:
             local.env["SHARDLINE_PAD_ROWS"] = pad
         addresses = local.start(timeout=600)
-        try:
-            for name, options in variants:
-                plain_of[name + label] = "no speculation" + label
-                rows[name + label] = asyncio.run(variant(model, addresses, ids, args.new,
-                                                         args.runs, **options))
+        try:  # one run of each variant per round, so that a slow spell hits them alike
+            for r in range(args.runs):
+                for name, options in variants:
+                    plain_of[name + label] = "no speculation" + label
+                    rows.setdefault(name + label, []).extend(asyncio.run(variant(
+                        model, addresses, ids, args.new, 1, report=r == args.runs - 1,
+                        **options)))
         finally:
             local.stop()
 
@@ -175,7 +180,8 @@ def main() -> None:
     print(f"model {spec.key()} (layers after {spec.quiet_after} scaled by {spec.quiet_scale}), "
           f"{args.workers} workers,"
           f" prompt {args.prompt} (a repeated 16-token phrase), {args.new} new tokens, greedy, "
-          f"K = {args.num_draft_tokens}, medians of {args.runs} runs, {where}")
+          f"K = {args.num_draft_tokens}, medians of {args.runs} runs (one of each row per "
+          f"round), {where}")
     print("| system | decode tok/s | vs no speculation | vs mlx-lm alone | confirmed |")
     print("|---|---|---|---|---|")
     print(f"| mlx-lm alone (1 process) | {mlx:.1f} | | 1.00x | |")
