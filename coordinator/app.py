@@ -165,6 +165,10 @@ class Coordinator:
         )
         plan = self.cluster.make_plan()
         self.progress(plan.describe())
+        if self.cluster.lanes < len(plan.stages):
+            self.progress(f"the {len(plan.stages)} workers share devices that compute "
+                          f"{self.cluster.lanes} step(s) at once: running streams decode in "
+                          f"{self.cluster.lanes} microbatch(es)")
         service = InferenceService(None, self.cluster)
         await self.start_api(service)
         self.progress(f"loading {self.model.model_id} on {len(plan.stages)} worker(s)...")

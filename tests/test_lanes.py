@@ -36,8 +36,12 @@ def test_workers_pinned_to_one_core_decode_all_streams_in_one_group(model_dir, c
     local = LocalWorkers(3, memory=[2 * GiB] * 3, cpus=[0, 0, 0], cache_dir=cache_dir)
     addresses = local.start()
 
+    said: list[str] = []
+
     async def scenario():
-        async with Serving(path, addresses, max_sequences=4) as s:
+        serving = Serving(path, addresses, max_sequences=4)
+        serving.coordinator.progress = said.append
+        async with serving as s:
             cluster = s.coordinator.cluster
             devices = {w.info.device for w in cluster.workers}
             out = await asyncio.gather(*(s.generate(p, 12) for p in prompts))
@@ -49,6 +53,7 @@ def test_workers_pinned_to_one_core_decode_all_streams_in_one_group(model_dir, c
     finally:
         local.stop()
     assert len(devices) == 1 and next(iter(devices)).startswith("cpu:") and n == 1
+    assert any("decode in 1 microbatch" in m for m in said), said
     # 4 streams of 11 decode steps each: in groups of (nearly) all four, not one per stage
     assert steps == 44 and groups <= 14, (groups, steps)
     for p, (tokens, _, _) in zip(prompts, out, strict=True):
