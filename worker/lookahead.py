@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from protos import codec, worker_pb2
+from worker.check_ahead import ChecksAhead
 
 if TYPE_CHECKING:
     from worker.shard import Shard
@@ -91,6 +92,7 @@ class Lookahead:
         self.taken = 0  # guesses the next step confirmed
         self.dropped = 0  # guesses rolled back
         self.early = 0  # guesses started on the last stage's tokens (stage 0 of a pipeline)
+        self.checks = ChecksAhead()  # checks of proposals built ahead (worker/check_ahead.py)
         self.reported = {"taken": 0, "dropped": 0, "early": 0}  # what the metrics counted
 
     @staticmethod
@@ -117,8 +119,10 @@ class Lookahead:
         return True
 
     def propose(self, runner: StageRunner, step: Pending) -> None:
-        """Whole-model stage, a step just begun: unless a guess already follows it, begin the
-        decode step after `step` on its lazily sampled tokens."""
+        """A step just begun: noted if it checks proposals; on a whole-model stage, unless a
+        guess already follows it, begin the decode step after `step` on its lazily sampled
+        tokens."""
+        self.checks.note(step)
         if self.whole:
             self._extend(runner, step, 1)
 
@@ -181,6 +185,10 @@ class Lookahead:
         """The guessed step if `msg` is exactly it (its inputs written into the placeholders
         and its evaluation started), else None after rolling back every guess that shares a
         sequence with it."""
+        if msg.seqs and self.checks.built:
+            check = self.checks.take(runner, msg)
+            if check is not None:
+                return check
         if not msg.seqs or not self.guesses:
             return None  # a bare release: StageRunner.release drops guesses if it must
         seqs = list(msg.seqs)
@@ -224,9 +232,13 @@ class Lookahead:
         return pending
 
     def start_early(self, runner: StageRunner, result: worker_pb2.StageResult) -> bool:
-        """Stage 0 of a pipeline: the last stage sampled `result`'s tokens; if they are the
-        inputs of the guess after step `result.step_id`, write them in and start it."""
-        if self.whole or runner.shard is None or not runner.shard.is_first:
+        """The last stage's result of a step: checks of proposals in it settle and the next
+        is built (`ChecksAhead.verdict`). Stage 0 of a pipeline: if the tokens sampled are
+        the inputs of the guess after step `result.step_id`, write them in and start it."""
+        if runner.shard is None:
+            return False
+        self.checks.verdict(runner, result)
+        if self.whole or not runner.shard.is_first:
             return False
         chain = self.guesses.get(tuple(o.seq_id for o in result.outputs))
         if not chain:
@@ -256,11 +268,13 @@ class Lookahead:
 
     def drop(self, seq_ids: list[str]) -> None:
         """Roll back every guess that decodes one of `seq_ids` (about to be released)."""
+        self.checks.drop(seq_ids)
         for key in [k for k in self.guesses if set(k) & set(seq_ids)]:
             self._roll_back(self.guesses.pop(key))
 
     def clear(self) -> None:
         """Forget every guess without rolling back (the runner lets its caches go)."""
+        self.checks.clear()
         self.guesses.clear()
 
     def _roll_back(self, chain: list[_Guess]) -> None:

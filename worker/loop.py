@@ -8,6 +8,10 @@ sampled, one hop and the coordinator's turn earlier. The coordinator's message s
 it confirms the step started, or rolls it back and runs what it says (a stream ended, a new
 prompt came), so what comes out is the same either way. Following is best effort: when the
 stream fails, stage 0 waits for the coordinator's messages as before.
+
+The stages between follow too, once steps with proposals come: the last stage's verdict on a
+check tells them which positions stay, so they build the next check ahead
+(worker/check_ahead.py); the last stage hears its own verdicts (worker/server.py).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ async def follow(channel: grpc.aio.Channel, plan_id: str, mlx: Any, runner: Any)
         worker_pb2.ResultsRequest(plan_id=plan_id, loop=True))
     try:
         async for result in call:
-            if result.outputs and not result.error:
+            if result.outputs and not result.error and runner.awaits_verdict(result):
                 mlx.early(runner, result)
     except grpc.aio.AioRpcError as e:
         if e.code() != grpc.StatusCode.CANCELLED:
@@ -40,7 +44,7 @@ async def follow(channel: grpc.aio.Channel, plan_id: str, mlx: Any, runner: Any)
 
 
 class Loops:
-    """The last stage's side: a queue per stage 0 following a plan's results."""
+    """The last stage's side: a queue per stage following a plan's results."""
 
     def __init__(self) -> None:
         self._queues: dict[str, list[asyncio.Queue]] = {}
@@ -59,7 +63,7 @@ class Loops:
                 del self._queues[plan_id]
 
     def send(self, plan_id: str, result: worker_pb2.StageResult) -> None:
-        """A copy of `result` to every stage 0 following `plan_id` (tokens only)."""
+        """A copy of `result` to every stage following `plan_id` (tokens only)."""
         if result.outputs and not result.error:
             for queue in self._queues.get(plan_id, ()):
                 queue.put_nowait(result)

@@ -98,10 +98,11 @@ class WorkerMetrics:
                                "results), waiting (idle before it arrived).",
                                ["part"], buckets=PART_BUCKETS, registry=r)
         self.lookahead = Counter("shardline_lookahead_steps",
-                                 "Decode steps this stage built ahead (worker/"
-                                 "lookahead.py), by outcome: taken (the next step was the "
-                                 "guess), dropped (rolled back), early (started on the last "
-                                 "stage's tokens before the coordinator's step came).",
+                                 "Decode steps and checks of proposals this stage built "
+                                 "ahead (worker/lookahead.py, worker/check_ahead.py), by "
+                                 "outcome: taken (the next step was the guess), dropped "
+                                 "(rolled back), early (started on the last stage's tokens "
+                                 "before the coordinator's step came).",
                                  ["outcome"], registry=r)
         self.shard_received = Counter("shardline_shard_received",
                                       "Shard file bytes received from the coordinator into "
@@ -130,7 +131,8 @@ class WorkerMetrics:
     def guesses(self, lookahead: Any) -> None:
         """Bring the lookahead counters up to a Lookahead's own (call on the MLX thread)."""
         for outcome in OUTCOMES:
-            new = getattr(lookahead, outcome) - lookahead.reported[outcome]
+            built = getattr(lookahead, outcome) + getattr(lookahead.checks, outcome, 0)
+            new = built - lookahead.reported[outcome]
             if new:
                 self._guesses[outcome].inc(new)
                 lookahead.reported[outcome] += new

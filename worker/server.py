@@ -245,13 +245,15 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         back: asyncio.Queue[worker_pb2.StageResult | BaseException | None] = asyncio.Queue()
         downstream = await self._downstream(spec) if spec.next_address else None
         started: set[str] = set()  # sequences this stream started and has not released
+        checks = asyncio.Event()  # a step with proposals came (worker/check_ahead.py)
         tasks = [asyncio.create_task(self._pump(request_iterator, loaded, downstream, back,
-                                                started))]
+                                                started, checks))]
         if downstream is not None:
             tasks.append(asyncio.create_task(self._watch(downstream, back, spec)))
-        if spec.last_address and spec.stage_index == 0:  # the token's short way round
-            tasks.append(asyncio.create_task(follow(
-                self._channel(spec.last_address, spec), spec.plan_id, self.mlx, loaded.runner)))
+        if spec.last_address and downstream is not None:
+            # stage 0: the token's short way round; a middle stage, once proposals come: the
+            # verdicts on them (both worker/loop.py)
+            tasks.append(asyncio.create_task(self._follow(spec, loaded, checks)))
         try:
             while True:
                 item = await back.get()
@@ -263,6 +265,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 if isinstance(item, BaseException):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
                 yield item
+                self._verdict(loaded, item)
                 if back.empty():
                     self.mlx.idle()  # written: the MLX thread may build ahead
         finally:
@@ -276,6 +279,20 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 del self._streams[spec.plan_id]
                 if self._previous is not None and self._previous.spec.plan_id == spec.plan_id:
                     self._drop_previous()  # the coordinator has drained the plan before
+
+    async def _follow(self, spec: worker_pb2.ShardSpec, loaded: Loaded,
+                      checks: asyncio.Event) -> None:
+        if spec.stage_index != 0:
+            await checks.wait()
+        await follow(self._channel(spec.last_address, spec), spec.plan_id, self.mlx,
+                     loaded.runner)
+
+    def _verdict(self, loaded: Loaded, result: Any) -> None:
+        """A result of this last stage has left: its checks of proposals settle here too,
+        and the next is built ahead (worker/check_ahead.py), off the token's path."""
+        if isinstance(result, worker_pb2.StageResult) and result.outputs and \
+                not result.error and loaded.runner.awaits_verdict(result):
+            self.mlx.early(loaded.runner, result)
 
     async def Results(self, request: worker_pb2.ResultsRequest, context: Any):
         loaded = await self._serving(context, request.plan_id)
@@ -291,7 +308,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             yield worker_pb2.StageResult()  # attached: results of this plan come here now
             while True:
-                yield await sink.get()
+                result = await sink.get()
+                yield result
+                self._verdict(loaded, result)
                 if sink.empty():
                     self.mlx.idle()  # written: the MLX thread may build ahead
         finally:
@@ -325,7 +344,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def _pump(self, requests: Any, loaded: Loaded, downstream: Any,
-                    back: asyncio.Queue, started: set[str]) -> None:
+                    back: asyncio.Queue, started: set[str], checks: asyncio.Event) -> None:
         """Hand each incoming step to the MLX thread as soon as it arrives (it begins the next
         while the device computes the one before) and send the outputs on in order."""
         steps: asyncio.Queue[tuple[Any, asyncio.Future, StepTimes] | None] = asyncio.Queue()
@@ -337,6 +356,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 self.parts.arrived(arrived)
                 started.difference_update(msg.release)
                 started.update(seq.seq_id for seq in msg.seqs if seq.start)
+                if not checks.is_set() and any(seq.draft for seq in msg.seqs):
+                    checks.set()
                 if msg.error:  # an earlier stage failed this step: free what it frees, pass
                     bare = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release)
                     future, times = self.mlx.step(runner, bare, arrived)

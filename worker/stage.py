@@ -222,6 +222,17 @@ class StageRunner:
             session.offset = seq.offset
         session.floor = seq.offset + 1 if seq.draft else None
 
+    def settle(self, seq_id: str, at: int, offset: int) -> bool:
+        """The last stage kept positions up to `offset` of the check that left `seq_id` at
+        `at`: drop the rest now, as the next step would (worker/check_ahead.py). False, and
+        nothing changed, when the sequence is not where that check left it."""
+        session = self.sessions.get(seq_id)
+        if session is None or session.floor is None or session.offset != at or \
+                not session.floor <= offset <= at:
+            return False
+        self._rewind(worker_pb2.SeqInput(seq_id=seq_id, offset=offset, draft=1), session)
+        return True
+
     def _fork(self, seq: worker_pb2.SeqInput, sampler: Sampler | None) -> Session:
         """A new session holding the first `fork_length` positions of a live one."""
         source = self.sessions.get(seq.fork_from)
@@ -304,6 +315,17 @@ class StageRunner:
         if self.lookahead is None or self.shard is None:
             return False
         return self.lookahead.start_early(self, result)
+
+    def awaits_verdict(self, result: worker_pb2.StageResult) -> bool:
+        """Whether the last stage's `result` can start or settle something here (any thread:
+        it only reads): stage 0 starts its next decode step on the tokens, and a stage whose
+        last step of a sequence checked proposals settles it (`start_early`)."""
+        ahead = self.lookahead
+        if ahead is None or self.shard is None:
+            return False
+        begun = ahead.checks.begun
+        return (self.shard.is_first and not ahead.whole) or any(
+            out.seq_id in begun for out in result.outputs)
 
     def begin(self, msg: worker_pb2.StageMessage) -> Pending:
         """Check the step, build its graph and start evaluating it (`mx.async_eval`); the host

@@ -302,7 +302,7 @@ class Cluster:
                 num_stages=len(stages),
                 next_address=self.workers[i + 1].address if i + 1 < len(stages) else "",
                 last_address=self.workers[len(stages) - 1].address
-                if i == 0 and len(stages) > 1 else "",
+                if i + 1 < len(stages) else "",
                 max_message_bytes=protos.DEFAULT_MAX_MESSAGE_BYTES,
                 plan_id=plan_id,
                 files=[worker_pb2.ShardFile(name=f.name, sha256=f.sha256, size=f.size,
