@@ -56,10 +56,10 @@ def few_queries(queries: mx.array, keys: mx.array, values: mx.array, *, scale: f
 
 def _routed(queries: mx.array, keys: mx.array, values: mx.array, *, scale: float,
             mask: Any = None, sinks: Any = None, **kwargs: Any) -> mx.array:
-    if sinks is None and not kwargs and 1 < queries.shape[2] <= FEW and (
-            mask is None or isinstance(mask, (str, mx.array))):
-        if not isinstance(mask, str) or mask == "causal":
-            return few_queries(queries, keys, values, scale=scale, mask=mask)
+    plain = mask is None or isinstance(mask, mx.array) or (
+        isinstance(mask, str) and mask == "causal")
+    if plain and sinks is None and not kwargs and 1 < queries.shape[2] <= FEW:
+        return few_queries(queries, keys, values, scale=scale, mask=mask)
     extra = {"sinks": sinks} if sinks is not None else {}
     return _fused(queries, keys, values, scale=scale, mask=mask, **extra, **kwargs)
 

@@ -147,10 +147,16 @@ class ChecksAhead:
 
     def _roll_back(self, built: _Built) -> None:
         self.dropped += 1
-        n = built.k + 1
-        for cache in built.caches:
+        take_back([built.caches], built.pending.sessions, built.k + 1)
+
+
+def take_back(caches: list[list[Any]], sessions: list[Any], n: int) -> None:
+    """Undo `n` positions a step built ahead wrote: off each of its groups' caches, each of
+    its sessions' sampler history and offset."""
+    for group in caches:
+        for cache in group:
             cache.trim(n)
-        session = built.pending.sessions[0]
+    for session in sessions:
         if session.sampler is not None:
             del session.sampler.history[-n:]
         session.offset -= n

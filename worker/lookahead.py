@@ -34,7 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from protos import codec, worker_pb2
-from worker.check_ahead import ChecksAhead
+from worker.check_ahead import ChecksAhead, take_back
 
 if TYPE_CHECKING:
     from worker.shard import Shard
@@ -281,10 +281,4 @@ class Lookahead:
         """Undo a group's guesses, the last built first."""
         for guess in reversed(chain):
             self.dropped += 1
-            for caches in guess.caches:
-                for cache in caches:
-                    cache.trim(1)
-            for session in guess.pending.sessions:
-                if session.sampler is not None:
-                    session.sampler.history.pop()
-                session.offset -= 1
+            take_back(guess.caches, guess.pending.sessions, 1)

@@ -210,6 +210,7 @@ class Cluster:
     _shipper: Shipper | None = field(default=None, repr=False)
     # pipelines a re-plan replaced whose requests still finish on them (closed by the last)
     _draining: list[Pipeline] = field(default_factory=list, repr=False)
+    _lanes: tuple[Plan | None, int] | None = field(default=None, repr=False)  # (plan, lanes)
 
     def make_plan(self) -> Plan:
         nodes = [
@@ -380,9 +381,11 @@ class Cluster:
     @property
     def lanes(self) -> int:
         """Steps the plan's workers compute at once (`lanes`): the decode microbatches worth
-        sending together."""
-        stages = len(self.plan.stages) if self.plan is not None else 0
-        return lanes([w.info for w in self.workers[:stages]])
+        sending together (counted once per plan: the batcher asks at every step)."""
+        if self._lanes is None or self._lanes[0] is not self.plan:
+            stages = len(self.plan.stages) if self.plan is not None else 0
+            self._lanes = (self.plan, lanes([w.info for w in self.workers[:stages]]))
+        return self._lanes[1]
 
     @property
     def forkable(self) -> bool:
