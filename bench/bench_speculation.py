@@ -137,6 +137,7 @@ def main() -> None:
     draft = draft_model(path, spec.quiet_after)
 
     base = [bench_mlx_lm(path, 1, args.prompt, args.new).tps for _ in range(args.runs)]
+    print("mlx-lm alone: " + ", ".join(f"{b:.1f}" for b in base) + " tok/s", flush=True)
     rows, plain_of = {}, {}  # row name -> results; -> its "no speculation" row
     draft_options = {"draft_model": str(draft), "num_draft_tokens": args.num_draft_tokens}
     ngram_options = {"speculative": "ngram", "num_draft_tokens": args.num_draft_tokens}
@@ -156,9 +157,12 @@ def main() -> None:
             for r in range(args.runs):
                 for name, options in variants:
                     plain_of[name + label] = "no speculation" + label
-                    rows.setdefault(name + label, []).extend(asyncio.run(variant(
-                        model, addresses, ids, args.new, 1, report=r == args.runs - 1,
-                        **options)))
+                    got = asyncio.run(variant(model, addresses, ids, args.new, 1,
+                                              report=r == args.runs - 1, **options))
+                    rows.setdefault(name + label, []).extend(got)
+                    print(f"round {r + 1}, {name}{label}: "  # kept if the run is cut short
+                          + ", ".join(f"{g[0]:.1f} tok/s, {g[2]}/{g[1]} confirmed" for g in got),
+                          flush=True)
         finally:
             local.stop()
 
