@@ -7,17 +7,30 @@ much as one row decides whether checking proposals or batching pays, so this tim
 a 14336 x 4096 weight, for M = 1 ... 64, each evaluated on its own (so every time includes one
 launch and sync, the same for every M).
 
+A second table times 224 4-bit products chained in one evaluation (an 8B forward's count, so
+launches and syncs weigh as little as in a model), with the rows laid out three ways: one
+matrix (1, M, K), as a chunk of one sequence has them; M one-row vectors (M, 1, K), as a
+decode step of M sequences has them; and padded to one matrix of 8 rows from 4 (worker/
+padding.py `rows_for`, what a worker on CUDA computes).
+
     python bench/bench_qmm.py        # on the default device (a GPU where MLX has one)
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from worker.padding import rows_for  # noqa: E402
+
 D, F = 4096, 14336  # hidden and intermediate sizes of the 8B shape
 ROWS = (1, 2, 5, 8, 16, 64)
+CHAINED = (1, 2, 3, 4, 5, 8, 16)
 
 
 def timed(fn, n: int = 50) -> float:
@@ -48,6 +61,42 @@ def main() -> None:
         x = mx.random.normal((1, m, D)).astype(mx.bfloat16)
         cells.append(timed(lambda x=x: x @ w.T))
     print("| bf16 | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    chained(w)
+
+
+def chained(w: mx.array) -> None:
+    """ms per 224 chained 4-bit products (up and down, 112 times), by layout of the M rows."""
+    up = mx.quantize(w * 0.02, group_size=64, bits=4)
+    down = mx.quantize(w.T * 0.02, group_size=64, bits=4)
+    mx.eval(*up, *down)
+
+    def product(x: mx.array, q: tuple) -> mx.array:
+        return mx.quantized_matmul(x, *q, transpose=True, group_size=64, bits=4)
+
+    def layouts(m: int):
+        padded = rows_for(m, 8)
+        return {"one matrix (1, M, K)": lambda x, q: product(x, q),
+                "M vectors (M, 1, K)": lambda x, q: product(x.reshape(m, 1, -1), q).reshape(
+                    1, m, -1),
+                "as a CUDA worker computes it": lambda x, q: product(
+                    mx.pad(x, [(0, 0), (0, padded - m), (0, 0)]), q)[:, :m]}
+
+    print("\n224 chained 4-bit products (up and down), ms per evaluation, M = "
+          + ", ".join(map(str, CHAINED)))
+    print("| layout | " + " | ".join(f"M = {m}" for m in CHAINED) + " |")
+    print("|---|" + "---|" * len(CHAINED))
+    for name in layouts(1):
+        cells = []
+        for m in CHAINED:
+            f = layouts(m)[name]
+            x = mx.random.normal((1, m, D)).astype(mx.bfloat16)
+
+            def chain(x=x, f=f):
+                for _ in range(112):
+                    x = f(f(x, up), down)
+                return x
+            cells.append(timed(chain, n=5))
+        print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
 
 
 if __name__ == "__main__":

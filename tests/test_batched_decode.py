@@ -65,32 +65,34 @@ def test_batched_decode_matches_each_sequence_alone(spec, model_dir):
         assert tokens[k] == reference_tokens(path, ids, lengths[k]), f"sequence {k} diverged"
 
 
-def product_rows(monkeypatch) -> list[int]:
-    """From now on, the rows of every quantized matrix product, in order."""
+def product_rows(monkeypatch) -> list[tuple[int, int]]:
+    """From now on, the rows of every quantized matrix product, in order, and how many of them
+    one matrix holds (fewer: a batch of matrices)."""
     import mlx.core as mx
 
-    rows: list[int] = []
+    rows: list[tuple[int, int]] = []
     product = mx.quantized_matmul
 
     def counted(a, *args, **kwargs):
-        rows.append(a.size // a.shape[-1])
+        rows.append((a.size // a.shape[-1], a.shape[-2] if a.ndim > 1 else 1))
         return product(a, *args, **kwargs)
 
     monkeypatch.setattr(mx, "quantized_matmul", counted)
     return rows
 
 
-def test_a_few_sequences_products_padded_to_eight_rows_stay_exact(model_dir, monkeypatch):
-    """Where a quantized product of 2 to 7 rows costs more than one of 8 (CUDA; worker/
+def test_a_few_sequences_products_padded_as_one_matrix_stay_exact(model_dir, monkeypatch):
+    """Where a quantized product of a few rows costs more than one of more rows (CUDA; worker/
     padding.py), every product of a batch of 3 sequences, and of a short prompt chunk, is
-    computed as 8 rows; each sequence's tokens stay mlx-lm's."""
+    computed as one matrix, of 6 rows from 3 (floor 6 here); each sequence's tokens stay
+    mlx-lm's."""
 
     path = model_dir(ModelSpec(family="llama", bits=4))
     prompts = {"a": [(3 * i + 11) % 480 + 10 for i in range(21)],
                "b": [(7 * i + 5) % 480 + 10 for i in range(3)],
                "c": [(5 * i + 1) % 480 + 10 for i in range(9)]}
     expected = {k: reference_tokens(path, ids, 8) for k, ids in prompts.items()}
-    monkeypatch.setenv("SHARDLINE_PAD_ROWS", "8")
+    monkeypatch.setenv("SHARDLINE_PAD_ROWS", "6")
     rows = product_rows(monkeypatch)
     chain = Chain(path, [(0, 2), (2, 6)])
     tokens = {k: [_prefill(chain, k, ids)] for k, ids in prompts.items()}
@@ -101,27 +103,34 @@ def test_a_few_sequences_products_padded_to_eight_rows_stay_exact(model_dir, mon
         for k in tokens:
             tokens[k].append(out[k])
     assert tokens == expected
-    assert rows.count(8) > 0 and not [r for r in rows if 1 < r < 8], sorted(set(rows))
+    assert rows.count((6, 6)) > 0 and (2, 2) in rows, sorted(set(rows))
+    # 3 to 5 rows are padded to 6; 2 rows (a prompt's chunk) cost less as they are
+    assert not [r for r in rows if 3 <= r[0] < 6 or r[1] != r[0]], sorted(set(rows))
 
 
-def test_quantized_layers_pad_and_stop_padding_on_request(monkeypatch):
-    """worker/padding.py on its own: 3 rows through padded layers give the same values as
-    unpadded ones, computed as 8 rows; `pad_products(model, 1)` turns it off again."""
+def test_quantized_layers_multiply_rows_as_one_padded_matrix(monkeypatch):
+    """worker/padding.py on its own, floor 8: 5 rows are computed as 8, 2 rows as they are,
+    8 one-row vectors (8 sequences) as one matrix of 8 rows, each giving the values of the
+    layers as they were; `pad_products(model, 1)` turns it off again."""
     import mlx.core as mx
     import mlx.nn as nn
 
-    from worker.padding import pad_products
+    from worker.padding import pad_products, rows_for
 
+    assert [rows_for(n, 8) for n in range(1, 10)] == [1, 2, 3, 8, 8, 8, 8, 8, 9]
     mx.random.seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 32))
     nn.quantize(model, group_size=32, bits=4)
-    x = mx.random.normal((1, 3, 64))
-    plain = model(x)
+    inputs = [mx.random.normal(shape) for shape in ((1, 5, 64), (1, 2, 64), (8, 1, 64))]
+    plain = [model(x) for x in inputs]
     rows = product_rows(monkeypatch)
     assert pad_products(model, 8) == 2
-    padded = model(x)
-    assert padded.shape == (1, 3, 32) and mx.array_equal(padded, plain).item()
-    assert rows == [8, 8]
+    for x, want, seen in zip(inputs, plain, ([(8, 8)] * 2, [(2, 2)] * 2, [(8, 8)] * 2),
+                             strict=True):
+        rows.clear()
+        got = model(x)
+        assert got.shape == want.shape and mx.array_equal(got, want).item()
+        assert rows == seen
     assert pad_products(model, 1) == 0
     rows.clear()
-    assert mx.array_equal(model(x), plain).item() and rows == [3, 3]
+    assert mx.array_equal(model(inputs[2]), plain[2]).item() and rows == [(8, 1), (8, 1)]

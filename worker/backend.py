@@ -310,16 +310,16 @@ def _detect_mlx(mx: Any = None) -> Hardware | None:
     return None
 
 
-# MLX 0.32's quantized matrix product on CUDA costs 2.4 times one row's for 5 rows and is back
-# near one row's from 8 (bench/RESULTS-gpu.md, "Rows per product"); Metal and the CPU have no
-# such step (a product costs what its rows do).
+# MLX 0.32's quantized matrix product on CUDA costs about M times one row's for 2 to 7 rows and
+# 3 times from 8 rows up (bench/RESULTS-gpu.md, "Rows laid out as one matrix"); Metal and the
+# CPU have no such step (a product costs what its rows do). worker/padding.py `rows_for`.
 CUDA_ROW_FLOOR = 8
 MAX_ROW_FLOOR = 64  # SHARDLINE_PAD_ROWS above this is taken as this (padding costs compute)
 
 
 def row_floor(mx: Any = None) -> int:
-    """Positions a chunk of 2 or more is padded to before a stage computes it, where a product
-    of fewer rows costs more than one of this many: 8 on CUDA, else 1 (never pad).
+    """Rows a product of fewer is padded to (from half of it: worker/padding.py `rows_for`),
+    where it costs less than those fewer rows: 8 on CUDA, else 1 (never pad).
     SHARDLINE_PAD_ROWS overrides it (`mx` is injectable for tests)."""
     env = os.environ.get("SHARDLINE_PAD_ROWS", "").strip()
     if env:

@@ -1,11 +1,17 @@
-"""Quantized products padded to the row count at which the device computes them fastest.
+"""Quantized products computed as one matrix of rows, padded where fewer rows cost more.
 
-MLX 0.32's quantized matrix product on CUDA costs 2.4 times one row's for 5 rows and is back
-near one row's from 8 (bench/RESULTS-gpu.md, "Rows per product"). A decode step of 2 to 7
-sequences multiplies that many rows in every projection, so on such a device each quantized
-layer of a shard gets its input padded to `floor` rows with zeros and its output cut back:
-the real rows' values come from the same weights, and one pad and one slice per product cost
-far less than the slow kernel. `worker/backend.py` `row_floor` says where (1: nowhere).
+MLX 0.32's quantized matrix product on CUDA (bench/RESULTS-gpu.md, "Rows laid out as one
+matrix"):
+- of one matrix of M rows, (1, M, K), costs about M times one row's for 2 to 7 rows and about
+  3 times one row's from 8 rows up (16 rows: the same as 8); so 4 to 7 rows cost less padded
+  to 8, 2 rows (and by the trend 3) cost less as they are;
+- of M one-row vectors, (M, 1, K), as a decode step of M sequences has them, costs M times one
+  row's for any M: 8 sequences cost 1.9 times what the same rows cost as one matrix.
+
+So on such a device each quantized layer of a shard multiplies its rows as one matrix
+(`rows_for`: padded with zeros to `floor` from half of it) and cuts its output back: the real
+rows' values come from the same weights, and one reshape, pad and slice per product cost far
+less than the slow kernels. `worker/backend.py` `row_floor` says where (1: nowhere).
 
 A chunk of one sequence is padded once for all its layers instead (worker/stage.py
 `_padding`), so its products already have the rows.
@@ -19,18 +25,28 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+def rows_for(rows: int, floor: int) -> int:
+    """The rows a product of `rows` is computed as where `floor` rows cost about what 4 to
+    7 do (`floor` 8 on CUDA): `floor` from half of it up to it, else `rows` as they are."""
+    return floor if 1 < rows < floor and 2 * rows >= floor else rows
+
+
 def _through(product: Any, x: mx.array, floor: int) -> mx.array:
-    """`product(x)` with 2 to floor - 1 rows of `x` computed as `floor` (zero rows added, then
-    cut off the output)."""
+    """`product(x)` with 2 or more rows of `x` computed as one matrix, of `rows_for` rows
+    (zero rows added, then cut off the output)."""
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
-    if not 1 < rows < floor:
+    computed = rows_for(rows, floor)
+    if floor <= 1 or rows < 2 or (computed == rows and x.shape[-2] == rows):
         return product(x)
-    flat = mx.pad(x.reshape(rows, x.shape[-1]), [(0, floor - rows), (0, 0)])
-    return product(flat)[:rows].reshape(*x.shape[:-1], -1)
+    flat = x.reshape(rows, x.shape[-1])
+    if computed > rows:
+        flat = mx.pad(flat, [(0, computed - rows), (0, 0)])
+        return product(flat)[:rows].reshape(*x.shape[:-1], -1)
+    return product(flat).reshape(*x.shape[:-1], -1)
 
 
 class PaddedQuantizedLinear(nn.QuantizedLinear):
-    """A QuantizedLinear that computes 2 to floor - 1 rows as `pad_rows` rows."""
+    """A QuantizedLinear that computes its rows as one matrix of `rows_for` rows."""
 
     pad_rows = 1
 
@@ -52,9 +68,9 @@ _PADDED = {nn.QuantizedLinear: PaddedQuantizedLinear,
 
 
 def pad_products(model: Any, floor: int) -> int:
-    """Make every quantized linear layer (and quantized embedding, as a head) of `model` pad
-    its input to `floor` rows (1: none, also for layers padded before); returns how many
-    layers pad now."""
+    """Make every quantized linear layer (and quantized embedding, as a head) of `model`
+    multiply its rows as one matrix padded as `rows_for` says (`floor` 1: as they come, also
+    for layers changed before); returns how many layers do now."""
     changed = 0
     for _, module in model.named_modules():
         padded = _PADDED.get(type(module))

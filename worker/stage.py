@@ -15,7 +15,7 @@ from worker.backend import accelerator, row_floor
 from worker.batch import DecodeBatch, batchable
 from worker.constrain import Constraint, ConstraintError, GrammarTokenizer
 from worker.lookahead import Lookahead
-from worker.padding import pad_products
+from worker.padding import pad_products, rows_for
 from worker.sampling import Sampler
 from worker.shard import Shard
 from worker.verify import Checked, accept, sample_positions, window
@@ -423,13 +423,11 @@ class StageRunner:
 
     def _padding(self, h: mx.array, caches: list[Any]) -> int:
         """Positions to add after a chunk of one sequence so the device computes `row_floor`
-        rows, where fewer cost more (worker/backend.py `row_floor`); the rows before them do
+        rows, where fewer cost more (worker/padding.py `rows_for`); the rows before them do
         not see them (causal attention) and their cache positions are trimmed after the
-        layers. 0 for one position, enough positions, or caches that cannot drop them."""
-        n = h.shape[1]
-        if h.shape[0] != 1 or not 1 < n < self.row_floor or not _trimmable(caches):
-            return 0
-        return self.row_floor - n
+        layers. 0 where the chunk's own rows cost less, or the caches cannot drop them."""
+        pad = rows_for(h.shape[1], self.row_floor) - h.shape[1]
+        return pad if pad and h.shape[0] == 1 and _trimmable(caches) else 0
 
     def _checked(self, seq: worker_pb2.SeqInput, session: Session, logits: mx.array) -> Checked:
         try:
