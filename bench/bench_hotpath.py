@@ -84,9 +84,13 @@ async def interleaved_runs(path: Path, counts: list[int], streams: list[int], pr
             for s in streams:
                 if baseline is not None:  # in a thread: the coordinators' loop keeps running
                     base[s].append(await asyncio.to_thread(baseline, s))
+                    print(f"mlx-lm, {s} streams: {base[s][-1].tps:.1f} tok/s", flush=True)
                 for w in counts:
                     out[w][s].append(await bench_shardline(clusters[w][1], label_of(w), s,
                                                            prompt, new, warm=False))
+                    # kept if the run is cut short by its time limit
+                    print(f"{label_of(w)}, {s} streams: {out[w][s][-1].tps:.1f} tok/s",
+                          flush=True)
         return base, out
     finally:
         for local, coord in clusters.values():
