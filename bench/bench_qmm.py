@@ -11,7 +11,7 @@ A second table times 224 4-bit products chained in one evaluation (an 8B forward
 launches and syncs weigh as little as in a model), with the rows laid out three ways: one
 matrix (1, M, K), as a chunk of one sequence has them; M one-row vectors (M, 1, K), as a
 decode step of M sequences has them; and padded to one matrix of 8 rows from 4 (worker/
-padding.py `rows_for`, what a worker on CUDA computes).
+padding.py `as_one_matrix`, what a worker on CUDA computes from the vectors of M sequences).
 
     python bench/bench_qmm.py        # on the default device (a GPU where MLX has one)
 """
@@ -26,7 +26,7 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from worker.padding import rows_for  # noqa: E402
+from worker.padding import as_one_matrix  # noqa: E402
 
 D, F = 4096, 14336  # hidden and intermediate sizes of the 8B shape
 ROWS = (1, 2, 5, 8, 16, 64)
@@ -74,12 +74,11 @@ def chained(w: mx.array) -> None:
         return mx.quantized_matmul(x, *q, transpose=True, group_size=64, bits=4)
 
     def layouts(m: int):
-        padded = rows_for(m, 8)
         return {"one matrix (1, M, K)": lambda x, q: product(x, q),
                 "M vectors (M, 1, K)": lambda x, q: product(x.reshape(m, 1, -1), q).reshape(
                     1, m, -1),
-                "as a CUDA worker computes it": lambda x, q: product(
-                    mx.pad(x, [(0, 0), (0, padded - m), (0, 0)]), q)[:, :m]}
+                "as a CUDA worker computes it": lambda x, q: as_one_matrix(
+                    lambda y: product(y, q), x.reshape(m, 1, -1), 8).reshape(1, m, -1)}
 
     print("\n224 chained 4-bit products (up and down), ms per evaluation, M = "
           + ", ".join(map(str, CHAINED)))

@@ -31,9 +31,9 @@ def rows_for(rows: int, floor: int) -> int:
     return floor if 1 < rows < floor and 2 * rows >= floor else rows
 
 
-def _through(product: Any, x: mx.array, floor: int) -> mx.array:
+def as_one_matrix(product: Any, x: mx.array, floor: int) -> mx.array:
     """`product(x)` with 2 or more rows of `x` computed as one matrix, of `rows_for` rows
-    (zero rows added, then cut off the output)."""
+    (zero rows added, then cut off the output); `floor` 1: `product(x)` as it is."""
     rows = x.size // x.shape[-1] if x.shape[-1] else 0
     computed = rows_for(rows, floor)
     if floor <= 1 or rows < 2 or (computed == rows and x.shape[-2] == rows):
@@ -41,8 +41,8 @@ def _through(product: Any, x: mx.array, floor: int) -> mx.array:
     flat = x.reshape(rows, x.shape[-1])
     if computed > rows:
         flat = mx.pad(flat, [(0, computed - rows), (0, 0)])
-        return product(flat)[:rows].reshape(*x.shape[:-1], -1)
-    return product(flat).reshape(*x.shape[:-1], -1)
+    out = product(flat)
+    return (out[:rows] if computed > rows else out).reshape(*x.shape[:-1], -1)
 
 
 class PaddedQuantizedLinear(nn.QuantizedLinear):
@@ -51,7 +51,7 @@ class PaddedQuantizedLinear(nn.QuantizedLinear):
     pad_rows = 1
 
     def __call__(self, x: mx.array) -> mx.array:
-        return _through(super().__call__, x, self.pad_rows)
+        return as_one_matrix(super().__call__, x, self.pad_rows)
 
 
 class PaddedQuantizedEmbedding(nn.QuantizedEmbedding):
@@ -60,7 +60,7 @@ class PaddedQuantizedEmbedding(nn.QuantizedEmbedding):
     pad_rows = 1
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return _through(super().as_linear, x, self.pad_rows)
+        return as_one_matrix(super().as_linear, x, self.pad_rows)
 
 
 _PADDED = {nn.QuantizedLinear: PaddedQuantizedLinear,
