@@ -13,7 +13,11 @@ matrix (1, M, K), as a chunk of one sequence has them; M one-row vectors (M, 1, 
 decode step of M sequences has them; and padded to one matrix of 8 rows from 4 (worker/
 padding.py `as_one_matrix`, what a worker on CUDA computes from the vectors of M sequences).
 
-    python bench/bench_qmm.py        # on the default device (a GPU where MLX has one)
+A third table (CUDA only) checks worker/cuda_rows.py's kernel for 2 to 16 rows against MLX's
+product of each row alone, bit for bit, in each of its variants, and times it chained as above.
+
+    python bench/bench_qmm.py            # on the default device (a GPU where MLX has one)
+    python bench/bench_qmm.py --rows     # the third table only
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from worker import cuda_rows  # noqa: E402
 from worker.padding import as_one_matrix  # noqa: E402
 
 D, F = 4096, 14336  # hidden and intermediate sizes of the 8B shape
@@ -45,6 +50,9 @@ def timed(fn, n: int = 50) -> float:
 
 def main() -> None:
     w = mx.random.normal((F, D)).astype(mx.bfloat16)
+    if "--rows" in sys.argv:
+        rows_kernel(w)
+        return
     print(f"device {mx.default_device()}, weight {F} x {D}, ms per product (with its sync)")
     print("| weights | " + " | ".join(f"M = {m}" for m in ROWS) + " |")
     print("|---|" + "---|" * len(ROWS))
@@ -62,6 +70,8 @@ def main() -> None:
         cells.append(timed(lambda x=x: x @ w.T))
     print("| bf16 | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     chained(w)
+    if cuda_rows.enabled():
+        rows_kernel(w)
 
 
 def chained(w: mx.array) -> None:
@@ -96,6 +106,49 @@ def chained(w: mx.array) -> None:
                 return x
             cells.append(timed(chain, n=5))
         print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+
+
+def rows_kernel(w: mx.array) -> None:
+    """worker/cuda_rows.py: bit-exact against one row at a time, per variant; then timed."""
+    shapes = {"up": mx.quantize(w * 0.02, group_size=64, bits=4),
+              "down": mx.quantize(w.T * 0.02, group_size=64, bits=4)}
+    exact = []
+    print("\nworker/cuda_rows.py against MLX's product of each row alone: elements that differ")
+    print("| variant (DEQ, RED) | " + " | ".join(f"{n}, M = {m}" for n in shapes
+                                               for m in (2, 5, 16)) + " |")
+    print("|---|" + "---|" * 6)
+    for variant in ((0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)):
+        cells = []
+        try:
+            for q in shapes.values():
+                for m in (2, 5, 16):
+                    x = mx.random.normal((m, q[0].shape[1] * 8)).astype(mx.bfloat16)
+                    alone = mx.concatenate([mx.quantized_matmul(
+                        x[i:i + 1], *q, transpose=True, group_size=64, bits=4)
+                        for i in range(m)])
+                    got = cuda_rows.rows_product(x, *q, 64, variant=variant)
+                    cells.append(int(mx.sum(got != alone).item()))
+        except Exception as e:  # a variant that does not compile says so and the rest go on
+            print(f"| {variant} | failed: {str(e).splitlines()[0][:200]} |")
+            continue
+        if not any(cells):
+            exact.append(variant)
+        print(f"| {variant} | " + " | ".join(map(str, cells)) + " |")
+    variant = exact[0] if exact else cuda_rows.VARIANT
+    print(f"bit-exact variants: {exact}; timing {variant}")
+    up, down = shapes["up"], shapes["down"]
+    cells = []
+    for m in CHAINED[1:]:
+        x = mx.random.normal((m, D)).astype(mx.bfloat16)
+
+        def chain(x=x):
+            for _ in range(112):
+                x = cuda_rows.rows_product(x, *up, 64, variant=variant)
+                x = cuda_rows.rows_product(x, *down, 64, variant=variant)
+            return x
+        cells.append(timed(chain, n=5))
+    print("| worker/cuda_rows.py, 224 chained | " + " | ".join(
+        f"M = {m}: {c:.2f}" for m, c in zip(CHAINED[1:], cells, strict=True)) + " |")
 
 
 if __name__ == "__main__":

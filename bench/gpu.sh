@@ -8,6 +8,7 @@
 #   bench/gpu.sh profile DIR [ARGS]  # bench_profile.py --gpu ARGS
 #   bench/gpu.sh speculation DIR [ARGS]  # bench_speculation.py --gpu ARGS
 #   bench/gpu.sh knobs DIR [ARGS]    # bench_knobs.py --gpu ARGS (MLX's CUDA launch settings)
+#   bench/gpu.sh qmm DIR [ARGS]      # bench_qmm.py ARGS (products by rows; --rows: the kernel)
 #
 # MLX settings in the environment (MLX_MAX_OPS_PER_BUFFER=50 bench/gpu.sh hotpath ...) reach
 # mlx-lm and every worker alike.
@@ -28,7 +29,8 @@ install() {
     cat "$parts"/part.* > "$parts/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl"
     python3 -m pip install -q --no-deps --target /root/site "$parts"/*.whl
 }
-if [ "$1" = hotpath ] || [ "$1" = profile ] || [ "$1" = speculation ] || [ "$1" = knobs ]; then
+if [ "$1" = hotpath ] || [ "$1" = profile ] || [ "$1" = speculation ] || [ "$1" = knobs ] \
+    || [ "$1" = qmm ]; then
     [ -d /root/site/mlx ] || install
     mode=$1
     shift 2

@@ -15,6 +15,10 @@ less than the slow kernels. `worker/backend.py` `row_floor` says where (1: nowhe
 
 A chunk of one sequence is padded once for all its layers instead (worker/stage.py
 `_padding`), so its products already have the rows.
+
+Where worker/cuda_rows.py's kernel applies (CUDA, 4-bit affine weights, bf16 rows), a layer
+multiplies 2 to 16 rows with it instead: it reads each weight once for all rows and gives
+every row what that row alone gives, so nothing is padded (`kernel_covers`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from worker import cuda_rows
 
 
 def rows_for(rows: int, floor: int) -> int:
@@ -45,40 +51,81 @@ def as_one_matrix(product: Any, x: mx.array, floor: int) -> mx.array:
     return (out[:rows] if computed > rows else out).reshape(*x.shape[:-1], -1)
 
 
+def _by_kernel(layer: Any, x: mx.array) -> mx.array | None:
+    """`x` times the layer's quantized weight by worker/cuda_rows.py, or None where it does
+    not apply (or the layer does not use it)."""
+    if not layer.rows_kernel or not cuda_rows.applies(
+            x, layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits,
+            getattr(layer, "mode", "affine")):
+        return None
+    return cuda_rows.rows_product(x, layer["weight"], layer["scales"], layer["biases"],
+                                  layer.group_size)
+
+
 class PaddedQuantizedLinear(nn.QuantizedLinear):
-    """A QuantizedLinear that computes its rows as one matrix of `rows_for` rows."""
+    """A QuantizedLinear that computes a few rows by worker/cuda_rows.py where it applies,
+    else its rows as one matrix of `rows_for` rows."""
 
     pad_rows = 1
+    rows_kernel = False
 
     def __call__(self, x: mx.array) -> mx.array:
-        return as_one_matrix(super().__call__, x, self.pad_rows)
+        out = _by_kernel(self, x)
+        if out is None:
+            return as_one_matrix(super().__call__, x, self.pad_rows)
+        return out + self["bias"] if "bias" in self else out
 
 
 class PaddedQuantizedEmbedding(nn.QuantizedEmbedding):
-    """A QuantizedEmbedding whose use as the head (`as_linear`) pads like the linear layers."""
+    """A QuantizedEmbedding whose use as the head (`as_linear`) computes its rows like the
+    linear layers."""
 
     pad_rows = 1
+    rows_kernel = False
 
     def as_linear(self, x: mx.array) -> mx.array:
-        return as_one_matrix(super().as_linear, x, self.pad_rows)
+        out = _by_kernel(self, x)
+        return as_one_matrix(super().as_linear, x, self.pad_rows) if out is None else out
 
 
 _PADDED = {nn.QuantizedLinear: PaddedQuantizedLinear,
            nn.QuantizedEmbedding: PaddedQuantizedEmbedding}
 
 
-def pad_products(model: Any, floor: int) -> int:
+def _quantized(model: Any) -> list[Any]:
+    return [m for _, m in model.named_modules()
+            if type(m) in _PADDED or type(m) in _PADDED.values()]
+
+
+def pad_products(model: Any, floor: int, kernel: bool = False) -> int:
     """Make every quantized linear layer (and quantized embedding, as a head) of `model`
-    multiply its rows as one matrix padded as `rows_for` says (`floor` 1: as they come, also
+    multiply a few rows by worker/cuda_rows.py where `kernel` and it applies, else its rows
+    as one matrix padded as `rows_for` says (`floor` 1 and no `kernel`: as they come, also
     for layers changed before); returns how many layers do now."""
     changed = 0
-    for _, module in model.named_modules():
-        padded = _PADDED.get(type(module))
-        if padded is None and type(module) in _PADDED.values():
-            padded = type(module)
-        if padded is None or (floor <= 1 and type(module) is not padded):
+    for module in _quantized(model):
+        padded = _PADDED.get(type(module), type(module))
+        if floor <= 1 and not kernel and type(module) is not padded:
             continue
         module.__class__ = padded
         module.pad_rows = max(1, floor)
-        changed += floor > 1
+        module.rows_kernel = kernel
+        changed += floor > 1 or kernel
     return changed
+
+
+def set_up(model: Any, floor: int, kernel: bool) -> int:
+    """`pad_products` for a shard's model; returns the rows a chunk of one sequence is padded
+    to (worker/stage.py `_padding`): 1 where the kernel computes every product of a few
+    rows, else `floor`."""
+    pad_products(model, floor, kernel)
+    return 1 if kernel and kernel_covers(model) else floor
+
+
+def kernel_covers(model: Any) -> bool:
+    """Whether worker/cuda_rows.py computes every quantized product of `model` of 2 to 16
+    bf16 rows (so a chunk need not be padded for them)."""
+    layers = _quantized(model)
+    return bool(layers) and all(cuda_rows.covers(
+        m["weight"], m.get("biases"), m["scales"].dtype, m.group_size, m.bits,
+        getattr(m, "mode", "affine")) for m in layers)

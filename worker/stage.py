@@ -10,12 +10,12 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from protos import codec, worker_pb2
-from worker import attention
+from worker import attention, cuda_rows
 from worker.backend import accelerator, row_floor
 from worker.batch import DecodeBatch, batchable
 from worker.constrain import Constraint, ConstraintError, GrammarTokenizer
 from worker.lookahead import Lookahead
-from worker.padding import pad_products, rows_for
+from worker.padding import rows_for, set_up
 from worker.sampling import Sampler
 from worker.shard import Shard
 from worker.verify import Checked, accept, sample_positions, window
@@ -114,8 +114,8 @@ class StageRunner:
         # token ids index the embedding (first stage) and the samplers' history (last): one
         # outside the vocabulary would read outside those arrays
         self.vocab = getattr(getattr(shard.model, "args", None), "vocab_size", None)
-        self.row_floor = row_floor()  # short chunks computed as this many rows (_padding)
-        pad_products(shard.model, self.row_floor)  # and few sequences' quantized products
+        # few rows' quantized products; short chunks computed as row_floor rows (_padding)
+        self.row_floor = set_up(shard.model, row_floor(), cuda_rows.enabled())
         attention.install(accelerator() == "cuda")  # a few positions: no plan per shape
 
     def close(self) -> None:

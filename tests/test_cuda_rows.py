@@ -1,0 +1,103 @@
+"""worker/cuda_rows.py: which products its kernel takes, and (on CUDA) that it is exact."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from worker import cuda_rows
+from worker.padding import pad_products, set_up
+
+ON_CUDA = cuda_rows.enabled()
+
+
+def _alone(x: mx.array, layer: nn.Module) -> mx.array:
+    """Each row of `x` multiplied on its own, as MLX's one-row product does it."""
+    return _rows_alone(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size,
+                       layer.bits)
+
+
+def _rows_alone(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
+                group_size: int, bits: int = 4) -> mx.array:
+    rows = x.reshape(-1, x.shape[-1])
+    out = mx.concatenate([mx.quantized_matmul(
+        rows[i:i + 1], weight, scales, biases, transpose=True, group_size=group_size,
+        bits=bits) for i in range(rows.shape[0])])
+    return out.reshape(*x.shape[:-1], -1)
+
+
+def _layer(inputs: int, outputs: int, bits: int = 4, bias: bool = False) -> nn.Module:
+    layer = nn.QuantizedLinear(inputs, outputs, bias=bias, group_size=64, bits=bits)
+    layer.set_dtype(mx.bfloat16)
+    mx.eval(layer.parameters())
+    return layer
+
+
+class _Model(nn.Module):
+    def __init__(self, *layers: nn.Module) -> None:
+        super().__init__()
+        self.layers = list(layers)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Stand in for the CUDA kernel on any device: record each call's rows, then compute
+    what the kernel computes (each row alone)."""
+    calls: list[int] = []
+
+    def product(x, weight, scales, biases, group_size):
+        calls.append(x.size // x.shape[-1])
+        return _rows_alone(x, weight, scales, biases, group_size)
+
+    monkeypatch.setattr(cuda_rows, "rows_product", product)
+    return calls
+
+
+def test_a_few_rows_of_4_bit_bf16_weights_go_through_the_kernel(kernel_calls):
+    layer = _layer(512, 256, bias=True)
+    xs = {rows: mx.random.normal((rows, 1, 512)).astype(mx.bfloat16) for rows in (1, 3, 16, 17)}
+    plain = {rows: _alone(x, layer) + layer["bias"] for rows, x in xs.items()}
+    assert pad_products(_Model(layer), 1, kernel=True) == 1
+    for rows, x in xs.items():
+        out = layer(x)
+        assert out.shape == (rows, 1, 256)
+        assert mx.array_equal(out, plain[rows]).item(), rows
+    # one row is MLX's own one-row product; more than 16 rows are not the kernel's
+    assert kernel_calls == [3, 16]
+
+
+def test_the_kernel_is_not_used_off_cuda_nor_for_other_weights(kernel_calls):
+    plain, eight_bit, narrow = _layer(512, 256), _layer(512, 256, bits=8), _layer(64, 64)
+    model = _Model(plain, eight_bit, narrow)
+    pad_products(model, 1)  # kernel off: as a CPU or Metal worker sets it up
+    plain(mx.random.normal((4, 1, 512)).astype(mx.bfloat16))
+    assert kernel_calls == []
+    # an 8-bit layer and one narrower than a warp's 512 elements keep MLX's products, and a
+    # chunk is then still padded for them; float32 rows are not the kernel's either
+    assert set_up(model, 8, True) == 8
+    eight_bit(mx.random.normal((4, 1, 512)).astype(mx.bfloat16))
+    narrow(mx.random.normal((4, 1, 64)).astype(mx.bfloat16))
+    plain(mx.random.normal((4, 1, 512)))
+    assert kernel_calls == []
+    assert set_up(_Model(_layer(512, 256), _layer(1024, 512)), 8, True) == 1
+
+
+def test_the_head_of_a_quantized_embedding_goes_through_the_kernel(kernel_calls):
+    embedding = nn.QuantizedEmbedding(300, 512, group_size=64, bits=4)
+    embedding.set_dtype(mx.bfloat16)
+    x = mx.random.normal((2, 5, 512)).astype(mx.bfloat16)
+    expected = _alone(x, embedding)
+    set_up(_Model(embedding), 1, True)
+    assert mx.array_equal(embedding.as_linear(x), expected).item()
+    assert kernel_calls == [10]
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on CUDA only")
+@pytest.mark.parametrize("rows", [2, 3, 5, 8, 16])
+@pytest.mark.parametrize("shape", [(1024, 512), (512, 1536)])
+def test_each_row_is_what_that_row_alone_gives(rows: int, shape: tuple[int, int]):
+    layer = _layer(shape[1], shape[0])
+    x = mx.random.normal((rows, shape[1])).astype(mx.bfloat16)
+    got = cuda_rows.rows_product(x, layer["weight"], layer["scales"], layer["biases"], 64)
+    assert mx.array_equal(got, _alone(x, layer)).item()
