@@ -22,6 +22,7 @@ product of each row alone, bit for bit, in each of its variants, and times it ch
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -109,46 +110,40 @@ def chained(w: mx.array) -> None:
 
 
 def rows_kernel(w: mx.array) -> None:
-    """worker/cuda_rows.py: bit-exact against one row at a time, per variant; then timed."""
+    """worker/cuda_rows.py: bit-exact against one row at a time; then timed."""
     shapes = {"up": mx.quantize(w * 0.02, group_size=64, bits=4),
-              "down": mx.quantize(w.T * 0.02, group_size=64, bits=4)}
-    exact = []
-    print("\nworker/cuda_rows.py against MLX's product of each row alone: elements that differ")
-    print("| variant (DEQ, RED) | " + " | ".join(f"{n}, M = {m}" for n in shapes
-                                               for m in (2, 5, 16)) + " |")
-    print("|---|" + "---|" * 6)
-    for variant in ((0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)):
+              "down": mx.quantize(w.T * 0.02, group_size=64, bits=4),
+              "1030 x 512": mx.quantize(w[:1030, :512], group_size=64, bits=4)}
+    counts = (2, 3, 5, 8, 11, 16)
+    t0 = time.perf_counter()
+    cuda_rows.warm(64)
+    print(f"\nkernels built (worker/cuda_rows.py warm): {(time.perf_counter() - t0):.1f} s")
+    print("worker/cuda_rows.py against MLX's product of each row alone: elements that differ")
+    print("| weight | " + " | ".join(f"M = {m}" for m in counts) + " |")
+    print("|---|" + "---|" * len(counts))
+    for name, q in shapes.items():
         cells = []
-        try:
-            for q in shapes.values():
-                for m in (2, 5, 16):
-                    x = mx.random.normal((m, q[0].shape[1] * 8)).astype(mx.bfloat16)
-                    alone = mx.concatenate([mx.quantized_matmul(
-                        x[i:i + 1], *q, transpose=True, group_size=64, bits=4)
-                        for i in range(m)])
-                    got = cuda_rows.rows_product(x, *q, 64, variant=variant)
-                    cells.append(int(mx.sum(got != alone).item()))
-        except Exception as e:  # a variant that does not compile says so and the rest go on
-            print(f"| {variant} | failed: {str(e).splitlines()[0][:200]} |")
-            continue
-        if not any(cells):
-            exact.append(variant)
-        print(f"| {variant} | " + " | ".join(map(str, cells)) + " |")
-    variant = exact[0] if exact else cuda_rows.VARIANT
-    print(f"bit-exact variants: {exact}; timing {variant}")
+        for m in counts:
+            x = mx.random.normal((m, q[0].shape[1] * 8)).astype(mx.bfloat16)
+            alone = mx.concatenate([mx.quantized_matmul(
+                x[i:i + 1], *q, transpose=True, group_size=64, bits=4) for i in range(m)])
+            cells.append(int(mx.sum(cuda_rows.rows_product(x, *q, 64) != alone).item()))
+        print(f"| {name} | " + " | ".join(map(str, cells)) + " |")
     up, down = shapes["up"], shapes["down"]
-    cells = []
-    for m in CHAINED[1:]:
-        x = mx.random.normal((m, D)).astype(mx.bfloat16)
+    for per_warp in ("", "1"):
+        os.environ["SHARDLINE_ROWS_PER_WARP"] = per_warp
+        cells = []
+        for m in CHAINED[1:]:
+            x = mx.random.normal((m, D)).astype(mx.bfloat16)
 
-        def chain(x=x):
-            for _ in range(112):
-                x = cuda_rows.rows_product(x, *up, 64, variant=variant)
-                x = cuda_rows.rows_product(x, *down, 64, variant=variant)
-            return x
-        cells.append(timed(chain, n=5))
-    print("| worker/cuda_rows.py, 224 chained | " + " | ".join(
-        f"M = {m}: {c:.2f}" for m, c in zip(CHAINED[1:], cells, strict=True)) + " |")
+            def chain(x=x):
+                for _ in range(112):
+                    x = cuda_rows.rows_product(cuda_rows.rows_product(x, *up, 64), *down, 64)
+                return x
+            cells.append(timed(chain, n=5))
+        print(f"| worker/cuda_rows.py, features a warp {per_warp or 'by rows'} | " + " | ".join(
+            f"M = {m}: {c:.2f}" for m, c in zip(CHAINED[1:], cells, strict=True)) + " |")
+    os.environ.pop("SHARDLINE_ROWS_PER_WARP")
 
 
 if __name__ == "__main__":

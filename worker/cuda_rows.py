@@ -29,93 +29,116 @@ LANE_ELEMENTS = 16  # qmv's elements per lane for bf16 and 4-bit weights
 WARP_ELEMENTS = 32 * LANE_ELEMENTS
 WARPS_PER_BLOCK = 8
 
-_HEADER = """
-#include <cooperative_groups/reduce.h>
-"""
-
-# Template ints: M rows, GS group size; DEQ and RED pick how weights are dequantized and sums
-# reduced (DEQ 0: bf16 multiply, then add, as cutlass's arrays do them, which the compiler may
-# fuse; 1: one fused multiply-add; 2: multiply and add each rounded. RED 0: cooperative
-# groups' reduce; 1: shuffles from 16 lanes apart down). One warp per feature.
+# Template ints: MB the most rows (the rows, M, come at run time), R features per warp, GS
+# group size. Weights are dequantized with a bf16 multiply, then add, as cutlass's arrays in
+# qmv do (the compiler fuses them alike: bench/bench_qmm.py checks); the warp's sums are
+# reduced by shuffles from 16 lanes apart down. All of it bit-exact against qmv on an H100.
 _SOURCE = """
     auto block = cg::this_thread_block();
     auto warp = cg::tiled_partition<32>(block);
+    const int M = x_shape[0];
     const int N = w_shape[0];
     const int K = x_shape[1];
-    const int row = blockIdx.y * blockDim.y + threadIdx.y;
-    if (row >= N) {
+    const int first = (blockIdx.y * blockDim.y + threadIdx.y) * R;
+    if (first >= N) {
         return;
     }
     const int lane = threadIdx.x;
-    const uint8_t* wrow = reinterpret_cast<const uint8_t*>(w) + (size_t)row * (K / 2);
-    const __nv_bfloat16* srow = scales + (size_t)row * (K / GS);
-    const __nv_bfloat16* brow = biases + (size_t)row * (K / GS);
-    __nv_bfloat162 acc[M][8];
+    const uint8_t* wrow[R];
+    const __nv_bfloat16* srow[R];
+    const __nv_bfloat16* brow[R];
+    #pragma unroll
+    for (int f = 0; f < R; ++f) {
+        const size_t row = (size_t)min(first + f, N - 1);
+        wrow[f] = reinterpret_cast<const uint8_t*>(w) + row * (K / 2);
+        srow[f] = scales + row * (K / GS);
+        brow[f] = biases + row * (K / GS);
+    }
+    __nv_bfloat162 acc[R][MB][8];
     const __nv_bfloat162 zero = __floats2bfloat162_rn(0.0f, 0.0f);
     #pragma unroll
-    for (int m = 0; m < M; ++m) {
+    for (int f = 0; f < R; ++f) {
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            acc[m][j] = zero;
+        for (int m = 0; m < MB; ++m) {
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                acc[f][m][j] = zero;
+            }
         }
     }
     for (int r = 0; r < K / 512; ++r) {
         const int idx = lane * 16 + r * 512;
-        const __nv_bfloat162 s2 = __bfloat162bfloat162(srow[idx / GS]);
-        const __nv_bfloat162 b2 = __bfloat162bfloat162(brow[idx / GS]);
-        const uint2 packed = *reinterpret_cast<const uint2*>(wrow + idx / 2);
-        __nv_bfloat162 wd[8];
+        __nv_bfloat162 wd[R][8];
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const uint32_t word = j < 4 ? packed.x : packed.y;
-            const int shift = (j % 4) * 8;
-            const float lo = (float)((word >> shift) & 0xF);
-            const float hi = (float)((word >> (shift + 4)) & 0xF);
-            __nv_bfloat162 q = __floats2bfloat162_rn(lo, hi);
-            if constexpr (DEQ == 0) {
-                wd[j] = __halves2bfloat162(__hadd(__hmul(q.x, s2.x), b2.x),
-                                           __hadd(__hmul(q.y, s2.y), b2.y));
-            } else if constexpr (DEQ == 1) {
-                wd[j] = __hfma2(q, s2, b2);
-            } else {
-                wd[j] = __hadd2_rn(__hmul2_rn(q, s2), b2);
+        for (int f = 0; f < R; ++f) {
+            const __nv_bfloat16 s = srow[f][idx / GS];
+            const __nv_bfloat16 b = brow[f][idx / GS];
+            const uint2 packed = *reinterpret_cast<const uint2*>(wrow[f] + idx / 2);
+            #pragma unroll
+            for (int j = 0; j < 8; ++j) {
+                const uint32_t word = j < 4 ? packed.x : packed.y;
+                const int shift = (j % 4) * 8;
+                const __nv_bfloat16 lo = __float2bfloat16_rn((float)((word >> shift) & 0xF));
+                const __nv_bfloat16 hi = __float2bfloat16_rn(
+                    (float)((word >> (shift + 4)) & 0xF));
+                wd[f][j] = __halves2bfloat162(__hadd(__hmul(lo, s), b),
+                                              __hadd(__hmul(hi, s), b));
             }
         }
         #pragma unroll
-        for (int m = 0; m < M; ++m) {
-            const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * K + idx);
-            const uint4 xa = xp[0];
-            const uint4 xb = xp[1];
-            const __nv_bfloat162* xv0 = reinterpret_cast<const __nv_bfloat162*>(&xa);
-            const __nv_bfloat162* xv1 = reinterpret_cast<const __nv_bfloat162*>(&xb);
-            #pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                acc[m][j] = __hfma2(xv0[j], wd[j], acc[m][j]);
-                acc[m][j + 4] = __hfma2(xv1[j], wd[j + 4], acc[m][j + 4]);
+        for (int m = 0; m < MB; ++m) {
+            if (m < M) {
+                const uint4* xp = reinterpret_cast<const uint4*>(x + (size_t)m * K + idx);
+                const uint4 xa = xp[0];
+                const uint4 xb = xp[1];
+                const __nv_bfloat162* xv0 = reinterpret_cast<const __nv_bfloat162*>(&xa);
+                const __nv_bfloat162* xv1 = reinterpret_cast<const __nv_bfloat162*>(&xb);
+                #pragma unroll
+                for (int f = 0; f < R; ++f) {
+                    #pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        acc[f][m][j] = __hfma2(xv0[j], wd[f][j], acc[f][m][j]);
+                        acc[f][m][j + 4] = __hfma2(xv1[j], wd[f][j + 4], acc[f][m][j + 4]);
+                    }
+                }
             }
         }
     }
     #pragma unroll
-    for (int m = 0; m < M; ++m) {
-        float sum = 0.0f;
+    for (int f = 0; f < R; ++f) {
         #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            sum += __low2float(acc[m][j]);
-            sum += __high2float(acc[m][j]);
-        }
-        if constexpr (RED == 0) {
-            sum = cg::reduce(warp, sum, cg::plus<float>());
-        } else {
-            #pragma unroll
-            for (int offset = 16; offset > 0; offset /= 2) {
-                sum += warp.shfl_xor(sum, offset);
+        for (int m = 0; m < MB; ++m) {
+            if (m < M) {
+                float sum = 0.0f;
+                #pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    sum += __low2float(acc[f][m][j]);
+                    sum += __high2float(acc[f][m][j]);
+                }
+                #pragma unroll
+                for (int offset = 16; offset > 0; offset /= 2) {
+                    sum += warp.shfl_xor(sum, offset);
+                }
+                if (lane == 0 && first + f < N) {
+                    out[(size_t)m * N + first + f] = __float2bfloat16_rn(sum);
+                }
             }
-        }
-        if (lane == 0) {
-            out[(size_t)m * N + row] = __float2bfloat16_rn(sum);
         }
     }
 """
+
+# Rows are computed by a kernel built for the next bucket up (one build each, not one per row
+# count) with as many features a warp as keep its sums in 128 registers: each row's inputs are
+# then read once for that many features. SHARDLINE_ROWS_PER_WARP=1 reads them for each.
+BUCKETS = (2, 4, 8, 16)
+
+
+def _shape(rows: int) -> tuple[int, int]:
+    """(most rows, features per warp) of the kernel that computes `rows` rows."""
+    bucket = next(b for b in BUCKETS if b >= rows)
+    per_warp = os.environ.get("SHARDLINE_ROWS_PER_WARP", "").strip()
+    return bucket, int(per_warp) if per_warp else max(1, min(4, 16 // bucket))
+
 
 _kernel: Any = None
 
@@ -125,7 +148,7 @@ def _get_kernel() -> Any:
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(
             name="shardline_rows_q4", input_names=["x", "w", "scales", "biases"],
-            output_names=["out"], source=_SOURCE, header=_HEADER)
+            output_names=["out"], source=_SOURCE)
     return _kernel
 
 
@@ -157,23 +180,27 @@ def applies(x: mx.array, weight: mx.array, scales: mx.array, biases: Any, group_
             and covers(weight, biases, scales.dtype, group_size, bits, mode))
 
 
-# (DEQ, RED) of _SOURCE: the one equal to MLX's qmv on the device; SHARDLINE_ROWS_VARIANT
-# ("01", say) picks another to measure it
-VARIANT = tuple(int(c) for c in os.environ.get("SHARDLINE_ROWS_VARIANT", "00")[:2])
-
-
 def rows_product(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
-                 group_size: int, variant: tuple[int, int] = VARIANT) -> mx.array:
+                 group_size: int) -> mx.array:
     """x @ dequantize(weight).T for x of 2 to 16 rows (any leading shape), 4-bit affine
     weights of shape (N, K / 8); each row exactly as a product of that row alone gives."""
     k = x.shape[-1]
     rows = x.size // k
     n = weight.shape[0]
-    flat = x.reshape(rows, k)
+    bucket, per_warp = _shape(rows)
+    warps = -(-n // per_warp)
     (out,) = _get_kernel()(
-        inputs=[flat, weight, scales, biases],
-        template=[("M", rows), ("GS", group_size), ("DEQ", variant[0]), ("RED", variant[1])],
-        grid=(32, -(-n // WARPS_PER_BLOCK) * WARPS_PER_BLOCK, 1),
+        inputs=[x.reshape(rows, k), weight, scales, biases],
+        template=[("MB", bucket), ("R", per_warp), ("GS", group_size)],
+        grid=(32, -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK, 1),
         threadgroup=(32, WARPS_PER_BLOCK, 1),
         output_shapes=[(rows, n)], output_dtypes=[mx.bfloat16])
     return out.reshape(*x.shape[:-1], n)
+
+
+def warm(group_size: int) -> None:
+    """Build the kernels (about 2 s each on first use) before the first step needs one."""
+    weight = mx.zeros((8, WARP_ELEMENTS // 8), dtype=mx.uint32)
+    scales = mx.zeros((8, WARP_ELEMENTS // group_size), dtype=mx.bfloat16)
+    mx.eval([rows_product(mx.zeros((bucket, WARP_ELEMENTS), dtype=mx.bfloat16), weight,
+                          scales, scales, group_size) for bucket in BUCKETS])

@@ -117,9 +117,13 @@ def pad_products(model: Any, floor: int, kernel: bool = False) -> int:
 def set_up(model: Any, floor: int, kernel: bool) -> int:
     """`pad_products` for a shard's model; returns the rows a chunk of one sequence is padded
     to (worker/stage.py `_padding`): 1 where the kernel computes every product of a few
-    rows, else `floor`."""
+    rows (its builds then done here, before any step), else `floor`."""
     pad_products(model, floor, kernel)
-    return 1 if kernel and kernel_covers(model) else floor
+    if not kernel or not kernel_covers(model):
+        return floor
+    for group_size in sorted({m.group_size for m in _quantized(model)}):
+        cuda_rows.warm(group_size)
+    return 1
 
 
 def kernel_covers(model: Any) -> bool:
