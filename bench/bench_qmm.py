@@ -13,8 +13,9 @@ matrix (1, M, K), as a chunk of one sequence has them; M one-row vectors (M, 1, 
 decode step of M sequences has them; and padded to one matrix of 8 rows from 4 (worker/
 padding.py `as_one_matrix`, what a worker on CUDA computes from the vectors of M sequences).
 
-A third table (CUDA only) checks worker/cuda_rows.py's kernel for 2 to 16 rows against MLX's
-product of each row alone, bit for bit, in each of its variants, and times it chained as above.
+A third table (CUDA only) checks worker/cuda_rows.py's kernel for 2 to 8 rows against MLX's
+product of each row alone, bit for bit, and times it chained as above, with one feature a warp
+(what workers use) and two.
 
     python bench/bench_qmm.py            # on the default device (a GPU where MLX has one)
     python bench/bench_qmm.py --rows     # the third table only
@@ -114,7 +115,7 @@ def rows_kernel(w: mx.array) -> None:
     shapes = {"up": mx.quantize(w * 0.02, group_size=64, bits=4),
               "down": mx.quantize(w.T * 0.02, group_size=64, bits=4),
               "1030 x 512": mx.quantize(w[:1030, :512], group_size=64, bits=4)}
-    counts = (2, 3, 5, 8, 11, 16)
+    counts = (2, 3, 4, 5, 7, 8)
     t0 = time.perf_counter()
     cuda_rows.warm(64)
     print(f"\nkernels built (worker/cuda_rows.py warm): {(time.perf_counter() - t0):.1f} s")
@@ -130,10 +131,10 @@ def rows_kernel(w: mx.array) -> None:
             cells.append(int(mx.sum(cuda_rows.rows_product(x, *q, 64) != alone).item()))
         print(f"| {name} | " + " | ".join(map(str, cells)) + " |")
     up, down = shapes["up"], shapes["down"]
-    for per_warp in ("", "1"):
+    for per_warp in ("1", "2"):
         os.environ["SHARDLINE_ROWS_PER_WARP"] = per_warp
         cells = []
-        for m in CHAINED[1:]:
+        for m in counts:
             x = mx.random.normal((m, D)).astype(mx.bfloat16)
 
             def chain(x=x):
@@ -141,8 +142,8 @@ def rows_kernel(w: mx.array) -> None:
                     x = cuda_rows.rows_product(cuda_rows.rows_product(x, *up, 64), *down, 64)
                 return x
             cells.append(timed(chain, n=5))
-        print(f"| worker/cuda_rows.py, features a warp {per_warp or 'by rows'} | " + " | ".join(
-            f"M = {m}: {c:.2f}" for m, c in zip(CHAINED[1:], cells, strict=True)) + " |")
+        print(f"| worker/cuda_rows.py, {per_warp} feature(s) a warp | " + " | ".join(
+            f"M = {m}: {c:.2f}" for m, c in zip(counts, cells, strict=True)) + " |")
     os.environ.pop("SHARDLINE_ROWS_PER_WARP")
 
 

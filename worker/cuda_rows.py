@@ -1,20 +1,21 @@
-"""CUDA backend: a 4-bit product of 2 to 16 rows that reads each weight once for all rows.
+"""CUDA backend: a 4-bit product of 2 to 8 rows that reads each weight once for all rows.
 
 MLX 0.32's CUDA backend multiplies one row by a 4-bit matrix with `qmv` (a warp per output
 feature, 16 weights a lane a turn) and anything else with kernels that cost about M times one
 row's for 2 to 7 rows and 3 times from 8 up (bench/RESULTS-gpu.md, "Rows laid out as one
 matrix"). Metal has a kernel for a few rows (`qmv_wide`); CUDA has none. This is one: each warp
-dequantizes its feature's weights once per turn and multiplies them into every row.
+dequantizes its feature's weights once per turn and multiplies them into every row. On an
+H100, 224 chained products of 2, 4 and 8 rows took 7.7, 11.1 and 28.0 ms, against 17.0, 30.7
+and 28.2 by MLX and 9.6 for one row (bench/RESULTS-gpu.md, "A kernel for a few rows").
 
 Every row's arithmetic is `qmv`'s for that row alone: the same 16 elements a lane, dequantized
-with the same rounded bf16 multiply and add, accumulated with bf16 fused multiply-adds in the
-same order, summed in float and reduced across the warp the same way. So each row's output is
-bit for bit what a product of that row alone gives (checked on the device by
-`bench/bench_qmm.py`, whose third table times it), and batching rows changes no token.
+with the same bf16 multiply and add, accumulated with bf16 fused multiply-adds in the same
+order, summed in float and reduced across the warp the same way. So each row's output is bit
+for bit what a product of that row alone gives (`bench/bench_qmm.py --rows` and
+tests/test_cuda_rows.py check it on the device), and batching rows changes no token.
 
-`rows_product` returns None where the kernel does not apply (not CUDA, not bf16, not 4-bit
-affine, a width that is not a multiple of 512, one row or more than 16); callers then use
-MLX's product.
+`applies` says where the kernel computes a product (CUDA, bf16 rows, 4-bit affine weights of a
+width that is a multiple of 512, 2 to 8 rows); elsewhere callers use MLX's product.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 
-MAX_ROWS = 16  # accumulators are 8 registers a row
+MAX_ROWS = 8  # from 9 rows up MLX's own product costs less (bench/RESULTS-gpu.md)
 LANE_ELEMENTS = 16  # qmv's elements per lane for bf16 and 4-bit weights
 WARP_ELEMENTS = 32 * LANE_ELEMENTS
 WARPS_PER_BLOCK = 8
@@ -127,17 +128,17 @@ _SOURCE = """
     }
 """
 
-# Rows are computed by a kernel built for the next bucket up (one build each, not one per row
-# count) with as many features a warp as keep its sums in 128 registers: each row's inputs are
-# then read once for that many features. SHARDLINE_ROWS_PER_WARP=1 reads them for each.
-BUCKETS = (2, 4, 8, 16)
+# Rows are computed by a kernel built for the next bucket up: one build each (about 1.5 s),
+# not one per row count. R features a warp read each row's inputs once for R features; on an
+# H100 that was slower at every row count (bench/RESULTS-gpu.md, "A kernel for a few rows"),
+# so a warp computes one; SHARDLINE_ROWS_PER_WARP=N measures N.
+BUCKETS = (2, 4, 8)
 
 
 def _shape(rows: int) -> tuple[int, int]:
     """(most rows, features per warp) of the kernel that computes `rows` rows."""
-    bucket = next(b for b in BUCKETS if b >= rows)
     per_warp = os.environ.get("SHARDLINE_ROWS_PER_WARP", "").strip()
-    return bucket, int(per_warp) if per_warp else max(1, min(4, 16 // bucket))
+    return next(b for b in BUCKETS if b >= rows), int(per_warp) if per_warp else 1
 
 
 _kernel: Any = None
@@ -153,9 +154,9 @@ def _get_kernel() -> Any:
 
 
 def enabled() -> bool:
-    """Whether products of a few rows go through this kernel: on CUDA, with
-    SHARDLINE_ROWS_KERNEL=1 (not yet measured on a device: off by default)."""
-    if os.environ.get("SHARDLINE_ROWS_KERNEL", "").strip() != "1":
+    """Whether products of a few rows go through this kernel: on CUDA, unless
+    SHARDLINE_ROWS_KERNEL=0."""
+    if os.environ.get("SHARDLINE_ROWS_KERNEL", "").strip() == "0":
         return False
     cuda = getattr(mx, "cuda", None)
     return bool(cuda is not None and hasattr(cuda, "is_available") and cuda.is_available())
@@ -182,7 +183,7 @@ def applies(x: mx.array, weight: mx.array, scales: mx.array, biases: Any, group_
 
 def rows_product(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
                  group_size: int) -> mx.array:
-    """x @ dequantize(weight).T for x of 2 to 16 rows (any leading shape), 4-bit affine
+    """x @ dequantize(weight).T for x of 2 to 8 rows (any leading shape), 4-bit affine
     weights of shape (N, K / 8); each row exactly as a product of that row alone gives."""
     k = x.shape[-1]
     rows = x.size // k
