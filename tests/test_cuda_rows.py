@@ -104,3 +104,16 @@ def test_each_row_is_what_that_row_alone_gives(rows: int, shape: tuple[int, int]
     x = mx.random.normal((rows, shape[1])).astype(mx.bfloat16)
     got = cuda_rows.rows_product(x, layer["weight"], layer["scales"], layer["biases"], 64)
     assert mx.array_equal(got, _alone(x, layer)).item()
+
+
+def test_a_kernel_that_cannot_be_built_leaves_mlx_products(kernel_calls, monkeypatch, caplog):
+    def fails(group_size: int) -> None:
+        raise RuntimeError("nvrtc: error: invalid value for --gpu-architecture")
+
+    monkeypatch.setattr(cuda_rows, "warm", fails)
+    layer = _layer(512, 256)
+    assert set_up(_Model(layer), 8, True) == 8
+    assert "could not be built" in caplog.text
+    x = mx.random.normal((3, 1, 512)).astype(mx.bfloat16)
+    layer(x)
+    assert kernel_calls == []

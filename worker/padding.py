@@ -17,18 +17,21 @@ A chunk of one sequence is padded once for all its layers instead (worker/stage.
 `_padding`), so its products already have the rows.
 
 Where worker/cuda_rows.py's kernel applies (CUDA, 4-bit affine weights, bf16 rows), a layer
-multiplies 2 to 16 rows with it instead: it reads each weight once for all rows and gives
+multiplies 2 to 8 rows with it instead: it reads each weight once for all rows and gives
 every row what that row alone gives, so nothing is padded (`kernel_covers`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from worker import cuda_rows
+
+log = logging.getLogger("shardline.worker")
 
 
 def rows_for(rows: int, floor: int) -> int:
@@ -121,13 +124,19 @@ def set_up(model: Any, floor: int, kernel: bool) -> int:
     pad_products(model, floor, kernel)
     if not kernel or not kernel_covers(model):
         return floor
-    for group_size in sorted({m.group_size for m in _quantized(model)}):
-        cuda_rows.warm(group_size)
+    try:
+        for group_size in sorted({m.group_size for m in _quantized(model)}):
+            cuda_rows.warm(group_size)
+    except Exception as e:  # a GPU or toolkit it cannot be built for: MLX's products
+        log.warning("the few-rows kernel (worker/cuda_rows.py) could not be built (%s); "
+                    "products of a few rows use MLX's kernels", str(e).splitlines()[0][:200])
+        pad_products(model, floor, False)
+        return floor
     return 1
 
 
 def kernel_covers(model: Any) -> bool:
-    """Whether worker/cuda_rows.py computes every quantized product of `model` of 2 to 16
+    """Whether worker/cuda_rows.py computes every quantized product of `model` of 2 to 8
     bf16 rows (so a chunk need not be padded for them)."""
     layers = _quantized(model)
     return bool(layers) and all(cuda_rows.covers(
