@@ -22,6 +22,7 @@ import asyncio
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -112,7 +113,9 @@ def decode(args: argparse.Namespace) -> None:
     streams = [int(s) for s in args.streams.split(",")]
     pin = not args.gpu and hasattr(os, "sched_setaffinity")
     bench_serving.PIN = pin
+    t0 = time.perf_counter()  # a first build of the 8B shape takes minutes: say so
     path = cached_model(spec)
+    print(f"model {spec.key()} ready in {time.perf_counter() - t0:.0f} s", flush=True)
     base, rows = asyncio.run(interleaved_runs(
         path, workers, streams, args.prompt, args.new, args.runs, pin,
         baseline=lambda s: bench_mlx_lm(path, s, args.prompt, args.new)))
