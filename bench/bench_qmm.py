@@ -53,6 +53,9 @@ def timed(fn, n: int = 50) -> float:
 def main() -> None:
     w = mx.random.normal((F, D)).astype(mx.bfloat16)
     if "--rows" in sys.argv:
+        if not cuda_rows.enabled():
+            sys.exit("--rows: worker/cuda_rows.py's kernel runs on CUDA only "
+                     "(and not with SHARDLINE_ROWS_KERNEL=0)")
         rows_kernel(w)
         return
     print(f"device {mx.default_device()}, weight {F} x {D}, ms per product (with its sync)")
