@@ -10,6 +10,10 @@
 #   bench/gpu.sh knobs DIR [ARGS]    # bench_knobs.py --gpu ARGS (MLX's CUDA launch settings)
 #   bench/gpu.sh qmm DIR [ARGS]      # bench_qmm.py ARGS (products by rows; --rows: the kernel)
 #
+# A fresh machine builds the 8B-shaped model on its CPU before the first hotpath, profile or
+# speculation run (139 s on an H100 box; kept in /root/cache for later calls): leave room for it
+# in BENCH_TIMEOUT.
+#
 # MLX settings in the environment (MLX_MAX_OPS_PER_BUFFER=50 bench/gpu.sh hotpath ...) reach
 # mlx-lm and every worker alike.
 #
