@@ -23,7 +23,6 @@ product of each row alone, bit for bit, and times it chained as above, with one 
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -134,8 +133,8 @@ def rows_kernel(w: mx.array) -> None:
             cells.append(int(mx.sum(cuda_rows.rows_product(x, *q, 64) != alone).item()))
         print(f"| {name} | " + " | ".join(map(str, cells)) + " |")
     up, down = shapes["up"], shapes["down"]
-    for per_warp in ("1", "2"):
-        os.environ["SHARDLINE_ROWS_PER_WARP"] = per_warp
+    for per_warp in (1, 2):
+        cuda_rows.PER_WARP = per_warp
         cells = []
         for m in counts:
             x = mx.random.normal((m, D)).astype(mx.bfloat16)
@@ -147,7 +146,7 @@ def rows_kernel(w: mx.array) -> None:
             cells.append(timed(chain, n=5))
         print(f"| worker/cuda_rows.py, {per_warp} feature(s) a warp | " + " | ".join(
             f"M = {m}: {c:.2f}" for m, c in zip(counts, cells, strict=True)) + " |")
-    os.environ.pop("SHARDLINE_ROWS_PER_WARP")
+    cuda_rows.PER_WARP = 1
 
 
 if __name__ == "__main__":

@@ -131,14 +131,9 @@ _SOURCE = """
 # Rows are computed by a kernel built for the next bucket up: one build each (about 1.5 s),
 # not one per row count. R features a warp read each row's inputs once for R features; on an
 # H100 that was slower at every row count (bench/RESULTS-gpu.md, "A kernel for a few rows"),
-# so a warp computes one; SHARDLINE_ROWS_PER_WARP=N measures N.
+# so a warp computes one; SHARDLINE_ROWS_PER_WARP=N measures N (bench/bench_qmm.py sets it here).
 BUCKETS = (2, 4, 8)
-
-
-def _shape(rows: int) -> tuple[int, int]:
-    """(most rows, features per warp) of the kernel that computes `rows` rows."""
-    per_warp = os.environ.get("SHARDLINE_ROWS_PER_WARP", "").strip()
-    return next(b for b in BUCKETS if b >= rows), int(per_warp) if per_warp else 1
+PER_WARP = int(os.environ.get("SHARDLINE_ROWS_PER_WARP", "").strip() or 1)
 
 
 _kernel: Any = None
@@ -188,7 +183,7 @@ def rows_product(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.arr
     k = x.shape[-1]
     rows = x.size // k
     n = weight.shape[0]
-    bucket, per_warp = _shape(rows)
+    bucket, per_warp = next(b for b in BUCKETS if b >= rows), PER_WARP
     warps = -(-n // per_warp)
     (out,) = _get_kernel()(
         inputs=[x.reshape(rows, k), weight, scales, biases],
@@ -200,7 +195,7 @@ def rows_product(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.arr
 
 
 def warm(group_size: int) -> None:
-    """Build the kernels (about 2 s each on first use) before the first step needs one."""
+    """Build the kernels (about 1.5 s each) before the first step needs one."""
     weight = mx.zeros((8, WARP_ELEMENTS // 8), dtype=mx.uint32)
     scales = mx.zeros((8, WARP_ELEMENTS // group_size), dtype=mx.bfloat16)
     mx.eval([rows_product(mx.zeros((bucket, WARP_ELEMENTS), dtype=mx.bfloat16), weight,
