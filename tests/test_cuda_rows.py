@@ -5,7 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
+from conftest import reference_tokens
+from test_batched_decode import Chain, _prefill
 
+from coordinator.demo import ModelSpec
+from protos import worker_pb2
 from worker import cuda_rows
 from worker.padding import pad_products, set_up
 
@@ -117,3 +121,29 @@ def test_a_kernel_that_cannot_be_built_leaves_mlx_products(kernel_calls, monkeyp
     x = mx.random.normal((3, 1, 512)).astype(mx.bfloat16)
     layer(x)
     assert kernel_calls == []
+
+
+def test_a_pipeline_with_the_kernel_standing_in_stays_exact(model_dir, monkeypatch,
+                                                             kernel_calls):
+    """Two stages set up as on CUDA with the kernel (a stand-in computing each row alone; the
+    tiny model's 64-wide layers let in): nothing is padded, a batch of 3 sequences and a
+    2-token prompt chunk go through the kernel, and every sequence's tokens are mlx-lm's."""
+    monkeypatch.setattr(cuda_rows, "enabled", lambda: True)
+    monkeypatch.setattr(cuda_rows, "WARP_ELEMENTS", 64)
+    path = model_dir(ModelSpec(family="llama", bits=4))
+    prompts = {"a": [(3 * i + 11) % 480 + 10 for i in range(21)],
+               "b": [(7 * i + 5) % 480 + 10 for i in range(3)],
+               "c": [(5 * i + 1) % 480 + 10 for i in range(9)]}
+    expected = {k: reference_tokens(path, ids, 8) for k, ids in prompts.items()}
+    chain = Chain(path, [(0, 2), (2, 6)])
+    assert [runner.row_floor for runner in chain.runners] == [1, 1]
+    kernel_calls.clear()  # the builds at set-up
+    tokens = {k: [_prefill(chain, k, ids)] for k, ids in prompts.items()}
+    while len(tokens["a"]) < 8:
+        out = chain.step([
+            worker_pb2.SeqInput(seq_id=k, token_ids=[tokens[k][-1]], sample=True,
+                                offset=len(prompts[k]) + len(tokens[k]) - 1) for k in tokens])
+        for k in tokens:
+            tokens[k].append(out[k])
+    assert tokens == expected
+    assert set(kernel_calls) == {2, 3, 8}, sorted(set(kernel_calls))
