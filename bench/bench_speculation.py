@@ -100,7 +100,8 @@ async def variant(path: Path, addresses: list[str], ids: list[int], new: int, ru
                               for k in sorted(costs.rounds))
             line = costs.estimate(spec.num_draft_tokens)
             fitted = ", ".join(f"{k}: {s * 1e3:.2f}" for k, s in line.items()) if line else "-"
-            print(f"steps by proposals (count x moving ms): {timed}; fitted ms: {fitted}",
+            print(f"steps by proposals (count x median ms of the last 9): {timed}; "
+                  f"fitted ms: {fitted}",
                   flush=True)
         return out
     finally:

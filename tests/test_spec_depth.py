@@ -56,6 +56,20 @@ def test_a_size_never_timed_is_read_off_the_line_and_no_round_costs_less_than_a_
     assert min(tilted.estimate(3).values()) >= 0.004
 
 
+def test_a_slow_first_round_of_a_size_does_not_hold_it_back():
+    """A size's first round can pay a one-time cost (on a GPU, 1.5 s where the rest take
+    10 ms): the size's time is its recent rounds' median, not a mean carrying that round."""
+    c = costs(lambda k: 0.010, sizes=(1, 2, 3))
+    c.add(7, 1.5)
+    for _ in range(4):
+        c.add(7, 0.010)
+    assert c.seconds[7] == pytest.approx(0.010)
+    assert best(0.9, c, 7) == 7
+    for _ in range(9):  # a size that became dearer is followed within its last rounds
+        c.add(7, 0.030)
+    assert c.seconds[7] == pytest.approx(0.030)
+
+
 def drive(seconds_of, odds: float, steps: int = 400, most: int = 7) -> list[int]:
     """One request's proposals per round over `steps` rounds; a round of k takes
     `seconds_of(k)`, each proposal is confirmed with `odds` (seeded)."""

@@ -3,31 +3,38 @@
 A round with k proposals brings 1 + (the proposals confirmed before the first miss) tokens: with
 each proposal confirmed with odds p, (1 - p^(k+1)) / (1 - p) on average. What it costs depends
 on the cluster: on the CPU every checked position adds to every matrix product, while on CUDA a
-chunk of 2 to 8 positions costs the same (docs/speculation.md). `RoundCosts` learns that cost
-from the steps the serve runs (a line through the seconds of rounds of each size, with a step
-without proposals as the least a round can cost), and `best` picks the k with the most tokens
-a second. Until rounds of two sizes are timed it has no answer, and the request falls back to
-growing k after a full round and shrinking it after a miss.
+few more positions add little (worker/cuda_rows.py; docs/speculation.md). `RoundCosts` learns
+that cost from the steps the serve runs (a line through the seconds of rounds of each size,
+with a step without proposals as the least a round can cost), and `best` picks the k with the
+most tokens a second. Until rounds of two sizes are timed it has no answer, and the request
+falls back to growing k after a full round and shrinking it after a miss.
 """
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 ROUNDS = 3  # rounds of a size before its time counts
-WEIGHT = 0.15  # weight of the latest round in a size's moving average (after 1 / WEIGHT rounds)
+RECENT = 9  # a size's time: the median of its last this many rounds
 
 
 class RoundCosts:
-    """Moving averages of a round's seconds by its number of proposals, for one serve (what a
-    check costs is the cluster's, whichever request it checks)."""
+    """A round's seconds by its number of proposals, for one serve (what a check costs is the
+    cluster's, whichever request it checks): the median of each size's latest rounds, so that
+    a round that paid a one-time cost (the first check of a size building its kernels on a
+    GPU, a pause) moves it little, where a running mean would carry it for many rounds."""
 
     def __init__(self) -> None:
         self.seconds: dict[int, float] = {}
         self.rounds: dict[int, int] = {}
+        self._recent: dict[int, deque[float]] = {}
 
     def add(self, k: int, seconds: float) -> None:
-        n = self.rounds[k] = self.rounds.get(k, 0) + 1
-        w = max(WEIGHT, 1 / n)
-        self.seconds[k] = seconds if n == 1 else (1 - w) * self.seconds[k] + w * seconds
+        self.rounds[k] = self.rounds.get(k, 0) + 1
+        recent = self._recent.setdefault(k, deque(maxlen=RECENT))
+        recent.append(seconds)
+        self.seconds[k] = statistics.median(recent)
 
     def estimate(self, most: int) -> dict[int, float] | None:
         """Seconds of a round of 1 to `most` proposals, on the least-squares line through the
