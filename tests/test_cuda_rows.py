@@ -31,8 +31,9 @@ def _rows_alone(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.arra
     return out.reshape(*x.shape[:-1], -1)
 
 
-def _layer(inputs: int, outputs: int, bits: int = 4, bias: bool = False) -> nn.Module:
-    layer = nn.QuantizedLinear(inputs, outputs, bias=bias, group_size=64, bits=bits)
+def _layer(inputs: int, outputs: int, bits: int = 4, bias: bool = False,
+           group_size: int = 64) -> nn.Module:
+    layer = nn.QuantizedLinear(inputs, outputs, bias=bias, group_size=group_size, bits=bits)
     layer.set_dtype(mx.bfloat16)
     mx.eval(layer.parameters())
     return layer
@@ -107,6 +108,17 @@ def test_each_row_is_what_that_row_alone_gives(rows: int, shape: tuple[int, int]
     layer = _layer(shape[1], shape[0])
     x = mx.random.normal((rows, shape[1])).astype(mx.bfloat16)
     got = cuda_rows.rows_product(x, layer["weight"], layer["scales"], layer["biases"], 64)
+    assert mx.array_equal(got, _alone(x, layer)).item()
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the kernel runs on CUDA only")
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_other_group_sizes_are_exact_too(group_size: int):
+    layer = _layer(1024, 768, group_size=group_size)
+    cuda_rows.warm(group_size)
+    x = mx.random.normal((5, 1024)).astype(mx.bfloat16)
+    got = cuda_rows.rows_product(x, layer["weight"], layer["scales"], layer["biases"],
+                                 group_size)
     assert mx.array_equal(got, _alone(x, layer)).item()
 
 
