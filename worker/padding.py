@@ -18,7 +18,7 @@ A chunk of one sequence is padded once for all its layers instead (worker/stage.
 
 Where worker/cuda_rows.py's kernel applies (CUDA, 4-bit affine weights, bf16 rows), a layer
 multiplies 2 to 8 rows with it instead: it reads each weight once for all rows and gives
-every row what that row alone gives, so nothing is padded (`kernel_covers`).
+every row what that row alone gives, so nothing is padded (`set_up`).
 """
 
 from __future__ import annotations
@@ -118,27 +118,25 @@ def pad_products(model: Any, floor: int, kernel: bool = False) -> int:
 
 
 def set_up(model: Any, floor: int, kernel: bool) -> int:
-    """`pad_products` for a shard's model; returns the rows a chunk of one sequence is padded
-    to (worker/stage.py `_padding`): 1 where the kernel computes every product of a few
-    rows (its builds then done here, before any step), else `floor`."""
+    """`pad_products` for a shard's model, with the kernels built here, before any step;
+    returns the rows a chunk of one sequence is padded to (worker/stage.py `_padding`): 1
+    where the kernel computes every product of a few rows, else `floor`."""
     pad_products(model, floor, kernel)
-    if not kernel or not kernel_covers(model):
+    layers = _quantized(model)
+    covered = [m for m in layers if _covered(m)] if kernel else []
+    if not covered:
         return floor
     try:
-        for group_size in sorted({m.group_size for m in _quantized(model)}):
+        for group_size in sorted({m.group_size for m in covered}):
             cuda_rows.warm(group_size)
     except Exception as e:  # a GPU or toolkit it cannot be built for: MLX's products
         log.warning("the few-rows kernel (worker/cuda_rows.py) could not be built (%s); "
                     "products of a few rows use MLX's kernels", str(e).splitlines()[0][:200])
         pad_products(model, floor, False)
         return floor
-    return 1
+    return 1 if len(covered) == len(layers) else floor
 
 
-def kernel_covers(model: Any) -> bool:
-    """Whether worker/cuda_rows.py computes every quantized product of `model` of 2 to 8
-    bf16 rows (so a chunk need not be padded for them)."""
-    layers = _quantized(model)
-    return bool(layers) and all(cuda_rows.covers(
-        m["weight"], m.get("biases"), m["scales"].dtype, m.group_size, m.bits,
-        getattr(m, "mode", "affine")) for m in layers)
+def _covered(layer: Any) -> bool:
+    return cuda_rows.covers(layer["weight"], layer.get("biases"), layer["scales"].dtype,
+                            layer.group_size, layer.bits, getattr(layer, "mode", "affine"))
