@@ -9,12 +9,12 @@
 #   bench/gpu.sh speculation DIR [ARGS]  # bench_speculation.py --gpu ARGS
 #   bench/gpu.sh knobs DIR [ARGS]    # bench_knobs.py --gpu ARGS (MLX's CUDA launch settings)
 #   bench/gpu.sh qmm DIR [ARGS]      # bench_qmm.py ARGS (products by rows; --rows: the kernel)
-#   bench/gpu.sh prebuild DIR [ARGS] # prebuild.py ARGS: both 8B models at once, before the benches
+#   bench/gpu.sh prebuild DIR [ARGS] # prebuild.py ARGS: both 8B models, before the benches
 #
 # A fresh machine builds the 8B-shaped model on its CPU before the first hotpath, profile or
 # speculation run (139 s on an H100 box; kept in /root/cache for later calls): leave room for it
-# in BENCH_TIMEOUT, or run `prebuild` first (both models side by side: by estimate up to
-# 100 GB of the box's 128 GB at once; not yet run on a device).
+# in BENCH_TIMEOUT, or run `prebuild` first (both models, one after the other; --side-by-side
+# builds them at once: by estimate up to 100 GB of the box's 128 GB; not yet run on a device).
 #
 # MLX settings in the environment (MLX_MAX_OPS_PER_BUFFER=50 bench/gpu.sh hotpath ...) reach
 # mlx-lm and every worker alike.

@@ -1,11 +1,13 @@
-"""Build the GPU benchmarks' 8B-shaped models ahead, side by side, so bench runs start at once.
+"""Build the GPU benchmarks' 8B-shaped models ahead, so bench runs start at once.
 
 `bench_hotpath.py --gpu` and `bench_speculation.py --gpu` each build their model on the CPU
 the first time (139 s for the plain one on an H100 box), inside their own time limit. This
-builds both (and the speculation draft) in two processes at once and says how long each took.
+builds both (and the speculation draft) in a call of their own and says how long each took.
 
     python bench/prebuild.py                      # on the GPU box: bench/gpu.sh prebuild -
     python bench/prebuild.py --quiet-scale 0.003  # the speculation target at that scale
+    python bench/prebuild.py --side-by-side       # both at once (by estimate up to 100 GB of
+                                                  # memory; not yet tried on a device)
 """
 
 from __future__ import annotations
@@ -40,12 +42,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quiet-scale", type=float, default=None,
                         help="the speculation target's quiet scale (bench_speculation.py's)")
+    parser.add_argument("--side-by-side", action="store_true",
+                        help="build the two in two processes at once")
     args = parser.parse_args()
     target = bench_speculation.GPU_SPEC
     if args.quiet_scale is not None:
         target = dataclasses.replace(target, quiet_scale=args.quiet_scale)
     # spawned, not forked: MLX's threads do not survive a fork
-    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+    workers = 2 if args.side_by_side else 1
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(build, bench_hotpath.GPU_SPEC, False),
                 pool.submit(build, target, True)]
         for job in jobs:
