@@ -38,6 +38,25 @@ def _prefill(chain, seq_id, ids):
     return chain.step([first])[seq_id]
 
 
+# three prompts of 21, 3 and 9 tokens: prefill chunks of 20, 2 and 8, then a batch of 3
+THREE_PROMPTS = {"a": [(3 * i + 11) % 480 + 10 for i in range(21)],
+                 "b": [(7 * i + 5) % 480 + 10 for i in range(3)],
+                 "c": [(5 * i + 1) % 480 + 10 for i in range(9)]}
+
+
+def generate_together(chain, prompts, count):
+    """Each prompt prefilled alone, then decoded in one batch until each has `count` tokens
+    (greedy): the tokens by sequence."""
+    tokens = {k: [_prefill(chain, k, ids)] for k, ids in prompts.items()}
+    while min(len(t) for t in tokens.values()) < count:
+        out = chain.step([
+            worker_pb2.SeqInput(seq_id=k, token_ids=[tokens[k][-1]], sample=True,
+                                offset=len(prompts[k]) + len(tokens[k]) - 1) for k in tokens])
+        for k in tokens:
+            tokens[k].append(out[k])
+    return tokens
+
+
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.family + (f"-q{s.bits}" if s.bits else ""))
 def test_batched_decode_matches_each_sequence_alone(spec, model_dir):
     path = model_dir(spec)
@@ -88,20 +107,12 @@ def test_a_few_sequences_products_padded_as_one_matrix_stay_exact(model_dir, mon
     mlx-lm's."""
 
     path = model_dir(ModelSpec(family="llama", bits=4))
-    prompts = {"a": [(3 * i + 11) % 480 + 10 for i in range(21)],
-               "b": [(7 * i + 5) % 480 + 10 for i in range(3)],
-               "c": [(5 * i + 1) % 480 + 10 for i in range(9)]}
+    prompts = THREE_PROMPTS
     expected = {k: reference_tokens(path, ids, 8) for k, ids in prompts.items()}
     monkeypatch.setenv("SHARDLINE_PAD_ROWS", "6")
     rows = product_rows(monkeypatch)
     chain = Chain(path, [(0, 2), (2, 6)])
-    tokens = {k: [_prefill(chain, k, ids)] for k, ids in prompts.items()}
-    while len(tokens["a"]) < 8:
-        out = chain.step([
-            worker_pb2.SeqInput(seq_id=k, token_ids=[tokens[k][-1]], sample=True,
-                                offset=len(prompts[k]) + len(tokens[k]) - 1) for k in tokens])
-        for k in tokens:
-            tokens[k].append(out[k])
+    tokens = generate_together(chain, prompts, 8)
     assert tokens == expected
     assert rows.count((6, 6)) > 0 and (2, 2) in rows, sorted(set(rows))
     # 3 to 5 rows are padded to 6; 2 rows (a prompt's chunk) cost less as they are

@@ -6,10 +6,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from conftest import reference_tokens
-from test_batched_decode import Chain, _prefill
+from test_batched_decode import THREE_PROMPTS, Chain, generate_together
 
 from coordinator.demo import ModelSpec
-from protos import worker_pb2
 from worker import cuda_rows
 from worker.padding import pad_products, set_up
 
@@ -146,19 +145,9 @@ def test_a_pipeline_with_the_kernel_standing_in_stays_exact(model_dir, monkeypat
     monkeypatch.setattr(cuda_rows, "enabled", lambda: True)
     monkeypatch.setattr(cuda_rows, "WARP_ELEMENTS", 64)
     path = model_dir(ModelSpec(family="llama", bits=4))
-    prompts = {"a": [(3 * i + 11) % 480 + 10 for i in range(21)],
-               "b": [(7 * i + 5) % 480 + 10 for i in range(3)],
-               "c": [(5 * i + 1) % 480 + 10 for i in range(9)]}
-    expected = {k: reference_tokens(path, ids, 8) for k, ids in prompts.items()}
+    expected = {k: reference_tokens(path, ids, 8) for k, ids in THREE_PROMPTS.items()}
     chain = Chain(path, [(0, 2), (2, 6)])
     assert [runner.row_floor for runner in chain.runners] == [1, 1]
     kernel_calls.clear()  # the builds at set-up
-    tokens = {k: [_prefill(chain, k, ids)] for k, ids in prompts.items()}
-    while len(tokens["a"]) < 8:
-        out = chain.step([
-            worker_pb2.SeqInput(seq_id=k, token_ids=[tokens[k][-1]], sample=True,
-                                offset=len(prompts[k]) + len(tokens[k]) - 1) for k in tokens])
-        for k in tokens:
-            tokens[k].append(out[k])
-    assert tokens == expected
+    assert generate_together(chain, THREE_PROMPTS, 8) == expected
     assert set(kernel_calls) == {2, 3, 8}, sorted(set(kernel_calls))
