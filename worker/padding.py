@@ -56,10 +56,8 @@ def as_one_matrix(product: Any, x: mx.array, floor: int) -> mx.array:
 
 def _by_kernel(layer: Any, x: mx.array) -> mx.array | None:
     """`x` times the layer's quantized weight by worker/cuda_rows.py, or None where it does
-    not apply (or the layer does not use it)."""
-    if not layer.rows_kernel or not cuda_rows.applies(
-            x, layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits,
-            getattr(layer, "mode", "affine")):
+    not apply (or the layer does not use it: `rows_kernel`, set once by `pad_products`)."""
+    if not layer.rows_kernel or not cuda_rows.applies(x):
         return None
     return cuda_rows.rows_product(x, layer["weight"], layer["scales"], layer["biases"],
                                   layer.group_size)
@@ -112,7 +110,7 @@ def pad_products(model: Any, floor: int, kernel: bool = False) -> int:
             continue
         module.__class__ = padded
         module.pad_rows = max(1, floor)
-        module.rows_kernel = kernel
+        module.rows_kernel = kernel and _covered(module)
         changed += floor > 1 or kernel
     return changed
 
@@ -123,7 +121,7 @@ def set_up(model: Any, floor: int, kernel: bool) -> int:
     where the kernel computes every product of a few rows, else `floor`."""
     pad_products(model, floor, kernel)
     layers = _quantized(model)
-    covered = [m for m in layers if _covered(m)] if kernel else []
+    covered = [m for m in layers if m.rows_kernel] if kernel else []
     if not covered:
         return floor
     try:
