@@ -35,8 +35,9 @@ PARTS = ("receive", "host", "device", "serialise", "send", "waiting", "prepare")
 BUSY = ("receive", "host", "device", "serialise", "send")
 
 
-def scrape(port: int) -> dict[str, tuple[float, float]]:
-    """(sum, count) of each part from a worker's /metrics."""
+def scrape(port: int, kind: str = "decode") -> dict[str, tuple[float, float]]:
+    """(sum, count) of each part of the steps of `kind` (decode, check) from a worker's
+    /metrics."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -46,6 +47,8 @@ def scrape(port: int) -> dict[str, tuple[float, float]]:
             continue
         for sample in family.samples:
             part = sample.labels.get("part")
+            if sample.labels.get("kind") != kind:
+                continue
             if part in out and sample.name.endswith("_sum"):
                 out[part][0] = sample.value
             elif part in out and sample.name.endswith("_count"):

@@ -28,11 +28,15 @@ import dataclasses
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_serving  # noqa: E402
+from bench_profile import PARTS, scrape  # noqa: E402
+
+KINDS = ("decode", "check")  # the steps a worker times apart (worker/metrics.py StepParts)
 from bench_serving import GiB, bench_mlx_lm  # noqa: E402
 
 from coordinator.demo import ModelSpec, cached_model, cycle_prompt, draft_model  # noqa: E402
@@ -55,6 +59,19 @@ def prompt(length: int) -> list[int]:
     """A prompt that repeats a 16-token phrase (prompt lookup finds copies in it)."""
     phrase = [(37 * j) % 1900 + 20 for j in range(16)]
     return (phrase * (length // 16 + 1))[:length]
+
+
+def print_parts(before: list[dict], after: list[dict]) -> None:
+    """Each worker's mean ms per step of each part (bench_profile.py), by the step's kind,
+    between two scrapes."""
+    for i, (b_kinds, a_kinds) in enumerate(zip(before, after, strict=True)):
+        for kind in KINDS:
+            b, a = b_kinds[kind], a_kinds[kind]
+            steps = a["host"][1] - b["host"][1]
+            if not steps:
+                continue
+            cells = ", ".join(f"{p} {(a[p][0] - b[p][0]) / steps * 1e3:.2f}" for p in PARTS)
+            print(f"  stage {i}, {int(steps)} {kind} steps, ms a step: {cells}", flush=True)
 
 
 async def one_stream(coordinator, ids: list[int], new: int) -> tuple[float, int, int]:
@@ -86,14 +103,25 @@ async def variant(path: Path, addresses: list[str], ids: list[int], new: int, ru
         await coord.start()
         # warm-up with the timed length: every chunk shape of the proposals is met once (on a
         # GPU the first of each compiles its kernels)
+        started = time.perf_counter()
         await one_stream(coord, ids, new)
+        warm_up = time.perf_counter() - started
+        ports = [w.info.metrics_port for w in coord.cluster.workers]
+        before = [{k: scrape(p, k) for k in KINDS} for p in ports]
+        spec = coord.engine.speculator if coord.engine else None
+        waited = (spec.proposals_awaited, spec.proposal_seconds) if spec else (0, 0.0)
         out = [await one_stream(coord, ids, new) for _ in range(runs)]
         if not report:
             return out
+        print(f"warm-up request: {warm_up:.1f} s", flush=True)
+        print_parts(before, [{k: scrape(p, k) for k in KINDS} for p in ports])
+        if spec is not None and spec.proposals_awaited > waited[0]:
+            n = spec.proposals_awaited - waited[0]
+            print(f"waiting for proposals: {(spec.proposal_seconds - waited[1]) / n * 1e3:.2f} "
+                  f"ms a step ({n} steps)", flush=True)
         if coord.draft is not None:
             print(f"rounds drafted ahead: {coord.draft.ahead_taken} used, "
                   f"{coord.draft.ahead_missed} not", flush=True)
-        spec = coord.engine.speculator if coord.engine else None
         if spec is not None:  # what the serve learned a round costs (spec_depth.py)
             costs = spec.costs
             timed = ", ".join(f"{k}: {costs.rounds[k]} x {costs.seconds[k] * 1e3:.2f} ms"

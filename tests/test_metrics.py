@@ -216,9 +216,11 @@ def test_every_worker_times_the_parts_of_its_decode_steps(scraped):
     # bench/bench_profile.py reads these: each part of a decode step, on every stage
     for text, _ in scraped.after:
         counts = {s.labels["part"]: s.value
-                  for s in families(text)["shardline_stage_step_part_seconds_count"]}
+                  for s in families(text)["shardline_stage_step_part_seconds_count"]
+                  if s.labels["kind"] == "decode"}
         sums = {s.labels["part"]: s.value
-                for s in families(text)["shardline_stage_step_part_seconds_sum"]}
+                for s in families(text)["shardline_stage_step_part_seconds_sum"]
+                if s.labels["kind"] == "decode"}
         busy = ("receive", "host", "device", "serialise", "send")
         assert all(counts[p] > 0 and sums[p] > 0 for p in busy), counts
         assert len({counts[p] for p in busy}) == 1  # one of each per decode step
@@ -329,3 +331,35 @@ def test_sd_workers_lists_each_worker_metrics_endpoint(scraped):
     for t, (start, end) in zip(scraped.sd, scraped.layers, strict=True):
         assert t["labels"]["layers"] == f"[{start}, {end})"
         assert t["labels"]["worker_id"] and t["targets"][0].startswith("127.0.0.1:")
+
+
+def test_steps_that_check_proposals_are_timed_apart_from_decode_steps():
+    # bench/bench_speculation.py splits a round's time on each stage from these
+    from prometheus_client import generate_latest
+
+    from protos import worker_pb2
+    from worker.metrics import StepParts, WorkerMetrics, step_kind
+
+    metrics = WorkerMetrics()
+    parts = StepParts(metrics)
+    times = SimpleNamespace(receive=0.001, host=0.002, device=0.003, serialise=0.004,
+                            done=time.perf_counter())
+    plain = worker_pb2.StageMessage(seqs=[worker_pb2.SeqInput(seq_id="a", token_ids=[5])])
+    check = worker_pb2.StageMessage(seqs=[worker_pb2.SeqInput(seq_id="a", token_ids=[5, 6, 7],
+                                                              draft=2)])
+    chunk = worker_pb2.StageMessage(seqs=[worker_pb2.SeqInput(seq_id="b", token_ids=[1, 2])])
+    assert [step_kind(plain, 0), step_kind(check, 3), step_kind(chunk, 2),
+            step_kind(check, None)] == ["decode", "check", None, None]
+    for msg, prefill in ((plain, 0), (check, 3), (check, 3), (chunk, 2)):
+        parts.arrived(time.perf_counter(), "check" if msg is check else "decode")
+        parts.prepared(0.0005)
+        parts.computed(times, step_kind(msg, prefill))
+        parts.sent(times, step_kind(msg, prefill))
+    page = families(generate_latest(metrics.registry).decode())
+    counts = {(s.labels["part"], s.labels["kind"]): s.value
+              for s in page["shardline_stage_step_part_seconds_count"]}
+    assert counts["host", "decode"] == 1 and counts["host", "check"] == 2
+    assert counts["device", "check"] == 2 and counts["send", "check"] == 2
+    # a wait is the next step's: the first step ended none, the chunk's wait is a decode's
+    assert counts["waiting", "check"] == 2 and counts["waiting", "decode"] == 1
+    assert counts["prepare", "check"] == 2 and counts["prepare", "decode"] == 1

@@ -38,6 +38,7 @@ TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 PART_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
                 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 STEP_PARTS = ("receive", "host", "device", "serialise", "send", "waiting", "prepare")
+STEP_KINDS = ("decode", "check")
 
 MEMORY_KINDS = ("weights", "kv", "active", "peak", "total")
 OUTCOMES = ("taken", "dropped", "early")  # of a decode step built ahead (worker/lookahead.py)
@@ -95,8 +96,9 @@ class WorkerMetrics:
                                "hand until the MLX thread begins it), host (building its graph), "
                                "device (waiting for its values), serialise (building the output "
                                "messages), send (until written to the next stage or the "
-                               "results), waiting (idle before it arrived).",
-                               ["part"], buckets=PART_BUCKETS, registry=r)
+                               "results), waiting (idle before it arrived), prepare (built ahead "
+                               "while waiting); kind: decode or check (of proposals).",
+                               ["part", "kind"], buckets=PART_BUCKETS, registry=r)
         self.lookahead = Counter("shardline_lookahead_steps",
                                  "Decode steps and checks of proposals this stage built "
                                  "ahead (worker/lookahead.py, worker/check_ahead.py), by "
@@ -167,35 +169,52 @@ class WorkerMetrics:
 
 
 class StepParts:
-    """Times each decode step's parts (WorkerMetrics.parts); `bench/bench_profile.py` reads
-    them. `arrived` and `sent` run on the event loop, `computed` on the MLX thread."""
+    """Times each step's parts (WorkerMetrics.parts) by the step's kind: `decode` (one position
+    a sequence) or `check` (proposals checked, coordinator/serving/speculation.py);
+    `bench/bench_profile.py` and `bench/bench_speculation.py` read them. `arrived` and `sent`
+    run on the event loop, `computed` and `prepared` on the MLX thread."""
 
     def __init__(self, metrics: WorkerMetrics) -> None:
-        self._part = {p: metrics.parts.labels(p) for p in STEP_PARTS}
+        self._part = {(p, k): metrics.parts.labels(p, k) for p in STEP_PARTS for k in STEP_KINDS}
         self.in_flight = 0
         self._idle_since: float | None = None
+        self._prepared = 0.0  # seconds built ahead in the current wait
 
-    def arrived(self, now: float) -> None:
+    def arrived(self, now: float, kind: str) -> None:
+        """A step of `kind` arrived: the wait it ends (and what was built ahead in it) is its."""
         if self.in_flight == 0 and self._idle_since is not None:
-            self._part["waiting"].observe(now - self._idle_since)
+            self._part["waiting", kind].observe(now - self._idle_since)
+            if self._prepared:
+                self._part["prepare", kind].observe(self._prepared)
+        self._prepared = 0.0
         self.in_flight += 1
 
-    def computed(self, times: Any, *, decode: bool) -> None:
-        if decode:
+    def computed(self, times: Any, kind: str | None) -> None:
+        if kind is not None:
             for part in ("receive", "host", "device", "serialise"):
-                self._part[part].observe(getattr(times, part))
+                self._part[part, kind].observe(getattr(times, part))
 
     def prepared(self, seconds: float) -> None:
-        """A decode step built ahead while waiting (worker/lookahead.py; on the MLX thread)."""
-        self._part["prepare"].observe(seconds)
+        """A step built ahead while waiting (worker/lookahead.py; on the MLX thread)."""
+        self._prepared += seconds
 
-    def sent(self, times: Any, *, decode: bool) -> None:
+    def sent(self, times: Any, kind: str | None) -> None:
         now = time.perf_counter()
-        if decode:
-            self._part["send"].observe(now - times.done)
+        if kind is not None:
+            self._part["send", kind].observe(now - times.done)
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle_since = now
+
+
+def step_kind(msg: Any, prefill_tokens: int | None) -> str | None:
+    """`check` for a step that checks proposals, `decode` for one position a sequence, None
+    for anything else (prompt chunks, a failed step: `prefill_tokens` None)."""
+    if prefill_tokens is None or not msg.seqs:
+        return None
+    if any(seq.draft for seq in msg.seqs):
+        return "check"
+    return None if prefill_tokens else "decode"
 
 
 # Seconds a client of the metrics port has to send its request: one that never does (slowloris)

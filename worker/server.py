@@ -23,7 +23,7 @@ from worker.backend import Hardware, wire_memory
 from worker.cache import ShardCache
 from worker.files import ShardFiles
 from worker.loop import Loops, follow
-from worker.metrics import StepParts, WorkerMetrics, hidden_bytes
+from worker.metrics import StepParts, WorkerMetrics, hidden_bytes, step_kind
 from worker.mlx_thread import MLXThread, StepTimes
 from worker.shard import ShardError, load_shard
 from worker.stage import StageRunner, StepOutput
@@ -353,7 +353,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             async for msg in requests:
                 arrived = time.perf_counter()
-                self.parts.arrived(arrived)
+                self.parts.arrived(arrived, "check" if any(s.draft for s in msg.seqs)
+                                   else "decode")
                 started.difference_update(msg.release)
                 started.update(seq.seq_id for seq in msg.seqs if seq.start)
                 if not checks.is_set() and any(seq.draft for seq in msg.seqs):
@@ -388,7 +389,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     error = error or self._error(spec, e)
                 if error:
                     out = None
-                decode = bool(msg.seqs) and out is not None and not out.prefill_tokens
+                kind = step_kind(msg, out.prefill_tokens if out is not None else None)
                 if downstream is not None:
                     forward = out.forward if out is not None else worker_pb2.StageMessage(
                         step_id=msg.step_id, error=error, release=msg.release)
@@ -396,7 +397,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     await downstream.write(forward)
                     if msg.seqs:
                         self.metrics.transfer.observe(time.perf_counter() - t1)
-                    self.parts.sent(times, decode=decode)
+                    self.parts.sent(times, kind)
                     if steps.empty():
                         self.mlx.idle()  # written: the MLX thread may build ahead
                 elif msg.seqs or error:
@@ -406,9 +407,9 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     self._loops.send(spec.plan_id, result)  # first: stage 0 starts on it
                     sink = self._sinks.get(spec.plan_id)
                     (sink or back).put_nowait(result)
-                    self.parts.sent(times, decode=decode)
+                    self.parts.sent(times, kind)
                 else:
-                    self.parts.sent(times, decode=False)
+                    self.parts.sent(times, None)
             if downstream is not None:
                 await downstream.done_writing()
             else:
@@ -423,7 +424,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             # were counted before it ran
             self.metrics.step(times.host + times.device + times.serialise, out.prefill_tokens,
                               times.bytes_in, hidden_bytes(out.forward))
-            self.parts.computed(times, decode=not out.prefill_tokens)
+            self.parts.computed(times, step_kind(msg, out.prefill_tokens))
         runner = self.runner
         if runner is not None:
             self.metrics.sample(runner, runner.shard.weight_bytes)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -285,6 +286,9 @@ class Speculator:
         self.num_draft_tokens = num_draft_tokens
         self.metrics = metrics
         self.costs = spec_depth.RoundCosts()  # seconds of a step by its number of guesses
+        # steps that waited for the proposer, and the seconds they waited (bench_speculation.py)
+        self.proposals_awaited = 0
+        self.proposal_seconds = 0.0
 
     def request(self, key: str) -> SpecRequest:
         return SpecRequest(self, key)
@@ -327,7 +331,10 @@ class SpecRequest:
             self.paused -= 1
             self._plain_step = True
             return []
+        started = time.perf_counter()
         out = await self.spec.proposer.propose(self.key, tokens, min(self.k, room - 1))
+        self.spec.proposals_awaited += 1
+        self.spec.proposal_seconds += time.perf_counter() - started
         if out and self.odds ** (len(out) + 1) >= AHEAD_ODDS:
             self.spec.proposer.ahead(self.key, tokens, out, self.spec.num_draft_tokens)
         return out
