@@ -29,6 +29,7 @@ import os
 import statistics
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,6 +73,20 @@ def print_parts(before: list[dict], after: list[dict]) -> None:
                 continue
             cells = ", ".join(f"{p} {(a[p][0] - b[p][0]) / steps * 1e3:.2f}" for p in PARTS)
             print(f"  stage {i}, {int(steps)} {kind} steps, ms a step: {cells}", flush=True)
+        outcomes = {o: a_kinds["ahead"][o] - b_kinds["ahead"].get(o, 0.0)
+                    for o in a_kinds["ahead"]}
+        print(f"  stage {i}, steps built ahead: "
+              + ", ".join(f"{o} {int(n)}" for o, n in sorted(outcomes.items())), flush=True)
+
+
+def ahead(port: int) -> dict[str, float]:
+    """A worker's steps built ahead by outcome (`shardline_lookahead_steps_total`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
+            if f.name == "shardline_lookahead_steps" for s in f.samples
+            if s.name.endswith("_total")}
 
 
 async def one_stream(coordinator, ids: list[int], new: int) -> tuple[float, int, int]:
@@ -107,14 +122,15 @@ async def variant(path: Path, addresses: list[str], ids: list[int], new: int, ru
         await one_stream(coord, ids, new)
         warm_up = time.perf_counter() - started
         ports = [w.info.metrics_port for w in coord.cluster.workers]
-        before = [{k: scrape(p, k) for k in KINDS} for p in ports]
+        before = [{k: scrape(p, k) for k in KINDS} | {"ahead": ahead(p)} for p in ports]
         spec = coord.engine.speculator if coord.engine else None
         waited = (spec.proposals_awaited, spec.proposal_seconds) if spec else (0, 0.0)
         out = [await one_stream(coord, ids, new) for _ in range(runs)]
         if not report:
             return out
         print(f"warm-up request: {warm_up:.1f} s", flush=True)
-        print_parts(before, [{k: scrape(p, k) for k in KINDS} for p in ports])
+        print_parts(before, [{k: scrape(p, k) for k in KINDS} | {"ahead": ahead(p)}
+                             for p in ports])
         if spec is not None and spec.proposals_awaited > waited[0]:
             n = spec.proposals_awaited - waited[0]
             print(f"waiting for proposals: {(spec.proposal_seconds - waited[1]) / n * 1e3:.2f} "

@@ -11,10 +11,12 @@
 #   bench/gpu.sh qmm DIR [ARGS]      # bench_qmm.py ARGS (products by rows; --rows: the kernel)
 #   bench/gpu.sh prebuild DIR [ARGS] # prebuild.py ARGS: both 8B models, before the benches
 #
-# A fresh machine builds the 8B-shaped model on its CPU before the first hotpath, profile or
-# speculation run (139 s on an H100 box; kept in /root/cache for later calls): leave room for it
-# in BENCH_TIMEOUT, or run `prebuild` first (both models, one after the other; --side-by-side
-# builds them at once: by estimate up to 100 GB of the box's 128 GB; not yet run on a device).
+# A fresh machine builds the 8B-shaped model before the first hotpath, profile or speculation
+# run (kept in /root/cache for later calls). Here it builds on the GPU (SHARDLINE_BUILD_DEVICE=gpu,
+# coordinator/demo.py): other bytes than a CPU build, and far faster (on the box's CPU, 181 s for
+# the plain model and 169 s for the speculation target and its draft on an H100 box). Leave room
+# for it in BENCH_TIMEOUT, or run `prebuild` first (both models, one after the other;
+# --side-by-side builds them at once). SHARDLINE_BUILD_DEVICE=cpu builds on the CPU.
 #
 # MLX settings in the environment (MLX_MAX_OPS_PER_BUFFER=50 bench/gpu.sh hotpath ...) reach
 # mlx-lm and every worker alike.
@@ -31,6 +33,7 @@ mkdir -p "$parts"
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
 export PYTHONPATH=/root/site:$PWD SHARDLINE_CACHE_DIR=/root/cache
+export SHARDLINE_BUILD_DEVICE=${SHARDLINE_BUILD_DEVICE:-gpu}
 install() {
     cat "$parts"/part.* > "$parts/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl"
     python3 -m pip install -q --no-deps --target /root/site "$parts"/*.whl

@@ -107,11 +107,14 @@ class MLXThread:
             if isinstance(item, _Step):
                 self._begin(item)
                 continue
-            if isinstance(item, _Early):
+            if isinstance(item, _Early):  # a check built ahead, a guess started: prepare
+                t0 = time.perf_counter()
                 try:
                     item.runner.start_early(item.result)
                 except Exception:  # noqa: BLE001 - the coordinator's message runs it then
                     log.exception("starting a step on the last stage's tokens failed")
+                if self.on_prepared is not None:
+                    self.on_prepared(time.perf_counter() - t0)
                 continue
             loop, future, fn, args = item
             if future.cancelled():
