@@ -89,8 +89,9 @@ def ahead(port: int) -> dict[str, float]:
             if s.name.endswith("_total")}
 
 
-async def one_stream(coordinator, ids: list[int], new: int) -> tuple[float, int, int]:
-    """(decode tokens/s, proposed, confirmed) of one greedy request."""
+async def one_stream(coordinator, ids: list[int], new: int
+                     ) -> tuple[float, int, int, tuple[int, ...]]:
+    """(decode tokens/s, proposed, confirmed, the tokens) of one greedy request."""
     import grpc
 
     from protos import inference_pb2, inference_pb2_grpc
@@ -99,15 +100,17 @@ async def one_stream(coordinator, ids: list[int], new: int) -> tuple[float, int,
         stub = inference_pb2_grpc.InferenceStub(channel)
         req = inference_pb2.GenerateRequest(
             prompt_token_ids=ids, sampling=inference_pb2.SamplingParams(max_tokens=new))
-        usage = None
+        usage, tokens = None, []
         async for msg in stub.Generate(req):
+            tokens += msg.token_ids
             if msg.HasField("usage"):
                 usage = msg.usage
-    return usage.decode_tokens_per_second, usage.draft_tokens, usage.accepted_draft_tokens
+    return (usage.decode_tokens_per_second, usage.draft_tokens, usage.accepted_draft_tokens,
+            tuple(tokens))
 
 
 async def variant(path: Path, addresses: list[str], ids: list[int], new: int, runs: int,
-                  report: bool = True, **options) -> list[tuple[float, int, int]]:
+                  report: bool = True, **options) -> list[tuple[float, int, int, tuple]]:
     from coordinator.app import Coordinator, ServeOptions
 
     coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
@@ -231,9 +234,10 @@ def main() -> None:
           f" prompt {args.prompt} (a repeated 16-token phrase), {args.new} new tokens, greedy, "
           f"K = {args.num_draft_tokens}, medians of {args.runs} runs (one of each row per "
           f"round), {where}")
-    print("| system | decode tok/s | vs no speculation | vs mlx-lm alone | confirmed |")
-    print("|---|---|---|---|---|")
-    print(f"| mlx-lm alone (1 process) | {mlx:.1f} | | 1.00x | |")
+    print("| system | decode tok/s | vs no speculation | vs mlx-lm alone | confirmed | "
+          "tokens as without |")
+    print("|---|---|---|---|---|---|")
+    print(f"| mlx-lm alone (1 process) | {mlx:.1f} | | 1.00x | | |")
     for name, results in rows.items():
         tps = statistics.median(r[0] for r in results)
         plain = statistics.median(r[0] for r in rows[plain_of[name]])
@@ -241,7 +245,10 @@ def main() -> None:
         accepted = sum(r[2] for r in results)
         share = f"{accepted}/{drafted} ({accepted / drafted:.0%})" if drafted else "-"
         versus = "" if "repeating" in name else f"{tps / mlx:.2f}x"  # mlx-lm ran the other
-        print(f"| Shardline, {name} | {tps:.1f} | {tps / plain:.2f}x | {versus} | {share} |")
+        # greedy: every run of a row gives the tokens of the runs without speculation
+        same = len({r[3] for r in results} | {r[3] for r in rows[plain_of[name]]}) == 1
+        print(f"| Shardline, {name} | {tps:.1f} | {tps / plain:.2f}x | {versus} | {share} | "
+              f"{'same' if same else 'DIFFERENT'} |")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""Attention of a few query positions composed of plain operations (worker/attention.py): the
-same bits as MLX's own attention where it has no fused kernel, routed there on CUDA only."""
+"""Attention of a few query positions (worker/attention.py): composed of plain operations, the
+same bits as MLX's own attention where it has no fused kernel; one position at a time, the
+same bits as a decode step of each; routed there on CUDA only."""
 
 from __future__ import annotations
 
@@ -38,13 +39,37 @@ def test_few_queries_is_bit_identical_to_mlx_attention_on_the_cpu(dtype, heads, 
         assert got.dtype == want.dtype and mx.array_equal(got, want).item()
 
 
+@pytest.mark.parametrize("heads,kv_heads,length,keys", [(4, 2, 5, 70), (8, 8, 8, 130),
+                                                        (4, 1, 2, 9), (6, 2, 16, 16)])
+def test_by_position_gives_each_position_what_a_step_of_that_position_alone_gives(
+        heads, kv_heads, length, keys):
+    mx.random.seed(length * keys)
+    q = mx.random.normal((1, heads, length, 32)).astype(mx.bfloat16)
+    k = mx.random.normal((1, kv_heads, keys, 32)).astype(mx.bfloat16)
+    v = mx.random.normal((1, kv_heads, keys, 32)).astype(mx.bfloat16)
+    got = attention.by_position(q, k, v, scale=0.17)
+    assert got.shape == q.shape and got.dtype == q.dtype
+    for i in range(length):  # a decode step: one query over the keys so far, no mask
+        seen = keys - length + i + 1
+        alone = FUSED(q[:, :, i : i + 1], k[:, :, :seen], v[:, :, :seen], scale=0.17)
+        assert mx.array_equal(got[:, :, i : i + 1], alone).item()
+    causal = FUSED(q, k, v, scale=0.17, mask="causal")
+    assert mx.allclose(got, causal, atol=2e-2, rtol=2e-2).item()
+
+
 def test_install_routes_a_few_positions_and_gives_mlx_attention_back():
     assert not attention.routed()
     assert attention.install(True) and attention.routed()
-    q, k = mx.ones((1, 2, 3, 8)), mx.ones((1, 2, 7, 8))
-    assert mx.array_equal(mx.fast.scaled_dot_product_attention(q, k, k, scale=0.5,
-                                                               mask="causal"),
-                          FUSED(q, k, k, scale=0.5, mask="causal")).item()
+    mx.random.seed(3)
+    q, k = mx.random.normal((1, 2, 3, 8)), mx.random.normal((1, 2, 7, 8))
+    window = mx.arange(4, 7)[:, None] - mx.arange(7)[None] < 3
+    routed = mx.fast.scaled_dot_product_attention
+    assert mx.array_equal(routed(q, k, k, scale=0.5, mask="causal"),
+                          attention.by_position(q, k, k, scale=0.5)).item()
+    assert mx.array_equal(routed(q, k, k, scale=0.5, mask=window),
+                          FUSED(q, k, k, scale=0.5, mask=window)).item()
+    assert mx.array_equal(routed(q[:, :, :1], k, k, scale=0.5),  # one position: MLX's own
+                          FUSED(q[:, :, :1], k, k, scale=0.5)).item()
     assert not attention.install(False) and mx.fast.scaled_dot_product_attention is FUSED
 
 

@@ -1,18 +1,23 @@
-"""Attention of a few query positions without a fused kernel planned per shape (CUDA).
+"""Attention of a few query positions without a kernel or plan made per shape (CUDA).
 
 On MLX 0.32's CUDA backend, `mx.fast.scaled_dot_product_attention` with 2 or more query
 positions costs 70 to 90 ms on an 8B-shaped llama whenever the key length is one it has not met
 yet, and 14 to 27 ms when it has (bench/RESULTS-speculation.md, "Attention of a few positions
 on CUDA"): there it runs cuDNN's attention, whose graph MLX builds and caches per shape of the
 queries and keys. A chunk of proposals to check (2 to 8 positions) comes at a new key length every
-round, so every round paid that. The same attention composed of plain operations, exactly as
-MLX composes it where it has no fused kernel (its CPU backend), costs the same at every length:
-`few_queries` below, bit-identical to `mx.fast.scaled_dot_product_attention` on the CPU
-(tests/test_attention.py).
+round, so every round paid that. Composed of plain operations (`few_queries`, exactly as MLX
+composes it where it has no fused kernel: its CPU backend, bit-identical there,
+tests/test_attention.py) it costs the same at every length, but its two matrix products go to
+cuBLAS, which MLX sets up afresh for every product (descriptors, an algorithm search, a
+captured launch): about 0.1 ms of host time each, two a layer.
 
-`install` routes chunks of 2 to FEW positions through it for the whole process (mlx-lm's
-attention layers call `mx.fast.scaled_dot_product_attention` by that name); a stage installs it
-where `worker/backend.py` `accelerator` says CUDA, the coordinator's draft model too.
+`by_position` computes a causal chunk one query position at a time with MLX's one-position
+kernel over that position's keys: what a decode step of that position alone computes, so a
+check of proposals gives each position the same bits as one-token steps would, and nothing is
+set up per shape. `install` routes causal chunks of 2 to FEW positions through it, other masks
+of that size through `few_queries`, for the whole process (mlx-lm's attention layers call
+`mx.fast.scaled_dot_product_attention` by that name); a stage installs it where
+`worker/backend.py` `accelerator` says CUDA, the coordinator's draft model too.
 """
 
 from __future__ import annotations
@@ -54,11 +59,26 @@ def few_queries(queries: mx.array, keys: mx.array, values: mx.array, *, scale: f
     return out.reshape(b, heads, length, dim) if repeats > 1 else out
 
 
+def by_position(queries: mx.array, keys: mx.array, values: mx.array, *, scale: float
+                ) -> mx.array:
+    """Causal attention of `queries` (B, H, L, D), the last L of the `keys`' positions, one
+    position at a time: position i over the keys up to its own, by MLX's attention of one
+    query (no mask), as a decode step of that position computes it."""
+    length, span = queries.shape[2], keys.shape[2]
+    fused = _fused or mx.fast.scaled_dot_product_attention
+    rows = [fused(queries[:, :, i : i + 1], keys[:, :, : span - length + i + 1],
+                  values[:, :, : span - length + i + 1], scale=scale, mask=None)
+            for i in range(length)]
+    return mx.concatenate(rows, axis=2)
+
+
 def _routed(queries: mx.array, keys: mx.array, values: mx.array, *, scale: float,
             mask: Any = None, sinks: Any = None, **kwargs: Any) -> mx.array:
-    plain = mask is None or isinstance(mask, mx.array) or (
-        isinstance(mask, str) and mask == "causal")
+    causal = isinstance(mask, str) and mask == "causal"
+    plain = mask is None or isinstance(mask, mx.array) or causal
     if plain and sinks is None and not kwargs and 1 < queries.shape[2] <= FEW:
+        if causal:
+            return by_position(queries, keys, values, scale=scale)
         return few_queries(queries, keys, values, scale=scale, mask=mask)
     extra = {"sinks": sinks} if sinks is not None else {}
     return _fused(queries, keys, values, scale=scale, mask=mask, **extra, **kwargs)
