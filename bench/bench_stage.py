@@ -8,12 +8,16 @@ this backend. No network, no threads but MLX's own: what a stage costs at the le
 
     python bench/bench_stage.py                 # 1 and 2 layers
     python bench/bench_stage.py --layers 1,3 --steps 500
+    python bench/bench_stage.py --bits 4        # the hop model quantized (4-bit)
+
+SHARDLINE_FUSE=0 measures without worker/fused.py's joined products.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import io
 import re
 import statistics
@@ -79,13 +83,16 @@ def primitives(path: Path) -> collections.Counter:
     """The primitives of one layer's decode step (one position after 19) on this backend."""
     import mlx.core as mx
 
+    from worker import fused
     from worker.shard import load_shard
 
     shard = load_shard(path, 1, 2)
+    fused.fuse(shard.model)  # as a stage has it (worker/stage.py)
     cache = shard.new_caches()[0]
     layer = shard.layers[0]
-    mx.eval(layer(mx.zeros((1, 19, HOP_SPEC.hidden_size), dtype=mx.bfloat16), "causal", cache))
-    out = layer(mx.zeros((1, 1, HOP_SPEC.hidden_size), dtype=mx.bfloat16), None, cache)
+    hidden = shard.model.args.hidden_size
+    mx.eval(layer(mx.zeros((1, 19, hidden), dtype=mx.bfloat16), "causal", cache))
+    out = layer(mx.zeros((1, 1, hidden), dtype=mx.bfloat16), None, cache)
     dot = io.StringIO()
     mx.export_to_dot(dot, out)
     return collections.Counter(re.findall(r'label ="([A-Za-z_]+)", shape=rectangle',
@@ -96,13 +103,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default="1,2", help="comma-separated layer counts")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--bits", type=int, default=0, help="quantize the hop model (4, 8)")
     args = parser.parse_args()
-    path = cached_model(HOP_SPEC)
+    spec = dataclasses.replace(HOP_SPEC, bits=args.bits) if args.bits else HOP_SPEC
+    path = cached_model(spec)
     import mlx.core as mx
 
     ops = primitives(path)
     common = ", ".join(f"{n} {kind}" for kind, n in ops.most_common(6))
-    print(f"model {HOP_SPEC.key()}, MLX {mx.__version__} on {mx.default_device()}: one layer's "
+    print(f"model {spec.key()}, MLX {mx.__version__} on {mx.default_device()}: one layer's "
           f"decode step is {sum(ops.values())} primitives ({common}, ...)")
     print("| layers | " + " | ".join(PARTS) + " | on the path |")
     print("|---|" + "---|" * (len(PARTS) + 1))

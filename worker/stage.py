@@ -10,7 +10,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from protos import codec, worker_pb2
-from worker import attention, cuda_rows
+from worker import attention, cuda_rows, fused
 from worker.backend import accelerator, row_floor
 from worker.batch import DecodeBatch, batchable
 from worker.constrain import Constraint, ConstraintError, GrammarTokenizer
@@ -116,6 +116,7 @@ class StageRunner:
         self.vocab = getattr(getattr(shard.model, "args", None), "vocab_size", None)
         # few rows' quantized products; short chunks computed as row_floor rows (_padding)
         self.row_floor = set_up(shard.model, row_floor(), cuda_rows.enabled())
+        fused.fuse(shard.model)  # q, k, v (gate, up) as one product where bit-exact
         attention.install(accelerator() == "cuda")  # a few positions: no plan per shape
 
     def close(self) -> None:

@@ -139,11 +139,12 @@ class DraftProposer:
         from mlx_lm.models.cache import KVCache, make_prompt_cache
         from mlx_lm.utils import load_model
 
-        from worker import attention
+        from worker import attention, fused
         from worker.backend import accelerator
 
         self.model, _ = load_model(self.path)
         attention.install(accelerator() == "cuda")  # its chunks of 2: no plan per shape
+        fused.fuse(self.model)  # fewer kernels a step (worker/fused.py), the same bits
         if not all(type(c) is KVCache for c in make_prompt_cache(self.model)):
             raise ValueError(f"draft model {self.path}: sliding-window caches cannot go back "
                              "to the confirmed tokens; choose a model without them")
