@@ -69,9 +69,9 @@ def by_position(queries: mx.array, keys: mx.array, values: mx.array, *, scale: f
     query (no mask), as a decode step of that position computes it."""
     length, span = queries.shape[2], keys.shape[2]
     fused = _fused or mx.fast.scaled_dot_product_attention
-    rows = [fused(queries[:, :, i : i + 1], keys[:, :, : span - length + i + 1],
-                  values[:, :, : span - length + i + 1], scale=scale, mask=None)
-            for i in range(length)]
+    rows = [fused(q, keys[:, :, : span - length + i + 1], values[:, :, : span - length + i + 1],
+                  scale=scale, mask=None)
+            for i, q in enumerate(mx.split(queries, length, axis=2))]  # one node for the rows
     return mx.concatenate(rows, axis=2)
 
 
