@@ -172,10 +172,15 @@ def main() -> None:
                         help="comma-separated SHARDLINE_PAD_ROWS settings to compare, each on "
                              "freshly started workers ('' = the backend's default; 1 = never "
                              "pad; worker/backend.py row_floor)")
+    parser.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=True,
+                        help="the draft drafts the next round during the check (off: "
+                             "SHARDLINE_DRAFT_AHEAD=0, to see what that costs a shared GPU)")
     parser.add_argument("--repeating", action=argparse.BooleanOptionalAction, default=True,
                         help="also run prompt lookup on a model that repeats its prompt (builds "
                              "a second model: minutes for the 8B shape)")
     args = parser.parse_args()
+    if not args.draft_ahead:
+        os.environ["SHARDLINE_DRAFT_AHEAD"] = "0"  # read by this process's coordinator
     spec = GPU_SPEC if args.gpu else TINY_SPEC if args.tiny else CPU_SPEC
     if args.quiet_scale is not None:
         spec = dataclasses.replace(spec, quiet_scale=args.quiet_scale)

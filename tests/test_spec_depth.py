@@ -103,3 +103,20 @@ def test_a_request_checks_few_proposals_where_each_costs_much_of_a_step():
     sizes = drive(lambda k: 0.010 + 0.003 * k, odds=0.7)
     late = [k for k in sizes[100:] if k]
     assert sum(late) / len(late) < 2.6 and sum(k >= 5 for k in late) < 0.05 * len(late), late
+
+
+def test_drafting_ahead_can_be_turned_off_to_measure_it(monkeypatch):
+    class Counted(Always):
+        def __init__(self) -> None:
+            self.ahead_calls = 0
+
+        def ahead(self, key, tokens, proposals, k):
+            self.ahead_calls += 1
+
+    proposer = Counted()
+    req = Speculator(proposer, 4).request("a")
+    assert asyncio.run(req.propose([0], running=1, room=100)) == [1] * 4
+    assert proposer.ahead_calls == 1
+    monkeypatch.setenv("SHARDLINE_DRAFT_AHEAD", "0")
+    assert asyncio.run(req.propose([0], running=1, room=100)) == [1] * 4
+    assert proposer.ahead_calls == 1

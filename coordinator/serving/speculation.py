@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -336,7 +337,7 @@ class SpecRequest:
         out = await self.spec.proposer.propose(self.key, tokens, min(self.k, room - 1))
         self.spec.proposals_awaited += 1
         self.spec.proposal_seconds += time.perf_counter() - started
-        if out and self.odds ** (len(out) + 1) >= AHEAD_ODDS:
+        if out and self.odds ** (len(out) + 1) >= AHEAD_ODDS and _drafts_ahead():
             self.spec.proposer.ahead(self.key, tokens, out, self.spec.num_draft_tokens)
         return out
 
@@ -406,6 +407,12 @@ class SpecRequest:
 
     async def close(self) -> None:
         await self.spec.proposer.drop(self.key)
+
+
+def _drafts_ahead() -> bool:
+    """Whether a draft drafts the next round while the pipeline checks this one (unless
+    SHARDLINE_DRAFT_AHEAD=0: to measure what it costs the stages that share its device)."""
+    return os.environ.get("SHARDLINE_DRAFT_AHEAD", "").strip() != "0"
 
 
 def _mix(average: tuple[float, float] | None, seconds: float, tokens: float, n: int
