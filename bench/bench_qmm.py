@@ -13,9 +13,11 @@ matrix (1, M, K), as a chunk of one sequence has them; M one-row vectors (M, 1, 
 decode step of M sequences has them; and padded to one matrix of 8 rows from 4 (worker/
 padding.py `as_one_matrix`, what a worker on CUDA computes from the vectors of M sequences).
 
-A third table (CUDA only) checks worker/cuda_rows.py's kernel for 2 to 8 rows against MLX's
-product of each row alone, bit for bit, and times it chained as above, with one feature a warp
-(what workers use) and two.
+A third table (CUDA only) checks worker/cuda_rows.py's kernel for 1 to 8 rows against MLX's
+product of each row alone, bit for bit, and times it chained as above: with its settings now,
+with a kernel built for each row count, and in calls of up to 4 rows (SHARDLINE_ROWS_BUCKETS,
+SHARDLINE_ROWS_SPLIT), beside MLX's one-row product (whether the kernel should take one row
+too: SHARDLINE_ROWS_MIN=1).
 
     python bench/bench_qmm.py            # on the default device (a GPU where MLX has one)
     python bench/bench_qmm.py --rows     # the third table only
@@ -113,11 +115,12 @@ def chained(w: mx.array) -> None:
 
 
 def rows_kernel(w: mx.array) -> None:
-    """worker/cuda_rows.py: bit-exact against one row at a time; then timed."""
+    """worker/cuda_rows.py: bit-exact against one row at a time (1 to 8 rows); then timed
+    chained as above in the layouts its settings choose, beside MLX's one-row product."""
     shapes = {"up": mx.quantize(w * 0.02, group_size=64, bits=4),
               "down": mx.quantize(w.T * 0.02, group_size=64, bits=4),
               "1030 x 512": mx.quantize(w[:1030, :512], group_size=64, bits=4)}
-    counts = (2, 3, 4, 5, 7, 8)
+    counts = tuple(range(1, cuda_rows.MAX_ROWS + 1))
     t0 = time.perf_counter()
     cuda_rows.warm(64)
     print(f"\nkernels built (worker/cuda_rows.py warm): {(time.perf_counter() - t0):.1f} s")
@@ -133,20 +136,34 @@ def rows_kernel(w: mx.array) -> None:
             cells.append(int(mx.sum(cuda_rows.rows_product(x, *q, 64) != alone).item()))
         print(f"| {name} | " + " | ".join(map(str, cells)) + " |")
     up, down = shapes["up"], shapes["down"]
-    for per_warp in (1, 2):
-        cuda_rows.PER_WARP = per_warp
+    xs = {m: mx.random.normal((m, D)).astype(mx.bfloat16) for m in counts}
+
+    def mlx_one(x=xs[1]):
+        for _ in range(112):
+            x = mx.quantized_matmul(mx.quantized_matmul(x, *up, transpose=True, group_size=64,
+                                                        bits=4),
+                                    *down, transpose=True, group_size=64, bits=4)
+        return x
+
+    print(f"224 chained products, ms; MLX's one row (qmv): {timed(mlx_one, n=5):.2f}")
+    print("| layout | " + " | ".join(f"M = {m}" for m in counts) + " |")
+    print("|---|" + "---|" * len(counts))
+    default = (cuda_rows.BUCKETS, cuda_rows.SPLIT)
+    layouts = {f"kernels for {','.join(map(str, default[0]))} rows, calls of up to "
+               f"{default[1]} (the settings now)": default,
+               "a kernel for each count": (counts, cuda_rows.MAX_ROWS),
+               "kernels for 1,2,4 rows, calls of up to 4": ((1, 2, 4), 4)}
+    for name, (buckets, split) in layouts.items():
+        cuda_rows.BUCKETS, cuda_rows.SPLIT = buckets, split
         cells = []
         for m in counts:
-            x = mx.random.normal((m, D)).astype(mx.bfloat16)
-
-            def chain(x=x):
+            def chain(x=xs[m]):
                 for _ in range(112):
                     x = cuda_rows.rows_product(cuda_rows.rows_product(x, *up, 64), *down, 64)
                 return x
-            cells.append(timed(chain, n=5))
-        print(f"| worker/cuda_rows.py, {per_warp} feature(s) a warp | " + " | ".join(
-            f"M = {m}: {c:.2f}" for m, c in zip(counts, cells, strict=True)) + " |")
-    cuda_rows.PER_WARP = 1
+            cells.append(timed(chain, n=5))  # its warm-up builds a kernel not built yet
+        print(f"| {name} | " + " | ".join(f"{c:.2f}" for c in cells) + " |", flush=True)
+    cuda_rows.BUCKETS, cuda_rows.SPLIT = default
 
 
 if __name__ == "__main__":

@@ -151,3 +151,26 @@ def test_a_pipeline_with_the_kernel_standing_in_stays_exact(model_dir, monkeypat
     kernel_calls.clear()  # the builds at set-up
     assert generate_together(chain, THREE_PROMPTS, 8) == expected
     assert set(kernel_calls) == {2, 3, 8}, sorted(set(kernel_calls))
+
+
+def test_rows_past_the_split_go_in_calls_of_that_many(monkeypatch):
+    # SHARDLINE_ROWS_SPLIT: a kernel that stands in for the CUDA one (each row alone) records
+    # the rows of each call and the bucket it was built for
+    calls = []
+
+    def kernel(inputs, template, **_):
+        x, weight, scales, biases = inputs
+        calls.append((x.shape[0], dict(template)["MB"]))
+        return [_rows_alone(x, weight, scales, biases, dict(template)["GS"])]
+
+    monkeypatch.setattr(cuda_rows, "_get_kernel", lambda: kernel)
+    monkeypatch.setattr(cuda_rows, "SPLIT", 4)
+    layer = _layer(512, 256)
+    x = mx.random.normal((7, 1, 512)).astype(mx.bfloat16)
+    got = cuda_rows.rows_product(x, layer["weight"], layer["scales"], layer["biases"], 64)
+    assert calls == [(4, 4), (3, 4)]
+    assert got.shape == (7, 1, 256) and mx.array_equal(got, _alone(x, layer)).item()
+    calls.clear()
+    monkeypatch.setattr(cuda_rows, "BUCKETS", (1, 2, 3, 4))
+    cuda_rows.rows_product(x[:1], layer["weight"], layer["scales"], layer["biases"], 64)
+    assert calls == [(1, 1)]

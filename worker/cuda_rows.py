@@ -133,8 +133,21 @@ _SOURCE = """
 # not one per row count. R features a warp read each row's inputs once for R features; on an
 # H100 that was slower at every row count (bench/RESULTS-gpu.md, "A kernel for a few rows"),
 # so a warp computes one; SHARDLINE_ROWS_PER_WARP=N measures N (bench/bench_qmm.py sets it here).
-BUCKETS = (2, 4, 8)
-PER_WARP = int(os.environ.get("SHARDLINE_ROWS_PER_WARP", "").strip() or 1)
+# Settings to measure other layouts (bench/bench_qmm.py --rows times them; not yet timed on a
+# GPU): SHARDLINE_ROWS_BUCKETS (the kernels built, e.g. 1,2,3,4,5,6,7,8 for one per count),
+# SHARDLINE_ROWS_MIN=1 (one row too, where MLX's qmv computes it otherwise, with the same
+# arithmetic), SHARDLINE_ROWS_SPLIT=N (more rows than N go in calls of N: each weight is read
+# once a call, but a call of fewer rows holds fewer accumulators).
+
+
+def _setting(name: str, default: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in (os.environ.get(name, "").strip() or default).split(","))
+
+
+BUCKETS = _setting("SHARDLINE_ROWS_BUCKETS", "2,4,8")
+PER_WARP = _setting("SHARDLINE_ROWS_PER_WARP", "1")[0]
+MIN_ROWS = _setting("SHARDLINE_ROWS_MIN", "2")[0]
+SPLIT = _setting("SHARDLINE_ROWS_SPLIT", str(MAX_ROWS))[0]
 
 
 _kernel: Any = None
@@ -170,7 +183,7 @@ def covers(weight: mx.array, biases: Any, dtype: Any, group_size: int, bits: int
 def applies(x: mx.array) -> bool:
     """Whether `rows_product` takes these rows, with weights it `covers`."""
     k = x.shape[-1]
-    return x.dtype == mx.bfloat16 and k > 0 and 2 <= x.size // k <= MAX_ROWS
+    return x.dtype == mx.bfloat16 and k > 0 and MIN_ROWS <= x.size // k <= MAX_ROWS
 
 
 def rows_product(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
@@ -180,15 +193,27 @@ def rows_product(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.arr
     k = x.shape[-1]
     rows = x.size // k
     n = weight.shape[0]
+    flat = x.reshape(rows, k)
+    if rows > SPLIT:  # calls of SPLIT rows: each row's arithmetic is its own either way
+        out = mx.concatenate([_product(flat[i : i + SPLIT], weight, scales, biases,
+                                       group_size) for i in range(0, rows, SPLIT)])
+    else:
+        out = _product(flat, weight, scales, biases, group_size)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _product(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
+             group_size: int) -> mx.array:
+    rows, n = x.shape[0], weight.shape[0]
     bucket, per_warp = next(b for b in BUCKETS if b >= rows), PER_WARP
     warps = -(-n // per_warp)
     (out,) = _get_kernel()(
-        inputs=[x.reshape(rows, k), weight, scales, biases],
+        inputs=[x, weight, scales, biases],
         template=[("MB", bucket), ("R", per_warp), ("GS", group_size)],
         grid=(32, -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK, 1),
         threadgroup=(32, WARPS_PER_BLOCK, 1),
         output_shapes=[(rows, n)], output_dtypes=[mx.bfloat16])
-    return out.reshape(*x.shape[:-1], n)
+    return out
 
 
 def warm(group_size: int) -> None:
@@ -196,4 +221,4 @@ def warm(group_size: int) -> None:
     weight = mx.zeros((8, WARP_ELEMENTS // 8), dtype=mx.uint32)
     scales = mx.zeros((8, WARP_ELEMENTS // group_size), dtype=mx.bfloat16)
     mx.eval([rows_product(mx.zeros((bucket, WARP_ELEMENTS), dtype=mx.bfloat16), weight,
-                          scales, scales, group_size) for bucket in BUCKETS])
+                          scales, scales, group_size) for bucket in BUCKETS if bucket <= SPLIT])
