@@ -80,6 +80,9 @@ def test_layers_that_differ_stay_apart():
     mixed.up_proj = nn.Linear(128, 64)  # not quantized
     assert fused.fuse(mixed) == 0
     assert fused.fuse(Owner(4)) == 1
+    odd = Owner(4)
+    odd.up_proj = nn.QuantizedLinear(128, 60, bias=False, bits=4)  # features not 8k
+    assert fused.fuse(odd) == 0
 
 
 def test_rows_the_few_rows_kernel_takes_are_multiplied_as_one(model_dir, monkeypatch):

@@ -107,6 +107,8 @@ def _fuse_group(owner: Any, names: tuple[str, ...]) -> bool:
         return False
     if len({_key(m) for m in layers}) != 1:
         return False
+    if any(m["weight"].shape[0] % 8 for m in layers):  # Metal picks its one-row kernel by
+        return False  # the features' count being a multiple of 8: the same for each part
 
     def joined(name: str) -> mx.array | None:
         parts = [m.get(name) for m in layers]
