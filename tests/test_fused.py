@@ -110,3 +110,21 @@ def test_rows_the_few_rows_kernel_takes_are_multiplied_as_one(model_dir, monkeyp
     assert calls == [(4, sum(g.shape[-1] for g in got))]
     want = [getattr(plain.layers[0].self_attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
     assert all(mx.array_equal(g, w).item() for g, w in zip(got, want, strict=True))
+
+
+def test_a_shard_that_takes_fused_layers_from_the_last_one_loads_and_fuses_the_rest(model_dir):
+    # a re-plan loads a new slice taking the layers it shares from the loaded one
+    # (worker/server.py); those are fused already
+    spec = ModelSpec(family="llama", bits=4)
+    path = model_dir(spec)
+    old = load_shard(path, 0, 2)
+    fused.fuse(old.model)
+    new = load_shard(path, 1, 3, reuse=old, same=frozenset({"layers.1"}))
+    assert new.layers[0] is old.layers[1]
+    assert fused.fuse(new.model) == 2  # layer 2's groups; layer 1's were fused before
+    plain = load_shard(path, 1, 3)
+    x = mx.random.normal((1, 1, spec.hidden_size)).astype(mx.bfloat16)
+    for got, want in zip(new.layers, plain.layers, strict=True):
+        for name in ("q_proj", "k_proj", "v_proj"):
+            assert mx.array_equal(getattr(got.self_attn, name)(x),
+                                  getattr(want.self_attn, name)(x)).item()
