@@ -9,6 +9,8 @@ with 1, 2, ... workers on this one machine, and the time one more hop adds to a 
                                                  # (nothing pinned; --pin: all on core 0)
     python bench/bench_hotpath.py --gpu          # GPU: the 8B-shaped 4-bit llama, 1/2/4
                                                  # workers, 1 and 8 streams
+    python bench/bench_hotpath.py --gpu --also SHARDLINE_FUSE=0   # and clusters whose
+                                                 # workers have that setting, in turn
 
 On the CPU, mlx-lm and every worker are pinned to core 0 (the compute gets one core in every
 row; the coordinator and the client run beside it on the other core). On a GPU nothing is
@@ -41,14 +43,17 @@ HOP_SPEC = ModelSpec(family="llama", num_layers=4, hidden_size=128, intermediate
                      max_position_embeddings=4096)
 
 
-async def start_cluster(path: Path, workers: int, streams: int, pin: bool):
-    """`workers` local workers and a coordinator serving `path`, started."""
+async def start_cluster(path: Path, workers: int, streams: int, pin: bool,
+                        env: dict[str, str] | None = None):
+    """`workers` local workers (with `env` added to their environment) and a coordinator
+    serving `path`, started."""
     from coordinator.app import Coordinator, ServeOptions
     from coordinator.local import LocalWorkers
 
     local = LocalWorkers(workers, memory=[(4 if pin else 32) * GiB] * workers,
                          cpus=[0] * workers if pin else None,
                          fresh_cache=True)
+    local.env.update(env or {})
     addresses = local.start(timeout=300)
     coord = Coordinator(ServeOptions(model=str(path), workers=addresses, host="127.0.0.1",
                                      grpc_port=0, http_port=0, max_sequences=streams, context=4096,
@@ -62,35 +67,41 @@ async def start_cluster(path: Path, workers: int, streams: int, pin: bool):
     return local, coord
 
 
-def label_of(workers: int) -> str:
-    return f"shardline {workers} worker{'s' if workers > 1 else ''}"
+def label_of(workers: int, setting: str = "") -> str:
+    return f"shardline {workers} worker{'s' if workers > 1 else ''}" + (
+        f" ({setting})" if setting else "")
 
 
 async def interleaved_runs(path: Path, counts: list[int], streams: list[int], prompt: int,
-                           new: int, runs: int, pin: bool, baseline=None
-                           ) -> tuple[dict[int, list[Result]], dict[int, dict[int, list[Result]]]]:
-    """A cluster of each size in `counts`, all started at once and warmed up, then `runs`
+                           new: int, runs: int, pin: bool, baseline=None, also: str = ""
+                           ) -> tuple[dict[int, list[Result]], dict[tuple[int, str],
+                                                                    dict[int, list[Result]]]]:
+    """A cluster of each size in `counts` (and, with `also` = "VAR=VALUE", another of each
+    size whose workers have that setting), all started at once and warmed up, then `runs`
     rounds of one run of each (`baseline(s)` first, where given, then every cluster), per
     stream count s, so that a slow spell of the machine falls on every row alike. Returns
-    the baseline's runs and each cluster's, by stream count."""
+    the baseline's runs and each cluster's, by (size, setting) and stream count."""
+    keys = [(w, "") for w in counts] + ([(w, also) for w in counts] if also else [])
     clusters = {}
     try:
-        for w in counts:
-            clusters[w] = await start_cluster(path, w, max(streams), pin)
+        for w, setting in keys:
+            env = dict([setting.split("=", 1)]) if setting else None
+            clusters[w, setting] = await start_cluster(path, w, max(streams), pin, env)
             for s in streams:
-                await bench_shardline(clusters[w][1], label_of(w), s, prompt, min(new, 16))
+                await bench_shardline(clusters[w, setting][1], label_of(w, setting), s,
+                                      prompt, min(new, 16))
         base: dict[int, list[Result]] = {s: [] for s in streams}
-        out: dict[int, dict[int, list[Result]]] = {w: {s: [] for s in streams} for w in counts}
+        out = {key: {s: [] for s in streams} for key in keys}
         for _ in range(runs):
             for s in streams:
                 if baseline is not None:  # in a thread: the coordinators' loop keeps running
                     base[s].append(await asyncio.to_thread(baseline, s))
                     print(f"mlx-lm, {s} streams: {base[s][-1].tps:.1f} tok/s", flush=True)
-                for w in counts:
-                    out[w][s].append(await bench_shardline(clusters[w][1], label_of(w), s,
-                                                           prompt, new, warm=False))
+                for key in keys:
+                    out[key][s].append(await bench_shardline(clusters[key][1], label_of(*key),
+                                                             s, prompt, new, warm=False))
                     # kept if the run is cut short by its time limit
-                    print(f"{label_of(w)}, {s} streams: {out[w][s][-1].tps:.1f} tok/s",
+                    print(f"{label_of(*key)}, {s} streams: {out[key][s][-1].tps:.1f} tok/s",
                           flush=True)
         return base, out
     finally:
@@ -118,7 +129,7 @@ def decode(args: argparse.Namespace) -> None:
     print(f"model {spec.key()} ready in {time.perf_counter() - t0:.0f} s", flush=True)
     base, rows = asyncio.run(interleaved_runs(
         path, workers, streams, args.prompt, args.new, args.runs, pin,
-        baseline=lambda s: bench_mlx_lm(path, s, args.prompt, args.new)))
+        baseline=lambda s: bench_mlx_lm(path, s, args.prompt, args.new), also=args.also))
     print(f"model {spec.key()}, prompt {args.prompt}, {args.new} new tokens, greedy, "
           f"medians of {args.runs} runs, mlx-lm and every cluster in turn, "
           f"{'GPU' if args.gpu else 'CPU pinned to core 0'}")
@@ -126,15 +137,16 @@ def decode(args: argparse.Namespace) -> None:
           + " |")
     print("|---|" + "---|" * len(streams))
     print("| mlx-lm | " + " | ".join(f"{median_tps(base[s]):.1f}" for s in streams) + " |")
-    for w, by in rows.items():
+    for key, by in rows.items():
         cells = [f"{median_tps(by[s]):.1f} ({median_tps(by[s]) / median_tps(base[s]):.2f}x)"
                  for s in streams]
-        print(f"| shardline, {w} worker{'s' if w > 1 else ''} | " + " | ".join(cells) + " |")
+        print(f"| {label_of(*key).replace('shardline', 'shardline,')} | " + " | ".join(cells)
+              + " |")
     if 1 in streams:  # greedy: every run's tokens are mlx-lm's, or the speed means nothing
         want = base[1][0].ids
-        same = {w: all(r.ids == want for r in by[1]) for w, by in rows.items()}
+        same = {key: all(r.ids == want for r in by[1]) for key, by in rows.items()}
         print("token-exact against mlx-lm at one stream: " + ", ".join(
-            f"{w} worker{'s' if w > 1 else ''} {'yes' if ok else 'NO'}" for w, ok in same.items()))
+            f"{label_of(*key)[10:]} {'yes' if ok else 'NO'}" for key, ok in same.items()))
 
 
 def hops(args: argparse.Namespace) -> None:
@@ -143,7 +155,7 @@ def hops(args: argparse.Namespace) -> None:
     path = cached_model(HOP_SPEC)
     counts = [int(w) for w in args.workers.split(",")] if args.workers_set else [1, 2, 3, 4]
     _, by = asyncio.run(interleaved_runs(path, counts, [1], 32, args.new, args.runs, pin))
-    itl = {w: median_itl_ms(results[1]) for w, results in by.items()}
+    itl = {w: median_itl_ms(results[1]) for (w, _), results in by.items()}
     where = "workers pinned to core 0" if pin else "nothing pinned"
     print(f"model {HOP_SPEC.key()}, 1 stream, {args.new} new tokens, ITL p50 medians of "
           f"{args.runs} runs interleaved across the cluster sizes, {where}")
@@ -173,6 +185,9 @@ def main() -> None:
     parser.add_argument("--streams", help="comma-separated stream counts")
     parser.add_argument("--pin", action="store_true",
                         help="--hops: pin every worker to core 0 (default: nothing pinned)")
+    parser.add_argument("--also", default="", metavar="VAR=VALUE",
+                        help="also a cluster of each size whose workers have this setting, "
+                             "in turn with the others (e.g. SHARDLINE_FUSE=0)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
