@@ -172,15 +172,14 @@ def main() -> None:
                         help="comma-separated SHARDLINE_PAD_ROWS settings to compare, each on "
                              "freshly started workers ('' = the backend's default; 1 = never "
                              "pad; worker/backend.py row_floor)")
-    parser.add_argument("--draft-ahead", action=argparse.BooleanOptionalAction, default=True,
-                        help="the draft drafts the next round during the check (off: "
-                             "SHARDLINE_DRAFT_AHEAD=0, to see what that costs a shared GPU)")
+    parser.add_argument("--without-draft-ahead", action="store_true",
+                        help="also a row with the draft model not drafting the next round "
+                             "during the check (SHARDLINE_DRAFT_AHEAD=0), in turn with the "
+                             "others: what drafting ahead costs stages on a shared GPU")
     parser.add_argument("--repeating", action=argparse.BooleanOptionalAction, default=True,
                         help="also run prompt lookup on a model that repeats its prompt (builds "
                              "a second model: minutes for the 8B shape)")
     args = parser.parse_args()
-    if not args.draft_ahead:
-        os.environ["SHARDLINE_DRAFT_AHEAD"] = "0"  # read by this process's coordinator
     spec = GPU_SPEC if args.gpu else TINY_SPEC if args.tiny else CPU_SPEC
     if args.quiet_scale is not None:
         spec = dataclasses.replace(spec, quiet_scale=args.quiet_scale)
@@ -210,8 +209,15 @@ def main() -> None:
             for r in range(args.runs):
                 for name, options in variants:
                     plain_of[name + label] = "no speculation" + label
-                    got = asyncio.run(variant(model, addresses, ids, args.new, 1,
-                                              report=r == args.runs - 1, **options))
+                    options = dict(options)
+                    ahead = options.pop("draft_ahead", True)
+                    if not ahead:  # read by this process's coordinator, round by round
+                        os.environ["SHARDLINE_DRAFT_AHEAD"] = "0"
+                    try:
+                        got = asyncio.run(variant(model, addresses, ids, args.new, 1,
+                                                  report=r == args.runs - 1, **options))
+                    finally:
+                        os.environ.pop("SHARDLINE_DRAFT_AHEAD", None)
                     rows.setdefault(name + label, []).extend(got)
                     print(f"round {r + 1}, {name}{label}: "  # kept if the run is cut short
                           + ", ".join(f"{g[0]:.1f} tok/s, {g[2]}/{g[1]} confirmed" for g in got),
@@ -219,11 +225,13 @@ def main() -> None:
         finally:
             local.stop()
 
+    drafts = [(f"draft model ({spec.quiet_after} layers)", draft_options)]
+    if args.without_draft_ahead:
+        drafts.append((f"draft model ({spec.quiet_after} layers), not drafting ahead",
+                       draft_options | {"draft_ahead": False}))
     for pad in args.pad_rows.split(","):
         measure(path, prompt(args.prompt), [
-            ("no speculation", {}),
-            (f"draft model ({spec.quiet_after} layers)", draft_options),
-            ("prompt lookup (ngram)", ngram_options),
+            ("no speculation", {}), *drafts, ("prompt lookup (ngram)", ngram_options),
         ], f", SHARDLINE_PAD_ROWS={pad}" if pad else "", pad)
     if args.repeating:  # prompt lookup where it pays: a model that repeats its prompt
         repeating = dataclasses.replace(spec, quiet_after=0, cycle=CYCLE)
