@@ -67,9 +67,12 @@ async def start_cluster(path: Path, workers: int, streams: int, pin: bool,
     return local, coord
 
 
+def workers_of(workers: int, setting: str = "") -> str:
+    return f"{workers} worker{'s' if workers > 1 else ''}" + (f" ({setting})" if setting else "")
+
+
 def label_of(workers: int, setting: str = "") -> str:
-    return f"shardline {workers} worker{'s' if workers > 1 else ''}" + (
-        f" ({setting})" if setting else "")
+    return f"shardline {workers_of(workers, setting)}"
 
 
 async def interleaved_runs(path: Path, counts: list[int], streams: list[int], prompt: int,
@@ -140,13 +143,12 @@ def decode(args: argparse.Namespace) -> None:
     for key, by in rows.items():
         cells = [f"{median_tps(by[s]):.1f} ({median_tps(by[s]) / median_tps(base[s]):.2f}x)"
                  for s in streams]
-        print(f"| {label_of(*key).replace('shardline', 'shardline,')} | " + " | ".join(cells)
-              + " |")
+        print(f"| shardline, {workers_of(*key)} | " + " | ".join(cells) + " |")
     if 1 in streams:  # greedy: every run's tokens are mlx-lm's, or the speed means nothing
         want = base[1][0].ids
         same = {key: all(r.ids == want for r in by[1]) for key, by in rows.items()}
         print("token-exact against mlx-lm at one stream: " + ", ".join(
-            f"{label_of(*key)[10:]} {'yes' if ok else 'NO'}" for key, ok in same.items()))
+            f"{workers_of(*key)} {'yes' if ok else 'NO'}" for key, ok in same.items()))
 
 
 def hops(args: argparse.Namespace) -> None:

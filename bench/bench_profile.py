@@ -35,14 +35,18 @@ PARTS = ("receive", "host", "device", "serialise", "send", "waiting", "prepare")
 BUSY = ("receive", "host", "device", "serialise", "send")
 
 
-def scrape(port: int, kind: str = "decode") -> dict[str, tuple[float, float]]:
-    """(sum, count) of each part of the steps of `kind` (decode, check) from a worker's
-    /metrics."""
+def families(port: int) -> list:
+    """A worker's /metrics, parsed."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return list(text_string_to_metric_families(text))
+
+
+def parts_of(page: list, kind: str = "decode") -> dict[str, tuple[float, float]]:
+    """(sum, count) of each part of the steps of `kind` (decode, check) on a parsed page."""
     out: dict[str, list[float]] = {p: [0.0, 0.0] for p in PARTS}
-    for family in text_string_to_metric_families(text):
+    for family in page:
         if family.name != "shardline_stage_step_part_seconds":
             continue
         for sample in family.samples:
@@ -54,6 +58,11 @@ def scrape(port: int, kind: str = "decode") -> dict[str, tuple[float, float]]:
             elif part in out and sample.name.endswith("_count"):
                 out[part][1] = sample.value
     return {p: (v[0], v[1]) for p, v in out.items()}
+
+
+def scrape(port: int, kind: str = "decode") -> dict[str, tuple[float, float]]:
+    """(sum, count) of each part of the steps of `kind` from a worker's /metrics."""
+    return parts_of(families(port), kind)
 
 
 async def profile(path: Path, workers: int, new: int, pin: bool) -> tuple[float, list[dict]]:

@@ -29,18 +29,16 @@ import os
 import statistics
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_serving  # noqa: E402
-from bench_profile import PARTS, scrape  # noqa: E402
-
-KINDS = ("decode", "check")  # the steps a worker times apart (worker/metrics.py StepParts)
+from bench_profile import PARTS, families, parts_of  # noqa: E402
 from bench_serving import GiB, bench_mlx_lm  # noqa: E402
 
 from coordinator.demo import ModelSpec, cached_model, cycle_prompt, draft_model  # noqa: E402
+from worker.metrics import STEP_KINDS  # noqa: E402 - the steps a worker times apart
 
 CPU_SPEC = ModelSpec(family="llama", num_layers=8, hidden_size=512, intermediate_size=1536,
                      num_attention_heads=8, num_key_value_heads=4, vocab_size=2048,
@@ -66,7 +64,7 @@ def print_parts(before: list[dict], after: list[dict]) -> None:
     """Each worker's mean ms per step of each part (bench_profile.py), by the step's kind,
     between two scrapes."""
     for i, (b_kinds, a_kinds) in enumerate(zip(before, after, strict=True)):
-        for kind in KINDS:
+        for kind in STEP_KINDS:
             b, a = b_kinds[kind], a_kinds[kind]
             steps = a["host"][1] - b["host"][1]
             if not steps:
@@ -79,14 +77,15 @@ def print_parts(before: list[dict], after: list[dict]) -> None:
               + ", ".join(f"{o} {int(n)}" for o, n in sorted(outcomes.items())), flush=True)
 
 
-def ahead(port: int) -> dict[str, float]:
-    """A worker's steps built ahead by outcome (`shardline_lookahead_steps_total`)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
-            if f.name == "shardline_lookahead_steps" for s in f.samples
-            if s.name.endswith("_total")}
+def stage_times(port: int) -> dict:
+    """One scrape of a worker: its step parts by kind, and its steps built ahead by outcome
+    (`shardline_lookahead_steps_total`)."""
+    page = families(port)
+    out: dict = {kind: parts_of(page, kind) for kind in STEP_KINDS}
+    out["ahead"] = {s.labels["outcome"]: s.value for f in page
+                    if f.name == "shardline_lookahead_steps" for s in f.samples
+                    if s.name.endswith("_total")}
+    return out
 
 
 async def one_stream(coordinator, ids: list[int], new: int
@@ -125,15 +124,14 @@ async def variant(path: Path, addresses: list[str], ids: list[int], new: int, ru
         await one_stream(coord, ids, new)
         warm_up = time.perf_counter() - started
         ports = [w.info.metrics_port for w in coord.cluster.workers]
-        before = [{k: scrape(p, k) for k in KINDS} | {"ahead": ahead(p)} for p in ports]
+        before = [stage_times(p) for p in ports]
         spec = coord.engine.speculator if coord.engine else None
         waited = (spec.proposals_awaited, spec.proposal_seconds) if spec else (0, 0.0)
         out = [await one_stream(coord, ids, new) for _ in range(runs)]
         if not report:
             return out
         print(f"warm-up request: {warm_up:.1f} s", flush=True)
-        print_parts(before, [{k: scrape(p, k) for k in KINDS} | {"ahead": ahead(p)}
-                             for p in ports])
+        print_parts(before, [stage_times(p) for p in ports])
         if spec is not None and spec.proposals_awaited > waited[0]:
             n = spec.proposals_awaited - waited[0]
             print(f"waiting for proposals: {(spec.proposal_seconds - waited[1]) / n * 1e3:.2f} "
