@@ -353,11 +353,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             async for msg in requests:
                 arrived = time.perf_counter()
-                self.parts.arrived(arrived, "check" if any(s.draft for s in msg.seqs)
-                                   else "decode")
+                check = any(seq.draft for seq in msg.seqs)
+                self.parts.arrived(arrived, "check" if check else "decode")
                 started.difference_update(msg.release)
                 started.update(seq.seq_id for seq in msg.seqs if seq.start)
-                if not checks.is_set() and any(seq.draft for seq in msg.seqs):
+                if check and not checks.is_set():
                     checks.set()
                 if msg.error:  # an earlier stage failed this step: free what it frees, pass
                     bare = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release)
