@@ -14,10 +14,11 @@ decode step of M sequences has them; and padded to one matrix of 8 rows from 4 (
 padding.py `as_one_matrix`, what a worker on CUDA computes from the vectors of M sequences).
 
 A third table (CUDA only) checks worker/cuda_rows.py's kernel for 1 to 8 rows against MLX's
-product of each row alone, bit for bit, and times it chained as above: with its settings now,
-with a kernel built for each row count, and in calls of up to 4 rows (SHARDLINE_ROWS_BUCKETS,
-SHARDLINE_ROWS_SPLIT), beside MLX's one-row product (whether the kernel should take one row
-too: SHARDLINE_ROWS_MIN=1).
+product of each row alone, bit for bit, and times it chained as above: with its settings now
+(kernels for 1, 2 and 4 rows, calls of up to 4), with a kernel built for each row count, and
+as before (kernels for 2, 4 and 8 rows, calls of up to 8; SHARDLINE_ROWS_BUCKETS,
+SHARDLINE_ROWS_SPLIT), beside MLX's one-row product (what one row costs with
+SHARDLINE_ROWS_MIN=2).
 
     python bench/bench_qmm.py            # on the default device (a GPU where MLX has one)
     python bench/bench_qmm.py --rows     # the third table only
@@ -152,7 +153,7 @@ def rows_kernel(w: mx.array) -> None:
     layouts = {f"kernels for {','.join(map(str, default[0]))} rows, calls of up to "
                f"{default[1]} (the settings now)": default,
                "a kernel for each count": (counts, cuda_rows.MAX_ROWS),
-               "kernels for 1,2,4 rows, calls of up to 4": ((1, 2, 4), 4)}
+               "kernels for 2,4,8 rows, calls of up to 8 (before)": ((2, 4, 8), 8)}
     for name, (buckets, split) in layouts.items():
         cuda_rows.BUCKETS, cuda_rows.SPLIT = buckets, split
         cells = []

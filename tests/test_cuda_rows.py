@@ -61,15 +61,15 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_a_few_rows_of_4_bit_bf16_weights_go_through_the_kernel(kernel_calls):
     layer = _layer(512, 256, bias=True)
     xs = {rows: mx.random.normal((rows, 1, 512)).astype(mx.bfloat16) for rows in (1, 3, 8, 9)}
-    # 1 and 9 rows: MLX's own product, as the layer computed it before
-    expected = {rows: _alone(x, layer) + layer["bias"] if rows in (3, 8)
+    # 9 rows: MLX's own product, as the layer computed it before
+    expected = {rows: _alone(x, layer) + layer["bias"] if rows <= 8
                 else nn.QuantizedLinear.__call__(layer, x) for rows, x in xs.items()}
     assert pad_products(_Model(layer), 1, kernel=True) == 1
     for rows, x in xs.items():
         out = layer(x)
         assert out.shape == (rows, 1, 256)
         assert mx.array_equal(out, expected[rows]).item(), rows
-    assert kernel_calls == [3, 8]
+    assert kernel_calls == [1, 3, 8]  # one row too (SHARDLINE_ROWS_MIN, default 1)
 
 
 def test_the_kernel_is_not_used_off_cuda_nor_for_other_weights(kernel_calls):
@@ -82,7 +82,7 @@ def test_the_kernel_is_not_used_off_cuda_nor_for_other_weights(kernel_calls):
     # chunk is then still padded for them; float32 rows are not the kernel's either. The
     # kernel is still built at set-up for the layer it covers.
     assert set_up(model, 8, True) == 8
-    assert kernel_calls == [2, 4, 8]
+    assert kernel_calls == [1, 2, 4]
     kernel_calls.clear()
     eight_bit(mx.random.normal((4, 1, 512)).astype(mx.bfloat16))
     narrow(mx.random.normal((4, 1, 64)).astype(mx.bfloat16))
@@ -97,7 +97,7 @@ def test_the_head_of_a_quantized_embedding_goes_through_the_kernel(kernel_calls)
     x = mx.random.normal((2, 3, 512)).astype(mx.bfloat16)
     expected = _alone(x, embedding)
     assert set_up(_Model(embedding), 1, True) == 1
-    assert kernel_calls == [2, 4, 8]  # each build of the kernel made before any step
+    assert kernel_calls == [1, 2, 4]  # each build of the kernel made before any step
     kernel_calls.clear()
     assert mx.array_equal(embedding.as_linear(x), expected).item()
     assert kernel_calls == [6]
@@ -140,8 +140,8 @@ def test_a_kernel_that_cannot_be_built_leaves_mlx_products(kernel_calls, monkeyp
 def test_a_pipeline_with_the_kernel_standing_in_stays_exact(model_dir, monkeypatch,
                                                              kernel_calls):
     """Two stages set up as on CUDA with the kernel (a stand-in computing each row alone; the
-    tiny model's 64-wide layers let in): nothing is padded, a batch of 3 sequences and a
-    2-token prompt chunk go through the kernel, and every sequence's tokens are mlx-lm's."""
+    tiny model's 64-wide layers let in): nothing is padded, one sequence's steps, a batch of
+    3 sequences and a 2-token prompt chunk go through the kernel, and every sequence's tokens are mlx-lm's."""
     monkeypatch.setattr(cuda_rows, "enabled", lambda: True)
     monkeypatch.setattr(cuda_rows, "WARP_ELEMENTS", 64)
     path = model_dir(ModelSpec(family="llama", bits=4))
@@ -150,7 +150,7 @@ def test_a_pipeline_with_the_kernel_standing_in_stays_exact(model_dir, monkeypat
     assert [runner.row_floor for runner in chain.runners] == [1, 1]
     kernel_calls.clear()  # the builds at set-up
     assert generate_together(chain, THREE_PROMPTS, 8) == expected
-    assert set(kernel_calls) == {2, 3, 8}, sorted(set(kernel_calls))
+    assert set(kernel_calls) == {1, 2, 3, 8}, sorted(set(kernel_calls))
 
 
 def test_rows_past_the_split_go_in_calls_of_that_many(monkeypatch):

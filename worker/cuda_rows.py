@@ -1,4 +1,4 @@
-"""CUDA backend: a 4-bit product of 2 to 8 rows that reads each weight once for all rows.
+"""CUDA backend: a 4-bit product of 1 to 8 rows that reads each weight once for all rows.
 
 MLX 0.32's CUDA backend multiplies one row by a 4-bit matrix with `qmv` (a warp per output
 feature, 16 weights a lane a turn) and anything else with kernels that cost about M times one
@@ -6,7 +6,9 @@ row's for 2 to 7 rows and 3 times from 8 up (bench/RESULTS-gpu.md, "Rows laid ou
 matrix"). Metal has a kernel for a few rows (`qmv_wide`); CUDA has none. This is one: each warp
 dequantizes its feature's weights once per turn and multiplies them into every row. On an
 H100, 224 chained products of 2, 4 and 8 rows took 7.7, 11.1 and 28.0 ms, against 17.0, 30.7
-and 28.2 by MLX and 9.6 for one row (bench/RESULTS-gpu.md, "A kernel for a few rows").
+and 28.2 by MLX and 9.6 for one row (bench/RESULTS-gpu.md, "A kernel for a few rows"). Laid
+out as kernels for 1, 2 and 4 rows, more rows in calls of 4: 7.4 ms for one row (MLX: 9.2),
+and 19.1 to 24.5 ms for 5 to 8 rows (bench/RESULTS-gpu.md, "Kernel layouts").
 
 Every row's arithmetic is `qmv`'s for that row alone: the same 16 elements a lane, dequantized
 with the same bf16 multiply and add, accumulated with bf16 fused multiply-adds in the same
@@ -16,7 +18,7 @@ tests/test_cuda_rows.py check it on the device; checked on an H100 at group size
 groups of 32 and 128 follow through the same code), and batching rows changes no token.
 
 `applies` says where the kernel computes a product (CUDA, bf16 rows, 4-bit affine weights of a
-width that is a multiple of 512, 2 to 8 rows); elsewhere callers use MLX's product.
+width that is a multiple of 512, 1 to 8 rows); elsewhere callers use MLX's product.
 """
 
 from __future__ import annotations
@@ -133,21 +135,21 @@ _SOURCE = """
 # not one per row count. R features a warp read each row's inputs once for R features; on an
 # H100 that was slower at every row count (bench/RESULTS-gpu.md, "A kernel for a few rows"),
 # so a warp computes one; SHARDLINE_ROWS_PER_WARP=N measures N (bench/bench_qmm.py sets it here).
-# Settings to measure other layouts (bench/bench_qmm.py --rows times them; not yet timed on a
-# GPU): SHARDLINE_ROWS_BUCKETS (the kernels built, e.g. 1,2,3,4,5,6,7,8 for one per count),
-# SHARDLINE_ROWS_MIN=1 (one row too, where MLX's qmv computes it otherwise, with the same
-# arithmetic), SHARDLINE_ROWS_SPLIT=N (more rows than N go in calls of N: each weight is read
-# once a call, but a call of fewer rows holds fewer accumulators).
+# Settings to measure other layouts (bench/bench_qmm.py --rows times them): SHARDLINE_ROWS_BUCKETS
+# (the kernels built, e.g. 1,2,3,4,5,6,7,8 for one per count), SHARDLINE_ROWS_MIN=2 (one row
+# by MLX's qmv, with the same arithmetic), SHARDLINE_ROWS_SPLIT=N (more rows than N go in calls
+# of N: each weight is read once a call, but a call of fewer rows holds fewer accumulators).
+# The defaults were the fastest of three layouts at 1 and at 5 to 8 rows on an H100.
 
 
 def _setting(name: str, default: str) -> tuple[int, ...]:
     return tuple(int(v) for v in (os.environ.get(name, "").strip() or default).split(","))
 
 
-BUCKETS = _setting("SHARDLINE_ROWS_BUCKETS", "2,4,8")
+BUCKETS = _setting("SHARDLINE_ROWS_BUCKETS", "1,2,4")
 PER_WARP = _setting("SHARDLINE_ROWS_PER_WARP", "1")[0]
-MIN_ROWS = _setting("SHARDLINE_ROWS_MIN", "2")[0]
-SPLIT = _setting("SHARDLINE_ROWS_SPLIT", str(MAX_ROWS))[0]
+MIN_ROWS = _setting("SHARDLINE_ROWS_MIN", "1")[0]
+SPLIT = _setting("SHARDLINE_ROWS_SPLIT", "4")[0]
 
 
 _kernel: Any = None
@@ -188,7 +190,7 @@ def applies(x: mx.array) -> bool:
 
 def rows_product(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
                  group_size: int) -> mx.array:
-    """x @ dequantize(weight).T for x of 2 to 8 rows (any leading shape), 4-bit affine
+    """x @ dequantize(weight).T for x of 1 to 8 rows (any leading shape), 4-bit affine
     weights of shape (N, K / 8); each row exactly as a product of that row alone gives."""
     k = x.shape[-1]
     rows = x.size // k
