@@ -170,10 +170,12 @@ def main() -> None:
                         help="comma-separated SHARDLINE_PAD_ROWS settings to compare, each on "
                              "freshly started workers ('' = the backend's default; 1 = never "
                              "pad; worker/backend.py row_floor)")
-    parser.add_argument("--without-draft-ahead", action="store_true",
-                        help="also a row with the draft model not drafting the next round "
-                             "during the check (SHARDLINE_DRAFT_AHEAD=0), in turn with the "
-                             "others: what drafting ahead costs stages on a shared GPU")
+    parser.add_argument("--also-draft-ahead", choices=("0", "1"), default=None,
+                        help="also a row with the draft model drafting the next round during "
+                             "the check (1) or not (0) whatever its device "
+                             "(SHARDLINE_DRAFT_AHEAD), in turn with the others: what drafting "
+                             "ahead brings or costs (by default not where a stage shares the "
+                             "draft's GPU: coordinator/serving/speculation.py drafts_ahead)")
     parser.add_argument("--repeating", action=argparse.BooleanOptionalAction, default=True,
                         help="also run prompt lookup on a model that repeats its prompt (builds "
                              "a second model: minutes for the 8B shape)")
@@ -208,9 +210,9 @@ def main() -> None:
                 for name, options in variants:
                     plain_of[name + label] = "no speculation" + label
                     options = dict(options)
-                    ahead = options.pop("draft_ahead", True)
-                    if not ahead:  # read by this process's coordinator, round by round
-                        os.environ["SHARDLINE_DRAFT_AHEAD"] = "0"
+                    ahead = options.pop("draft_ahead", None)
+                    if ahead is not None:  # read by this process's coordinator, step by step
+                        os.environ["SHARDLINE_DRAFT_AHEAD"] = ahead
                     try:
                         got = asyncio.run(variant(model, addresses, ids, args.new, 1,
                                                   report=r == args.runs - 1, **options))
@@ -224,9 +226,10 @@ def main() -> None:
             local.stop()
 
     drafts = [(f"draft model ({spec.quiet_after} layers)", draft_options)]
-    if args.without_draft_ahead:
-        drafts.append((f"draft model ({spec.quiet_after} layers), not drafting ahead",
-                       draft_options | {"draft_ahead": False}))
+    if args.also_draft_ahead is not None:
+        how = "drafting ahead" if args.also_draft_ahead == "1" else "not drafting ahead"
+        drafts.append((f"draft model ({spec.quiet_after} layers), {how}",
+                       draft_options | {"draft_ahead": args.also_draft_ahead}))
     for pad in args.pad_rows.split(","):
         measure(path, prompt(args.prompt), [
             ("no speculation", {}), *drafts, ("prompt lookup (ngram)", ngram_options),

@@ -25,7 +25,12 @@ from coordinator.serving.engine import (
     Engine,
 )
 from coordinator.serving.metrics import CoordinatorMetrics
-from coordinator.serving.speculation import DraftProposer, NgramProposer, Speculator
+from coordinator.serving.speculation import (
+    DraftProposer,
+    NgramProposer,
+    Speculator,
+    drafts_ahead,
+)
 from protos import auth, tls
 from protos.units import format_size
 
@@ -218,8 +223,17 @@ class Coordinator:
             what = f"draft model {opts.draft_model}"
         self.progress(f"speculative decoding: {what}, up to {opts.num_draft_tokens} tokens "
                       "per step")
-        return Speculator(proposer if opts.speculative else self.draft, opts.num_draft_tokens,
-                          self.metrics)
+        if opts.speculative:
+            return Speculator(proposer, opts.num_draft_tokens, self.metrics)
+        draft, cluster = self.draft, self.cluster
+
+        def ahead() -> bool:  # the workers of the plan now (a re-plan may change them)
+            return drafts_ahead(draft.device, (w.info.device for w in cluster.workers))
+
+        self.progress("the draft drafts each next round during the check" if ahead() else
+                      "the draft shares a GPU with a stage: it drafts each round when asked "
+                      "(SHARDLINE_DRAFT_AHEAD=1 drafts the next during the check)")
+        return Speculator(draft, opts.num_draft_tokens, self.metrics, ahead)
 
     async def start_api(self, service: InferenceService) -> None:
         """gRPC and HTTP up before the shards load; health says NOT_SERVING until they have."""

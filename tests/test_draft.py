@@ -47,6 +47,16 @@ def test_the_prompt_is_taken_in_before_the_first_proposals(model_dir):
     assert warm == cold and len(warm) == 4
 
 
+def test_a_loaded_draft_names_its_device_as_workers_do(model_dir):
+    from worker.backend import accelerator, device_of
+
+    async def scenario():
+        async with proposers(draft_of(model_dir), 1) as (p,):
+            return p.device
+
+    assert run(scenario()) == device_of(accelerator() or "cpu")  # what decides drafting ahead
+
+
 def test_a_round_drafted_ahead_is_what_drafting_afresh_proposes(model_dir):
     draft = draft_of(model_dir)
 

@@ -9,7 +9,7 @@ import pytest
 from test_speculation import Always
 
 from coordinator.serving.spec_depth import RoundCosts, best, expected_tokens
-from coordinator.serving.speculation import Speculator
+from coordinator.serving.speculation import Speculator, drafts_ahead
 
 
 def costs(seconds_of, sizes=(1, 2, 3, 4), rounds=5) -> RoundCosts:
@@ -105,7 +105,7 @@ def test_a_request_checks_few_proposals_where_each_costs_much_of_a_step():
     assert sum(late) / len(late) < 2.6 and sum(k >= 5 for k in late) < 0.05 * len(late), late
 
 
-def test_drafting_ahead_can_be_turned_off_to_measure_it(monkeypatch):
+def test_a_request_drafts_ahead_only_while_its_speculator_says_so():
     class Counted(Always):
         def __init__(self) -> None:
             self.ahead_calls = 0
@@ -113,10 +113,21 @@ def test_drafting_ahead_can_be_turned_off_to_measure_it(monkeypatch):
         def ahead(self, key, tokens, proposals, k):
             self.ahead_calls += 1
 
-    proposer = Counted()
-    req = Speculator(proposer, 4).request("a")
+    proposer, allowed = Counted(), [True]
+    req = Speculator(proposer, 4, drafts_ahead=lambda: allowed[0]).request("a")
     assert asyncio.run(req.propose([0], running=1, room=100)) == [1] * 4
     assert proposer.ahead_calls == 1
-    monkeypatch.setenv("SHARDLINE_DRAFT_AHEAD", "0")
+    allowed[0] = False
     assert asyncio.run(req.propose([0], running=1, room=100)) == [1] * 4
     assert proposer.ahead_calls == 1
+
+
+def test_a_draft_on_a_gpu_that_a_stage_computes_on_does_not_draft_ahead():
+    gpu, cpu = ("cuda:m:0", 1), ("cpu:m:0,1", 2)
+    assert not drafts_ahead(gpu, ["cuda:m:0", "cuda:n:0"], {})
+    assert drafts_ahead(gpu, ["cuda:m:1", "metal:n"], {})  # its GPU is its own
+    assert drafts_ahead(cpu, ["cpu:m:0,1"], {})  # cores compute several steps at once
+    assert not drafts_ahead(("cpu:m:0", 1), ["cpu:m:0"], {})
+    assert drafts_ahead(gpu, ["cuda:m:0"], {"SHARDLINE_DRAFT_AHEAD": "1"})
+    assert not drafts_ahead(cpu, [], {"SHARDLINE_DRAFT_AHEAD": "0"})
+    assert not drafts_ahead(gpu, ["cuda:m:0"], {"SHARDLINE_DRAFT_AHEAD": "yes"})

@@ -22,7 +22,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -127,6 +127,7 @@ class DraftProposer:
         self._gone: set[str] = set()  # sequences dropped while some was pending
         self.ahead_taken = self.ahead_missed = 0  # rounds drafted ahead, used and not
         self.tokens_fed = 0  # positions the draft model has computed
+        self.device = ("", 0)  # where it computes and the steps that computes at once (`load`)
         self.closed = False
 
     async def load(self) -> None:
@@ -141,9 +142,10 @@ class DraftProposer:
         from mlx_lm.utils import load_model
 
         from worker import attention, fused
-        from worker.backend import accelerator
+        from worker.backend import accelerator, device_of
 
         self.model, _ = load_model(self.path)
+        self.device = device_of(accelerator() or "cpu")
         attention.install(accelerator() == "cuda")  # its chunks of 2: no plan per shape
         fused.fuse(self.model)  # fewer kernels a step (worker/fused.py), the same bits
         if not all(type(c) is KVCache for c in make_prompt_cache(self.model)):
@@ -281,12 +283,14 @@ class DraftProposer:
 class Speculator:
     """The proposer of one `serve`, its settings, and the counters the metrics read."""
 
-    def __init__(self, proposer: Proposer, num_draft_tokens: int, metrics: Any = None) -> None:
+    def __init__(self, proposer: Proposer, num_draft_tokens: int, metrics: Any = None,
+                 drafts_ahead: Callable[[], bool] = lambda: True) -> None:
         if num_draft_tokens < 1:
             raise ValueError("--num-draft-tokens must be at least 1")
         self.proposer = proposer
         self.num_draft_tokens = num_draft_tokens
         self.metrics = metrics
+        self.drafts_ahead = drafts_ahead  # whether the proposer works on the next round now
         self.costs = spec_depth.RoundCosts()  # seconds of a step by its number of guesses
         # steps that waited for the proposer, and the seconds they waited (bench_speculation.py)
         self.proposals_awaited = 0
@@ -337,7 +341,7 @@ class SpecRequest:
         out = await self.spec.proposer.propose(self.key, tokens, min(self.k, room - 1))
         self.spec.proposals_awaited += 1
         self.spec.proposal_seconds += time.perf_counter() - started
-        if out and self.odds ** (len(out) + 1) >= AHEAD_ODDS and _drafts_ahead():
+        if out and self.odds ** (len(out) + 1) >= AHEAD_ODDS and self.spec.drafts_ahead():
             self.spec.proposer.ahead(self.key, tokens, out, self.spec.num_draft_tokens)
         return out
 
@@ -409,10 +413,26 @@ class SpecRequest:
         await self.spec.proposer.drop(self.key)
 
 
-def _drafts_ahead() -> bool:
-    """Whether a draft drafts the next round while the pipeline checks this one (unless
-    SHARDLINE_DRAFT_AHEAD=0: to measure what it costs the stages that share its device)."""
-    return os.environ.get("SHARDLINE_DRAFT_AHEAD", "").strip() != "0"
+_WARNED: set[str] = set()  # SHARDLINE_DRAFT_AHEAD values warned of
+
+
+def drafts_ahead(draft: tuple[str, int], workers: Iterable[str],
+                 environ: dict[str, str] | None = None) -> bool:
+    """Whether a draft computing on `draft` (its device's name and the steps it computes at
+    once: worker/backend.py `device_of`) drafts the next round while the pipeline checks this
+    one, the workers computing on the devices named `workers`: unless its device computes one
+    step at a time and a worker's stage computes there too, where the draft's steps wait in
+    line with that stage's check (one H100 shared by the draft and three workers: 1.66x and
+    1.71x drafting ahead, 1.81x and 1.92x not; bench/RESULTS-speculation.md).
+    SHARDLINE_DRAFT_AHEAD=1 or 0 decides instead."""
+    env = (os.environ if environ is None else environ).get("SHARDLINE_DRAFT_AHEAD", "").strip()
+    if env in ("0", "1"):
+        return env == "1"
+    if env and env not in _WARNED:
+        _WARNED.add(env)
+        log.warning("SHARDLINE_DRAFT_AHEAD=%r: 1 or 0; deciding by the devices", env)
+    name, lanes = draft
+    return lanes > 1 or name not in set(workers)
 
 
 def _mix(average: tuple[float, float] | None, seconds: float, tokens: float, n: int
