@@ -138,7 +138,9 @@ async def variant(path: Path, addresses: list[str], ids: list[int], new: int, ru
                   f"ms a step ({n} steps)", flush=True)
         if coord.draft is not None:
             print(f"rounds drafted ahead: {coord.draft.ahead_taken} used, "
-                  f"{coord.draft.ahead_missed} not", flush=True)
+                  f"{coord.draft.ahead_missed} not (the draft on {coord.draft.device}, the "
+                  f"workers on {sorted({w.info.device for w in coord.cluster.workers})}; "
+                  f"drafting ahead: {spec.drafts_ahead() if spec else '-'})", flush=True)
         if spec is not None:  # what the serve learned a round costs (spec_depth.py)
             costs = spec.costs
             timed = ", ".join(f"{k}: {costs.rounds[k]} x {costs.seconds[k] * 1e3:.2f} ms"

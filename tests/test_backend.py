@@ -285,3 +285,16 @@ def test_workers_that_share_a_device_name_it_alike_with_the_steps_it_computes_at
 
 def test_machine_id_is_the_same_each_time_and_never_empty() -> None:
     assert backend._machine_id() == backend._machine_id() != ""
+
+
+def test_machine_id_never_made_up_per_process(monkeypatch) -> None:
+    # no machine-id file (a container): a hardware address if there is one, else the host name
+    # and boot id, never uuid's random stand-in (another in every process, so workers on one
+    # GPU would not know they share it)
+    monkeypatch.setattr(backend, "_text_of",
+                        lambda path: "b00t" if path.endswith("boot_id") else "")
+    monkeypatch.setattr(backend.uuid, "getnode", lambda: 0x0242AC110002)
+    assert backend._machine_id() == "0242ac110002"
+    monkeypatch.setattr(backend.uuid, "getnode", lambda: 0x0342AC110002 | 1 << 40)
+    monkeypatch.setattr(backend.platform, "node", lambda: "box")
+    assert backend._machine_id() == "box:b00t"

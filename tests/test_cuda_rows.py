@@ -141,7 +141,8 @@ def test_a_pipeline_with_the_kernel_standing_in_stays_exact(model_dir, monkeypat
                                                              kernel_calls):
     """Two stages set up as on CUDA with the kernel (a stand-in computing each row alone; the
     tiny model's 64-wide layers let in): nothing is padded, one sequence's steps, a batch of
-    3 sequences and a 2-token prompt chunk go through the kernel, and every sequence's tokens are mlx-lm's."""
+    3 sequences and a 2-token prompt chunk go through the kernel, and every sequence's tokens
+    are mlx-lm's."""
     monkeypatch.setattr(cuda_rows, "enabled", lambda: True)
     monkeypatch.setattr(cuda_rows, "WARP_ELEMENTS", 64)
     path = model_dir(ModelSpec(family="llama", bits=4))

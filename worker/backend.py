@@ -105,8 +105,7 @@ BANDWIDTH_FILE = "bandwidth.json"  # in the cache dir: {"backend:chip": GB/s}
 def measure_bandwidth(nbytes: int = PROBE_BYTES, repeats: int = PROBE_REPEATS,
                       clock: Callable[[], float] = time.perf_counter) -> float:
     """Memory bandwidth in GB/s seen by MLX: `nbytes` read and written by one elementwise
-    copy, the fastest of `repeats` timed runs (after one untimed run that warms the
-    allocator)."""
+    copy, the fastest of `repeats` timed runs (after one that warms the allocator)."""
     import mlx.core as mx
 
     src = mx.zeros((max(nbytes // 4, 1),), dtype=mx.float32)
@@ -284,16 +283,22 @@ def device_of(backend: str, environ: Mapping[str, str] | None = None) -> tuple[s
 
 
 def _machine_id() -> str:
-    """A name of this machine that no other has: systemd's machine id where there is one,
-    else a hardware address of the machine (`uuid.getnode`)."""
+    """A name of this machine that its processes all give and no other machine does: systemd's
+    machine id where there is one, else a hardware address (`uuid.getnode`, unless it made one
+    up: another in every process), else the host name and boot id (a container may have none)."""
     for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text:
+        if text := _text_of(path):
             return text
-    return f"{uuid.getnode():012x}"
+    if not (node := uuid.getnode()) & 1 << 40:  # the multicast bit: a made-up address
+        return f"{node:012x}"
+    return f"{platform.node()}:{_text_of('/proc/sys/kernel/random/boot_id')}"
+
+
+def _text_of(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
 
 
 def _detect_mlx(mx: Any = None) -> Hardware | None:
