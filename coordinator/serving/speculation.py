@@ -421,10 +421,10 @@ def drafts_ahead(draft: tuple[str, int], workers: Iterable[str],
     """Whether a draft computing on `draft` (its device's name and the steps it computes at
     once: worker/backend.py `device_of`) drafts the next round while the pipeline checks this
     one, the workers computing on the devices named `workers`: unless its device computes one
-    step at a time and a worker's stage computes there too, where the draft's steps wait in
-    line with that stage's check (one H100 shared by the draft and three workers: 1.66x and
-    1.71x drafting ahead, 1.81x and 1.92x not; bench/RESULTS-speculation.md).
-    SHARDLINE_DRAFT_AHEAD=1 or 0 decides instead."""
+    step at a time and a worker's stage computes there too. There the draft's steps wait in
+    line with that stage's check, which gains nothing (one H100 shared with three workers: the
+    same tokens/s within the spread) and spends GPU time on rounds drafted for nothing
+    (bench/RESULTS-speculation.md). SHARDLINE_DRAFT_AHEAD=1 or 0 decides instead."""
     env = (os.environ if environ is None else environ).get("SHARDLINE_DRAFT_AHEAD", "").strip()
     if env in ("0", "1"):
         return env == "1"
