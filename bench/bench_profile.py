@@ -30,9 +30,11 @@ import bench_serving  # noqa: E402
 from bench_serving import bench_shardline  # noqa: E402
 
 from coordinator.demo import cached_model  # noqa: E402
+from worker.metrics import STEP_KINDS  # noqa: E402 - the steps a worker times apart
 
 PARTS = ("receive", "host", "device", "serialise", "send", "waiting", "prepare")
 BUSY = ("receive", "host", "device", "serialise", "send")
+AHEAD = ("taken", "dropped", "early")  # steps built ahead (worker/lookahead.py), by outcome
 
 
 def families(port: int) -> list:
@@ -60,9 +62,15 @@ def parts_of(page: list, kind: str = "decode") -> dict[str, tuple[float, float]]
     return {p: (v[0], v[1]) for p, v in out.items()}
 
 
-def scrape(port: int, kind: str = "decode") -> dict[str, tuple[float, float]]:
-    """(sum, count) of each part of the steps of `kind` from a worker's /metrics."""
-    return parts_of(families(port), kind)
+def stage_times(port: int) -> dict:
+    """One scrape of a worker: its step parts by kind (decode, check), and its steps built
+    ahead by outcome (`shardline_lookahead_steps_total`: taken, dropped, early)."""
+    page = families(port)
+    out: dict = {kind: parts_of(page, kind) for kind in STEP_KINDS}
+    out["ahead"] = {s.labels["outcome"]: s.value for f in page
+                    if f.name == "shardline_lookahead_steps" for s in f.samples
+                    if s.name.endswith("_total")}
+    return out
 
 
 async def profile(path: Path, workers: int, new: int, pin: bool) -> tuple[float, list[dict]]:
@@ -71,9 +79,9 @@ async def profile(path: Path, workers: int, new: int, pin: bool) -> tuple[float,
     try:
         await bench_shardline(coord, "warm-up", 1, 32, 16)
         ports = [w.info.metrics_port for w in coord.cluster.workers[:workers]]
-        before = [scrape(p) for p in ports]
+        before = [stage_times(p) for p in ports]
         result = await bench_shardline(coord, "profile", 1, 32, new, warm=False)
-        after = [scrape(p) for p in ports]
+        after = [stage_times(p) for p in ports]
     finally:
         await coord.stop()
         local.stop()
@@ -81,8 +89,10 @@ async def profile(path: Path, workers: int, new: int, pin: bool) -> tuple[float,
     for b, a in zip(before, after, strict=True):
         stage = {}
         for part in PARTS:
-            total, count = a[part][0] - b[part][0], a[part][1] - b[part][1]
+            total, count = (a["decode"][part][i] - b["decode"][part][i] for i in (0, 1))
             stage[part] = total / count * 1e3 if count else 0.0
+        for outcome in AHEAD:
+            stage[outcome] = a["ahead"].get(outcome, 0.0) - b["ahead"].get(outcome, 0.0)
         stages.append(stage)
     return statistics.median(result.itl) * 1e3, stages
 
@@ -101,8 +111,9 @@ def main() -> None:
         bench_hotpath.HOP_SPEC if args.model == "tiny" else bench_hotpath.CPU_SPEC)
     path = cached_model(spec)
     print(f"model {spec.key()}, 1 stream, {args.new} new tokens, mean ms per decode step")
-    print("| workers | stage | " + " | ".join(PARTS) + " | busy | ITL p50 | rest |")
-    print("|---|---|" + "---|" * (len(PARTS) + 3))
+    print("| workers | stage | " + " | ".join(PARTS) + " | busy | ITL p50 | rest | built ahead: "
+          + ", ".join(AHEAD) + " |")
+    print("|---|---|" + "---|" * (len(PARTS) + 4))
     for n in (int(w) for w in args.workers.split(",")):
         itl, stages = asyncio.run(profile(path, n, args.new, pin))
         busy_all = 0.0
@@ -112,7 +123,8 @@ def main() -> None:
             cells = " | ".join(f"{stage[p]:.3f}" for p in PARTS)
             last = i == len(stages) - 1
             tail = f"{itl:.3f} | {itl - busy_all:.3f}" if last else " | "
-            print(f"| {n} | {i} | {cells} | {busy:.3f} | {tail} |")
+            ahead = ", ".join(str(int(stage[o])) for o in AHEAD)
+            print(f"| {n} | {i} | {cells} | {busy:.3f} | {tail} | {ahead} |")
 
 
 if __name__ == "__main__":

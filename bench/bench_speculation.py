@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_serving  # noqa: E402
-from bench_profile import PARTS, families, parts_of  # noqa: E402
+from bench_profile import PARTS, stage_times  # noqa: E402
 from bench_serving import GiB, bench_mlx_lm  # noqa: E402
 
 from coordinator.demo import ModelSpec, cached_model, cycle_prompt, draft_model  # noqa: E402
@@ -75,17 +75,6 @@ def print_parts(before: list[dict], after: list[dict]) -> None:
                     for o in a_kinds["ahead"]}
         print(f"  stage {i}, steps built ahead: "
               + ", ".join(f"{o} {int(n)}" for o, n in sorted(outcomes.items())), flush=True)
-
-
-def stage_times(port: int) -> dict:
-    """One scrape of a worker: its step parts by kind, and its steps built ahead by outcome
-    (`shardline_lookahead_steps_total`)."""
-    page = families(port)
-    out: dict = {kind: parts_of(page, kind) for kind in STEP_KINDS}
-    out["ahead"] = {s.labels["outcome"]: s.value for f in page
-                    if f.name == "shardline_lookahead_steps" for s in f.samples
-                    if s.name.endswith("_total")}
-    return out
 
 
 async def one_stream(coordinator, ids: list[int], new: int
