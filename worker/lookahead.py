@@ -45,6 +45,9 @@ log = logging.getLogger("shardline.worker")
 PLACEHOLDER = -1  # a sampler's history entry for a token not sampled yet
 # guessed steps in flight per group on a whole-model stage (a slice: 1); 1 turns the second off
 AHEAD = max(1, int(os.environ.get("SHARDLINE_DECODE_AHEAD", "2")))
+# a slice of the model builds its next step ahead; SHARDLINE_PREPARE_SLICES=0 measures without
+# (bench/OVERHEAD.md, "Building ahead on slices")
+PREPARE_SLICES = os.environ.get("SHARDLINE_PREPARE_SLICES", "").strip() != "0"
 
 
 @dataclass
@@ -135,6 +138,8 @@ class Lookahead:
             return
         if self.whole:
             self._extend(runner, step, AHEAD)
+            return
+        if not PREPARE_SLICES:
             return
         key = tuple(s.seq_id for s in step.seqs)
         if key in self.guesses or not self._guessable(runner, step):
