@@ -17,9 +17,9 @@ prompt holds (every layer quiet and its head mapping each token to the next of a
                                                  # the hops, not the compute, set the pace
 
 On the CPU every worker and mlx-lm run pinned to core 0 (not with --tiny); the coordinator (and
-the draft model it runs) and the client share the other core. Fresh workers first serve one
-request with the draft under a throwaway coordinator (every size of a check met once), then
-each row's coordinator warms up with one request of its own before its timed runs.
+the draft model it runs) and the client share the other core. Fresh workers first serve two
+requests with the draft under a throwaway coordinator, then each row's coordinator warms up
+with one request of its own before its timed runs.
 """
 
 from __future__ import annotations
@@ -199,14 +199,16 @@ def main() -> None:
             local.env["SHARDLINE_PAD_ROWS"] = pad
         addresses = local.start(timeout=600)
         try:  # one run of each variant per round, so that a slow spell hits them alike
-            # the workers first meet every size of a check under a throwaway coordinator: on a
-            # GPU, whichever speculating row came first on fresh workers ran its first round
-            # slower (bench/RESULTS-speculation.md, "drafting ahead or not")
+            # the workers first meet the checks of a warm-up request and of a request after it
+            # (whose sizes follow the round costs the first taught) under a throwaway
+            # coordinator: on a GPU, whichever speculating row came first on fresh workers ran
+            # its first timed round slower (bench/RESULTS-speculation.md, "drafting ahead or
+            # not")
             spec_rows = [dict(o) for _, o in variants if o.get("draft_model")]
             for options in spec_rows[:1]:
                 options.pop("draft_ahead", None)
                 started = time.perf_counter()
-                asyncio.run(variant(model, addresses, ids, args.new, 0, report=False, **options))
+                asyncio.run(variant(model, addresses, ids, args.new, 1, report=False, **options))
                 print(f"workers warmed up with the draft: {time.perf_counter() - started:.1f} s",
                       flush=True)
             for r in range(args.runs):
