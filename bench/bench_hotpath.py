@@ -11,6 +11,7 @@ with 1, 2, ... workers on this one machine, and the time one more hop adds to a 
                                                  # workers, 1 and 8 streams
     python bench/bench_hotpath.py --gpu --also SHARDLINE_FUSE=0   # and clusters whose
                                                  # workers have that setting, in turn
+                                                 # (--also repeats: a cluster each)
 
 On the CPU, mlx-lm and every worker are pinned to core 0 (the compute gets one core in every
 row; the coordinator and the client run beside it on the other core). On a GPU nothing is
@@ -76,15 +77,16 @@ def label_of(workers: int, setting: str = "") -> str:
 
 
 async def interleaved_runs(path: Path, counts: list[int], streams: list[int], prompt: int,
-                           new: int, runs: int, pin: bool, baseline=None, also: str = ""
+                           new: int, runs: int, pin: bool, baseline=None,
+                           also: tuple[str, ...] = ()
                            ) -> tuple[dict[int, list[Result]], dict[tuple[int, str],
                                                                     dict[int, list[Result]]]]:
-    """A cluster of each size in `counts` (and, with `also` = "VAR=VALUE", another of each
-    size whose workers have that setting), all started at once and warmed up, then `runs`
+    """A cluster of each size in `counts` (and, for each "VAR=VALUE" of `also`, another of
+    each size whose workers have that setting), all started at once and warmed up, then `runs`
     rounds of one run of each (`baseline(s)` first, where given, then every cluster), per
     stream count s, so that a slow spell of the machine falls on every row alike. Returns
     the baseline's runs and each cluster's, by (size, setting) and stream count."""
-    keys = [(w, "") for w in counts] + ([(w, also) for w in counts] if also else [])
+    keys = [(w, setting) for setting in ("", *also) for w in counts]
     clusters = {}
     try:
         for w, setting in keys:
@@ -132,7 +134,8 @@ def decode(args: argparse.Namespace) -> None:
     print(f"model {spec.key()} ready in {time.perf_counter() - t0:.0f} s", flush=True)
     base, rows = asyncio.run(interleaved_runs(
         path, workers, streams, args.prompt, args.new, args.runs, pin,
-        baseline=lambda s: bench_mlx_lm(path, s, args.prompt, args.new), also=args.also))
+        baseline=lambda s: bench_mlx_lm(path, s, args.prompt, args.new),
+        also=tuple(args.also)))
     print(f"model {spec.key()}, prompt {args.prompt}, {args.new} new tokens, greedy, "
           f"medians of {args.runs} runs, mlx-lm and every cluster in turn, "
           f"{'GPU' if args.gpu else 'CPU pinned to core 0'}")
@@ -187,9 +190,9 @@ def main() -> None:
     parser.add_argument("--streams", help="comma-separated stream counts")
     parser.add_argument("--pin", action="store_true",
                         help="--hops: pin every worker to core 0 (default: nothing pinned)")
-    parser.add_argument("--also", default="", metavar="VAR=VALUE",
+    parser.add_argument("--also", action="append", default=[], metavar="VAR=VALUE",
                         help="also a cluster of each size whose workers have this setting, "
-                             "in turn with the others (e.g. SHARDLINE_FUSE=0)")
+                             "in turn with the others (e.g. SHARDLINE_FUSE=0); repeatable")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
