@@ -204,11 +204,10 @@ def main() -> None:
             # coordinator: on a GPU, whichever speculating row came first on fresh workers ran
             # its first timed round slower (bench/RESULTS-speculation.md, "drafting ahead or
             # not")
-            spec_rows = [dict(o) for _, o in variants if o.get("draft_model")]
-            for options in spec_rows[:1]:
-                options.pop("draft_ahead", None)
+            if any(o.get("draft_model") for _, o in variants):
                 started = time.perf_counter()
-                asyncio.run(variant(model, addresses, ids, args.new, 1, report=False, **options))
+                asyncio.run(variant(model, addresses, ids, args.new, 1, report=False,
+                                    **draft_options))
                 print(f"workers warmed up with the draft: {time.perf_counter() - started:.1f} s",
                       flush=True)
             for r in range(args.runs):
