@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import os
+import shutil
 import statistics
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -73,15 +77,66 @@ def stage_times(port: int) -> dict:
     return out
 
 
-async def profile(path: Path, workers: int, new: int, pin: bool) -> tuple[float, list[dict]]:
-    """ITL p50 (ms) of one stream and, per stage, the mean ms of each part per decode step."""
+def spy(pids: list[int], seconds: float, label: str) -> list[tuple[subprocess.Popen, Path]]:
+    """A py-spy sampler (native frames, idle ones too) on each of `pids` for `seconds`, each
+    writing collapsed stacks by thread to $OUT (or /tmp)."""
+    exe = shutil.which("py-spy") or "/root/site/bin/py-spy"
+    out = Path(os.environ.get("OUT", "/tmp"))
+    spies = []
+    for i, pid in enumerate(pids):
+        path = out / f"pyspy-{label}-stage{i}.txt"
+        cmd = [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
+               "--rate", "250", "--native", "--idle", "--threads",
+               "--format", "raw", "--output", str(path)]
+        spies.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL), path))
+    return spies
+
+
+def spied(path: Path, top: int = 10) -> str:
+    """The busiest threads of a py-spy capture and, per thread, what its samples were in: the
+    innermost Python function (file:line) and the innermost frame, native or not."""
+    threads: dict[str, list[collections.Counter]] = collections.defaultdict(
+        lambda: [collections.Counter(), collections.Counter()])
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        thread, *frames = stack.split(";")
+        python = [f for f in frames if ".py:" in f]
+        leaf = frames[-1] if frames else "?"
+        if leaf.startswith("0x"):  # an unnamed native frame: its library
+            leaf = leaf.partition(" ")[2] or leaf
+        by = threads[thread]
+        by[0][python[-1] if python else "(no Python frame)"] += int(count)
+        by[1][leaf] += int(count)
+    lines = []
+    for thread, (inner, leaves) in sorted(threads.items(),
+                                          key=lambda t: -sum(t[1][0].values()))[:4]:
+        total = sum(inner.values())
+        lines.append(f"  {thread}: {total} samples; innermost Python function, then frame")
+        for counter in (inner, leaves):
+            for frame, n in counter.most_common(top):
+                lines.append(f"    {100 * n / total:5.1f}% {frame[:110]}")
+            lines.append("    --")
+    return "\n".join(lines)
+
+
+async def profile(path: Path, workers: int, new: int, pin: bool,
+                  spy_seconds: float = 0.0) -> tuple[float, list[dict]]:
+    """ITL p50 (ms) of one stream and, per stage, the mean ms of each part per decode step;
+    with `spy_seconds`, py-spy samples every worker for that long from the decode's start."""
     local, coord = await bench_hotpath.start_cluster(path, workers, 4, pin)
     try:
         await bench_shardline(coord, "warm-up", 1, 32, 16)
         ports = [w.info.metrics_port for w in coord.cluster.workers[:workers]]
         before = [stage_times(p) for p in ports]
+        spies = spy([p.pid for p in local.procs], spy_seconds, str(workers)) \
+            if spy_seconds else []
         result = await bench_shardline(coord, "profile", 1, 32, new, warm=False)
         after = [stage_times(p) for p in ports]
+        for proc, capture in spies:
+            proc.wait(timeout=spy_seconds + 60)
+            if capture.exists():
+                print(f"py-spy, {capture.name}:\n{spied(capture)}", flush=True)
     finally:
         await coord.stop()
         local.stop()
@@ -104,6 +159,9 @@ def main() -> None:
     parser.add_argument("--model", choices=("tiny", "bench"), default="tiny",
                         help="CPU model: the hop benchmark's tiny one or the 8-layer bench one")
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
+                        help="also sample every worker with py-spy (native frames) for that "
+                             "long from the timed decode's start; collapsed stacks to $OUT")
     args = parser.parse_args()
     pin = not args.gpu
     bench_serving.PIN = pin
@@ -115,7 +173,7 @@ def main() -> None:
           + ", ".join(AHEAD) + " |")
     print("|---|---|" + "---|" * (len(PARTS) + 4))
     for n in (int(w) for w in args.workers.split(",")):
-        itl, stages = asyncio.run(profile(path, n, args.new, pin))
+        itl, stages = asyncio.run(profile(path, n, args.new, pin, args.py_spy))
         busy_all = 0.0
         for i, stage in enumerate(stages):
             busy = sum(stage[p] for p in BUSY)
