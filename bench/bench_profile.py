@@ -88,8 +88,8 @@ def spy(pids: list[int], seconds: float, label: str) -> list[tuple[subprocess.Po
         cmd = [exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
                "--rate", "250", "--native", "--idle", "--threads",
                "--format", "raw", "--output", str(path)]
-        spies.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL), path))
+        spies.append((subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                       text=True), path))
     return spies
 
 
@@ -134,9 +134,9 @@ async def profile(path: Path, workers: int, new: int, pin: bool,
         result = await bench_shardline(coord, "profile", 1, 32, new, warm=False)
         after = [stage_times(p) for p in ports]
         for proc, capture in spies:
-            proc.wait(timeout=spy_seconds + 60)
-            if capture.exists():
-                print(f"py-spy, {capture.name}:\n{spied(capture)}", flush=True)
+            _, err = proc.communicate(timeout=spy_seconds + 60)
+            print(f"py-spy, {capture.name}:\n{spied(capture)}" if capture.exists() else
+                  f"py-spy failed: {err.strip()[-300:]}", flush=True)
     finally:
         await coord.stop()
         local.stop()
