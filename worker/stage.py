@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,8 +37,9 @@ def _trimmable(caches: list[Any]) -> bool:
     return all(getattr(c, "is_trimmable", lambda: False)() for c in caches)
 
 
-# Layers whose graph is built before the device is given it to compute (see _layers).
-EVAL_EVERY = 4
+# Layers whose graph is built before the device is given it to compute (see _layers);
+# SHARDLINE_EVAL_EVERY measures others (a count above the layers: the whole step at once)
+EVAL_EVERY = max(1, int(os.environ.get("SHARDLINE_EVAL_EVERY", "4")))
 
 
 class StepError(ValueError):
