@@ -169,6 +169,9 @@ def main() -> None:
                              "(SHARDLINE_DRAFT_AHEAD), in turn with the others: what drafting "
                              "ahead brings or costs (by default not where a stage shares the "
                              "draft's GPU: coordinator/serving/speculation.py drafts_ahead)")
+    parser.add_argument("--random", action=argparse.BooleanOptionalAction, default=True,
+                        help="the rows on the random quiet model: no speculation, the draft "
+                             "model, prompt lookup (--no-random: only the repeating model's)")
     parser.add_argument("--repeating", action=argparse.BooleanOptionalAction, default=True,
                         help="also run prompt lookup on a model that repeats its prompt (builds "
                              "a second model: minutes for the 8B shape)")
@@ -179,7 +182,7 @@ def main() -> None:
     pin = not args.gpu and not args.tiny and hasattr(os, "sched_setaffinity")
     bench_serving.PIN = pin
     path = cached_model(spec)
-    draft = draft_model(path, spec.quiet_after)
+    draft = draft_model(path, spec.quiet_after) if args.random else None
 
     base = [bench_mlx_lm(path, 1, args.prompt, args.new).tps for _ in range(args.runs)]
     print("mlx-lm alone: " + ", ".join(f"{b:.1f}" for b in base) + " tok/s", flush=True)
@@ -234,7 +237,7 @@ def main() -> None:
         how = "drafting ahead" if args.also_draft_ahead == "1" else "not drafting ahead"
         drafts.append((f"draft model ({spec.quiet_after} layers), {how}",
                        draft_options | {"draft_ahead": args.also_draft_ahead}))
-    for pad in args.pad_rows.split(","):
+    for pad in args.pad_rows.split(",") if args.random else []:
         measure(path, prompt(args.prompt), [
             ("no speculation", {}), *drafts, ("prompt lookup (ngram)", ngram_options),
         ], f", SHARDLINE_PAD_ROWS={pad}" if pad else "", pad)
