@@ -15,6 +15,7 @@ prompt holds (every layer quiet and its head mapping each token to the next of a
     python bench/bench_speculation.py --gpu      # GPU: the 8B-shaped 4-bit llama, 3 workers
     python bench/bench_speculation.py --tiny     # CPU: 6 layers of hidden 128, nothing pinned:
                                                  # the hops, not the compute, set the pace
+    python bench/bench_speculation.py --no-random  # only prompt lookup on the repeating model
 
 On the CPU every worker and mlx-lm run pinned to core 0 (not with --tiny); the coordinator (and
 the draft model it runs) and the client share the other core. Fresh workers first serve two
