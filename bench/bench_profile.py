@@ -80,7 +80,7 @@ def stage_times(port: int) -> dict:
 def spy(pids: list[int], seconds: float, label: str) -> list[tuple[subprocess.Popen, Path]]:
     """A py-spy sampler (native frames, idle ones too) on each of `pids` for `seconds`, each
     writing collapsed stacks by thread to $OUT (or /tmp)."""
-    exe = shutil.which("py-spy") or "/root/site/bin/py-spy"
+    exe = shutil.which("py-spy")
     out = Path(os.environ.get("OUT", "/tmp"))
     spies = []
     for i, pid in enumerate(pids):
@@ -163,6 +163,8 @@ def main() -> None:
                         help="also sample every worker with py-spy (native frames) for that "
                              "long from the timed decode's start; collapsed stacks to $OUT")
     args = parser.parse_args()
+    if args.py_spy and shutil.which("py-spy") is None:
+        parser.error("--py-spy needs py-spy on the PATH (pip install py-spy)")
     pin = not args.gpu
     bench_serving.PIN = pin
     spec = bench_hotpath.GPU_SPEC if args.gpu else (

@@ -33,7 +33,7 @@ mkdir -p "$parts"
 
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
-export PYTHONPATH=/root/site:$PWD SHARDLINE_CACHE_DIR=/root/cache
+export PYTHONPATH=/root/site:$PWD SHARDLINE_CACHE_DIR=/root/cache PATH=/root/site/bin:$PATH
 export SHARDLINE_BUILD_DEVICE=${SHARDLINE_BUILD_DEVICE:-gpu}
 install() {
     cat "$parts"/part.* > "$parts/mlx_cuda_13-0.32.4-py3-none-manylinux_2_35_x86_64.whl"
