@@ -20,12 +20,9 @@ TOP_K = 4  # the vocabulary each position samples from: the target's 4 likeliest
 CHI2_3DOF_P001 = 16.27  # chi-square with 3 degrees of freedom: exceeded by chance 1 in 1000
 
 
-def target_probabilities(path, prefix: list[int]) -> dict[int, float]:
-    """The target's next-token probabilities after `prefix` at temperature 1, cut to its
-    TOP_K likeliest tokens (single-process mlx-lm)."""
-    from mlx_lm.utils import load_model
-
-    net, _ = load_model(path)
+def target_probabilities(net, prefix: list[int]) -> dict[int, float]:
+    """The target's (`net`, loaded by single-process mlx-lm) next-token probabilities after
+    `prefix` at temperature 1, cut to its TOP_K likeliest tokens."""
     logits = net(mx.array(prefix)[None])[0, -1].astype(mx.float32)
     top = np.argsort(-np.array(logits))[:TOP_K]
     p = np.array(mx.softmax(logits[mx.array(top)]))
@@ -53,12 +50,15 @@ def test_a_checked_position_samples_the_target_distribution(model_dir, workers):
 
     # chi-square over ranks: each sample's second token ranked among the target's TOP_K
     # after the prompt and its first token; expected counts sum each sample's probabilities
+    from mlx_lm.utils import load_model
+
+    net, _ = load_model(path)
     expected, observed = np.zeros(TOP_K), np.zeros(TOP_K)
     probabilities = {}
     for tokens, _ in results:
         first, second = tokens[0], tokens[1]
         if first not in probabilities:
-            probabilities[first] = target_probabilities(path, [*PROMPT, first])
+            probabilities[first] = target_probabilities(net, [*PROMPT, first])
         ranked = sorted(probabilities[first].items(), key=lambda kv: -kv[1])
         assert second in dict(ranked), (first, second, ranked)
         expected += [q for _, q in ranked]
