@@ -37,9 +37,11 @@ def _trimmable(caches: list[Any]) -> bool:
     return all(getattr(c, "is_trimmable", lambda: False)() for c in caches)
 
 
-# Layers whose graph is built before the device is given it to compute (see _layers);
-# SHARDLINE_EVAL_EVERY measures others (a count above the layers: the whole step at once)
+# Layers whose graph is built before the device is given it to compute (see _layers), and the
+# same for a step built ahead and launched when its input comes (on the token's path);
+# SHARDLINE_EVAL_EVERY / _LAUNCH_EVERY measure others (a count above the layers: all at once)
 EVAL_EVERY = max(1, int(os.environ.get("SHARDLINE_EVAL_EVERY", "4")))
+LAUNCH_EVERY = max(1, int(os.environ.get("SHARDLINE_LAUNCH_EVERY", str(EVAL_EVERY))))
 
 
 class StepError(ValueError):
@@ -268,17 +270,16 @@ class StageRunner:
 
     def _layers(self, h: mx.array, caches: list[Any], marks: list[mx.array] | None = None
                 ) -> mx.array:
-        """The slice's layers on `h`. Every EVAL_EVERY layers the graph so far is sent to the
-        device (`mx.async_eval`), so it computes the first layers while the host builds the
-        rest, even behind a step still computing: on a fast GPU building a graph takes longer
-        than computing it (the values are the same: only when they are computed changes).
-        With `marks` (a step built ahead, not started) those points are collected instead,
-        for `launch`."""
+        """The slice's layers on `h`. Every EVAL_EVERY layers the graph so far goes to the
+        device (`mx.async_eval`), which computes those while the host builds the rest: on a
+        fast GPU building takes longer than computing (the values stay the same). With `marks`
+        (a step built ahead, not started) every LAUNCH_EVERY layers is kept for `launch`."""
         masks = self.shard.family.masks(h, self.shard.start, caches)
         layers = self.shard.layers
+        every = EVAL_EVERY if marks is None else LAUNCH_EVERY
         for n, (layer, mask, cache) in enumerate(zip(layers, masks, caches, strict=True), 1):
             h = layer(h, mask, cache)
-            if n % EVAL_EVERY == 0 and n < len(layers):
+            if n % every == 0 and n < len(layers):
                 marks.append(h) if marks is not None else mx.async_eval(h)
         return h
 
