@@ -37,11 +37,11 @@ def _trimmable(caches: list[Any]) -> bool:
     return all(getattr(c, "is_trimmable", lambda: False)() for c in caches)
 
 
-# Layers whose graph is built before the device is given it to compute (see _layers), and the
-# same for a step built ahead and launched when its input comes (on the token's path);
+# Layers whose graph is built before the device is given it to compute (see _layers); a step
+# built ahead goes layer by layer when its input comes (its launch is on the token's path).
 # SHARDLINE_EVAL_EVERY / _LAUNCH_EVERY measure others (a count above the layers: all at once)
 EVAL_EVERY = max(1, int(os.environ.get("SHARDLINE_EVAL_EVERY", "4")))
-LAUNCH_EVERY = max(1, int(os.environ.get("SHARDLINE_LAUNCH_EVERY", str(EVAL_EVERY))))
+LAUNCH_EVERY = max(1, int(os.environ.get("SHARDLINE_LAUNCH_EVERY", "1")))
 
 
 class StepError(ValueError):
