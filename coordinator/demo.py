@@ -338,6 +338,9 @@ def build_model(out_dir: Path, spec: ModelSpec = ModelSpec()) -> Path:
     on_gpu = os.environ.get("SHARDLINE_BUILD_DEVICE", "").strip().lower() == "gpu"
     with _BUILD_LOCK, mx.stream(mx.default_device() if on_gpu else mx.cpu):
         _build_weights(out_dir, spec, cfg, [token_ids[t] for t in SPECIAL_TOKENS])
+        # MLX keeps freed buffers for reuse: the 8B shape's build leaves tens of GB there,
+        # which the workers and mlx-lm that a benchmark starts next would run out of
+        mx.clear_cache()
     return out_dir
 
 

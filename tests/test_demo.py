@@ -110,6 +110,12 @@ def test_gemma3_tied_checkpoint_has_no_head(cache: Path) -> None:
     assert "lm_head.weight" not in weight_names(path)
 
 
+def test_building_holds_no_memory_afterwards(tmp_path: Path) -> None:
+    """What a build allocated is given back, not kept in MLX's cache for the process."""
+    demo.build_model(tmp_path / "m", ModelSpec(num_layers=2))
+    assert mx.get_cache_memory() == 0
+
+
 def test_cached_model_reuses_directory(tmp_path: Path) -> None:
     spec = ModelSpec(num_layers=2)
     first = cached_model(spec, tmp_path)
