@@ -71,7 +71,9 @@ def bench_mlx_lm(path: Path, streams: int, prompt_len: int, new: int) -> Result:
            str(new)]
     pin_child = (lambda: os.sched_setaffinity(0, {0})) \
         if PIN and hasattr(os, "sched_setaffinity") else None
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, preexec_fn=pin_child)
+    out = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=pin_child)
+    if out.returncode != 0:  # say why: its traceback is the only record of what went wrong
+        raise RuntimeError(f"mlx-lm's run exited with {out.returncode}:\n{out.stderr[-3000:]}")
     data = json.loads(out.stdout.strip().splitlines()[-1])
     return Result("mlx-lm", streams, data["tokens"], data["wall"], data["ttft"], data["itl"],
                   data.get("ids", []))
