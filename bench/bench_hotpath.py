@@ -159,27 +159,30 @@ def hops(args: argparse.Namespace) -> None:
     bench_serving.PIN = pin
     path = cached_model(HOP_SPEC)
     counts = [int(w) for w in args.workers.split(",")] if args.workers_set else [1, 2, 3, 4]
-    _, by = asyncio.run(interleaved_runs(path, counts, [1], 32, args.new, args.runs, pin))
-    itl = {w: median_itl_ms(results[1]) for (w, _), results in by.items()}
+    _, by = asyncio.run(interleaved_runs(path, counts, [1], 32, args.new, args.runs, pin,
+                                         also=tuple(args.also)))
     where = "workers pinned to core 0" if pin else "nothing pinned"
     print(f"model {HOP_SPEC.key()}, 1 stream, {args.new} new tokens, ITL p50 medians of "
           f"{args.runs} runs interleaved across the cluster sizes, {where}")
-    print("| workers | ITL p50 ms | added vs one fewer |")
-    print("|---|---|---|")
-    prev = None
-    for w in counts:
-        added = "" if prev is None else f"{itl[w] - itl[prev]:+.3f}"
-        print(f"| {w} | {itl[w]:.3f} | {added} |")
-        prev = w
-    if len(counts) < 2:
-        return
-    # the least-squares slope over every count: one noisy row moves it by a fraction of its
-    # error, where the median of the steps between neighbours could swing by all of it
-    mean_w, mean_t = statistics.mean(counts), statistics.mean(itl.values())
-    slope = sum((w - mean_w) * (itl[w] - mean_t) for w in counts) / sum(
-        (w - mean_w) ** 2 for w in counts)
-    print(f"added ms per token per added hop: {slope:.3f}, the least-squares slope over "
-          f"{min(counts)} to {max(counts)} workers (target <= 0.3)")
+    for setting in ("", *args.also):
+        itl = {w: median_itl_ms(by[w, setting][1]) for w in counts}
+        print(f"| workers{f' ({setting})' if setting else ''} | ITL p50 ms | added vs one fewer |")
+        print("|---|---|---|")
+        prev = None
+        for w in counts:
+            added = "" if prev is None else f"{itl[w] - itl[prev]:+.3f}"
+            print(f"| {w} | {itl[w]:.3f} | {added} |")
+            prev = w
+        if len(counts) < 2:
+            continue
+        # the least-squares slope over every count: one noisy row moves it by a fraction of
+        # its error, where the median of the steps between neighbours could swing by all of it
+        mean_w, mean_t = statistics.mean(counts), statistics.mean(itl.values())
+        slope = sum((w - mean_w) * (itl[w] - mean_t) for w in counts) / sum(
+            (w - mean_w) ** 2 for w in counts)
+        print(f"added ms per token per added hop{f' ({setting})' if setting else ''}: "
+              f"{slope:.3f}, the least-squares slope over {min(counts)} to {max(counts)} "
+              f"workers (target <= 0.3)")
 
 
 def main() -> None:
