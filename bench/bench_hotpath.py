@@ -166,7 +166,8 @@ def hops(args: argparse.Namespace) -> None:
           f"{args.runs} runs interleaved across the cluster sizes, {where}")
     for setting in ("", *args.also):
         itl = {w: median_itl_ms(by[w, setting][1]) for w in counts}
-        print(f"| workers{f' ({setting})' if setting else ''} | ITL p50 ms | added vs one fewer |")
+        tag = f" ({setting})" if setting else ""
+        print(f"| workers{tag} | ITL p50 ms | added vs one fewer |")
         print("|---|---|---|")
         prev = None
         for w in counts:
@@ -180,7 +181,7 @@ def hops(args: argparse.Namespace) -> None:
         mean_w, mean_t = statistics.mean(counts), statistics.mean(itl.values())
         slope = sum((w - mean_w) * (itl[w] - mean_t) for w in counts) / sum(
             (w - mean_w) ** 2 for w in counts)
-        print(f"added ms per token per added hop{f' ({setting})' if setting else ''}: "
+        print(f"added ms per token per added hop{tag}: "
               f"{slope:.3f}, the least-squares slope over {min(counts)} to {max(counts)} "
               f"workers (target <= 0.3)")
 
