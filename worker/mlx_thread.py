@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import selectors
+import socket
 import threading
 import time
 from collections import deque
@@ -47,6 +49,7 @@ class StepTimes:
     serialise: float = 0.0  # building the output messages from the values
     done: float = 0.0  # perf_counter when the output was ready
     bytes_in: int = 0  # hidden-state bytes the message brought (read before the step runs)
+    sent: float = 0.0  # perf_counter when this thread wrote the output on a link (else 0)
 
 
 @dataclass
@@ -64,6 +67,20 @@ class _Step:
     times: StepTimes
     after: Any = None  # called on this thread with (msg, output, times) once it finished
     pending: Pending | None = None
+    # called on this thread with (output, None) or (None, error) once it finished, before
+    # the future settles: the output goes on a direct link (worker/link.py)
+    send: Any = None
+
+
+@dataclass
+class _Watch:
+    sock: socket.socket
+    read: Any  # called when the socket is readable; False: the link ended
+
+
+@dataclass
+class _Unwatch:
+    sock: socket.socket
 
 
 class MLXThread:
@@ -77,6 +94,14 @@ class MLXThread:
         self._ready: deque[_Step] = deque(maxlen=READY)  # finished, successors not prepared
         self.on_prepared: Any = None  # called with the seconds each prepare took
         self.overlapped = 0  # steps begun while the one before was still computing
+        # Direct links (worker/link.py): while one is watched, this thread waits on their
+        # sockets and on `_wake` (a byte for each item queued) instead of on the queue alone.
+        self._selector = selectors.DefaultSelector()
+        self._wake, self._wake_w = socket.socketpair()
+        self._wake.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake, selectors.EVENT_READ, self._drain)
+        self._links = 0
         self._thread = threading.Thread(target=self._loop, name="shardline-mlx", daemon=True)
         self._thread.start()
 
@@ -84,13 +109,58 @@ class MLXThread:
         """The next queued item, or None (meaning: finish the oldest begun step) when steps are
         begun and nothing is queued, or when DEPTH steps are begun already."""
         if not self._begun:
-            return self._queue.get()  # blocks: nothing is begun
+            return self._get(True)  # blocks: nothing is begun
         if len(self._begun) >= DEPTH:
             return None
         try:
-            return self._queue.get_nowait()
+            return self._get(False)
         except queue.Empty:
             return None
+
+    def _get(self, block: bool) -> Any:
+        polled = False
+        while True:
+            if not self._links:  # (the last link may have ended while polling)
+                return self._queue.get() if block else self._queue.get_nowait()
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                if polled and not block:
+                    raise
+            for key, _ in self._selector.select(None if block else 0):
+                key.data(key.fileobj)
+            polled = True
+
+    def _drain(self, sock: socket.socket) -> None:
+        try:
+            while sock.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _put(self, item: Any) -> None:
+        self._queue.put(item)
+        if self._links:  # (set on this thread before it first waits on the selector)
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:  # full: a wake-up is pending anyway
+                pass
+
+    def _watch(self, item: _Watch) -> None:
+        def readable(sock: socket.socket) -> None:
+            if not item.read():
+                self._unwatch(sock)
+
+        self._links += 1
+        self._selector.register(item.sock, selectors.EVENT_READ, readable)
+
+    def _unwatch(self, sock: socket.socket) -> None:
+        try:
+            self._selector.unregister(sock)
+        except (KeyError, ValueError):
+            return  # not watched (any more)
+        self._links -= 1
+        sock.close()
 
     def _loop(self) -> None:
         while True:
@@ -106,6 +176,12 @@ class MLXThread:
                 continue
             if isinstance(item, _Step):
                 self._begin(item)
+                continue
+            if isinstance(item, _Watch):
+                self._watch(item)
+                continue
+            if isinstance(item, _Unwatch):
+                self._unwatch(item.sock)
                 continue
             if isinstance(item, _Early):  # a check built ahead, a guess started: prepare
                 t0 = time.perf_counter()
@@ -131,12 +207,17 @@ class MLXThread:
         while self._begun:
             step = self._begun.popleft()
             step.loop.call_soon_threadsafe(step.future.cancel)
+        for key in list(self._selector.get_map().values()):
+            key.fileobj.close()  # the links still watched, and the wake-up pair
+        self._wake_w.close()
         while True:  # closed: whatever is still queued will not run
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not _CLOSE and item is not _IDLE and not isinstance(item, _Early):
+            if isinstance(item, _Watch | _Unwatch):
+                item.sock.close()
+            elif item is not _CLOSE and item is not _IDLE and not isinstance(item, _Early):
                 loop, future = (item.loop, item.future) if isinstance(item, _Step) else item[:2]
                 loop.call_soon_threadsafe(future.cancel)
 
@@ -166,14 +247,12 @@ class MLXThread:
 
     def _finish(self, step: _Step) -> None:
         if isinstance(step.pending, BaseException):
-            step.times.done = time.perf_counter()
-            step.loop.call_soon_threadsafe(_settle, step.future, None, step.pending)
+            self._failed(step, step.pending)
             return
         try:
             out: StepOutput = step.runner.finish(step.pending)
         except BaseException as e:  # noqa: BLE001
-            step.times.done = time.perf_counter()
-            step.loop.call_soon_threadsafe(_settle, step.future, None, e)
+            self._failed(step, e)
             return
         step.times.device, step.times.serialise = out.device_seconds, out.serialise_seconds
         step.times.done = time.perf_counter()
@@ -182,9 +261,24 @@ class MLXThread:
                 step.after(step.msg, out, step.times)
             except Exception:  # noqa: BLE001 - metrics must not stop the stage
                 log.exception("recording a step failed")
+        self._send(step, out, None)
         step.loop.call_soon_threadsafe(_settle, step.future, out, None)
         if out.decode_tokens and not out.prefill_tokens:
             self._ready.append(step)
+
+    def _failed(self, step: _Step, error: BaseException) -> None:
+        step.times.done = time.perf_counter()
+        self._send(step, None, error)
+        step.loop.call_soon_threadsafe(_settle, step.future, None, error)
+
+    @staticmethod
+    def _send(step: _Step, out: StepOutput | None, error: BaseException | None) -> None:
+        if step.send is not None:
+            try:
+                step.send(out, error)
+            except Exception:  # noqa: BLE001 - the link reports its own failure
+                log.exception("sending a step on the link failed")
+            step.times.sent = time.perf_counter()
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run `fn(*args)` on this thread (after every step queued before it) and return it."""
@@ -196,36 +290,54 @@ class MLXThread:
             raise RuntimeError("the MLX thread is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put((loop, future, fn, args))
+        self._put((loop, future, fn, args))
         return future
 
-    def step(self, runner: StageRunner, msg: Any, arrived: float, after: Any = None
-             ) -> tuple[asyncio.Future, StepTimes]:
+    def step(self, runner: StageRunner, msg: Any, arrived: float, after: Any = None,
+             send: Any = None) -> tuple[asyncio.Future, StepTimes]:
         """Queue one pipeline step; the future resolves with its StepOutput (in queue order
         with the other steps) or its error. `after(msg, output, times)` runs on this thread
-        once the step finished (metrics)."""
+        once the step finished (metrics), then `send(output, error)` (a direct link)."""
         if self._closed:
             raise RuntimeError("the MLX thread is closed")
         loop = asyncio.get_running_loop()
         times = StepTimes(arrived)
         future = loop.create_future()
-        self._queue.put(_Step(loop, future, runner, msg, times, after))
+        self._put(_Step(loop, future, runner, msg, times, after, send=send))
         return future, times
+
+    def queue_step(self, loop: asyncio.AbstractEventLoop, runner: StageRunner, msg: Any,
+                   arrived: float, after: Any = None, send: Any = None
+                   ) -> tuple[asyncio.Future, StepTimes]:
+        """On this thread (a link's frame, worker/link.py): queue a step as `step` does."""
+        times = StepTimes(arrived)
+        future = loop.create_future()
+        self._queue.put(_Step(loop, future, runner, msg, times, after, send=send))
+        return future, times
+
+    def watch(self, sock: socket.socket, read: Any) -> None:
+        """Have this thread call `read()` whenever `sock` has bytes, in turn with its queue,
+        until `read` returns False or `unwatch`; this thread closes `sock` then."""
+        self._put(_Watch(sock, read))
+
+    def unwatch(self, sock: socket.socket) -> None:
+        """Stop watching `sock` (after every item queued before) and close it."""
+        self._put(_Unwatch(sock))
 
     def idle(self) -> None:
         """The worker has sent every output so far: the thread may build steps ahead."""
         if self._ready:
-            self._queue.put(_IDLE)
+            self._put(_IDLE)
 
     def early(self, runner: StageRunner, result: Any) -> None:
         """Stage 0: the last stage sampled `result`'s tokens; start the step built ahead on
         them (in queue order with the steps; StageRunner.start_early)."""
         if not self._closed:
-            self._queue.put(_Early(runner, result))
+            self._put(_Early(runner, result))
 
     def close(self) -> None:
         self._closed = True
-        self._queue.put(_CLOSE)
+        self._put(_CLOSE)
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

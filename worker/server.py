@@ -19,9 +19,11 @@ from protos import auth, tls, worker_pb2, worker_pb2_grpc
 from protos.health import Health
 from protos.tensorfiles import parts
 from protos.undecodable import RefuseUndecodable
+from worker import link
 from worker.backend import Hardware, wire_memory
 from worker.cache import ShardCache
 from worker.files import ShardFiles
+from worker.forward import ForwardStream
 from worker.loop import Loops, follow
 from worker.metrics import StepParts, WorkerMetrics, hidden_bytes, step_kind
 from worker.mlx_thread import MLXThread, StepTimes
@@ -75,7 +77,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
     """Serves one shard at a time; a new LoadShard replaces the previous one."""
 
     def __init__(self, config: WorkerConfig, metrics: WorkerMetrics | None = None,
-                 health: Health | None = None) -> None:
+                 health: Health | None = None, host: str = "127.0.0.1") -> None:
         self.config = config
         self.health = health  # its `stopped` is Info's `stopping`
         self.metrics = metrics or WorkerMetrics(config.hardware.memory_bytes)
@@ -93,6 +95,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._load_lock = asyncio.Lock()
         self.files = ShardFiles(config, ShardCache(config.weights_dir()), self.metrics)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._links = link.LinkListener(host, config.secret)  # direct links (worker/link.py)
 
     # -- Info -------------------------------------------------------------------------------
     async def Info(self, request: worker_pb2.InfoRequest, context: Any) -> worker_pb2.WorkerInfo:
@@ -212,7 +215,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         return None
 
     # -- Forward ----------------------------------------------------------------------------
-    def _error(self, spec: worker_pb2.ShardSpec, err: Exception) -> str:
+    def error_text(self, spec: worker_pb2.ShardSpec, err: BaseException) -> str:
         """A step's error, naming this stage."""
         return (f"stage {spec.stage_index} ({self.config.name}, layers "
                 f"[{spec.layer_start}, {spec.layer_end})): {err}")
@@ -226,9 +229,26 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._channels[address] = channel
         return channel
 
-    async def _downstream(self, spec: worker_pb2.ShardSpec) -> Any:
+    async def _downstream(self, spec: worker_pb2.ShardSpec
+                          ) -> tuple[Any, link.LinkWriter | None]:
+        """The Forward call to the next stage (None: this is the last) and the direct link
+        it gave (None: the steps go on the call)."""
+        if not spec.next_address:
+            return None, None
         stub = worker_pb2_grpc.WorkerStub(self._channel(spec.next_address, spec))
-        return stub.Forward(metadata=((PLAN_METADATA_KEY, spec.plan_id),))
+        ask = self.config.tls is None and link.enabled()
+        call = stub.Forward(metadata=((PLAN_METADATA_KEY, spec.plan_id),)
+                            + (((link.LINK_KEY, "1"),) if ask else ()))
+        writer = await link.connect(call, spec.next_address, self.config.secret) if ask \
+            else None
+        return call, writer
+
+    def deliver(self, plan_id: str, result: worker_pb2.StageResult, back: asyncio.Queue
+                ) -> None:
+        """The last stage's `result`: to the stage 0s following its tokens first (they start
+        on it), then to the plan's Results stream, or `back` on the Forward stream."""
+        self._loops.send(plan_id, result)
+        (self._sinks.get(plan_id) or back).put_nowait(result)
 
     async def _close_channels(self) -> None:
         channels, self._channels = self._channels, {}
@@ -236,27 +256,23 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await channel.close()
 
     async def Forward(self, request_iterator: Any, context: Any):
-        plan = dict(context.invocation_metadata() or ()).get(PLAN_METADATA_KEY, "")
-        loaded = await self._serving(context, plan)
+        metadata = dict(context.invocation_metadata() or ())
+        loaded = await self._serving(context, metadata.get(PLAN_METADATA_KEY, ""))
         spec = loaded.spec
         self._streams[spec.plan_id] = self._streams.get(spec.plan_id, 0) + 1
-        # What this stream answers: the last stage's results when no Results stream is open
-        # for the plan, a downstream failure, or None at the end.
-        back: asyncio.Queue[worker_pb2.StageResult | BaseException | None] = asyncio.Queue()
-        downstream = await self._downstream(spec) if spec.next_address else None
-        started: set[str] = set()  # sequences this stream started and has not released
-        checks = asyncio.Event()  # a step with proposals came (worker/check_ahead.py)
-        tasks = [asyncio.create_task(self._pump(request_iterator, loaded, downstream, back,
-                                                started, checks))]
-        if downstream is not None:
-            tasks.append(asyncio.create_task(self._watch(downstream, back, spec)))
-        if spec.last_address and downstream is not None:
+        stream = ForwardStream(self, loaded, *await self._downstream(spec))
+        if metadata.get(link.LINK_KEY) == "1":  # the previous stage asks for a direct link
+            stream.link_in = await self._links.offer(context, self.config.tls is None)
+        tasks = [asyncio.create_task(stream.pump(request_iterator))]
+        if stream.downstream is not None:
+            tasks.append(asyncio.create_task(stream.watch()))
+        if spec.last_address and stream.downstream is not None:
             # stage 0: the token's short way round; a middle stage, once proposals come: the
             # verdicts on them (both worker/loop.py)
-            tasks.append(asyncio.create_task(self._follow(spec, loaded, checks)))
+            tasks.append(asyncio.create_task(self._follow(spec, loaded, stream.checks)))
         try:
             while True:
-                item = await back.get()
+                item = await stream.back.get()
                 if item is None:
                     return
                 if isinstance(item, DecodeError):
@@ -266,14 +282,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     await context.abort(grpc.StatusCode.UNAVAILABLE, str(item))
                 yield item
                 self._verdict(loaded, item)
-                if back.empty():
+                if stream.back.empty():
                     self.mlx.idle()  # written: the MLX thread may build ahead
         finally:
             for task in tasks:
                 task.cancel()
-            if downstream is not None:
-                downstream.cancel()
-            self._release_left(loaded, started)
+            stream.close()
+            self._release_left(loaded, stream.started)
             self._streams[spec.plan_id] -= 1
             if not self._streams[spec.plan_id]:
                 del self._streams[spec.plan_id]
@@ -343,81 +358,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             return
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-    async def _pump(self, requests: Any, loaded: Loaded, downstream: Any,
-                    back: asyncio.Queue, started: set[str], checks: asyncio.Event) -> None:
-        """Hand each incoming step to the MLX thread as soon as it arrives (it begins the next
-        while the device computes the one before) and send the outputs on in order."""
-        steps: asyncio.Queue[tuple[Any, asyncio.Future, StepTimes] | None] = asyncio.Queue()
-        runner = loaded.runner
-        sender = asyncio.create_task(self._send_all(steps, loaded.spec, downstream, back))
-        try:
-            async for msg in requests:
-                arrived = time.perf_counter()
-                check = any(seq.draft for seq in msg.seqs)
-                self.parts.arrived(arrived, "check" if check else "decode")
-                started.difference_update(msg.release)
-                started.update(seq.seq_id for seq in msg.seqs if seq.start)
-                if check and not checks.is_set():
-                    checks.set()
-                if msg.error:  # an earlier stage failed this step: free what it frees, pass
-                    bare = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release)
-                    future, times = self.mlx.step(runner, bare, arrived)
-                else:
-                    future, times = self.mlx.step(runner, msg, arrived, self._record)
-                steps.put_nowait((msg, future, times))
-            steps.put_nowait(None)
-            await sender
-        except grpc.aio.AioRpcError as e:
-            await back.put(ConnectionError(f"previous stage: {e.details()}"))
-        except DecodeError as e:  # a message that is not a StageMessage: the stream ends
-            await back.put(e)
-        finally:
-            sender.cancel()
-
-    async def _send_all(self, steps: asyncio.Queue, spec: worker_pb2.ShardSpec,
-                        downstream: Any, back: asyncio.Queue) -> None:
-        """Send each step's output on, in arrival order: to the next stage, or (last stage)
-        to the plan's Results stream or back on this one."""
-        try:
-            while (item := await steps.get()) is not None:
-                msg, future, times = item
-                out: StepOutput | None = None
-                error = msg.error
-                try:
-                    out = await future
-                except Exception as e:  # noqa: BLE001 - the step fails, the stream goes on
-                    error = error or self._error(spec, e)
-                if error:
-                    out = None
-                kind = step_kind(msg, out.prefill_tokens if out is not None else None)
-                if downstream is not None:
-                    forward = out.forward if out is not None else worker_pb2.StageMessage(
-                        step_id=msg.step_id, error=error, release=msg.release)
-                    t1 = time.perf_counter()
-                    await downstream.write(forward)
-                    if msg.seqs:
-                        self.metrics.transfer.observe(time.perf_counter() - t1)
-                    self.parts.sent(times, kind)
-                    if steps.empty():
-                        self.mlx.idle()  # written: the MLX thread may build ahead
-                elif msg.seqs or error:
-                    result = worker_pb2.StageResult(step_id=msg.step_id, error=error)
-                    if out is not None:
-                        result.outputs.extend(out.outputs)
-                    self._loops.send(spec.plan_id, result)  # first: stage 0 starts on it
-                    sink = self._sinks.get(spec.plan_id)
-                    (sink or back).put_nowait(result)
-                    self.parts.sent(times, kind)
-                else:
-                    self.parts.sent(times, None)
-            if downstream is not None:
-                await downstream.done_writing()
-            else:
-                await back.put(None)
-        except grpc.aio.AioRpcError as e:
-            await back.put(ConnectionError(f"next stage {spec.next_address}: {e.details()}"))
-
-    def _record(self, msg: worker_pb2.StageMessage, out: StepOutput, times: StepTimes) -> None:
+    def record(self, msg: worker_pb2.StageMessage, out: StepOutput, times: StepTimes) -> None:
         """On the MLX thread, after a step: its time, bytes and memory in the metrics."""
         if msg.seqs:
             # the step's output was built from the incoming hidden state in place: its bytes
@@ -431,18 +372,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if runner.lookahead is not None:
                 self.metrics.guesses(runner.lookahead)
 
-    async def _watch(self, downstream: Any, back: asyncio.Queue,
-                     spec: worker_pb2.ShardSpec) -> None:
-        """Follow the next stage's answers: results it sends back (no Results stream is open
-        for the plan), its end, or its failure."""
-        try:
-            async for result in downstream:
-                await back.put(result)
-            await back.put(None)
-        except grpc.aio.AioRpcError as e:
-            await back.put(ConnectionError(f"next stage {spec.next_address}: {e.details()}"))
-
     async def close(self) -> None:
+        self._links.close()
         await self._close_channels()
         self.mlx.close()
 
@@ -453,7 +384,7 @@ async def serve(config: WorkerConfig, host: str, port: int,
     """Run the worker's gRPC server until cancelled; `ready(port)` is called once it listens.
     grpc.health.v1 (`health`) says SERVING from then on, NOT_SERVING once it stops."""
     health = health or Health((WORKER_SERVICE,))
-    service = WorkerService(config, metrics, health)
+    service = WorkerService(config, metrics, health, host or "0.0.0.0")
     interceptors = [service.metrics.interceptor]  # first: refused calls are counted too
     if config.secret:
         interceptors.append(auth.worker_auth(config.secret))

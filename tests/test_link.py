@@ -1,0 +1,179 @@
+"""Direct links between stages (worker/link.py): steps on a plain socket, read and written by
+the MLX threads, with the Forward stream beside them; who may connect, and what ends them."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import grpc
+from conftest import GiB, reference_tokens, run
+
+import protos
+from coordinator.cluster.cluster import Cluster, connect_all
+from coordinator.cluster.modelinfo import read_model_info
+from coordinator.demo import ModelSpec
+from coordinator.serving.pipeline import PLAN_METADATA_KEY
+from protos import auth, worker_pb2, worker_pb2_grpc
+from worker import link
+
+SPEC = ModelSpec(family="llama")
+PROMPT = [(5 * i + 11) % 480 + 10 for i in range(9)]
+SECRET = b"a-link-test-secret-of-32-bytes!!"
+
+
+def first_step(seq_id: str, step_id: int = 1) -> worker_pb2.StageMessage:
+    return worker_pb2.StageMessage(step_id=step_id, seqs=[
+        worker_pb2.SeqInput(seq_id=seq_id, token_ids=PROMPT, start=True, sample=True)])
+
+
+async def offer(stub: worker_pb2_grpc.WorkerStub, plan: str):
+    """A Forward call asking for a link, and the port and token its stage offered."""
+    call = stub.Forward(metadata=((PLAN_METADATA_KEY, plan), (link.LINK_KEY, "1")))
+    answer = dict(await call.initial_metadata())[link.LINK_KEY]
+    port, token = answer.split()
+    return call, int(port), token
+
+
+async def hello(port: int, data: bytes) -> bytes:
+    """Connect to a link port, send `data`, and return what comes back before it closes."""
+    loop = asyncio.get_running_loop()
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    got = b""
+    try:
+        await loop.sock_sendall(sock, data)
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(sock, 64):
+                got += chunk
+                if got == b"OK":
+                    break
+    except ConnectionResetError:  # closed with bytes unread: a reset, not an answer
+        pass
+    finally:
+        sock.close()
+    return got
+
+
+def test_a_step_sent_on_a_direct_link_runs_through_every_stage_exactly(model_dir, workers):
+    path = model_dir(SPEC)
+
+    async def scenario():
+        cluster = Cluster(read_model_info(path, model_id="t"), await connect_all(workers))
+        await cluster.load()
+        try:
+            results = cluster.workers[-1].stub.Results(
+                worker_pb2.ResultsRequest(plan_id=cluster.plan_id))
+            await results.read()  # attached
+            call, port, token = await offer(cluster.workers[0].stub, cluster.plan_id)
+            loop = asyncio.get_running_loop()
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            await loop.sock_sendall(sock, link.HELLO + token.encode() + b"0" * 64)
+            assert await loop.sock_recv(sock, 2) == b"OK"
+            # two steps in one write: the stage reads both frames from one read
+            await loop.sock_sendall(sock, link.frame(first_step("a", 1))
+                                    + link.frame(first_step("b", 2)))
+            answers = [await asyncio.wait_for(results.read(), 30) for _ in range(2)]
+            sock.shutdown(socket.SHUT_WR)  # the link's end, then the stream's
+            await call.done_writing()
+            back = [m async for m in call]
+            sock.close()
+            results.cancel()
+            return answers, back
+        finally:
+            await cluster.close()
+
+    answers, back = run(scenario())
+    expected = reference_tokens(path, PROMPT, 1)
+    assert [a.step_id for a in answers] == [1, 2]
+    assert all([o.token for o in a.outputs] == expected and not a.error for a in answers)
+    assert back == []
+
+
+def test_a_link_port_refuses_wrong_tokens_and_proofs_and_a_broken_frame_ends_the_stream(
+        model_dir, cache_dir):
+    from coordinator.local import LocalWorkers
+
+    path = model_dir(SPEC)
+    local = LocalWorkers(1, memory=[1 * GiB], cache_dir=cache_dir, names=["linked"],
+                         secret=SECRET)
+    address = local.start()[0]
+
+    async def scenario():
+        cluster = Cluster(read_model_info(path, model_id="t"),
+                          await connect_all([address], secret=SECRET))
+        await cluster.load()
+        channel = auth.worker_channel(address, SECRET, protos.channel_options())
+        try:
+            stub = worker_pb2_grpc.WorkerStub(channel)
+            call, port, token = await offer(stub, cluster.plan_id)
+            refused = [
+                await hello(port, b"GET / HTTP/1.1\r\n\r\n" + b"x" * 100),  # not a link
+                await hello(port, link.HELLO + b"f" * 32 + link._proof(SECRET, "f" * 32)),
+                await hello(port, link.HELLO + token.encode() + b"0" * 64),  # no proof
+            ]
+            # the token is spent by a wrong proof: a second call gets a fresh one
+            call2, port2, token2 = await offer(stub, cluster.plan_id)
+            taken = await hello(port2, link.HELLO + token2.encode()
+                                + link._proof(SECRET, token2))
+            # a stage still serves after all that: a third link, then a frame cut short
+            call3, port3, token3 = await offer(stub, cluster.plan_id)
+            loop = asyncio.get_running_loop()
+            sock = socket.create_connection(("127.0.0.1", port3))
+            sock.setblocking(False)
+            await loop.sock_sendall(sock, link.HELLO + token3.encode()
+                                    + link._proof(SECRET, token3))
+            assert await loop.sock_recv(sock, 2) == b"OK"
+            await loop.sock_sendall(sock, (1000).to_bytes(4, "big") + b"short")
+            sock.close()
+            try:
+                async for _ in call3:
+                    pass
+                ended = None
+            except grpc.aio.AioRpcError as e:
+                ended = e.code()
+            for c in (call, call2):
+                c.cancel()
+            return refused, taken, ended, (await stub.Info(worker_pb2.InfoRequest())).name
+        finally:
+            await channel.close()
+            await cluster.close()
+
+    try:
+        refused, taken, ended, name = run(scenario())
+    finally:
+        local.stop()
+    assert refused == [b"", b"", b""]  # closed without an answer
+    assert taken == b"OK"
+    assert ended == grpc.StatusCode.UNAVAILABLE
+    assert name == "linked"
+
+
+def test_with_links_off_a_stage_offers_none_and_the_pipeline_stays_exact(model_dir, cache_dir):
+    from coordinator.local import LocalWorkers
+
+    path = model_dir(SPEC)
+    local = LocalWorkers(2, memory=[1 * GiB, 1 * GiB], cache_dir=cache_dir, names=["o1", "o2"])
+    local.env["SHARDLINE_LINK"] = "0"
+    addresses = local.start()
+
+    async def scenario():
+        cluster = Cluster(read_model_info(path, model_id="t"), await connect_all(addresses))
+        await cluster.load()
+        try:
+            call = cluster.workers[1].stub.Forward(metadata=(
+                (PLAN_METADATA_KEY, cluster.plan_id), (link.LINK_KEY, "1")))
+            answer = dict(await call.initial_metadata())[link.LINK_KEY]
+            call.cancel()
+            out = await cluster.pipeline.send(first_step("off").seqs)
+            return answer, [o.token for o in out.outputs]
+        finally:
+            await cluster.close()
+
+    try:
+        answer, tokens = run(scenario())
+    finally:
+        local.stop()
+    assert answer == "none"
+    assert tokens == reference_tokens(path, PROMPT, 1)

@@ -1,0 +1,217 @@
+"""One Forward stream on a worker: its steps in, through the MLX thread, and their outputs on.
+
+Steps come on the stream from the previous stage (or the coordinator), or on a direct link
+from the previous stage (worker/link.py), whose frames the MLX thread reads and begins itself.
+Outputs go to the next stage, on its Forward stream or on a direct link the MLX thread writes
+as each step finishes; the last stage's go to the plan's Results stream, or back on this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from protos import worker_pb2
+from worker import link
+from worker.metrics import step_kind
+from worker.mlx_thread import StepTimes
+
+
+class ForwardStream:
+    """The state of one Forward call (worker/server.py `WorkerService.Forward`)."""
+
+    def __init__(self, service: Any, loaded: Any, downstream: Any,
+                 link_out: link.LinkWriter | None) -> None:
+        self.service = service
+        self.loaded = loaded
+        self.spec = loaded.spec
+        self.downstream = downstream
+        self.link_out = link_out
+        self.loop = asyncio.get_running_loop()
+        # What this stream answers: the last stage's results when no Results stream is open
+        # for the plan, a downstream failure, or None at the end.
+        self.back: asyncio.Queue[worker_pb2.StageResult | BaseException | None] = \
+            asyncio.Queue()
+        self.started: set[str] = set()  # sequences this stream started and has not released
+        self.checks = asyncio.Event()  # a step with proposals came (worker/check_ahead.py)
+        self.steps: asyncio.Queue[tuple[Any, asyncio.Future, StepTimes] | None] = \
+            asyncio.Queue()
+        self.link_in: asyncio.Future | None = None  # the socket of a link offered upstream
+        self._link_ended: asyncio.Future = self.loop.create_future()
+        self._link_sock: Any = None
+        if link_out is not None:
+            link_out.on_error = lambda e: self.back.put_nowait(
+                ConnectionError(f"next stage {self.spec.next_address}: link: {e}"))
+
+    # -- in -----------------------------------------------------------------------------
+    def _arrived(self, msg: worker_pb2.StageMessage, future: asyncio.Future,
+                 times: StepTimes) -> None:
+        """On the loop, for each step in arrival order: the stream's bookkeeping."""
+        check = any(seq.draft for seq in msg.seqs)
+        self.service.parts.arrived(times.arrived, "check" if check else "decode")
+        self.started.difference_update(msg.release)
+        self.started.update(seq.seq_id for seq in msg.seqs if seq.start)
+        if check and not self.checks.is_set():
+            self.checks.set()
+        self.steps.put_nowait((msg, future, times))
+
+    def _queue(self, msg: worker_pb2.StageMessage, arrived: float, here: bool
+               ) -> tuple[asyncio.Future, StepTimes]:
+        """Queue `msg` on the MLX thread (`here`: from that thread, a link's frame)."""
+        mlx, runner = self.service.mlx, self.loaded.runner
+        send = self._sender(msg) if self.link_out is not None else None
+        if msg.error:  # an earlier stage failed this step: free what it frees, pass it on
+            msg, after = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release), None
+        else:
+            after = self.service.record
+        if here:
+            return mlx.queue_step(self.loop, runner, msg, arrived, after, send)
+        return mlx.step(runner, msg, arrived, after, send)
+
+    async def pump(self, requests: Any) -> None:
+        """Hand each incoming step to the MLX thread as soon as it arrives (it begins the next
+        while the device computes the one before) and send the outputs on in order."""
+        sender = asyncio.create_task(self._send_all())
+        taker = asyncio.create_task(self._take_link()) if self.link_in is not None else None
+        try:
+            async for msg in requests:
+                arrived = time.perf_counter()
+                if self.link_in is not None:
+                    self.link_in.cancel()  # steps on the stream: no link will come
+                future, times = self._queue(msg, arrived, False)
+                self._arrived(msg, future, times)
+            if taker is not None:
+                self.link_in.cancel()  # (a link taken already is not undone)
+                await self._link_ended  # every frame the link brought is queued
+            self.steps.put_nowait(None)
+            await sender
+        except grpc.aio.AioRpcError as e:
+            await self.back.put(ConnectionError(f"previous stage: {e.details()}"))
+        except DecodeError as e:  # a message that is not a StageMessage: the stream ends
+            await self.back.put(e)
+        finally:
+            sender.cancel()
+            if taker is not None:
+                taker.cancel()
+
+    async def _take_link(self) -> None:
+        try:
+            sock = await asyncio.shield(self.link_in)
+        except asyncio.CancelledError:  # not taken: the stream stays on gRPC
+            if not self._link_ended.done():
+                self._link_ended.set_result(None)
+            if not self.link_in.cancelled():
+                raise
+            return
+        self._link_sock = sock
+        limit = self.spec.max_message_bytes or (1 << 31)
+        reader = link.LinkReader(sock, limit, self._frame, self._link_end)
+        self.service.mlx.watch(sock, reader.read)
+
+    def _frame(self, data: bytes, arrived: float) -> None:
+        """On the MLX thread: a step from the link, queued at once, accounted on the loop."""
+        msg = worker_pb2.StageMessage.FromString(data)
+        future, times = self._queue(msg, arrived, True)
+        self.loop.call_soon_threadsafe(self._arrived, msg, future, times)
+
+    def _link_end(self, error: BaseException | None) -> None:
+        """On the MLX thread: the link ended (after every frame it brought)."""
+        def ended() -> None:
+            if error is not None:
+                self.back.put_nowait(DecodeError(str(error)) if isinstance(error, DecodeError)
+                                     else ConnectionError(f"previous stage: link: {error}"))
+            if not self._link_ended.done():
+                self._link_ended.set_result(None)
+        self.loop.call_soon_threadsafe(ended)
+
+    # -- out ----------------------------------------------------------------------------
+    def _sender(self, msg: worker_pb2.StageMessage) -> Any:
+        """What the MLX thread calls with a finished step's (output, error): its output, or
+        the error, goes on the link to the next stage (what `_send_all` does on gRPC)."""
+        def send(out: Any, error: BaseException | None) -> None:
+            text = msg.error or (self.service.error_text(self.spec, error) if error else "")
+            forward = out.forward if out is not None and not text else \
+                worker_pb2.StageMessage(step_id=msg.step_id, error=text, release=msg.release)
+            t1 = time.perf_counter()
+            self.link_out.send(forward)
+            if msg.seqs:
+                self.service.metrics.transfer.observe(time.perf_counter() - t1)
+        return send
+
+    async def _send_all(self) -> None:
+        """Send each step's output on, in arrival order: to the next stage (unless the MLX
+        thread wrote it on a link), or (last stage) to the plan's Results stream or back on
+        this one."""
+        service, spec, downstream = self.service, self.spec, self.downstream
+        try:
+            while (item := await self.steps.get()) is not None:
+                msg, future, times = item
+                out = None
+                error = msg.error
+                try:
+                    out = await future
+                except Exception as e:  # noqa: BLE001 - the step fails, the stream goes on
+                    error = error or service.error_text(spec, e)
+                if error:
+                    out = None
+                kind = step_kind(msg, out.prefill_tokens if out is not None else None)
+                if self.link_out is not None:
+                    service.parts.sent(times, kind)  # written by the MLX thread already
+                    if self.steps.empty():
+                        service.mlx.idle()
+                elif downstream is not None:
+                    forward = out.forward if out is not None else worker_pb2.StageMessage(
+                        step_id=msg.step_id, error=error, release=msg.release)
+                    t1 = time.perf_counter()
+                    await downstream.write(forward)
+                    if msg.seqs:
+                        service.metrics.transfer.observe(time.perf_counter() - t1)
+                    service.parts.sent(times, kind)
+                    if self.steps.empty():
+                        service.mlx.idle()  # written: the MLX thread may build ahead
+                elif msg.seqs or error:
+                    result = worker_pb2.StageResult(step_id=msg.step_id, error=error)
+                    if out is not None:
+                        result.outputs.extend(out.outputs)
+                    service.deliver(spec.plan_id, result, self.back)
+                    service.parts.sent(times, kind)
+                else:
+                    service.parts.sent(times, None)
+            if self.link_out is not None:
+                await self.link_out.close()
+            if downstream is not None:
+                await downstream.done_writing()
+            else:
+                await self.back.put(None)
+        except grpc.aio.AioRpcError as e:
+            await self.back.put(ConnectionError(f"next stage {spec.next_address}: "
+                                                f"{e.details()}"))
+
+    async def watch(self) -> None:
+        """Follow the next stage's answers: results it sends back (no Results stream is open
+        for the plan), its end, or its failure."""
+        try:
+            async for result in self.downstream:
+                await self.back.put(result)
+            await self.back.put(None)
+        except grpc.aio.AioRpcError as e:
+            await self.back.put(ConnectionError(f"next stage {self.spec.next_address}: "
+                                                f"{e.details()}"))
+
+    def close(self) -> None:
+        """The call is over: the links go (the MLX thread closes the one it reads)."""
+        if self.link_in is not None:
+            if self.link_in.done() and not self.link_in.cancelled() \
+                    and self._link_sock is None:
+                self.link_in.result().close()  # taken, never watched
+            self.link_in.cancel()
+        if self._link_sock is not None:
+            self.service.mlx.unwatch(self._link_sock)
+        if self.link_out is not None:
+            self.link_out.abort()
+        if self.downstream is not None:
+            self.downstream.cancel()
