@@ -63,7 +63,10 @@ class ForwardStream:
                ) -> tuple[asyncio.Future, StepTimes]:
         """Queue `msg` on the MLX thread (`here`: from that thread, a link's frame)."""
         mlx, runner = self.service.mlx, self.loaded.runner
-        send = self._sender(msg) if self.link_out is not None else None
+        if self.link_out is not None:
+            send = self._sender(msg)
+        else:  # the last stage: copies of its tokens to the stages following them on links
+            send = self._to_followers(msg) if self.downstream is None else None
         if msg.error:  # an earlier stage failed this step: free what it frees, pass it on
             msg, after = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release), None
         else:
@@ -132,7 +135,7 @@ class ForwardStream:
     def _sender(self, msg: worker_pb2.StageMessage) -> Any:
         """What the MLX thread calls with a finished step's (output, error): its output, or
         the error, goes on the link to the next stage (what `_send_all` does on gRPC)."""
-        def send(out: Any, error: BaseException | None) -> None:
+        def send(out: Any, error: BaseException | None) -> bool:
             text = msg.error or (self.service.error_text(self.spec, error) if error else "")
             forward = out.forward if out is not None and not text else \
                 worker_pb2.StageMessage(step_id=msg.step_id, error=text, release=msg.release)
@@ -140,6 +143,21 @@ class ForwardStream:
             self.link_out.send(forward)
             if msg.seqs:
                 self.service.metrics.transfer.observe(time.perf_counter() - t1)
+            return True
+        return send
+
+    def _to_followers(self, msg: worker_pb2.StageMessage) -> Any:
+        """What the last stage's MLX thread calls with a finished step: its tokens to every
+        stage following the plan on a direct link (worker/loop.py), as they are sampled."""
+        def send(out: Any, error: BaseException | None) -> bool:
+            writers = self.service.followers(self.spec.plan_id)
+            if writers and out is not None and out.outputs and error is None \
+                    and not msg.error:
+                result = worker_pb2.StageResult(step_id=msg.step_id)
+                result.outputs.extend(out.outputs)
+                for writer in writers:
+                    writer.send(result)
+            return False  # the result itself goes to the coordinator from the loop
         return send
 
     async def _send_all(self) -> None:

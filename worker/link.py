@@ -56,8 +56,8 @@ def _proof(secret: bytes | None, token: str) -> bytes:
                     ).hexdigest().encode()
 
 
-def frame(msg: worker_pb2.StageMessage) -> bytes:
-    """A StageMessage as the link carries it: 4 bytes of length (big-endian), the message."""
+def frame(msg: worker_pb2.StageMessage | worker_pb2.StageResult) -> bytes:
+    """A message as a link carries it: 4 bytes of length (big-endian), the message."""
     data = msg.SerializeToString()
     return len(data).to_bytes(4, "big") + data
 
@@ -151,9 +151,10 @@ class LinkListener:
         self._waiting.clear()
 
 
-async def connect(call: Any, address: str, secret: bytes | None) -> LinkWriter | None:
-    """The asking side: the link the next stage (at gRPC `address`) offered on `call`, or
-    None (the stream stays on gRPC)."""
+async def connect(call: Any, address: str, secret: bytes | None) -> socket.socket | None:
+    """The asking side: the socket of the link the worker at gRPC `address` offered on
+    `call` (a Forward, or a Results call following the last stage's tokens), or None (the
+    call stays on gRPC)."""
     try:
         metadata = await asyncio.wait_for(call.initial_metadata(), CONNECT_WAIT)
         offer = dict(metadata or ()).get(LINK_KEY, "none")
@@ -180,23 +181,24 @@ async def connect(call: Any, address: str, secret: bytes | None) -> LinkWriter |
         log.info("no direct link to %s (steps go through gRPC): %s", address, e)
         return None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return LinkWriter(sock, loop)
+    return sock
 
 
 class LinkWriter:
     """Writes frames from the MLX thread without blocking it: what the socket does not take
     at once waits in order for the event loop to write (the MLX thread then queues behind)."""
 
-    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, sock: socket.socket, loop: asyncio.AbstractEventLoop | None = None
+                 ) -> None:
         self.sock = sock
-        self.loop = loop
+        self.loop = loop or asyncio.get_running_loop()
         self.error: BaseException | None = None
         self.on_error: Callable[[BaseException], None] | None = None  # called on the loop
         self._lock = threading.Lock()
         self._backlog: list[bytes] = []
         self._flushing: asyncio.Future | None = None
 
-    def send(self, msg: worker_pb2.StageMessage) -> float:
+    def send(self, msg: worker_pb2.StageMessage | worker_pb2.StageResult) -> float:
         """Send `msg` (any thread); returns when it was handed to the socket or queued."""
         data = frame(msg)
         with self._lock:

@@ -4,8 +4,9 @@ A decode step's token goes from the last stage to the coordinator, which streams
 client and sends the next step to stage 0. Stage 0 has that step built already, on
 placeholder inputs (worker/lookahead.py); following the last stage's results
 (`Results` with `loop`, protos/worker.proto) it starts the step the moment the tokens are
-sampled, one hop and the coordinator's turn earlier. The coordinator's message still decides:
-it confirms the step started, or rolls it back and runs what it says (a stream ended, a new
+sampled, one hop and the coordinator's turn earlier (on a direct link, worker/link.py, the
+last stage's MLX thread writes them and stage 0's reads them). The coordinator's message still
+decides: it confirms the step started, or rolls it back and runs what it says (a stream ended, a new
 prompt came), so what comes out is the same either way. Following is best effort: when the
 stream fails, stage 0 waits for the coordinator's messages as before.
 
@@ -23,24 +24,45 @@ from typing import Any
 import grpc
 
 from protos import worker_pb2, worker_pb2_grpc
+from worker import link
 
 log = logging.getLogger("shardline.worker")
 
 
-async def follow(channel: grpc.aio.Channel, plan_id: str, mlx: Any, runner: Any) -> None:
-    """Hand every result of the last stage of `plan_id` to `mlx.early` until cancelled."""
+async def follow(channel: grpc.aio.Channel, spec: worker_pb2.ShardSpec, mlx: Any, runner: Any,
+                 secret: bytes | None = None, ask: bool = False) -> None:
+    """Hand every result of the last stage of `spec`'s plan to `mlx.early` until cancelled
+    (with `ask`, on a direct link when the last stage gives one)."""
     call = worker_pb2_grpc.WorkerStub(channel).Results(
-        worker_pb2.ResultsRequest(plan_id=plan_id, loop=True))
+        worker_pb2.ResultsRequest(plan_id=spec.plan_id, loop=True),
+        metadata=((link.LINK_KEY, "1"),) if ask else None)
+    sock = await link.connect(call, spec.last_address, secret) if ask else None
+
+    def take(result: worker_pb2.StageResult) -> None:
+        if result.outputs and not result.error and runner.awaits_verdict(result):
+            mlx.early(runner, result)
+
+    if sock is not None:  # read on the MLX thread: nothing but the attached message comes here
+        def ended(error: BaseException | None) -> None:
+            if error is not None:
+                log.info("the link to the last stage ended: %s", error)
+
+        reader = link.LinkReader(sock, spec.max_message_bytes or (1 << 31),
+                                 lambda data, _: take(worker_pb2.StageResult.FromString(data)),
+                                 ended)
+        mlx.watch(sock, reader.read)
     try:
         async for result in call:
-            if result.outputs and not result.error and runner.awaits_verdict(result):
-                mlx.early(runner, result)
+            take(result)
     except grpc.aio.AioRpcError as e:
         if e.code() != grpc.StatusCode.CANCELLED:
             log.info("not following the last stage's tokens: %s", e.details())
     except asyncio.CancelledError:
         call.cancel()
         raise
+    finally:
+        if sock is not None:
+            mlx.unwatch(sock)
 
 
 class Loops:
@@ -48,9 +70,34 @@ class Loops:
 
     def __init__(self) -> None:
         self._queues: dict[str, list[asyncio.Queue]] = {}
+        self._writers: dict[str, tuple[link.LinkWriter, ...]] = {}
 
-    async def serve(self, plan_id: str):
-        """Results with `loop`: the attached message, then a copy of each result."""
+    def writers(self, plan_id: str) -> tuple[link.LinkWriter, ...]:
+        """The direct links of the stages following `plan_id` (read from any thread; the
+        last stage's MLX thread writes each result on them as it finishes)."""
+        return self._writers.get(plan_id, ())
+
+    async def serve(self, plan_id: str, offered: asyncio.Future | None = None):
+        """Results with `loop`: the attached message, then a copy of each result (on the link
+        `offered`, once connected: then nothing more on the call)."""
+        if offered is not None:
+            try:
+                writer = link.LinkWriter(await offered)
+            except asyncio.CancelledError:
+                if not offered.cancelled():
+                    raise
+            else:  # (a tuple replaced whole: the MLX thread reads it without a lock)
+                self._writers[plan_id] = (*self.writers(plan_id), writer)
+                try:
+                    yield worker_pb2.StageResult()
+                    await asyncio.get_running_loop().create_future()  # until the call ends
+                finally:
+                    rest = tuple(w for w in self.writers(plan_id) if w is not writer)
+                    self._writers[plan_id] = rest
+                    if not rest:
+                        del self._writers[plan_id]
+                    writer.abort()
+                return
         queue: asyncio.Queue[worker_pb2.StageResult] = asyncio.Queue()
         self._queues.setdefault(plan_id, []).append(queue)
         try:

@@ -68,7 +68,8 @@ class _Step:
     after: Any = None  # called on this thread with (msg, output, times) once it finished
     pending: Pending | None = None
     # called on this thread with (output, None) or (None, error) once it finished, before
-    # the future settles: the output goes on a direct link (worker/link.py)
+    # the future settles: the output goes on a direct link (worker/link.py); True when it
+    # was the step's output that went (not a copy)
     send: Any = None
 
 
@@ -275,10 +276,10 @@ class MLXThread:
     def _send(step: _Step, out: StepOutput | None, error: BaseException | None) -> None:
         if step.send is not None:
             try:
-                step.send(out, error)
+                if step.send(out, error):  # the output itself went: its send ends here
+                    step.times.sent = time.perf_counter()
             except Exception:  # noqa: BLE001 - the link reports its own failure
                 log.exception("sending a step on the link failed")
-            step.times.sent = time.perf_counter()
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run `fn(*args)` on this thread (after every step queued before it) and return it."""

@@ -239,9 +239,13 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         ask = self.config.tls is None and link.enabled()
         call = stub.Forward(metadata=((PLAN_METADATA_KEY, spec.plan_id),)
                             + (((link.LINK_KEY, "1"),) if ask else ()))
-        writer = await link.connect(call, spec.next_address, self.config.secret) if ask \
+        sock = await link.connect(call, spec.next_address, self.config.secret) if ask \
             else None
-        return call, writer
+        return call, link.LinkWriter(sock) if sock is not None else None
+
+    def followers(self, plan_id: str) -> tuple[link.LinkWriter, ...]:
+        """The direct links of the stages following `plan_id`'s tokens (any thread)."""
+        return self._loops.writers(plan_id)
 
     def deliver(self, plan_id: str, result: worker_pb2.StageResult, back: asyncio.Queue
                 ) -> None:
@@ -299,8 +303,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                       checks: asyncio.Event) -> None:
         if spec.stage_index != 0:
             await checks.wait()
-        await follow(self._channel(spec.last_address, spec), spec.plan_id, self.mlx,
-                     loaded.runner)
+        await follow(self._channel(spec.last_address, spec), spec, self.mlx, loaded.runner,
+                     self.config.secret, self.config.tls is None and link.enabled())
 
     def _verdict(self, loaded: Loaded, result: Any) -> None:
         """A result of this last stage has left: its checks of proposals settle here too,
@@ -315,7 +319,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "only the last stage has results")
         if request.loop:
-            async for result in self._loops.serve(request.plan_id):
+            offered = None
+            if dict(context.invocation_metadata() or ()).get(link.LINK_KEY) == "1":
+                offered = await self._links.offer(context, self.config.tls is None)
+            async for result in self._loops.serve(request.plan_id, offered):
                 yield result
             return
         sink: asyncio.Queue[worker_pb2.StageResult] = asyncio.Queue()
