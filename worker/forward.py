@@ -24,13 +24,12 @@ from worker.mlx_thread import StepTimes
 class ForwardStream:
     """The state of one Forward call (worker/server.py `WorkerService.Forward`)."""
 
-    def __init__(self, service: Any, loaded: Any, downstream: Any,
-                 link_out: link.LinkWriter | None) -> None:
+    def __init__(self, service: Any, loaded: Any) -> None:
         self.service = service
         self.loaded = loaded
         self.spec = loaded.spec
-        self.downstream = downstream
-        self.link_out = link_out
+        self.downstream: Any = None  # the Forward call to the next stage (None: the last)
+        self._link_out: link.LinkWriter | None = None
         self.loop = asyncio.get_running_loop()
         # What this stream answers: the last stage's results when no Results stream is open
         # for the plan, a downstream failure, or None at the end.
@@ -43,8 +42,18 @@ class ForwardStream:
         self.link_in: asyncio.Future | None = None  # the socket of a link offered upstream
         self._link_ended: asyncio.Future = self.loop.create_future()
         self._link_sock: Any = None
-        if link_out is not None:
-            link_out.on_error = lambda e: self.back.put_nowait(
+        self._on_grpc = False  # steps came on the stream (a link set up too late ends unheard)
+
+    @property
+    def link_out(self) -> link.LinkWriter | None:
+        """The direct link to the next stage (None: steps go on `downstream`)."""
+        return self._link_out
+
+    @link_out.setter
+    def link_out(self, writer: link.LinkWriter | None) -> None:
+        self._link_out = writer
+        if writer is not None:
+            writer.on_error = lambda e: self.back.put_nowait(
                 ConnectionError(f"next stage {self.spec.next_address}: link: {e}"))
 
     # -- in -----------------------------------------------------------------------------
@@ -83,8 +92,9 @@ class ForwardStream:
         try:
             async for msg in requests:
                 arrived = time.perf_counter()
-                if self.link_in is not None:
-                    self.link_in.cancel()  # steps on the stream: no link will come
+                if self.link_in is not None:  # steps on the stream: the link is not used
+                    self.link_in.cancel()
+                    self._on_grpc = True
                 future, times = self._queue(msg, arrived, False)
                 self._arrived(msg, future, times)
             if taker is not None:
@@ -124,7 +134,7 @@ class ForwardStream:
     def _link_end(self, error: BaseException | None) -> None:
         """On the MLX thread: the link ended (after every frame it brought)."""
         def ended() -> None:
-            if error is not None:
+            if error is not None and not self._on_grpc:
                 self.back.put_nowait(DecodeError(str(error)) if isinstance(error, DecodeError)
                                      else ConnectionError(f"previous stage: link: {error}"))
             if not self._link_ended.done():

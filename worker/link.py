@@ -41,7 +41,7 @@ LINK_KEY = "x-shardline-link"
 HELLO = b"SLNK1"
 _TOKEN_LEN, _PROOF_LEN = 32, 64
 LINK_WAIT = 10.0  # seconds a token offered waits for its connection
-CONNECT_WAIT = 3.0  # seconds the asking stage waits for the answer, then the connection
+CONNECT_WAIT = 5.0  # seconds the asking stage waits for the answer, then the connection
 
 
 def enabled() -> bool:
@@ -134,6 +134,8 @@ class LinkListener:
                     data[len(HELLO) + _TOKEN_LEN:], _proof(self.secret, token)):
                 raise ConnectionError("not a link this worker offered")
             await loop.sock_sendall(conn, b"OK")
+            if future.done():  # the call that asked ended meanwhile
+                raise ConnectionError("too late")
         except (OSError, TimeoutError, ConnectionError):
             conn.close()
             return
@@ -156,7 +158,8 @@ async def connect(call: Any, address: str, secret: bytes | None) -> socket.socke
     `call` (a Forward, or a Results call following the last stage's tokens), or None (the
     call stays on gRPC)."""
     try:
-        metadata = await asyncio.wait_for(call.initial_metadata(), CONNECT_WAIT)
+        async with asyncio.timeout(CONNECT_WAIT):  # (wait_for can swallow a cancellation)
+            metadata = await call.initial_metadata()
         offer = dict(metadata or ()).get(LINK_KEY, "none")
         if offer == "none":
             return None

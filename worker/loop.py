@@ -36,22 +36,23 @@ async def follow(channel: grpc.aio.Channel, spec: worker_pb2.ShardSpec, mlx: Any
     call = worker_pb2_grpc.WorkerStub(channel).Results(
         worker_pb2.ResultsRequest(plan_id=spec.plan_id, loop=True),
         metadata=((link.LINK_KEY, "1"),) if ask else None)
-    sock = await link.connect(call, spec.last_address, secret) if ask else None
+    sock = None
 
     def take(result: worker_pb2.StageResult) -> None:
         if result.outputs and not result.error and runner.awaits_verdict(result):
             mlx.early(runner, result)
 
-    if sock is not None:  # read on the MLX thread: nothing but the attached message comes here
-        def ended(error: BaseException | None) -> None:
-            if error is not None:
-                log.info("the link to the last stage ended: %s", error)
+    def ended(error: BaseException | None) -> None:
+        if error is not None:
+            log.info("the link to the last stage ended: %s", error)
 
-        reader = link.LinkReader(sock, spec.max_message_bytes or (1 << 31),
-                                 lambda data, _: take(worker_pb2.StageResult.FromString(data)),
-                                 ended)
-        mlx.watch(sock, reader.read)
     try:
+        sock = await link.connect(call, spec.last_address, secret) if ask else None
+        if sock is not None:  # read on the MLX thread: only the attached message comes below
+            reader = link.LinkReader(
+                sock, spec.max_message_bytes or (1 << 31),
+                lambda data, _: take(worker_pb2.StageResult.FromString(data)), ended)
+            mlx.watch(sock, reader.read)
         async for result in call:
             take(result)
     except grpc.aio.AioRpcError as e:
@@ -82,9 +83,12 @@ class Loops:
         `offered`, once connected: then nothing more on the call)."""
         if offered is not None:
             try:
-                writer = link.LinkWriter(await offered)
+                writer = link.LinkWriter(await asyncio.shield(offered))
             except asyncio.CancelledError:
-                if not offered.cancelled():
+                if not offered.cancelled():  # the call ended
+                    if offered.done():  # connected just now
+                        offered.result().close()
+                    offered.cancel()  # (a connection coming later is refused)
                     raise
             else:  # (a tuple replaced whole: the MLX thread reads it without a lock)
                 self._writers[plan_id] = (*self.writers(plan_id), writer)

@@ -158,9 +158,9 @@ class MLXThread:
     def _unwatch(self, sock: socket.socket) -> None:
         try:
             self._selector.unregister(sock)
+            self._links -= 1
         except (KeyError, ValueError):
-            return  # not watched (any more)
-        self._links -= 1
+            pass  # not watched (any more, or not yet: closed all the same)
         sock.close()
 
     def _loop(self) -> None:

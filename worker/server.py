@@ -229,16 +229,17 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self._channels[address] = channel
         return channel
 
-    async def _downstream(self, spec: worker_pb2.ShardSpec
+    async def _downstream(self, spec: worker_pb2.ShardSpec, stream: ForwardStream
                           ) -> tuple[Any, link.LinkWriter | None]:
         """The Forward call to the next stage (None: this is the last) and the direct link
-        it gave (None: the steps go on the call)."""
+        it gave (None: the steps go on the call); `stream` holds the call at once (closing
+        it cancels the call)."""
         if not spec.next_address:
             return None, None
         stub = worker_pb2_grpc.WorkerStub(self._channel(spec.next_address, spec))
         ask = self.config.tls is None and link.enabled()
-        call = stub.Forward(metadata=((PLAN_METADATA_KEY, spec.plan_id),)
-                            + (((link.LINK_KEY, "1"),) if ask else ()))
+        metadata = ((PLAN_METADATA_KEY, spec.plan_id),) + (((link.LINK_KEY, "1"),) if ask else ())
+        stream.downstream = call = stub.Forward(metadata=metadata)
         sock = await link.connect(call, spec.next_address, self.config.secret) if ask \
             else None
         return call, link.LinkWriter(sock) if sock is not None else None
@@ -264,17 +265,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         loaded = await self._serving(context, metadata.get(PLAN_METADATA_KEY, ""))
         spec = loaded.spec
         self._streams[spec.plan_id] = self._streams.get(spec.plan_id, 0) + 1
-        stream = ForwardStream(self, loaded, *await self._downstream(spec))
-        if metadata.get(link.LINK_KEY) == "1":  # the previous stage asks for a direct link
-            stream.link_in = await self._links.offer(context, self.config.tls is None)
-        tasks = [asyncio.create_task(stream.pump(request_iterator))]
-        if stream.downstream is not None:
-            tasks.append(asyncio.create_task(stream.watch()))
-        if spec.last_address and stream.downstream is not None:
-            # stage 0: the token's short way round; a middle stage, once proposals come: the
-            # verdicts on them (both worker/loop.py)
-            tasks.append(asyncio.create_task(self._follow(spec, loaded, stream.checks)))
+        stream = ForwardStream(self, loaded)
+        tasks: list[asyncio.Task] = []
         try:
+            stream.downstream, stream.link_out = await self._downstream(spec, stream)
+            if metadata.get(link.LINK_KEY) == "1":  # the previous stage asks for a direct link
+                stream.link_in = await self._links.offer(context, self.config.tls is None)
+            tasks.append(asyncio.create_task(stream.pump(request_iterator)))
+            if stream.downstream is not None:
+                tasks.append(asyncio.create_task(stream.watch()))
+            if spec.last_address and stream.downstream is not None:
+                # stage 0: the token's short way round; a middle stage, once proposals come:
+                # the verdicts on them (both worker/loop.py)
+                tasks.append(asyncio.create_task(self._follow(spec, loaded, stream.checks)))
             while True:
                 item = await stream.back.get()
                 if item is None:
