@@ -91,13 +91,17 @@ def test_a_step_sent_on_a_direct_link_runs_through_every_stage_exactly(model_dir
     assert back == []
 
 
-def test_a_link_port_refuses_wrong_tokens_and_proofs_and_a_broken_frame_ends_the_stream(
+def test_a_link_port_set_refuses_wrong_tokens_and_proofs_and_a_broken_frame_ends_the_stream(
         model_dir, cache_dir):
     from coordinator.local import LocalWorkers
 
     path = model_dir(SPEC)
     local = LocalWorkers(1, memory=[1 * GiB], cache_dir=cache_dir, names=["linked"],
                          secret=SECRET)
+    with socket.socket() as s:  # a free port, given to the worker for its links
+        s.bind(("127.0.0.1", 0))
+        fixed = s.getsockname()[1]
+    local.env["SHARDLINE_LINK_PORT"] = str(fixed)
     address = local.start()[0]
 
     async def scenario():
@@ -135,15 +139,17 @@ def test_a_link_port_refuses_wrong_tokens_and_proofs_and_a_broken_frame_ends_the
                 ended = e.code()
             for c in (call, call2):
                 c.cancel()
-            return refused, taken, ended, (await stub.Info(worker_pb2.InfoRequest())).name
+            return refused, taken, ended, (await stub.Info(worker_pb2.InfoRequest())).name, \
+                [port, port2, port3]
         finally:
             await channel.close()
             await cluster.close()
 
     try:
-        refused, taken, ended, name = run(scenario())
+        refused, taken, ended, name, ports = run(scenario())
     finally:
         local.stop()
+    assert ports == [fixed, fixed, fixed]  # SHARDLINE_LINK_PORT
     assert refused == [b"", b"", b""]  # closed without an answer
     assert taken == b"OK"
     assert ended == grpc.StatusCode.UNAVAILABLE

@@ -16,7 +16,8 @@ next stage answers `OK`, and every StageMessage of the stream goes on the link f
 A token is good once and for LINK_WAIT seconds, and only the Forward call that asked for it
 (signed with the cluster secret when there is one) learns it; anything else on the port is
 closed. Whatever fails on the way (no answer, a port a firewall blocks) leaves the stream on
-gRPC. `SHARDLINE_LINK=0` turns links off.
+gRPC. `SHARDLINE_LINK=0` turns links off; `SHARDLINE_LINK_PORT` fixes the port (for a
+firewall that opens listed ports only; by default the system picks a free one).
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class LinkListener:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, 0))
+        sock.bind((self.host, int(os.environ.get("SHARDLINE_LINK_PORT", "0") or 0)))
         sock.listen(16)
         sock.setblocking(False)
         self._sock = sock
