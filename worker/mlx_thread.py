@@ -9,6 +9,11 @@ worker (`idle`), and nothing is queued or begun, it builds the decode steps most
 next (`StageRunner.prepare`, worker/lookahead.py), so that a step only launches when it arrives
 (on stage 0, when the last stage's tokens arrive: `early`). Not before the output has left:
 building a graph holds the GIL, which the event loop needs to send it.
+
+With direct links (worker/link.py) this thread also moves the steps: it reads the frames of
+the links it `watch`es (waiting on their sockets and its queue at once) and begins each step
+the moment it is whole, and a step's `send` writes its output on the next stage's link as it
+finishes, so neither passes through the event loop.
 """
 
 from __future__ import annotations
