@@ -55,6 +55,51 @@ async def hello(port: int, data: bytes) -> bytes:
     return got
 
 
+def link_steps(port: int) -> dict[str, float]:
+    """A worker's shardline_link_steps_total by direction, from its metrics port."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    return {s.labels["direction"]: s.value
+            for f in text_string_to_metric_families(text.decode())
+            if f.name == "shardline_link_steps" for s in f.samples
+            if s.name.endswith("_total")}
+
+
+def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {d: after.get(d, 0) - before.get(d, 0) for d in ("in", "out", "follow")
+            if after.get(d, 0) != before.get(d, 0)}
+
+
+def test_a_pipeline_moves_its_steps_and_tokens_on_direct_links(model_dir, workers):
+    path = model_dir(SPEC)
+
+    async def scenario():
+        cluster = Cluster(read_model_info(path, model_id="t"), await connect_all(workers))
+        await cluster.load()
+        try:
+            ports = [w.info.metrics_port for w in cluster.workers]
+            start = link_steps(ports[-1]).get("follow", 0)
+            for i in range(100):  # until stage 0's link for the tokens is up (set up beside
+                await cluster.pipeline.send(first_step(f"warm{i}").seqs)  # the stream)
+                if link_steps(ports[-1]).get("follow", 0) > start:
+                    break
+            before = [link_steps(p) for p in ports]
+            out = await cluster.pipeline.send(first_step("linked").seqs)
+            return before, [link_steps(p) for p in ports], [o.token for o in out.outputs]
+        finally:
+            await cluster.close()
+
+    before, after, tokens = run(scenario())
+    assert tokens == reference_tokens(path, PROMPT, 1)
+    # stage 0 got the step from the coordinator (gRPC) and sent it on a link; the middle
+    # stage both ways; the last stage wrote the token to stage 0, which follows it
+    assert [moved(b, a) for b, a in zip(before, after, strict=True)] == [
+        {"out": 1}, {"in": 1, "out": 1}, {"in": 1, "follow": 1}]
+
+
 def test_a_step_sent_on_a_direct_link_runs_through_every_stage_exactly(model_dir, workers):
     path = model_dir(SPEC)
 
@@ -173,13 +218,15 @@ def test_with_links_off_a_stage_offers_none_and_the_pipeline_stays_exact(model_d
             answer = dict(await call.initial_metadata())[link.LINK_KEY]
             call.cancel()
             out = await cluster.pipeline.send(first_step("off").seqs)
-            return answer, [o.token for o in out.outputs]
+            counted = [link_steps(w.info.metrics_port) for w in cluster.workers]
+            return answer, [o.token for o in out.outputs], counted
         finally:
             await cluster.close()
 
     try:
-        answer, tokens = run(scenario())
+        answer, tokens, counted = run(scenario())
     finally:
         local.stop()
     assert answer == "none"
+    assert counted == [{}, {}]  # every step on gRPC
     assert tokens == reference_tokens(path, PROMPT, 1)

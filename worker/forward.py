@@ -128,6 +128,7 @@ class ForwardStream:
     def _frame(self, data: bytes, arrived: float) -> None:
         """On the MLX thread: a step from the link, queued at once, accounted on the loop."""
         msg = worker_pb2.StageMessage.FromString(data)
+        self.service.metrics.link_steps.labels("in").inc()
         future, times = self._queue(msg, arrived, True)
         self.loop.call_soon_threadsafe(self._arrived, msg, future, times)
 
@@ -153,6 +154,7 @@ class ForwardStream:
             self.link_out.send(forward)
             if msg.seqs:
                 self.service.metrics.transfer.observe(time.perf_counter() - t1)
+            self.service.metrics.link_steps.labels("out").inc()
             return True
         return send
 
@@ -167,6 +169,7 @@ class ForwardStream:
                 result.outputs.extend(out.outputs)
                 for writer in writers:
                     writer.send(result)
+                self.service.metrics.link_steps.labels("follow").inc(len(writers))
             return False  # the result itself goes to the coordinator from the loop
         return send
 

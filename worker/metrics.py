@@ -89,7 +89,7 @@ class WorkerMetrics:
                                         ["direction"], unit="bytes", registry=r)
         self.transfer = Histogram("shardline_activation_transfer_seconds",
                                   "Time to hand one step's activations to the next stage's "
-                                  "stream (includes flow-control backpressure).",
+                                  "stream or direct link (includes flow-control backpressure).",
                                   buckets=TRANSFER_BUCKETS, registry=r)
         self.parts = Histogram("shardline_stage_step_part_seconds",
                                "Where one decode step's time goes on this stage: receive (in "
@@ -99,6 +99,12 @@ class WorkerMetrics:
                                "results), waiting (idle before it arrived), prepare (built ahead "
                                "while waiting); kind: decode or check (of proposals).",
                                ["part", "kind"], buckets=PART_BUCKETS, registry=r)
+        self.link_steps = Counter("shardline_link_steps",
+                                  "Steps that came from the previous stage (in) or went to "
+                                  "the next (out) on a direct link (worker/link.py) instead "
+                                  "of a Forward stream, and results the last stage wrote to "
+                                  "stages following its tokens on one (follow).",
+                                  ["direction"], registry=r)
         self.lookahead = Counter("shardline_lookahead_steps",
                                  "Decode steps and checks of proposals this stage built "
                                  "ahead (worker/lookahead.py, worker/check_ahead.py), by "
