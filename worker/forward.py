@@ -9,6 +9,7 @@ as each step finishes; the last stage's go to the plan's Results stream, or back
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -35,7 +36,11 @@ class ForwardStream:
         # for the plan, a downstream failure, or None at the end.
         self.back: asyncio.Queue[worker_pb2.StageResult | BaseException | None] = \
             asyncio.Queue()
-        self.started: set[str] = set()  # sequences this stream started and has not released
+        self._started: set[str] = set()  # sequences this stream started, not released
+        # held while a step is counted in and queued, and when the stream closes: a step the
+        # MLX thread reads from the link after `close` is dropped, one before it is released
+        self._lock = threading.Lock()
+        self._closed = False
         self.checks = asyncio.Event()  # a step with proposals came (worker/check_ahead.py)
         self.steps: asyncio.Queue[tuple[Any, asyncio.Future, StepTimes] | None] = \
             asyncio.Queue()
@@ -57,13 +62,22 @@ class ForwardStream:
                 ConnectionError(f"next stage {self.spec.next_address}: link: {e}"))
 
     # -- in -----------------------------------------------------------------------------
+    def _count(self, msg: worker_pb2.StageMessage) -> None:
+        self._started.difference_update(msg.release)
+        self._started.update(seq.seq_id for seq in msg.seqs if seq.start)
+
+    @property
+    def started(self) -> list[str]:
+        """The sequences this stream started and has not released (after `close`: all it
+        ever will)."""
+        with self._lock:
+            return sorted(self._started)
+
     def _arrived(self, msg: worker_pb2.StageMessage, future: asyncio.Future,
                  times: StepTimes) -> None:
         """On the loop, for each step in arrival order: the stream's bookkeeping."""
         check = any(seq.draft for seq in msg.seqs)
         self.service.parts.arrived(times.arrived, "check" if check else "decode")
-        self.started.difference_update(msg.release)
-        self.started.update(seq.seq_id for seq in msg.seqs if seq.start)
         if check and not self.checks.is_set():
             self.checks.set()
         self.steps.put_nowait((msg, future, times))
@@ -95,6 +109,8 @@ class ForwardStream:
                 if self.link_in is not None:  # steps on the stream: the link is not used
                     self.link_in.cancel()
                     self._on_grpc = True
+                with self._lock:
+                    self._count(msg)
                 future, times = self._queue(msg, arrived, False)
                 self._arrived(msg, future, times)
             if taker is not None:
@@ -128,8 +144,12 @@ class ForwardStream:
     def _frame(self, data: bytes, arrived: float) -> None:
         """On the MLX thread: a step from the link, queued at once, accounted on the loop."""
         msg = worker_pb2.StageMessage.FromString(data)
+        with self._lock:
+            if self._closed:  # the stream is over: its sequences are being released
+                return
+            self._count(msg)
+            future, times = self._queue(msg, arrived, True)
         self.service.metrics.link_steps.labels("in").inc()
-        future, times = self._queue(msg, arrived, True)
         self.loop.call_soon_threadsafe(self._arrived, msg, future, times)
 
     def _link_end(self, error: BaseException | None) -> None:
@@ -190,10 +210,8 @@ class ForwardStream:
                 if error:
                     out = None
                 kind = step_kind(msg, out.prefill_tokens if out is not None else None)
-                if self.link_out is not None:
-                    service.parts.sent(times, kind)  # written by the MLX thread already
-                    if self.steps.empty():
-                        service.mlx.idle()
+                if self.link_out is not None:  # written (and built ahead) on the MLX thread
+                    service.parts.sent(times, kind)
                 elif downstream is not None:
                     forward = out.forward if out is not None else worker_pb2.StageMessage(
                         step_id=msg.step_id, error=error, release=msg.release)
@@ -235,6 +253,8 @@ class ForwardStream:
 
     def close(self) -> None:
         """The call is over: the links go (the MLX thread closes the one it reads)."""
+        with self._lock:
+            self._closed = True
         if self.link_in is not None:
             if self.link_in.done() and not self.link_in.cancelled() \
                     and self._link_sock is None:

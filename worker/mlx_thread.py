@@ -262,15 +262,17 @@ class MLXThread:
             return
         step.times.device, step.times.serialise = out.device_seconds, out.serialise_seconds
         step.times.done = time.perf_counter()
+        sent = self._send(step, out, None)  # first: the next stage waits for it
         if step.after is not None:
             try:
                 step.after(step.msg, out, step.times)
             except Exception:  # noqa: BLE001 - metrics must not stop the stage
                 log.exception("recording a step failed")
-        self._send(step, out, None)
         step.loop.call_soon_threadsafe(_settle, step.future, out, None)
         if out.decode_tokens and not out.prefill_tokens:
             self._ready.append(step)
+            if sent:  # its output has left: build ahead once nothing else waits (`idle`)
+                self._queue.put(_IDLE)
 
     def _failed(self, step: _Step, error: BaseException) -> None:
         step.times.done = time.perf_counter()
@@ -278,13 +280,16 @@ class MLXThread:
         step.loop.call_soon_threadsafe(_settle, step.future, None, error)
 
     @staticmethod
-    def _send(step: _Step, out: StepOutput | None, error: BaseException | None) -> None:
+    def _send(step: _Step, out: StepOutput | None, error: BaseException | None) -> bool:
+        """Whether the step's output itself went on a link (its send ends here)."""
         if step.send is not None:
             try:
-                if step.send(out, error):  # the output itself went: its send ends here
+                if step.send(out, error):
                     step.times.sent = time.perf_counter()
+                    return True
             except Exception:  # noqa: BLE001 - the link reports its own failure
                 log.exception("sending a step on the link failed")
+        return False
 
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run `fn(*args)` on this thread (after every step queued before it) and return it."""

@@ -356,14 +356,14 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             )
         return loaded
 
-    def _release_left(self, loaded: Loaded, started: set[str]) -> None:
+    def _release_left(self, loaded: Loaded, started: list[str]) -> None:
         """Free the sequences a Forward stream started and left when it ends: no later step
         can reach them, so a client that goes (or a hostile one) leaves no caches behind."""
         if not started or loaded.runner.shard is None:
             return
         try:
             future, _ = self.mlx.step(loaded.runner, worker_pb2.StageMessage(
-                release=sorted(started)), time.perf_counter())
+                release=started), time.perf_counter())
         except RuntimeError:  # the MLX thread is closed: shutting down
             return
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
