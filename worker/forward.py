@@ -74,17 +74,20 @@ class ForwardStream:
             return sorted(self._started)
 
     def _arrived(self, msg: worker_pb2.StageMessage, future: asyncio.Future,
-                 times: StepTimes) -> None:
+                 times: StepTimes, linked: bool = False) -> None:
         """On the loop, for each step in arrival order: the stream's bookkeeping."""
         check = any(seq.draft for seq in msg.seqs)
         self.service.parts.arrived(times.arrived, "check" if check else "decode")
+        if linked:
+            self.service.metrics.link_steps.labels("in").inc()
         if check and not self.checks.is_set():
             self.checks.set()
         self.steps.put_nowait((msg, future, times))
 
-    def _queue(self, msg: worker_pb2.StageMessage, arrived: float, here: bool
-               ) -> tuple[asyncio.Future, StepTimes]:
-        """Queue `msg` on the MLX thread (`here`: from that thread, a link's frame)."""
+    def _queue(self, msg: worker_pb2.StageMessage, arrived: float, here: bool,
+               announce: Any = None) -> tuple[asyncio.Future, StepTimes]:
+        """Queue `msg` on the MLX thread (`here`: from that thread, a link's frame, with
+        `announce` called on the loop once it finished)."""
         mlx, runner = self.service.mlx, self.loaded.runner
         if self.link_out is not None:
             send = self._sender(msg)
@@ -95,7 +98,7 @@ class ForwardStream:
         else:
             after = self.service.record
         if here:
-            return mlx.queue_step(self.loop, runner, msg, arrived, after, send)
+            return mlx.queue_step(self.loop, runner, msg, arrived, after, send, announce)
         return mlx.step(runner, msg, arrived, after, send)
 
     async def pump(self, requests: Any) -> None:
@@ -144,23 +147,23 @@ class ForwardStream:
     def _frame(self, data: bytes, arrived: float) -> None:
         """On the MLX thread: a step from the link, queued at once, accounted on the loop."""
         msg = worker_pb2.StageMessage.FromString(data)
+        step: list = []  # (future, times), for the loop once the step finished
         with self._lock:
             if self._closed:  # the stream is over: its sequences are being released
                 return
             self._count(msg)
-            future, times = self._queue(msg, arrived, True)
-        self.service.metrics.link_steps.labels("in").inc()
-        self.loop.call_soon_threadsafe(self._arrived, msg, future, times)
+            step.extend(self._queue(msg, arrived, True, lambda: self._arrived(msg, *step, True)))
 
     def _link_end(self, error: BaseException | None) -> None:
-        """On the MLX thread: the link ended (after every frame it brought)."""
+        """On the MLX thread: the link ended; once every step it brought has finished (and
+        reached the loop), the stream may end too."""
         def ended() -> None:
             if error is not None and not self._on_grpc:
                 self.back.put_nowait(DecodeError(str(error)) if isinstance(error, DecodeError)
                                      else ConnectionError(f"previous stage: link: {error}"))
             if not self._link_ended.done():
                 self._link_ended.set_result(None)
-        self.loop.call_soon_threadsafe(ended)
+        self.service.mlx.after_steps(self.loop, ended)
 
     # -- out ----------------------------------------------------------------------------
     def _sender(self, msg: worker_pb2.StageMessage) -> Any:

@@ -76,6 +76,7 @@ class _Step:
     # the future settles: the output goes on a direct link (worker/link.py); True when it
     # was the step's output that went (not a copy)
     send: Any = None
+    announce: Any = None  # posted to the loop before the future settles (a link's step)
 
 
 @dataclass
@@ -268,7 +269,7 @@ class MLXThread:
                 step.after(step.msg, out, step.times)
             except Exception:  # noqa: BLE001 - metrics must not stop the stage
                 log.exception("recording a step failed")
-        step.loop.call_soon_threadsafe(_settle, step.future, out, None)
+        self._settle(step, out, None)
         if out.decode_tokens and not out.prefill_tokens:
             self._ready.append(step)
             if sent:  # its output has left: build ahead once nothing else waits (`idle`)
@@ -277,7 +278,13 @@ class MLXThread:
     def _failed(self, step: _Step, error: BaseException) -> None:
         step.times.done = time.perf_counter()
         self._send(step, None, error)
-        step.loop.call_soon_threadsafe(_settle, step.future, None, error)
+        self._settle(step, None, error)
+
+    @staticmethod
+    def _settle(step: _Step, out: StepOutput | None, error: BaseException | None) -> None:
+        if step.announce is not None:
+            step.loop.call_soon_threadsafe(step.announce)
+        step.loop.call_soon_threadsafe(_settle, step.future, out, error)
 
     @staticmethod
     def _send(step: _Step, out: StepOutput | None, error: BaseException | None) -> bool:
@@ -318,13 +325,22 @@ class MLXThread:
         return future, times
 
     def queue_step(self, loop: asyncio.AbstractEventLoop, runner: StageRunner, msg: Any,
-                   arrived: float, after: Any = None, send: Any = None
-                   ) -> tuple[asyncio.Future, StepTimes]:
-        """On this thread (a link's frame, worker/link.py): queue a step as `step` does."""
+                   arrived: float, after: Any = None, send: Any = None,
+                   announce: Any = None) -> tuple[asyncio.Future, StepTimes]:
+        """On this thread (a link's frame, worker/link.py): queue a step as `step` does;
+        `announce()` is called on the loop once it finished, just before its future settles
+        (one wake-up of the loop a step, after the step, not while it launches)."""
         times = StepTimes(arrived)
         future = loop.create_future()
-        self._queue.put(_Step(loop, future, runner, msg, times, after, send=send))
+        self._queue.put(_Step(loop, future, runner, msg, times, after, send=send,
+                              announce=announce))
         return future, times
+
+    def after_steps(self, loop: asyncio.AbstractEventLoop, callback: Any) -> None:
+        """On this thread: call `callback` on the loop once every step queued so far has
+        finished and settled (a link's end, after its last step)."""
+        future = loop.create_future()
+        self._queue.put((loop, future, loop.call_soon_threadsafe, (callback,)))
 
     def watch(self, sock: socket.socket, read: Any) -> None:
         """Have this thread call `read()` whenever `sock` has bytes, in turn with its queue,
