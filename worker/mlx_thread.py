@@ -282,9 +282,7 @@ class MLXThread:
 
     @staticmethod
     def _settle(step: _Step, out: StepOutput | None, error: BaseException | None) -> None:
-        if step.announce is not None:
-            step.loop.call_soon_threadsafe(step.announce)
-        step.loop.call_soon_threadsafe(_settle, step.future, out, error)
+        step.loop.call_soon_threadsafe(_settle, step.future, out, error, step.announce)
 
     @staticmethod
     def _send(step: _Step, out: StepOutput | None, error: BaseException | None) -> bool:
@@ -359,7 +357,11 @@ class MLXThread:
     def early(self, runner: StageRunner, result: Any) -> None:
         """Stage 0: the last stage sampled `result`'s tokens; start the step built ahead on
         them (in queue order with the steps; StageRunner.start_early)."""
-        if not self._closed:
+        if self._closed:
+            return
+        if threading.get_ident() == self._thread.ident:  # (a link's frame: no wake-up)
+            self._queue.put(_Early(runner, result))
+        else:
             self._put(_Early(runner, result))
 
     def close(self) -> None:
@@ -367,7 +369,13 @@ class MLXThread:
         self._put(_CLOSE)
 
 
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None,
+            announce: Any = None) -> None:
+    if announce is not None:  # (one wake-up of the loop for both)
+        try:
+            announce()
+        except Exception:  # noqa: BLE001 - the future settles all the same
+            log.exception("accounting a step failed")
     if future.done():
         return
     if error is not None:
