@@ -230,3 +230,51 @@ def test_with_links_off_a_stage_offers_none_and_the_pipeline_stays_exact(model_d
     assert answer == "none"
     assert counted == [{}, {}]  # every step on gRPC
     assert tokens == reference_tokens(path, PROMPT, 1)
+
+
+def test_frames_larger_than_the_socket_takes_arrive_whole_and_in_order():
+    """A prompt chunk's hidden states are megabytes: what the socket does not take at once
+    waits for the event loop, later frames queue behind it, and the reader puts each frame
+    back together from partial reads."""
+    import threading
+
+    frames = [worker_pb2.StageMessage(step_id=i, seqs=[worker_pb2.SeqInput(
+        seq_id=f"s{i}", hidden=worker_pb2.Tensor(data=bytes([i % 251]) * size,
+                                                 shape=[1, size // 2], dtype="bfloat16"))])
+        for i, size in enumerate([3 << 20, 100, 1 << 20, 7, 2 << 20])]
+
+    async def scenario():
+        a, b = socket.socketpair()
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        a.setblocking(False)
+        writer = link.LinkWriter(a)
+        got: list[worker_pb2.StageMessage] = []
+        ended: list = []
+        reader = link.LinkReader(b, 8 << 20,
+                                 lambda data, _: got.append(
+                                     worker_pb2.StageMessage.FromString(data)),
+                                 ended.append)
+        sent = threading.Event()
+
+        def send_all() -> None:  # as the MLX thread does: never blocked by the socket
+            for msg in frames:
+                writer.send(msg)
+            sent.set()
+
+        threading.Thread(target=send_all).start()
+        loop = asyncio.get_running_loop()
+        while not sent.is_set():
+            await asyncio.sleep(0.001)
+        closing = loop.create_task(writer.close())
+        while not ended:  # read in pieces (one recv each) while the loop writes the rest
+            await asyncio.sleep(0.001)
+            reader.read()
+        await closing
+        a.close()
+        b.close()
+        return got, ended
+
+    got, ended = run(scenario())
+    assert ended == [None]  # a clean end, after the last frame
+    assert [m.step_id for m in got] == [m.step_id for m in frames]
+    assert got == frames
