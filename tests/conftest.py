@@ -147,3 +147,14 @@ def reference_tokens(model: Path, prompt_ids: Sequence[int], max_tokens: int) ->
             break
         out.append(token)
     return out
+
+
+def counter_by(port: int, family: str, label: str) -> dict[str, float]:
+    """The `_total` samples of counter `family` on a metrics port (on 127.0.0.1), by `label`."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    return {s.labels[label]: s.value for f in text_string_to_metric_families(text.decode())
+            if f.name == family for s in f.samples if s.name.endswith("_total")}

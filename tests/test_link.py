@@ -7,7 +7,7 @@ import asyncio
 import socket
 
 import grpc
-from conftest import GiB, reference_tokens, run
+from conftest import GiB, counter_by, reference_tokens, run
 
 import protos
 from coordinator.cluster.cluster import Cluster, connect_all
@@ -57,15 +57,7 @@ async def hello(port: int, data: bytes) -> bytes:
 
 def link_steps(port: int) -> dict[str, float]:
     """A worker's shardline_link_steps_total by direction, from its metrics port."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-    return {s.labels["direction"]: s.value
-            for f in text_string_to_metric_families(text.decode())
-            if f.name == "shardline_link_steps" for s in f.samples
-            if s.name.endswith("_total")}
+    return counter_by(port, "shardline_link_steps", "direction")
 
 
 def moved(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

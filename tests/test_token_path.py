@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from conftest import reference_tokens, run
+from conftest import counter_by, reference_tokens, run
 
 from coordinator.cluster.cluster import Cluster, connect_all
 from coordinator.cluster.modelinfo import read_model_info
@@ -200,18 +200,10 @@ def test_a_new_plan_frees_the_old_shard_while_an_old_stream_is_still_open(model_
 
 
 def test_a_middle_stage_counts_the_hidden_bytes_it_receives_and_sends(model_dir, workers):
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
     path = model_dir(SPEC)
 
     def activation_bytes(port: int) -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        return {s.labels["direction"]: s.value
-                for f in text_string_to_metric_families(text.decode())
-                if f.name == "shardline_activation_bytes" for s in f.samples
-                if s.name.endswith("_total")}
+        return counter_by(port, "shardline_activation_bytes", "direction")
 
     async def scenario():
         cluster = await loaded(path, workers)
