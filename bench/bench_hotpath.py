@@ -101,18 +101,28 @@ async def interleaved_runs(path: Path, counts: list[int], streams: list[int], pr
             for s in streams:
                 if baseline is not None:  # in a thread: the coordinators' loop keeps running
                     base[s].append(await asyncio.to_thread(baseline, s))
-                    print(f"mlx-lm, {s} streams: {base[s][-1].tps:.1f} tok/s", flush=True)
+                    print(f"mlx-lm, {s} streams: {spread(base[s][-1])}", flush=True)
                 for key in keys:
                     out[key][s].append(await bench_shardline(clusters[key][1], label_of(*key),
                                                              s, prompt, new, warm=False))
                     # kept if the run is cut short by its time limit
-                    print(f"{label_of(*key)}, {s} streams: {out[key][s][-1].tps:.1f} tok/s",
+                    print(f"{label_of(*key)}, {s} streams: {spread(out[key][s][-1])}",
                           flush=True)
         return base, out
     finally:
         for local, coord in clusters.values():
             await coord.stop()
             local.stop()
+
+
+def spread(r: Result) -> str:
+    """A run's tokens/s and, where it streamed, its inter-token latencies: the median and the
+    90th percentile against the mean say whether a slow run was slow throughout or stalled."""
+    if not r.itl:
+        return f"{r.tps:.1f} tok/s"
+    return (f"{r.tps:.1f} tok/s, ITL p50 {r.pct(r.itl, 0.5) * 1e3:.2f} ms, p90 "
+            f"{r.pct(r.itl, 0.9) * 1e3:.2f}, max {max(r.itl) * 1e3:.1f}, mean "
+            f"{statistics.fmean(r.itl) * 1e3:.2f}")
 
 
 def median_tps(results: list[Result]) -> float:
@@ -139,13 +149,18 @@ def decode(args: argparse.Namespace) -> None:
     print(f"model {spec.key()}, prompt {args.prompt}, {args.new} new tokens, greedy, "
           f"medians of {args.runs} runs, mlx-lm and every cluster in turn, "
           f"{'GPU' if args.gpu else 'CPU pinned to core 0'}")
+    itl = 1 in streams  # one stream's median gap between tokens: the steady pace, no stalls
     print("| system | " + " | ".join(f"{s} stream{'s' if s > 1 else ''} tok/s" for s in streams)
-          + " |")
-    print("|---|" + "---|" * len(streams))
-    print("| mlx-lm | " + " | ".join(f"{median_tps(base[s]):.1f}" for s in streams) + " |")
+          + (" | 1 stream ITL p50 ms |" if itl else " |"))
+    print("|---|" + "---|" * (len(streams) + itl))
+    print("| mlx-lm | " + " | ".join(f"{median_tps(base[s]):.1f}" for s in streams)
+          + (f" | {median_itl_ms(base[1]):.2f} |" if itl else " |"))
     for key, by in rows.items():
         cells = [f"{median_tps(by[s]):.1f} ({median_tps(by[s]) / median_tps(base[s]):.2f}x)"
                  for s in streams]
+        if itl:
+            cells.append(f"{median_itl_ms(by[1]):.2f} "
+                         f"({median_itl_ms(base[1]) / median_itl_ms(by[1]):.2f}x)")
         print(f"| shardline, {workers_of(*key)} | " + " | ".join(cells) + " |")
     if 1 in streams:  # greedy: every run's tokens are mlx-lm's, or the speed means nothing
         want = base[1][0].ids
