@@ -69,7 +69,16 @@ def test_a_few_rows_of_4_bit_bf16_weights_go_through_the_kernel(kernel_calls):
         out = layer(x)
         assert out.shape == (rows, 1, 256)
         assert mx.array_equal(out, expected[rows]).item(), rows
-    assert kernel_calls == [1, 3, 8]  # one row too (SHARDLINE_ROWS_MIN, default 1)
+    assert kernel_calls == [3, 8]  # one row by MLX's product (SHARDLINE_ROWS_MIN, default 2)
+
+
+def test_one_row_goes_through_the_kernel_where_set(kernel_calls, monkeypatch):
+    monkeypatch.setattr(cuda_rows, "MIN_ROWS", 1)  # SHARDLINE_ROWS_MIN=1
+    layer = _layer(512, 256)
+    x = mx.random.normal((1, 1, 512)).astype(mx.bfloat16)
+    assert pad_products(_Model(layer), 1, kernel=True) == 1
+    assert mx.array_equal(layer(x), _alone(x, layer)).item()
+    assert kernel_calls == [1]
 
 
 def test_the_kernel_is_not_used_off_cuda_nor_for_other_weights(kernel_calls):
@@ -82,7 +91,7 @@ def test_the_kernel_is_not_used_off_cuda_nor_for_other_weights(kernel_calls):
     # chunk is then still padded for them; float32 rows are not the kernel's either. The
     # kernel is still built at set-up for the layer it covers.
     assert set_up(model, 8, True) == 8
-    assert kernel_calls == [1, 2, 4]
+    assert kernel_calls == [2, 4]
     kernel_calls.clear()
     eight_bit(mx.random.normal((4, 1, 512)).astype(mx.bfloat16))
     narrow(mx.random.normal((4, 1, 64)).astype(mx.bfloat16))
@@ -97,7 +106,7 @@ def test_the_head_of_a_quantized_embedding_goes_through_the_kernel(kernel_calls)
     x = mx.random.normal((2, 3, 512)).astype(mx.bfloat16)
     expected = _alone(x, embedding)
     assert set_up(_Model(embedding), 1, True) == 1
-    assert kernel_calls == [1, 2, 4]  # each build of the kernel made before any step
+    assert kernel_calls == [2, 4]  # each build of the kernel made before any step
     kernel_calls.clear()
     assert mx.array_equal(embedding.as_linear(x), expected).item()
     assert kernel_calls == [6]
@@ -151,7 +160,7 @@ def test_a_pipeline_with_the_kernel_standing_in_stays_exact(model_dir, monkeypat
     assert [runner.row_floor for runner in chain.runners] == [1, 1]
     kernel_calls.clear()  # the builds at set-up
     assert generate_together(chain, THREE_PROMPTS, 8) == expected
-    assert set(kernel_calls) == {1, 2, 3, 8}, sorted(set(kernel_calls))
+    assert set(kernel_calls) == {2, 3, 8}, sorted(set(kernel_calls))
 
 
 def test_rows_past_the_split_go_in_calls_of_that_many(monkeypatch):

@@ -1,4 +1,4 @@
-"""CUDA backend: a 4-bit product of 1 to 8 rows that reads each weight once for all rows.
+"""CUDA backend: a 4-bit product of 2 (or 1) to 8 rows that reads each weight once for all rows.
 
 MLX 0.32's CUDA backend multiplies one row by a 4-bit matrix with `qmv` (a warp per output
 feature, 16 weights a lane a turn) and anything else with kernels that cost about M times one
@@ -10,6 +10,13 @@ and 28.2 by MLX and 9.6 for one row (bench/RESULTS-gpu.md, "A kernel for a few r
 out as kernels for 1, 2 and 4 rows, more rows in calls of 4: 7.4 ms for one row (MLX: 9.2),
 and 19.1 to 24.5 ms for 5 to 8 rows (bench/RESULTS-gpu.md, "Kernel layouts").
 
+One row still goes to MLX's `qmv` by default (`SHARDLINE_ROWS_MIN`, 2; 1 gives it to the
+kernel): what the device saves, the host pays back in launching, since each call of a custom
+kernel costs the host more than a call of MLX's own product, and a decode step of one stream
+is bound by its host on many machines. On one such H100 host, one worker decoded one stream at
+134.1 tok/s with one row by `qmv` against 120.3 by the kernel, faster in each of three rounds
+(bench/RESULTS-gpu.md, "One row by MLX's product").
+
 Every row's arithmetic is `qmv`'s for that row alone: the same 16 elements a lane, dequantized
 with the same bf16 multiply and add, accumulated with bf16 fused multiply-adds in the same
 order, summed in float and reduced across the warp the same way. So each row's output is bit
@@ -18,7 +25,7 @@ tests/test_cuda_rows.py check it on the device; checked on an H100 at group size
 groups of 32 and 128 follow through the same code), and batching rows changes no token.
 
 `applies` says where the kernel computes a product (CUDA, bf16 rows, 4-bit affine weights of a
-width that is a multiple of 512, 1 to 8 rows); elsewhere callers use MLX's product.
+width that is a multiple of 512, `MIN_ROWS` to 8 rows); elsewhere callers use MLX's product.
 """
 
 from __future__ import annotations
@@ -136,10 +143,10 @@ _SOURCE = """
 # H100 that was slower at every row count (bench/RESULTS-gpu.md, "A kernel for a few rows"),
 # so a warp computes one; SHARDLINE_ROWS_PER_WARP=N measures N (bench/bench_qmm.py sets it here).
 # Settings to measure other layouts (bench/bench_qmm.py --rows times them): SHARDLINE_ROWS_BUCKETS
-# (the kernels built, e.g. 1,2,3,4,5,6,7,8 for one per count), SHARDLINE_ROWS_MIN=2 (one row
-# by MLX's qmv, with the same arithmetic), SHARDLINE_ROWS_SPLIT=N (more rows than N go in calls
+# (the kernels built, e.g. 1,2,3,4,5,6,7,8 for one per count), SHARDLINE_ROWS_MIN=1 (one row
+# by the kernel too, with qmv's arithmetic), SHARDLINE_ROWS_SPLIT=N (more rows than N go in calls
 # of N: each weight is read once a call, but a call of fewer rows holds fewer accumulators).
-# The defaults were the fastest of three layouts at 1 and at 5 to 8 rows on an H100.
+# The buckets and the split were the fastest of three layouts at 5 to 8 rows on an H100.
 
 
 def _setting(name: str, default: str) -> tuple[int, ...]:
@@ -148,7 +155,7 @@ def _setting(name: str, default: str) -> tuple[int, ...]:
 
 BUCKETS = _setting("SHARDLINE_ROWS_BUCKETS", "1,2,4")
 PER_WARP = _setting("SHARDLINE_ROWS_PER_WARP", "1")[0]
-MIN_ROWS = _setting("SHARDLINE_ROWS_MIN", "1")[0]
+MIN_ROWS = _setting("SHARDLINE_ROWS_MIN", "2")[0]
 SPLIT = _setting("SHARDLINE_ROWS_SPLIT", "4")[0]
 
 
@@ -199,13 +206,14 @@ def rows_product(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.arr
     if rows > SPLIT:  # calls of SPLIT rows: each row's arithmetic is its own either way
         out = mx.concatenate([_product(flat[i : i + SPLIT], weight, scales, biases,
                                        group_size) for i in range(0, rows, SPLIT)])
-    else:
-        out = _product(flat, weight, scales, biases, group_size)
-    return out.reshape(*x.shape[:-1], n)
+        return out.reshape(*x.shape[:-1], n)
+    # the kernel writes row m's feature f at m * N + f: the output takes x's leading shape as
+    # it is, with no reshape node for the launch to walk
+    return _product(flat, weight, scales, biases, group_size, (*x.shape[:-1], n))
 
 
 def _product(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
-             group_size: int) -> mx.array:
+             group_size: int, shape: tuple[int, ...] | None = None) -> mx.array:
     rows, n = x.shape[0], weight.shape[0]
     bucket, per_warp = next(b for b in BUCKETS if b >= rows), PER_WARP
     warps = -(-n // per_warp)
@@ -214,7 +222,7 @@ def _product(x: mx.array, weight: mx.array, scales: mx.array, biases: mx.array,
         template=[("MB", bucket), ("R", per_warp), ("GS", group_size)],
         grid=(32, -(-warps // WARPS_PER_BLOCK) * WARPS_PER_BLOCK, 1),
         threadgroup=(32, WARPS_PER_BLOCK, 1),
-        output_shapes=[(rows, n)], output_dtypes=[mx.bfloat16])
+        output_shapes=[shape or (rows, n)], output_dtypes=[mx.bfloat16])
     return out
 
 
@@ -223,4 +231,5 @@ def warm(group_size: int) -> None:
     weight = mx.zeros((8, WARP_ELEMENTS // 8), dtype=mx.uint32)
     scales = mx.zeros((8, WARP_ELEMENTS // group_size), dtype=mx.bfloat16)
     mx.eval([rows_product(mx.zeros((bucket, WARP_ELEMENTS), dtype=mx.bfloat16), weight,
-                          scales, scales, group_size) for bucket in BUCKETS if bucket <= SPLIT])
+                          scales, scales, group_size)
+             for bucket in BUCKETS if MIN_ROWS <= bucket <= SPLIT])

@@ -17,7 +17,7 @@ A chunk of one sequence is padded once for all its layers instead (worker/stage.
 `_padding`), so its products already have the rows.
 
 Where worker/cuda_rows.py's kernel applies (CUDA, 4-bit affine weights, bf16 rows), a layer
-multiplies 1 to 8 rows with it instead: it reads each weight once for all rows and gives
+multiplies 2 to 8 rows with it instead: it reads each weight once for all rows and gives
 every row what that row alone gives, so nothing is padded (`set_up`).
 """
 
