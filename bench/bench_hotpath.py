@@ -116,13 +116,21 @@ async def interleaved_runs(path: Path, counts: list[int], streams: list[int], pr
 
 
 def spread(r: Result) -> str:
-    """A run's tokens/s and, where it streamed, its inter-token latencies: the median and the
-    90th percentile against the mean say whether a slow run was slow throughout or stalled."""
+    """A run's tokens/s and, where it streamed, its first token's time, its tokens/s after
+    that, and its inter-token latencies: the median and the 90th percentile against the mean
+    say whether a slow run was slow throughout or stalled."""
     if not r.itl:
         return f"{r.tps:.1f} tok/s"
-    return (f"{r.tps:.1f} tok/s, ITL p50 {r.pct(r.itl, 0.5) * 1e3:.2f} ms, p90 "
+    return (f"{r.tps:.1f} tok/s, TTFT {r.ttft[0] * 1e3:.1f} ms, after it {decode_tps(r):.1f} "
+            f"tok/s, ITL p50 {r.pct(r.itl, 0.5) * 1e3:.2f} ms, p90 "
             f"{r.pct(r.itl, 0.9) * 1e3:.2f}, max {max(r.itl) * 1e3:.1f}, mean "
             f"{statistics.fmean(r.itl) * 1e3:.2f}")
+
+
+def decode_tps(r: Result) -> float:
+    """One stream's tokens/s after its first token (mlx-lm's "generation" rate): the time to
+    the first token, which the prompt's prefill takes, left out."""
+    return len(r.itl) / sum(r.itl) if r.itl else 0.0
 
 
 def median_tps(results: list[Result]) -> float:
@@ -149,16 +157,26 @@ def decode(args: argparse.Namespace) -> None:
     print(f"model {spec.key()}, prompt {args.prompt}, {args.new} new tokens, greedy, "
           f"medians of {args.runs} runs, mlx-lm and every cluster in turn, "
           f"{'GPU' if args.gpu else 'CPU pinned to core 0'}")
-    itl = 1 in streams  # one stream's median gap between tokens: the steady pace, no stalls
+    # one stream: also its tokens/s after the first token, and its median gap between tokens
+    # (the steady pace, no stalls)
+    itl = 1 in streams
     print("| system | " + " | ".join(f"{s} stream{'s' if s > 1 else ''} tok/s" for s in streams)
-          + (" | 1 stream ITL p50 ms |" if itl else " |"))
-    print("|---|" + "---|" * (len(streams) + itl))
+          + (" | 1 stream, after the first token, tok/s | 1 stream ITL p50 ms |" if itl
+             else " |"))
+    print("|---|" + "---|" * (len(streams) + 2 * itl))
+
+    def after_first(results: list[Result]) -> float:
+        return statistics.median(decode_tps(r) for r in results)
+
     print("| mlx-lm | " + " | ".join(f"{median_tps(base[s]):.1f}" for s in streams)
-          + (f" | {median_itl_ms(base[1]):.2f} |" if itl else " |"))
+          + (f" | {after_first(base[1]):.1f} | {median_itl_ms(base[1]):.2f} |" if itl
+             else " |"))
     for key, by in rows.items():
         cells = [f"{median_tps(by[s]):.1f} ({median_tps(by[s]) / median_tps(base[s]):.2f}x)"
                  for s in streams]
         if itl:
+            cells.append(f"{after_first(by[1]):.1f} "
+                         f"({after_first(by[1]) / after_first(base[1]):.2f}x)")
             cells.append(f"{median_itl_ms(by[1]):.2f} "
                          f"({median_itl_ms(base[1]) / median_itl_ms(by[1]):.2f}x)")
         print(f"| shardline, {workers_of(*key)} | " + " | ".join(cells) + " |")
