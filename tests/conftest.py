@@ -81,6 +81,17 @@ async def until(condition, timeout: float = 30.0, every: float = 0.01) -> bool:
     return True
 
 
+async def loaded_cluster(path, addresses, secret: bytes | None = None):
+    """A Cluster of the model at `path` (id "t") over `addresses`, its plan loaded."""
+    from coordinator.cluster.cluster import Cluster, connect_all
+    from coordinator.cluster.modelinfo import read_model_info
+
+    cluster = Cluster(read_model_info(path, model_id="t"),
+                      await connect_all(addresses, secret=secret))
+    await cluster.load()
+    return cluster
+
+
 def run(coro):
     """Run a coroutine on a fresh event loop (each test owns its loop)."""
     return asyncio.run(coro)

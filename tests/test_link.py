@@ -7,11 +7,9 @@ import asyncio
 import socket
 
 import grpc
-from conftest import GiB, counter_by, reference_tokens, run
+from conftest import GiB, counter_by, loaded_cluster, reference_tokens, run
 
 import protos
-from coordinator.cluster.cluster import Cluster, connect_all
-from coordinator.cluster.modelinfo import read_model_info
 from coordinator.demo import ModelSpec
 from coordinator.serving.pipeline import PLAN_METADATA_KEY
 from protos import auth, worker_pb2, worker_pb2_grpc
@@ -69,8 +67,7 @@ def test_a_pipeline_moves_its_steps_and_tokens_on_direct_links(model_dir, worker
     path = model_dir(SPEC)
 
     async def scenario():
-        cluster = Cluster(read_model_info(path, model_id="t"), await connect_all(workers))
-        await cluster.load()
+        cluster = await loaded_cluster(path, workers)
         try:
             ports = [w.info.metrics_port for w in cluster.workers]
             start = link_steps(ports[-1]).get("follow", 0)
@@ -96,8 +93,7 @@ def test_a_step_sent_on_a_direct_link_runs_through_every_stage_exactly(model_dir
     path = model_dir(SPEC)
 
     async def scenario():
-        cluster = Cluster(read_model_info(path, model_id="t"), await connect_all(workers))
-        await cluster.load()
+        cluster = await loaded_cluster(path, workers)
         try:
             results = cluster.workers[-1].stub.Results(
                 worker_pb2.ResultsRequest(plan_id=cluster.plan_id))
@@ -142,9 +138,7 @@ def test_a_link_port_set_refuses_wrong_tokens_and_proofs_and_a_broken_frame_ends
     address = local.start()[0]
 
     async def scenario():
-        cluster = Cluster(read_model_info(path, model_id="t"),
-                          await connect_all([address], secret=SECRET))
-        await cluster.load()
+        cluster = await loaded_cluster(path, [address], secret=SECRET)
         channel = auth.worker_channel(address, SECRET, protos.channel_options())
         try:
             stub = worker_pb2_grpc.WorkerStub(channel)
@@ -202,8 +196,7 @@ def test_with_links_off_a_stage_offers_none_and_the_pipeline_stays_exact(model_d
     addresses = local.start()
 
     async def scenario():
-        cluster = Cluster(read_model_info(path, model_id="t"), await connect_all(addresses))
-        await cluster.load()
+        cluster = await loaded_cluster(path, addresses)
         try:
             call = cluster.workers[1].stub.Forward(metadata=(
                 (PLAN_METADATA_KEY, cluster.plan_id), (link.LINK_KEY, "1")))

@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from conftest import counter_by, reference_tokens, run
+from conftest import counter_by, loaded_cluster, reference_tokens, run
 
-from coordinator.cluster.cluster import Cluster, connect_all
-from coordinator.cluster.modelinfo import read_model_info
+from coordinator.cluster.cluster import Cluster
 from coordinator.demo import ModelSpec
 from coordinator.serving.pipeline import PLAN_METADATA_KEY
 from protos import worker_pb2
@@ -27,8 +26,7 @@ def first_step(seq_id: str) -> worker_pb2.StageMessage:
 
 
 async def loaded(path, addresses) -> Cluster:
-    cluster = Cluster(read_model_info(path, model_id="t"), await connect_all(addresses))
-    await cluster.load()
+    cluster = await loaded_cluster(path, addresses)
     assert len(cluster.plan.stages) == len(addresses)
     return cluster
 
