@@ -146,6 +146,9 @@ def test_a_kernel_that_cannot_be_built_leaves_mlx_products(kernel_calls, monkeyp
     assert kernel_calls == []
 
 
+@pytest.mark.skipif(ON_CUDA, reason="on CUDA a batch of sequences is not bit-exact against "
+                    "one sequence's steps outside the products too (bench/RESULTS-gpu.md, "
+                    "'Tests on the GPU'); the stand-in kernel proves the routing on the CPU")
 def test_a_pipeline_with_the_kernel_standing_in_stays_exact(model_dir, monkeypatch,
                                                              kernel_calls):
     """Two stages set up as on CUDA with the kernel (a stand-in computing each row alone; the
