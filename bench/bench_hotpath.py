@@ -78,23 +78,40 @@ def label_of(workers: int, setting: str = "") -> str:
 
 async def interleaved_runs(path: Path, counts: list[int], streams: list[int], prompt: int,
                            new: int, runs: int, pin: bool, baseline=None,
-                           also: tuple[str, ...] = ()
+                           also: tuple[str, ...] = (), apart: bool = False
                            ) -> tuple[dict[int, list[Result]], dict[tuple[int, str],
                                                                     dict[int, list[Result]]]]:
     """A cluster of each size in `counts` (and, for each "VAR=VALUE" of `also`, another of
-    each size whose workers have that setting), all started at once and warmed up, then `runs`
-    rounds of one run of each (`baseline(s)` first, where given, then every cluster), per
-    stream count s, so that a slow spell of the machine falls on every row alike. Returns
-    the baseline's runs and each cluster's, by (size, setting) and stream count."""
+    each size whose workers have that setting), then `runs` rounds of one run of each
+    (`baseline(s)` first, where given, then every cluster), per stream count s, so that a slow
+    spell of the machine falls on every row alike. The clusters are all started at once and
+    warmed up before the first round, or, `apart`, each started and warmed up (a whole run)
+    for its own runs in every round and stopped after them, so that none runs beside the
+    others' idle workers (on a GPU those slowed mlx-lm and the running cluster:
+    bench/RESULTS-gpu.md).
+    Returns the baseline's runs and each cluster's, by (size, setting) and stream count."""
     keys = [(w, setting) for setting in ("", *also) for w in counts]
     clusters = {}
+
+    async def up(key: tuple[int, str]) -> None:
+        w, setting = key
+        env = dict([setting.split("=", 1)]) if setting else None
+        clusters[key] = await start_cluster(path, w, max(streams), pin, env)
+        for s in streams:  # apart: a whole run first (a fresh cluster is slow at first)
+            await bench_shardline(clusters[key][1], label_of(*key), s, prompt,
+                                  new if apart else min(new, 16))
+
+    async def down(key: tuple[int, str]) -> None:
+        local, coord = clusters.pop(key)
+        try:
+            await coord.stop()
+        finally:
+            local.stop()
+
     try:
-        for w, setting in keys:
-            env = dict([setting.split("=", 1)]) if setting else None
-            clusters[w, setting] = await start_cluster(path, w, max(streams), pin, env)
-            for s in streams:
-                await bench_shardline(clusters[w, setting][1], label_of(w, setting), s,
-                                      prompt, min(new, 16))
+        if not apart:
+            for key in keys:
+                await up(key)
         base: dict[int, list[Result]] = {s: [] for s in streams}
         out = {key: {s: [] for s in streams} for key in keys}
         for _ in range(runs):
@@ -102,17 +119,21 @@ async def interleaved_runs(path: Path, counts: list[int], streams: list[int], pr
                 if baseline is not None:  # in a thread: the coordinators' loop keeps running
                     base[s].append(await asyncio.to_thread(baseline, s))
                     print(f"mlx-lm, {s} streams: {spread(base[s][-1])}", flush=True)
-                for key in keys:
+            for key in keys:
+                if apart:
+                    await up(key)
+                for s in streams:
                     out[key][s].append(await bench_shardline(clusters[key][1], label_of(*key),
                                                              s, prompt, new, warm=False))
                     # kept if the run is cut short by its time limit
                     print(f"{label_of(*key)}, {s} streams: {spread(out[key][s][-1])}",
                           flush=True)
+                if apart:
+                    await down(key)
         return base, out
     finally:
-        for local, coord in clusters.values():
-            await coord.stop()
-            local.stop()
+        for key in list(clusters):
+            await down(key)
 
 
 def spread(r: Result) -> str:
@@ -153,9 +174,10 @@ def decode(args: argparse.Namespace) -> None:
     base, rows = asyncio.run(interleaved_runs(
         path, workers, streams, args.prompt, args.new, args.runs, pin,
         baseline=lambda s: bench_mlx_lm(path, s, args.prompt, args.new),
-        also=tuple(args.also)))
+        also=tuple(args.also), apart=args.apart))
     print(f"model {spec.key()}, prompt {args.prompt}, {args.new} new tokens, greedy, "
-          f"medians of {args.runs} runs, mlx-lm and every cluster in turn, "
+          f"medians of {args.runs} runs, mlx-lm and every cluster in turn "
+          f"({'each cluster up only for its runs' if args.apart else 'all clusters up'}), "
           f"{'GPU' if args.gpu else 'CPU pinned to core 0'}")
     # one stream: also its tokens/s after the first token, and its median gap between tokens
     # (the steady pace, no stalls)
@@ -193,7 +215,7 @@ def hops(args: argparse.Namespace) -> None:
     path = cached_model(HOP_SPEC)
     counts = [int(w) for w in args.workers.split(",")] if args.workers_set else [1, 2, 3, 4]
     _, by = asyncio.run(interleaved_runs(path, counts, [1], 32, args.new, args.runs, pin,
-                                         also=tuple(args.also)))
+                                         also=tuple(args.also), apart=args.apart))
     where = "workers pinned to core 0" if pin else "nothing pinned"
     print(f"model {HOP_SPEC.key()}, 1 stream, {args.new} new tokens, ITL p50 medians of "
           f"{args.runs} runs interleaved across the cluster sizes, {where}")
@@ -230,6 +252,10 @@ def main() -> None:
     parser.add_argument("--also", action="append", default=[], metavar="VAR=VALUE",
                         help="also a cluster of each size whose workers have this setting, "
                              "in turn with the others (e.g. SHARDLINE_FUSE=0); repeatable")
+    parser.add_argument("--apart", action=argparse.BooleanOptionalAction, default=None,
+                        help="start each cluster for its own runs only, every round (default "
+                             "with --gpu: idle workers beside a run slowed it there); "
+                             "--no-apart: all up at once")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
@@ -237,6 +263,7 @@ def main() -> None:
     args.workers_set = bool(args.workers)
     args.workers = args.workers or ("1,2,4" if args.gpu else "1,3")
     args.streams = args.streams or ("1,8" if args.gpu else "1")
+    args.apart = args.gpu if args.apart is None else args.apart
     hops(args) if args.hops else decode(args)
 
 
