@@ -11,6 +11,7 @@
 #   bench/gpu.sh knobs DIR [ARGS]    # bench_knobs.py --gpu ARGS (MLX's CUDA launch settings)
 #   bench/gpu.sh qmm DIR [ARGS]      # bench_qmm.py ARGS (products by rows; --rows: the kernel)
 #   bench/gpu.sh host DIR [ARGS]     # bench_host.py --gpu ARGS (one worker's step, in-process)
+#   bench/gpu.sh neighbours DIR [ARGS]  # bench_neighbours.py --gpu ARGS (mlx-lm beside idle ones)
 #   bench/gpu.sh prebuild DIR [ARGS] # prebuild.py ARGS: both 8B models, before the benches
 #
 # A fresh machine builds the 8B-shaped model before the first hotpath, profile or speculation
@@ -41,7 +42,7 @@ install() {
     python3 -m pip install -q --no-deps --target /root/site "$parts"/*.whl
 }
 if [ "$1" = hotpath ] || [ "$1" = profile ] || [ "$1" = speculation ] || [ "$1" = knobs ] \
-    || [ "$1" = qmm ] || [ "$1" = host ]; then
+    || [ "$1" = qmm ] || [ "$1" = host ] || [ "$1" = neighbours ]; then
     [ -d /root/site/mlx ] || install
     mode=$1
     shift 2
