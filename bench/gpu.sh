@@ -12,6 +12,7 @@
 #   bench/gpu.sh qmm DIR [ARGS]      # bench_qmm.py ARGS (products by rows; --rows: the kernel)
 #   bench/gpu.sh host DIR [ARGS]     # bench_host.py --gpu ARGS (one worker's step, in-process)
 #   bench/gpu.sh neighbours DIR [ARGS]  # bench_neighbours.py --gpu ARGS (mlx-lm beside idle ones)
+#   bench/gpu.sh lazy DIR [ARGS]     # bench_lazy_recv.py ARGS (a stage launched on a lazy receive)
 #   bench/gpu.sh prebuild DIR [ARGS] # prebuild.py ARGS: both 8B models, before the benches
 #
 # A fresh machine builds the 8B-shaped model before the first hotpath, profile or speculation
@@ -42,11 +43,12 @@ install() {
     python3 -m pip install -q --no-deps --target /root/site "$parts"/*.whl
 }
 if [ "$1" = hotpath ] || [ "$1" = profile ] || [ "$1" = speculation ] || [ "$1" = knobs ] \
-    || [ "$1" = qmm ] || [ "$1" = host ] || [ "$1" = neighbours ]; then
+    || [ "$1" = qmm ] || [ "$1" = host ] || [ "$1" = neighbours ] || [ "$1" = lazy ]; then
     [ -d /root/site/mlx ] || install
     mode=$1
     shift 2
     script=bench/bench_$mode.py
+    [ "$mode" = lazy ] && script=bench/bench_lazy_recv.py
     timeout "${BENCH_TIMEOUT:-560}" python3 "$script" --gpu "$@" 2>&1 | grep -v fork_posix \
         | tee -a "$out/$mode.txt" | tail -40 || true
     exit 0
