@@ -6,9 +6,9 @@ grew then too (bench/RESULTS-gpu.md). This tells whether processes that merely h
 the GPU do that (an effect of MLX and the driver), or Shardline's idle workers do (one of ours):
 
 - `alone`: mlx-lm with nothing else on the GPU;
+- `beside idle clusters`: a 4-worker and a 2-worker cluster, started, warmed up, idle;
 - `beside N idle MLX processes`: each has loaded the model with mlx-lm, decoded 4 tokens and
-  sleeps;
-- `beside idle clusters`: a 4-worker and a 2-worker cluster, started, warmed up, idle.
+  sleeps; then `alone again`.
 
     python bench/bench_neighbours.py --gpu       # the 8B-shaped 4-bit llama
 """
@@ -61,18 +61,6 @@ def main() -> None:
     print("| mlx-lm | tok/s | ITL p50 ms | ITL p90 ms | ITL max ms |")
     print("|---|---|---|---|---|")
     measure(path, "alone", args.runs)
-    idle = [subprocess.Popen([sys.executable, "-c", IDLE, str(path)], stdout=subprocess.PIPE,
-                             text=True) for _ in range(args.idle)]
-    try:
-        for proc in idle:  # each has loaded the model and decoded
-            if proc.stdout.readline().strip() != "ready":
-                raise SystemExit("an idle MLX process did not start")
-        measure(path, f"beside {args.idle} idle MLX processes", args.runs)
-    finally:
-        for proc in idle:
-            proc.kill()
-            proc.wait()
-    measure(path, "alone again", args.runs)
 
     async def clusters() -> None:
         up = []
@@ -90,6 +78,19 @@ def main() -> None:
                 local.stop()
 
     asyncio.run(clusters())
+
+    idle = [subprocess.Popen([sys.executable, "-c", IDLE, str(path)], stdout=subprocess.PIPE,
+                             text=True) for _ in range(args.idle)]
+    try:
+        for proc in idle:  # each has loaded the model and decoded
+            if proc.stdout.readline().strip() != "ready":
+                raise SystemExit("an idle MLX process did not start")
+        measure(path, f"beside {args.idle} idle MLX processes", args.runs)
+    finally:
+        for proc in idle:
+            proc.kill()
+            proc.wait()
+    measure(path, "alone again", args.runs)
 
 
 if __name__ == "__main__":
