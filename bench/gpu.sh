@@ -13,6 +13,8 @@
 #   bench/gpu.sh host DIR [ARGS]     # bench_host.py --gpu ARGS (one worker's step, in-process)
 #   bench/gpu.sh neighbours DIR [ARGS]  # bench_neighbours.py --gpu ARGS (mlx-lm beside idle ones)
 #   bench/gpu.sh lazy DIR [ARGS]     # bench_lazy_recv.py ARGS (a stage launched on a lazy receive)
+#   bench/gpu.sh gpu_wait DIR [ARGS] # bench_gpu_wait.py --gpu ARGS (a slice launched ahead, the
+#                                    # GPU waiting for its input)
 #   bench/gpu.sh prebuild DIR [ARGS] # prebuild.py ARGS: both 8B models, before the benches
 #
 # A fresh machine builds the 8B-shaped model before the first hotpath, profile or speculation
@@ -43,7 +45,8 @@ install() {
     python3 -m pip install -q --no-deps --target /root/site "$parts"/*.whl
 }
 if [ "$1" = hotpath ] || [ "$1" = profile ] || [ "$1" = speculation ] || [ "$1" = knobs ] \
-    || [ "$1" = qmm ] || [ "$1" = host ] || [ "$1" = neighbours ] || [ "$1" = lazy ]; then
+    || [ "$1" = qmm ] || [ "$1" = host ] || [ "$1" = neighbours ] || [ "$1" = lazy ] \
+    || [ "$1" = gpu_wait ]; then
     [ -d /root/site/mlx ] || install
     mode=$1
     shift 2

@@ -1,0 +1,159 @@
+"""A slice of the model launched before its input exists, the GPU waiting for it (CUDA only).
+
+A pipeline stage launches its step when the input arrives, so each stage's launch lies on the
+token's path (bench/RESULTS-gpu.md: about 1.2 ms per 16 layers of the 8B shape on a slow
+host). Here the step's graph starts with a kernel that waits, on the GPU, for a flag the host
+writes after the input's bytes; the whole graph is launched before either is written. One
+process, `--layers` layers of the 8B-shaped 4-bit llama (mlx-lm's layers, a 64-token prompt in
+their caches), per step the time from writing the input to having the slice's output:
+
+- `after`: the graph built ahead on placeholder inputs (as worker/lookahead.py does), launched
+  layer by layer once the input is written (as worker/stage.py `launch` does);
+- `ahead`: the same graph behind the waiting kernel, launched before, then input and flag
+  written.
+
+Each step's output is compared between the two (the same bits). The waiting kernel spins on
+one of the GPU's SMs until the flag comes: on a GPU shared by several processes it would hold
+the others' kernels off, which this does not measure.
+
+    python bench/bench_gpu_wait.py --gpu             # 16 layers, 64 steps
+    bench/gpu.sh gpu_wait - --layers 8,16,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_serving  # noqa: E402
+from bench_hotpath import GPU_SPEC  # noqa: E402
+
+from coordinator.demo import cached_model  # noqa: E402
+
+# one block: thread 0 waits for the flag to reach `want`, then every thread copies the input's
+# bits (read as volatile: written by the host after the launch) into the output
+GATE = """
+    const volatile uint32_t* f = reinterpret_cast<const volatile uint32_t*>(flag);
+    if (threadIdx.x == 0) {
+        while (f[0] < want[0]) {
+            __nanosleep(256);
+        }
+        __threadfence_system();
+    }
+    __syncthreads();
+    const volatile uint16_t* src = reinterpret_cast<const volatile uint16_t*>(bits);
+    for (int i = threadIdx.x; i < SIZE; i += blockDim.x) {
+        out[i] = src[i];
+    }
+"""
+
+
+def _release(flag_view, stuck: threading.Event) -> None:
+    """Write the flag from another thread: the launch is stuck behind the waiting kernel."""
+    stuck.set()
+    flag_view[0] = 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--gpu", action="store_true", help="(the 8B shape; needs CUDA)")
+    parser.add_argument("--layers", default="16", help="comma-separated slice sizes")
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--modes", default="after,ahead",
+                        help="after: no waiting kernel (runs on any backend, to check this "
+                             "script with the CPU bench model)")
+    args = parser.parse_args()
+    modes = args.modes.split(",")
+
+    import mlx.core as mx
+    import numpy as np
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cuda = getattr(mx, "cuda", None)
+    if "ahead" in modes and (cuda is None or not cuda.is_available()):
+        raise SystemExit("the waiting kernel needs MLX's CUDA backend (--modes after runs)")
+    spec = GPU_SPEC if args.gpu else bench_serving.SPEC
+    model, _ = load(str(cached_model(spec)))
+    inner = model.model
+    hidden = model.args.hidden_size
+    gate = mx.fast.cuda_kernel(name="shardline_gate", input_names=["flag", "want", "bits"],
+                               output_names=["out"], source=GATE) if "ahead" in modes else None
+    prompt = mx.array([[(11 * j) % 2000 + 10 for j in range(64)]])
+    sample = inner.embed_tokens(mx.array([[17]])).astype(mx.bfloat16)
+    data = np.asarray(sample.view(mx.uint16))  # the input written each step: a real token's
+
+    print(f"model {spec.key()}, MLX {mx.__version__}, {args.steps} steps; ms from writing "
+          "the input to the slice's output, median (p90)")
+    labels = {"after": "launched after the input", "ahead": "launched ahead, the GPU waiting"}
+    print("| layers | " + " | ".join(labels[m] for m in modes) + " |")
+    print("|---|" + "---|" * len(modes))
+    for count in (int(n) for n in args.layers.split(",")):
+        layers = inner.layers[:count]
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        outputs: dict[str, list[np.ndarray]] = {m: [] for m in modes}
+        stuck = threading.Event()
+        for mode in times:
+            caches = make_prompt_cache(model)[:count]
+            h = inner.embed_tokens(prompt)
+            for layer, cache in zip(layers, caches, strict=True):
+                h = layer(h, "causal", cache)
+            mx.eval(h, [c.state for c in caches])
+            for step in range(args.steps + 8):
+                bits = mx.array(np.zeros((1, 1, hidden), dtype=np.uint16))
+                flag = mx.array(np.zeros((1,), dtype=np.uint32))
+                view, flag_view = np.asarray(bits), np.asarray(flag)
+                if mode == "ahead":
+                    (h,) = gate(inputs=[flag, mx.array([1], dtype=mx.uint32), bits],
+                                template=[("SIZE", hidden)], grid=(256, 1, 1),
+                                threadgroup=(256, 1, 1), output_shapes=[(1, 1, hidden)],
+                                output_dtypes=[mx.uint16])
+                    h = h.view(mx.bfloat16)
+                else:
+                    h = bits.view(mx.bfloat16)
+                marks = []
+                for layer, cache in zip(layers, caches, strict=True):
+                    h = layer(h, None, cache)
+                    marks.append(h)
+                if mode == "ahead":
+                    # should MLX wait for the GPU while launching, the flag comes anyway
+                    rescue = threading.Timer(10.0, _release, args=(flag_view, stuck))
+                    rescue.start()
+                    for mark in marks:
+                        mx.async_eval(mark)
+                    rescue.cancel()
+                    if stuck.is_set():
+                        raise SystemExit("MLX waited for the GPU while launching behind the "
+                                         "waiting kernel: nothing to measure")
+                    time.sleep(0.003)  # the launch done, the GPU waiting
+                t0 = time.perf_counter()
+                view[...] = data
+                if mode == "ahead":
+                    flag_view[0] = 1
+                else:
+                    for mark in marks:
+                        mx.async_eval(mark)
+                mx.eval(h)
+                t1 = time.perf_counter()
+                if step >= 8:  # warm-up
+                    times[mode].append(t1 - t0)
+                    outputs[mode].append(np.asarray(h.astype(mx.float32)))
+        same = all(all(np.array_equal(a, b) for a, b in zip(outputs[modes[0]], outputs[m],
+                                                            strict=True)) for m in modes)
+        cells = []
+        for mode in modes:
+            values = sorted(times[mode])
+            cells.append(f"{statistics.median(values) * 1e3:.3f} "
+                         f"({values[int(0.9 * len(values))] * 1e3:.3f})")
+        print(f"| {count} | " + " | ".join(cells) + " |" +
+              ("" if same else " outputs DIFFER"), flush=True)
+
+
+if __name__ == "__main__":
+    main()
