@@ -37,7 +37,7 @@ from bench_hotpath import GPU_SPEC  # noqa: E402
 from coordinator.demo import cached_model  # noqa: E402
 
 # one block: thread 0 waits for the flag to reach `want`, then every thread copies the input's
-# bits (read as volatile: written by the host after the launch) into the output
+# bf16 bits (read as volatile: written by the host after the launch) into the output
 GATE = """
     const volatile uint32_t* f = reinterpret_cast<const volatile uint32_t*>(flag);
     if (threadIdx.x == 0) {
@@ -48,8 +48,9 @@ GATE = """
     }
     __syncthreads();
     const volatile uint16_t* src = reinterpret_cast<const volatile uint16_t*>(bits);
+    uint16_t* dst = reinterpret_cast<uint16_t*>(out);
     for (int i = threadIdx.x; i < SIZE; i += blockDim.x) {
-        out[i] = src[i];
+        dst[i] = src[i];
     }
 """
 
@@ -75,6 +76,8 @@ def main() -> None:
     import numpy as np
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
+
+    from protos import codec
 
     cuda = getattr(mx, "cuda", None)
     if "ahead" in modes and (cuda is None or not cuda.is_available()):
@@ -106,17 +109,14 @@ def main() -> None:
                 h = layer(h, "causal", cache)
             mx.eval(h, [c.state for c in caches])
             for step in range(args.steps + 8):
-                bits = mx.array(np.zeros((1, 1, hidden), dtype=np.uint16))
-                flag = mx.array(np.zeros((1,), dtype=np.uint32))
-                view, flag_view = np.asarray(bits), np.asarray(flag)
+                # the input and the flag as a worker's placeholders (protos/codec.py)
+                h, view = codec.placeholder((1, 1, hidden), mx.bfloat16)
                 if mode == "ahead":
-                    (h,) = gate(inputs=[flag, mx.array([1], dtype=mx.uint32), bits],
+                    flag, flag_view = codec.placeholder((1,), mx.uint32)
+                    (h,) = gate(inputs=[flag, mx.array([1], dtype=mx.uint32), h],
                                 template=[("SIZE", hidden)], grid=(256, 1, 1),
                                 threadgroup=(256, 1, 1), output_shapes=[(1, 1, hidden)],
-                                output_dtypes=[mx.uint16])
-                    h = h.view(mx.bfloat16)
-                else:
-                    h = bits.view(mx.bfloat16)
+                                output_dtypes=[mx.bfloat16])
                 marks = []
                 for layer, cache in zip(layers, caches, strict=True):
                     h = layer(h, None, cache)
