@@ -12,9 +12,12 @@ their caches), per step the time from writing the input to having the slice's ou
 - `ahead`: the same graph behind the waiting kernel, launched before, then input and flag
   written.
 
-Each step's output is compared between the two (the same bits). The waiting kernel spins on
-one of the GPU's SMs until the flag comes: on a GPU shared by several processes it would hold
-the others' kernels off, which this does not measure.
+- `beside`: as `after`, while another process's waiting kernel spins on the same GPU (as a
+  stage launched ahead would while another stage of the pipeline computes on a shared GPU).
+
+Each step's output is compared between the modes (the same bits). The waiting kernel spins on
+one of the GPU's SMs until the flag comes; `beside` shows what that costs the GPU's other
+processes, which time-slice with it.
 
     python bench/bench_gpu_wait.py --gpu             # 16 layers, 64 steps
     bench/gpu.sh gpu_wait - --layers 8,16,32
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -61,15 +65,45 @@ def _release(flag_view, stuck: threading.Event) -> None:
     flag_view[0] = 1
 
 
+def spin() -> None:
+    """A process whose waiting kernel spins on the GPU until a line comes on stdin."""
+    import mlx.core as mx
+
+    from protos import codec
+
+    gate = mx.fast.cuda_kernel(name="shardline_gate", input_names=["flag", "want", "bits"],
+                               output_names=["out"], source=GATE)
+    flag, flag_view = codec.placeholder((1,), mx.uint32)
+    (out,) = gate(inputs=[flag, mx.array([1], dtype=mx.uint32), mx.zeros((16,), mx.bfloat16)],
+                  template=[("SIZE", 16)], grid=(256, 1, 1), threadgroup=(256, 1, 1),
+                  output_shapes=[(16,)], output_dtypes=[mx.bfloat16])
+    mx.async_eval(out)
+    print("spinning", flush=True)
+    sys.stdin.readline()
+    flag_view[0] = 1
+    mx.eval(out)
+
+
+def _spinner() -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, __file__, "--spin"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "spinning":
+        raise SystemExit("the spinning process did not start")
+    return proc
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="(the 8B shape; needs CUDA)")
     parser.add_argument("--layers", default="16", help="comma-separated slice sizes")
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--modes", default="after,ahead",
+    parser.add_argument("--modes", default="after,ahead,beside",
                         help="after: no waiting kernel (runs on any backend, to check this "
                              "script with the CPU bench model)")
+    parser.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.spin:
+        return spin()
     modes = args.modes.split(",")
 
     import mlx.core as mx
@@ -80,7 +114,7 @@ def main() -> None:
     from protos import codec
 
     cuda = getattr(mx, "cuda", None)
-    if "ahead" in modes and (cuda is None or not cuda.is_available()):
+    if {"ahead", "beside"} & set(modes) and (cuda is None or not cuda.is_available()):
         raise SystemExit("the waiting kernel needs MLX's CUDA backend (--modes after runs)")
     spec = GPU_SPEC if args.gpu else bench_serving.SPEC
     model, _ = load(str(cached_model(spec)))
@@ -94,7 +128,8 @@ def main() -> None:
 
     print(f"model {spec.key()}, MLX {mx.__version__}, {args.steps} steps; ms from writing "
           "the input to the slice's output, median (p90)")
-    labels = {"after": "launched after the input", "ahead": "launched ahead, the GPU waiting"}
+    labels = {"after": "launched after the input", "ahead": "launched ahead, the GPU waiting",
+              "beside": "after, another process's kernel waiting"}
     print("| layers | " + " | ".join(labels[m] for m in modes) + " |")
     print("|---|" + "---|" * len(modes))
     for count in (int(n) for n in args.layers.split(",")):
@@ -103,6 +138,7 @@ def main() -> None:
         outputs: dict[str, list[np.ndarray]] = {m: [] for m in modes}
         stuck = threading.Event()
         for mode in times:
+            spinner = _spinner() if mode == "beside" else None
             caches = make_prompt_cache(model)[:count]
             h = inner.embed_tokens(prompt)
             for layer, cache in zip(layers, caches, strict=True):
@@ -144,6 +180,8 @@ def main() -> None:
                 if step >= 8:  # warm-up
                     times[mode].append(t1 - t0)
                     outputs[mode].append(np.asarray(h.astype(mx.float32)))
+            if spinner is not None:
+                spinner.communicate("go\n", timeout=60)
         same = all(all(np.array_equal(a, b) for a, b in zip(outputs[modes[0]], outputs[m],
                                                             strict=True)) for m in modes)
         cells = []
