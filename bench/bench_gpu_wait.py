@@ -12,6 +12,8 @@ their caches), per step the time from writing the input to having the slice's ou
 - `ahead`: the same graph behind the waiting kernel, launched before, then input and flag
   written.
 
+- `polled`: as `after`, but the host spins on a flag a last kernel writes after the output,
+  where MLX's wait sleeps until the GPU's interrupt wakes it (`cudaEventBlockingSync`);
 - `beside`: as `after`, while another process's waiting kernel spins on the same GPU (as a
   stage launched ahead would while another stage of the pipeline computes on a shared GPU).
 
@@ -59,6 +61,20 @@ GATE = """
 """
 
 
+# one thread, after the slice's output (its input, so launched after it on the stream): the
+# flag the host spins on
+SIGNAL = """
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        volatile uint32_t* f = const_cast<volatile uint32_t*>(
+            reinterpret_cast<const volatile uint32_t*>(flag));
+        f[0] = 1;
+        __threadfence_system();
+        out[0] = 1;
+    }
+"""
+
+
 def _release(flag_view, stuck: threading.Event) -> None:
     """Write the flag from another thread: the launch is stuck behind the waiting kernel."""
     stuck.set()
@@ -97,7 +113,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="(the 8B shape; needs CUDA)")
     parser.add_argument("--layers", default="16", help="comma-separated slice sizes")
     parser.add_argument("--steps", type=int, default=64)
-    parser.add_argument("--modes", default="after,ahead,beside",
+    parser.add_argument("--modes", default="after,polled,ahead,beside",
                         help="after: no waiting kernel (runs on any backend, to check this "
                              "script with the CPU bench model)")
     parser.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)
@@ -114,7 +130,7 @@ def main() -> None:
     from protos import codec
 
     cuda = getattr(mx, "cuda", None)
-    if {"ahead", "beside"} & set(modes) and (cuda is None or not cuda.is_available()):
+    if {"ahead", "beside", "polled"} & set(modes) and (cuda is None or not cuda.is_available()):
         raise SystemExit("the waiting kernel needs MLX's CUDA backend (--modes after runs)")
     spec = GPU_SPEC if args.gpu else bench_serving.SPEC
     model, _ = load(str(cached_model(spec)))
@@ -122,6 +138,9 @@ def main() -> None:
     hidden = model.args.hidden_size
     gate = mx.fast.cuda_kernel(name="shardline_gate", input_names=["flag", "want", "bits"],
                                output_names=["out"], source=GATE) if "ahead" in modes else None
+    signal = mx.fast.cuda_kernel(name="shardline_signal", input_names=["x", "flag"],
+                                 output_names=["out"], source=SIGNAL) if "polled" in modes \
+        else None
     prompt = mx.array([[(11 * j) % 2000 + 10 for j in range(64)]])
     sample = inner.embed_tokens(mx.array([[17]])).astype(mx.bfloat16)
     data = np.asarray(sample.view(mx.uint16))  # the input written each step: a real token's
@@ -129,7 +148,8 @@ def main() -> None:
     print(f"model {spec.key()}, MLX {mx.__version__}, {args.steps} steps; ms from writing "
           "the input to the slice's output, median (p90)")
     labels = {"after": "launched after the input", "ahead": "launched ahead, the GPU waiting",
-              "beside": "after, another process's kernel waiting"}
+              "beside": "after, another process's kernel waiting",
+              "polled": "after, the host polling a flag"}
     print("| layers | " + " | ".join(labels[m] for m in modes) + " |")
     print("|---|" + "---|" * len(modes))
     for count in (int(n) for n in args.layers.split(",")):
@@ -157,6 +177,12 @@ def main() -> None:
                 for layer, cache in zip(layers, caches, strict=True):
                     h = layer(h, None, cache)
                     marks.append(h)
+                done = None
+                if mode == "polled":
+                    done_flag, done_view = codec.placeholder((1,), mx.uint32)
+                    (done,) = signal(inputs=[h, done_flag], grid=(32, 1, 1),
+                                     threadgroup=(32, 1, 1), output_shapes=[(1,)],
+                                     output_dtypes=[mx.uint32])
                 if mode == "ahead":
                     # should MLX wait for the GPU while launching, the flag comes anyway
                     rescue = threading.Timer(10.0, _release, args=(flag_view, stuck))
@@ -175,6 +201,12 @@ def main() -> None:
                 else:
                     for mark in marks:
                         mx.async_eval(mark)
+                if done is not None:
+                    mx.async_eval(done)
+                    while done_view[0] == 0 and time.perf_counter() - t0 < 1.0:
+                        pass
+                    if done_view[0] == 0:
+                        raise SystemExit("the host never saw the last kernel's flag")
                 mx.eval(h)
                 t1 = time.perf_counter()
                 if step >= 8:  # warm-up
