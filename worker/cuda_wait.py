@@ -11,7 +11,7 @@ the step done. `bench/bench_gpu_wait.py` measures both waits. SHARDLINE_CUDA_POL
 
 from __future__ import annotations
 
-import functools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -37,7 +37,10 @@ SOURCE = """
     }
 """
 
+log = logging.getLogger("shardline.worker")
+
 _kernel: Any = None
+_works: bool | None = None  # None: not checked yet in this process
 
 
 @dataclass
@@ -48,18 +51,28 @@ class Flag:
     view: Any
 
 
-@functools.cache
 def enabled() -> bool:
-    """Whether steps get a flag here (the CUDA backend, SHARDLINE_CUDA_POLL not 0)."""
-    return accelerator() == "cuda" and os.environ.get("SHARDLINE_CUDA_POLL", "1") != "0"
+    """Whether steps get a flag here: the CUDA backend, SHARDLINE_CUDA_POLL not 0, and (checked
+    once) the host sees the flag the kernel sets."""
+    global _works
+    if _works is None:
+        _works = accelerator() == "cuda" and \
+            os.environ.get("SHARDLINE_CUDA_POLL", "1") != "0" and _check()
+    return _works
 
 
-def after(targets: list[Any]) -> Flag | None:
-    """Launch the signal behind `targets` (a step just launched with `mx.async_eval`);
-    None where polling is off or there is nothing to wait for."""
+def _check() -> bool:
+    try:
+        if _poll(_launch(), 5.0):
+            return True
+        log.warning("the host does not see a CUDA kernel's flag: steps wait in MLX's wait")
+    except Exception:  # noqa: BLE001 - no kernel here: MLX's wait it is
+        log.exception("the signal kernel failed: steps wait in MLX's wait")
+    return False
+
+
+def _launch() -> Flag:
     global _kernel
-    if not targets or not enabled():
-        return None
     if _kernel is None:
         _kernel = mx.fast.cuda_kernel(name="shardline_signal", input_names=["flag"],
                                       output_names=["out"], source=SOURCE)
@@ -70,10 +83,15 @@ def after(targets: list[Any]) -> Flag | None:
     return Flag(out, view)
 
 
-def wait(flag: Flag | None, limit: float = SPIN_LIMIT) -> bool:
-    """Poll `flag` until its kernel ran or `limit` seconds passed; True when it ran."""
-    if flag is None:
-        return False
+def after(targets: list[Any]) -> Flag | None:
+    """Launch the signal behind `targets` (a step just launched with `mx.async_eval`);
+    None where polling is off or there is nothing to wait for."""
+    if not targets or not enabled():
+        return None
+    return _launch()
+
+
+def _poll(flag: Flag, limit: float) -> bool:
     view = flag.view
     end = time.perf_counter() + limit
     while view[0] == 0:
@@ -81,3 +99,19 @@ def wait(flag: Flag | None, limit: float = SPIN_LIMIT) -> bool:
             return False
         time.sleep(0)  # lets the process's other threads have the GIL
     return True
+
+
+def wait(flag: Flag | None, limit: float = SPIN_LIMIT) -> bool:
+    """Poll `flag` until its kernel ran or `limit` seconds passed; True when it ran. After
+    the limit, MLX's wait for the flag's kernel (it runs after the step: the step's values are
+    then there too); should the flag still read unset, polling stops in this process."""
+    global _works
+    if flag is None:
+        return False
+    if _poll(flag, limit):
+        return True
+    mx.eval(flag.out)
+    if flag.view[0] == 0:
+        log.warning("a CUDA kernel's flag never reached the host: steps wait in MLX's wait")
+        _works = False
+    return False
