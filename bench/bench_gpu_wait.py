@@ -12,8 +12,9 @@ their caches), per step the time from writing the input to having the slice's ou
 - `ahead`: the same graph behind the waiting kernel, launched before, then input and flag
   written.
 
-- `polled`: as `after`, but the host polls a flag a last kernel sets after the output
-  (worker/cuda_wait.py), where MLX's wait sleeps until the GPU's interrupt wakes it;
+- `polled`: as `after`, but the host spins on a flag a last kernel writes after the output,
+  where MLX's wait sleeps until the GPU's interrupt wakes it (`cudaEventBlockingSync`): what
+  a stage's wait for its step costs;
 - `beside`: as `after`, while another process's waiting kernel spins on the same GPU (as a
   stage launched ahead would while another stage of the pipeline computes on a shared GPU).
 
@@ -57,6 +58,20 @@ GATE = """
     uint16_t* dst = reinterpret_cast<uint16_t*>(out);
     for (int i = threadIdx.x; i < SIZE; i += blockDim.x) {
         dst[i] = src[i];
+    }
+"""
+
+
+# one thread, launched on its own after the slice (MLX commits each `async_eval` to its one
+# stream, so it runs once the slice has): the flag the host spins on
+SIGNAL = """
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        volatile uint32_t* f = const_cast<volatile uint32_t*>(
+            reinterpret_cast<const volatile uint32_t*>(flag));
+        f[0] = 1;
+        __threadfence_system();
+        out[0] = 1;
     }
 """
 
@@ -114,7 +129,6 @@ def main() -> None:
     from mlx_lm.models.cache import make_prompt_cache
 
     from protos import codec
-    from worker import cuda_wait
 
     cuda = getattr(mx, "cuda", None)
     if {"ahead", "beside", "polled"} & set(modes) and (cuda is None or not cuda.is_available()):
@@ -125,6 +139,9 @@ def main() -> None:
     hidden = model.args.hidden_size
     gate = mx.fast.cuda_kernel(name="shardline_gate", input_names=["flag", "want", "bits"],
                                output_names=["out"], source=GATE) if "ahead" in modes else None
+    signal = mx.fast.cuda_kernel(name="shardline_signal", input_names=["flag"],
+                                 output_names=["out"], source=SIGNAL) if "polled" in modes \
+        else None
     prompt = mx.array([[(11 * j) % 2000 + 10 for j in range(64)]])
     sample = inner.embed_tokens(mx.array([[17]])).astype(mx.bfloat16)
     data = np.asarray(sample.view(mx.uint16))  # the input written each step: a real token's
@@ -161,6 +178,12 @@ def main() -> None:
                 for layer, cache in zip(layers, caches, strict=True):
                     h = layer(h, None, cache)
                     marks.append(h)
+                done = None
+                if mode == "polled":
+                    done_flag, done_view = codec.placeholder((1,), mx.uint32)
+                    (done,) = signal(inputs=[done_flag], grid=(32, 1, 1),
+                                     threadgroup=(32, 1, 1), output_shapes=[(1,)],
+                                     output_dtypes=[mx.uint32])
                 if mode == "ahead":
                     # should MLX wait for the GPU while launching, the flag comes anyway
                     rescue = threading.Timer(10.0, _release, args=(flag_view, stuck))
@@ -179,8 +202,12 @@ def main() -> None:
                 else:
                     for mark in marks:
                         mx.async_eval(mark)
-                if mode == "polled" and not cuda_wait.wait(cuda_wait.after([h]), limit=1.0):
-                    raise SystemExit("the host never saw the last kernel's flag")
+                if done is not None:
+                    mx.async_eval(done)
+                    while done_view[0] == 0 and time.perf_counter() - t0 < 1.0:
+                        pass
+                    if done_view[0] == 0:
+                        raise SystemExit("the host never saw the last kernel's flag")
                 mx.eval(h)
                 t1 = time.perf_counter()
                 if step >= 8:  # warm-up

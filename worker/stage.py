@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from protos import codec, worker_pb2
-from worker import attention, cuda_rows, cuda_wait, fused
+from worker import attention, cuda_rows, fused
 from worker.backend import accelerator, row_floor
 from worker.batch import DecodeBatch, batchable
 from worker.constrain import Constraint, ConstraintError, GrammarTokenizer
@@ -27,7 +27,8 @@ def fork_cache(cache: Any, length: int) -> KVCache:
     if type(cache) is not KVCache:
         raise StepError(f"{type(cache).__name__} caches cannot be forked")
     out = KVCache()
-    out.keys, out.values = cache.keys[..., :length, :], cache.values[..., :length, :]
+    out.keys = cache.keys[..., :length, :]
+    out.values = cache.values[..., :length, :]
     out.offset = length
     return out
 
@@ -100,7 +101,6 @@ class Pending:
     inputs: list[mx.array] = field(default_factory=list)  # each sequence's input (its shape)
     marks: list[mx.array] = field(default_factory=list)  # not started: where launches break
     wired: dict[int, mx.array] = field(default_factory=dict)  # row -> its hidden, wire form
-    flag: Any = None  # set once the device ran the step (CUDA: worker/cuda_wait.py)
 
 
 class StageRunner:
@@ -186,8 +186,8 @@ class StageRunner:
         session = self.sessions.get(seq.seq_id)
         if session is None:
             raise StepError(f"unknown sequence {seq.seq_id!r} (never started or already released)")
-        if seq.offset != session.offset and not (
-                session.floor is not None and session.floor <= seq.offset < session.offset):
+        rewind = session.floor is not None and session.floor <= seq.offset < session.offset
+        if seq.offset != session.offset and not rewind:
             raise StepError(
                 f"sequence {seq.seq_id!r} is at position {session.offset}, step says {seq.offset}"
             )
@@ -197,7 +197,8 @@ class StageRunner:
         return session
 
     def _check_tokens(self, seq: worker_pb2.SeqInput) -> None:
-        if (ids := seq.token_ids) and self.vocab and (min(ids) < 0 or max(ids) >= self.vocab):
+        ids = seq.token_ids
+        if ids and self.vocab and (min(ids) < 0 or max(ids) >= self.vocab):
             bad = next(t for t in ids if not 0 <= t < self.vocab)
             raise StepError(f"sequence {seq.seq_id!r}: token {bad} is outside the vocabulary "
                             f"(0..{self.vocab - 1})")
@@ -289,7 +290,6 @@ class StageRunner:
         for mark in pending.marks:
             mx.async_eval(mark)
         mx.async_eval(pending.targets)
-        pending.flag = cuda_wait.after(pending.targets)
         pending.marks = []
 
     def _groups(self, seqs: list[worker_pb2.SeqInput]) -> list[list[int]]:
@@ -302,7 +302,8 @@ class StageRunner:
 
     def run(self, msg: worker_pb2.StageMessage) -> StepOutput:
         """Run one step to the end: `finish(begin(msg))`, then `prepare` its successor."""
-        out = self.finish(pending := self.begin(msg))
+        pending = self.begin(msg)
+        out = self.finish(pending)
         self.prepare(pending)
         return out
 
@@ -419,7 +420,7 @@ class StageRunner:
         if start:
             mx.async_eval(targets)
         pending = Pending(msg, seqs, sessions, rows, targets, groups, inputs, marks or [],
-                          wired, cuda_wait.after(targets) if start else None)
+                          wired)
         if history is None:  # a guess's tokens are not known yet: Lookahead.take resolves it
             self.resolve(pending)
         return pending
@@ -461,7 +462,6 @@ class StageRunner:
         """Wait for a begun step's values and build its output (the one sync of the step)."""
         self.resolve(pending)
         t0 = time.perf_counter()
-        cuda_wait.wait(pending.flag)
         mx.eval(pending.targets)
         t1 = time.perf_counter()
         out = self._output(pending.msg, pending.seqs, pending.rows, pending.wired)
