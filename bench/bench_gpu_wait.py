@@ -2,8 +2,9 @@
 
 A pipeline stage launches its step when the input arrives, so each stage's launch lies on the
 token's path (on an H100 with a slow host this saved only 0.1 ms of a 16-layer stage's 3.0:
-bench/RESULTS-gpu.md, "What a stage's launch and wait cost on the GPU"). Here the step's graph starts with a kernel that waits, on the GPU, for a flag the host
-writes after the input's bytes; the whole graph is launched before either is written. One
+bench/RESULTS-gpu.md, "What a stage's launch and wait cost on the GPU"). Here the step's
+graph starts with a kernel that waits, on the GPU, for a flag the host writes after the input's
+bytes; the whole graph is launched before either is written. One
 process, `--layers` layers of the 8B-shaped 4-bit llama (mlx-lm's layers, a 64-token prompt in
 their caches), per step the time from writing the input to having the slice's output:
 
