@@ -1,7 +1,7 @@
 """A slice of the model launched before its input exists, the GPU waiting for it (CUDA only).
 
 A pipeline stage launches its step when the input arrives, so each stage's launch lies on the
-token's path (on an H100 with a slow host this saved only 0.1 ms of a 16-layer stage's 3.0:
+token's path (on an H100 with a slow host, launching ahead saved 0.1 ms of a 16-layer stage's 3.0:
 bench/RESULTS-gpu.md, "What a stage's launch and wait cost on the GPU"). Here the step's
 graph starts with a kernel that waits, on the GPU, for a flag the host writes after the input's
 bytes; the whole graph is launched before either is written. One
