@@ -16,10 +16,16 @@ their caches), per step the time from writing the input to having the slice's ou
 - `polled`: as `after`, but the host spins on a flag a last kernel writes after the output,
   where MLX's wait sleeps until the GPU's interrupt wakes it (`cudaEventBlockingSync`): what
   a stage's wait for its step costs;
+- `copied` (with `--read`): as `after`, the output's bits copied by a kernel into a
+  host-visible placeholder made once, which the host reads;
+- `unread`: as `after`, the output never read on the host (no bytes, nothing compared);
 - `beside`: as `after`, while another process's waiting kernel spins on the same GPU (as a
   stage launched ahead would while another stage of the pipeline computes on a shared GPU).
 
-Each step's output is compared between the modes (the same bits). The waiting kernel spins on
+With `--read` each step's time ends with its output's bytes on the host, read as a stage reads
+them (protos/codec.py `encode_into`: MLX moves a device array into a fresh host-visible
+buffer); without it, with the output computed. Each step's output is compared between the
+modes (the same bits). The waiting kernel spins on
 one of the GPU's SMs until the flag comes; `beside` shows what that costs the GPU's other
 processes, which time-slice with it.
 
@@ -77,6 +83,20 @@ SIGNAL = """
 """
 
 
+# the output's bf16 bits into a host-visible placeholder (written through its const pointer)
+COPY = """
+    uint16_t* dst = const_cast<uint16_t*>(reinterpret_cast<const uint16_t*>(dst_in));
+    const uint16_t* src = reinterpret_cast<const uint16_t*>(bits);
+    for (int i = threadIdx.x; i < SIZE; i += blockDim.x) {
+        dst[i] = src[i];
+    }
+    __threadfence_system();
+    if (threadIdx.x == 0) {
+        out[0] = 1;
+    }
+"""
+
+
 def _release(flag_view, stuck: threading.Event) -> None:
     """Write the flag from another thread: the launch is stuck behind the waiting kernel."""
     stuck.set()
@@ -118,6 +138,8 @@ def main() -> None:
     parser.add_argument("--modes", default="after,polled,ahead,beside",
                         help="after: no waiting kernel (runs on any backend, to check this "
                              "script with the CPU bench model)")
+    parser.add_argument("--read", action="store_true",
+                        help="each step's time ends with its output's bytes on the host")
     parser.add_argument("--spin", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.spin:
@@ -132,7 +154,10 @@ def main() -> None:
     from protos import codec
 
     cuda = getattr(mx, "cuda", None)
-    if {"ahead", "beside", "polled"} & set(modes) and (cuda is None or not cuda.is_available()):
+    if "copied" in modes and not args.read:
+        raise SystemExit("--modes copied needs --read")
+    on_gpu = cuda is not None and cuda.is_available()
+    if {"ahead", "beside", "polled", "copied"} & set(modes) and not on_gpu:
         raise SystemExit("the waiting kernel needs MLX's CUDA backend (--modes after runs)")
     spec = GPU_SPEC if args.gpu else bench_serving.SPEC
     model, _ = load(str(cached_model(spec)))
@@ -143,6 +168,9 @@ def main() -> None:
     signal = mx.fast.cuda_kernel(name="shardline_signal", input_names=["flag"],
                                  output_names=["out"], source=SIGNAL) if "polled" in modes \
         else None
+    copy = mx.fast.cuda_kernel(name="shardline_copy", input_names=["bits", "dst_in"],
+                               output_names=["out"], source=COPY) if "copied" in modes \
+        else None
     prompt = mx.array([[(11 * j) % 2000 + 10 for j in range(64)]])
     sample = inner.embed_tokens(mx.array([[17]])).astype(mx.bfloat16)
     data = np.asarray(sample.view(mx.uint16))  # the input written each step: a real token's
@@ -151,7 +179,9 @@ def main() -> None:
           "the input to the slice's output, median (p90)")
     labels = {"after": "launched after the input", "ahead": "launched ahead, the GPU waiting",
               "beside": "after, another process's kernel waiting",
-              "polled": "after, the host polling a flag"}
+              "polled": "after, the host polling a flag",
+              "copied": "after, the output copied to a host-visible buffer",
+              "unread": "after, the output not read"}
     print("| layers | " + " | ".join(labels[m] for m in modes) + " |")
     print("|---|" + "---|" * len(modes))
     for count in (int(n) for n in args.layers.split(",")):
@@ -166,6 +196,7 @@ def main() -> None:
             for layer, cache in zip(layers, caches, strict=True):
                 h = layer(h, "causal", cache)
             mx.eval(h, [c.state for c in caches])
+            dst, dst_view = codec.placeholder((1, 1, hidden), mx.bfloat16)
             for step in range(args.steps + 8):
                 # the input and the flag as a worker's placeholders (protos/codec.py)
                 h, view = codec.placeholder((1, 1, hidden), mx.bfloat16)
@@ -209,15 +240,28 @@ def main() -> None:
                         pass
                     if done_view[0] == 0:
                         raise SystemExit("the host never saw the last kernel's flag")
-                mx.eval(h)
+                if mode == "copied":
+                    (copied,) = copy(inputs=[h.view(mx.uint16), dst],
+                                     template=[("SIZE", hidden)], grid=(256, 1, 1),
+                                     threadgroup=(256, 1, 1), output_shapes=[(1,)],
+                                     output_dtypes=[mx.uint32])
+                    mx.eval(copied)
+                    got = dst_view.tobytes()
+                else:
+                    mx.eval(h)
+                    got = bytes(memoryview(codec.wire(h))) if args.read and mode != "unread" \
+                        else None
                 t1 = time.perf_counter()
                 if step >= 8:  # warm-up
                     times[mode].append(t1 - t0)
-                    outputs[mode].append(np.asarray(h.astype(mx.float32)))
+                    if mode != "unread":
+                        outputs[mode].append(got if args.read else
+                                             np.asarray(h.astype(mx.float32)))
             if spinner is not None:
                 spinner.communicate("go\n", timeout=60)
-        same = all(all(np.array_equal(a, b) for a, b in zip(outputs[modes[0]], outputs[m],
-                                                            strict=True)) for m in modes)
+        compared = [m for m in modes if m != "unread"]
+        same = all(all(np.array_equal(a, b) for a, b in zip(
+            outputs[compared[0]], outputs[m], strict=True)) for m in compared)
         cells = []
         for mode in modes:
             values = sorted(times[mode])
