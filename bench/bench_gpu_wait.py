@@ -97,6 +97,16 @@ COPY = """
 """
 
 
+def _behind_gate(mx, flag, bits):
+    """`bits` (bf16) as the gate kernel passes them on once `flag` reads 1."""
+    (out,) = mx.fast.cuda_kernel(name="shardline_gate", input_names=["flag", "want", "bits"],
+                                 output_names=["out"], source=GATE)(
+        inputs=[flag, mx.array([1], dtype=mx.uint32), bits], template=[("SIZE", bits.size)],
+        grid=(256, 1, 1), threadgroup=(256, 1, 1), output_shapes=[bits.shape],
+        output_dtypes=[mx.bfloat16])
+    return out
+
+
 def _release(flag_view, stuck: threading.Event) -> None:
     """Write the flag from another thread: the launch is stuck behind the waiting kernel."""
     stuck.set()
@@ -109,12 +119,8 @@ def spin() -> None:
 
     from protos import codec
 
-    gate = mx.fast.cuda_kernel(name="shardline_gate", input_names=["flag", "want", "bits"],
-                               output_names=["out"], source=GATE)
     flag, flag_view = codec.placeholder((1,), mx.uint32)
-    (out,) = gate(inputs=[flag, mx.array([1], dtype=mx.uint32), mx.zeros((16,), mx.bfloat16)],
-                  template=[("SIZE", 16)], grid=(256, 1, 1), threadgroup=(256, 1, 1),
-                  output_shapes=[(16,)], output_dtypes=[mx.bfloat16])
+    out = _behind_gate(mx, flag, mx.zeros((16,), mx.bfloat16))
     mx.async_eval(out)
     print("spinning", flush=True)
     sys.stdin.readline()
@@ -163,8 +169,6 @@ def main() -> None:
     model, _ = load(str(cached_model(spec)))
     inner = model.model
     hidden = model.args.hidden_size
-    gate = mx.fast.cuda_kernel(name="shardline_gate", input_names=["flag", "want", "bits"],
-                               output_names=["out"], source=GATE) if "ahead" in modes else None
     signal = mx.fast.cuda_kernel(name="shardline_signal", input_names=["flag"],
                                  output_names=["out"], source=SIGNAL) if "polled" in modes \
         else None
@@ -202,10 +206,7 @@ def main() -> None:
                 h, view = codec.placeholder((1, 1, hidden), mx.bfloat16)
                 if mode == "ahead":
                     flag, flag_view = codec.placeholder((1,), mx.uint32)
-                    (h,) = gate(inputs=[flag, mx.array([1], dtype=mx.uint32), h],
-                                template=[("SIZE", hidden)], grid=(256, 1, 1),
-                                threadgroup=(256, 1, 1), output_shapes=[(1, 1, hidden)],
-                                output_dtypes=[mx.bfloat16])
+                    h = _behind_gate(mx, flag, h)
                 marks = []
                 for layer, cache in zip(layers, caches, strict=True):
                     h = layer(h, None, cache)
