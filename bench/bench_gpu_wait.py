@@ -19,6 +19,9 @@ their caches), per step the time from writing the input to having the slice's ou
 - `copied` (with `--read`): as `after`, the output's bits copied by a kernel into a
   host-visible placeholder made once, which the host reads;
 - `unread`: as `after`, the output never read on the host (no bytes, nothing compared);
+- `pinned` (with `--read`): the input read by a kernel from a page-locked host buffer and
+  the output written by a kernel into another (worker/cuda_host.py); `pinned_out`: only the
+  output so;
 - `beside`: as `after`, while another process's waiting kernel spins on the same GPU (as a
   stage launched ahead would while another stage of the pipeline computes on a shared GPU).
 
@@ -160,10 +163,11 @@ def main() -> None:
     from protos import codec
 
     cuda = getattr(mx, "cuda", None)
-    if "copied" in modes and not args.read:
-        raise SystemExit("--modes copied needs --read")
+    if {"copied", "pinned", "pinned_out"} & set(modes) and not args.read:
+        raise SystemExit("--modes copied, pinned and pinned_out need --read")
     on_gpu = cuda is not None and cuda.is_available()
-    if {"ahead", "beside", "polled", "copied"} & set(modes) and not on_gpu:
+    if {"ahead", "beside", "polled", "copied", "pinned", "pinned_out"} & set(modes) \
+            and not on_gpu:
         raise SystemExit("the waiting kernel needs MLX's CUDA backend (--modes after runs)")
     spec = GPU_SPEC if args.gpu else bench_serving.SPEC
     model, _ = load(str(cached_model(spec)))
@@ -185,7 +189,9 @@ def main() -> None:
               "beside": "after, another process's kernel waiting",
               "polled": "after, the host polling a flag",
               "copied": "after, the output copied to a host-visible buffer",
-              "unread": "after, the output not read"}
+              "unread": "after, the output not read",
+              "pinned": "input and output through page-locked buffers",
+              "pinned_out": "output through a page-locked buffer"}
     print("| layers | " + " | ".join(labels[m] for m in modes) + " |")
     print("|---|" + "---|" * len(modes))
     for count in (int(n) for n in args.layers.split(",")):
@@ -201,9 +207,16 @@ def main() -> None:
                 h = layer(h, "causal", cache)
             mx.eval(h, [c.state for c in caches])
             dst, dst_view = codec.placeholder((1, 1, hidden), mx.bfloat16)
+            if mode.startswith("pinned"):
+                from worker.cuda_host import HostBuffer
+
+                src_buf = HostBuffer((1, 1, hidden), mx.bfloat16)
+                dst_buf = HostBuffer((1, 1, hidden), mx.bfloat16)
             for step in range(args.steps + 8):
                 # the input and the flag as a worker's placeholders (protos/codec.py)
                 h, view = codec.placeholder((1, 1, hidden), mx.bfloat16)
+                if mode == "pinned":
+                    h, view = src_buf.read(), src_buf.view
                 if mode == "ahead":
                     flag, flag_view = codec.placeholder((1,), mx.uint32)
                     h = _behind_gate(mx, flag, h)
@@ -241,7 +254,10 @@ def main() -> None:
                         pass
                     if done_view[0] == 0:
                         raise SystemExit("the host never saw the last kernel's flag")
-                if mode == "copied":
+                if mode.startswith("pinned"):
+                    mx.eval(dst_buf.write(h))
+                    got = dst_buf.bytes.tobytes()
+                elif mode == "copied":
                     (copied,) = copy(inputs=[h.view(mx.uint16), dst],
                                      template=[("SIZE", hidden)], grid=(256, 1, 1),
                                      threadgroup=(256, 1, 1), output_shapes=[(1,)],
