@@ -24,7 +24,7 @@ def _sent(wired: cuda_host.Wired, array: mx.array) -> bytes:
 
 
 def test_off_the_gpu_the_bytes_are_mlx_own() -> None:
-    outbound = cuda_host.Outbound(cuda=False)
+    outbound = cuda_host.HostIO(cuda=False)
     h = _hidden()
     wired = outbound.wire(h)
     assert wired.target is wired.source  # the wire form, read by MLX
@@ -33,9 +33,9 @@ def test_off_the_gpu_the_bytes_are_mlx_own() -> None:
 
 def test_the_environment_turns_the_buffers_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHARDLINE_HOST_BUFFERS", "0")
-    assert not cuda_host.Outbound(cuda=True).enabled
+    assert not cuda_host.HostIO(cuda=True).outputs
     monkeypatch.setenv("SHARDLINE_HOST_BUFFERS", "1")
-    assert cuda_host.Outbound(cuda=True).enabled
+    assert cuda_host.HostIO(cuda=True).outputs
 
 
 @cuda_only
@@ -53,7 +53,7 @@ def test_a_buffer_carries_the_bytes_both_ways(dtype: mx.Dtype, rows: int) -> Non
 
 @cuda_only
 def test_buffers_go_back_to_the_pool_with_their_step() -> None:
-    outbound = cuda_host.Outbound(cuda=True)
+    outbound = cuda_host.HostIO(cuda=True)
     first = outbound.wire(_hidden())
     address = first.source.ctypes.data
     assert _sent(first, _hidden()) == codec.encode(_hidden()).data
@@ -68,8 +68,44 @@ def test_buffers_go_back_to_the_pool_with_their_step() -> None:
 
 @cuda_only
 def test_large_outputs_take_mlx_way() -> None:
-    outbound = cuda_host.Outbound(cuda=True)
+    outbound = cuda_host.HostIO(cuda=True)
     big = _hidden(cuda_host.MAX_BYTES // (2 * 64) + 1)
     wired = outbound.wire(big)
     assert wired.target is wired.source
     assert _sent(wired, big) == codec.encode(big).data
+
+
+def test_off_the_gpu_inputs_are_mlx_own() -> None:
+    host = cuda_host.HostIO(cuda=False)
+    h = _hidden(3)
+    tensor = codec.encode(h)
+    assert mx.array_equal(host.decode(tensor), h).item()
+    slot, view = host.placeholder((1, 3, 64), mx.bfloat16)
+    assert codec.fill(view, tensor)
+    assert mx.array_equal(slot, h).item()
+
+
+@cuda_only
+def test_inputs_read_what_was_written_before_the_launch() -> None:
+    host = cuda_host.HostIO(cuda=True)
+    slots = [host.placeholder((1, 1, 64), mx.bfloat16) for _ in range(cuda_host.SPARE + 4)]
+    sums = [slot * 2 for slot, _ in slots]  # built before any value is written
+    values = [_hidden(1, 64) + i for i in range(len(slots))]
+    for (_, view), value in zip(slots, values, strict=True):
+        assert codec.fill(view, codec.encode(value))
+    mx.eval(sums)
+    for got, value in zip(sums, values, strict=True):
+        assert mx.array_equal(got, value * 2).item()
+
+
+@cuda_only
+def test_a_buffer_is_written_again_only_after_its_read() -> None:
+    host = cuda_host.HostIO(cuda=True)
+    values = [_hidden(1, 64) + i for i in range(3 * cuda_host.SPARE)]
+    decoded = [host.decode(codec.encode(v)) * 1 for v in values]  # all built, none launched
+    assert host.made <= cuda_host.SPARE + 1  # buffers came back and were taken again
+    mx.eval(decoded)
+    for got, value in zip(decoded, values, strict=True):
+        assert mx.array_equal(got, value).item()
+    with pytest.raises(ValueError):
+        host.decode(worker_pb2.Tensor(data=b"\0" * 6, shape=[1, 1, 64], dtype="bfloat16"))

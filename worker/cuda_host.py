@@ -19,13 +19,15 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import weakref
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from protos import codec
+from protos import codec, worker_pb2
 
 _PORTABLE, _DEVICEMAP = 0x01, 0x02  # cuMemHostAlloc flags
 _BLOCK = 256
@@ -127,6 +129,7 @@ class HostBuffer:
         self._grid = (max(1, min(64, -(-self.nbytes // (16 * _BLOCK)))) * _BLOCK, 1, 1)
         self._anchor = mx.zeros((1,), mx.uint32)
         mx.eval(self._anchor)
+        self.last: mx.array | None = None  # the last `read` handed out (HostIO.placeholder)
 
     def read(self) -> mx.array:
         """A lazy array of the buffer's shape and dtype holding, once evaluated, the bytes
@@ -149,6 +152,7 @@ class HostBuffer:
 
 MAX_BYTES = 1 << 18  # larger outputs (prompt chunks) take MLX's way: few steps, many bytes
 MAX_BUFFERS = 256  # page-locked buffers a stage keeps at most (64 MiB at MAX_BYTES each)
+SPARE = 32  # inputs of one shape written before one is written again (none waits for the GPU)
 
 
 @dataclass
@@ -166,27 +170,64 @@ class Wired:
             self._give()
 
 
-class Outbound:
-    """How a stage's outputs reach the host: through page-locked buffers on CUDA (module
-    docstring), where `SHARDLINE_HOST_BUFFERS` is not 0; elsewhere as MLX reads them."""
+class HostIO:
+    """How a stage's activations cross between host and GPU: through page-locked buffers on
+    CUDA (module docstring), elsewhere as MLX moves them. `SHARDLINE_HOST_BUFFERS`: 1 (the
+    default) both ways, `out` outputs only, 0 neither."""
 
     def __init__(self, cuda: bool) -> None:
-        self.enabled = cuda and os.environ.get("SHARDLINE_HOST_BUFFERS", "1") != "0"
+        mode = os.environ.get("SHARDLINE_HOST_BUFFERS", "1")
+        self.outputs = cuda and mode != "0"
+        self.inputs = cuda and mode not in ("0", "out")
         self._free: dict[tuple[tuple[int, ...], mx.Dtype], list[HostBuffer]] = {}
-        self._made = 0
+        self._spare: dict[tuple[tuple[int, ...], mx.Dtype], deque[HostBuffer]] = {}
+        self.made = 0  # page-locked buffers allocated
+
+    def _fits(self, shape: tuple[int, ...], dtype: mx.Dtype) -> bool:
+        return math.prod(shape) * dtype.size <= MAX_BYTES and dtype.size in (2, 4)
+
+    def _new(self, key: tuple[tuple[int, ...], mx.Dtype]) -> HostBuffer | None:
+        if self.made >= MAX_BUFFERS:
+            return None
+        self.made += 1
+        return HostBuffer(*key)
 
     def wire(self, array: mx.array) -> Wired:
         """`array`'s bytes as the step's output (lazy: evaluate `target`)."""
-        if not self.enabled or array.nbytes > MAX_BYTES or array.dtype.size not in (2, 4):
-            wired = codec.wire(array)
-            return Wired(wired, wired)
         key = (tuple(array.shape), array.dtype)
         free = self._free.setdefault(key, [])
-        if not free and self._made >= MAX_BUFFERS:
+        buffer = (free.pop() if free else self._new(key)) \
+            if self.outputs and self._fits(*key) else None
+        if buffer is None:
             wired = codec.wire(array)
             return Wired(wired, wired)
-        if not free:
-            free.append(HostBuffer(*key))
-            self._made += 1
-        buffer = free.pop()
         return Wired(buffer.write(array), buffer.view, lambda: free.append(buffer))
+
+    def placeholder(self, shape: tuple[int, ...], dtype: mx.Dtype
+                    ) -> tuple[mx.array, np.ndarray]:
+        """As protos/codec.py `placeholder`: a step's input, and the view its values are
+        written into before the step is launched. The buffer is the view's until the view
+        goes, and is written again only once the GPU has read it."""
+        key = (tuple(shape), dtype)
+        spare = self._spare.setdefault(key, deque())
+        buffer = None
+        if self.inputs and self._fits(*key):
+            buffer = self._new(key) if len(spare) < SPARE else None
+            buffer = buffer or (spare.popleft() if spare else None)
+        if buffer is None:
+            return codec.placeholder(shape, dtype)
+        if buffer.last is not None:  # read by a step launched earlier: done by now, or wait
+            mx.eval(buffer.last)
+        view = buffer.view[...]  # its own object: the buffer comes back when it goes
+        weakref.finalize(view, spare.append, buffer)
+        buffer.last = buffer.read()
+        return buffer.last, view
+
+    def decode(self, tensor: worker_pb2.Tensor) -> mx.array:
+        """As protos/codec.py `decode`, the values read by the step from a page-locked
+        buffer where they fit one."""
+        dtype = getattr(mx, tensor.dtype, None)
+        if not self.inputs or not isinstance(dtype, mx.Dtype):
+            return codec.decode(tensor)
+        array, view = self.placeholder(tuple(tensor.shape), dtype)
+        return array if codec.fill(view, tensor) else codec.decode(tensor)

@@ -121,7 +121,7 @@ class StageRunner:
         self.row_floor = set_up(shard.model, row_floor(), cuda_rows.enabled())
         fused.fuse(shard.model)  # q, k, v (gate, up) as one product where bit-exact
         attention.install(accelerator() == "cuda")  # a few positions: no plan per shape
-        self.outbound = cuda_host.Outbound(accelerator() == "cuda")  # outputs to the host
+        self.host = cuda_host.HostIO(accelerator() == "cuda")  # activations to/from the host
 
     def close(self) -> None:
         """Let go of the shard, the caches and any guess (a new shard replaces this one); a
@@ -266,7 +266,7 @@ class StageRunner:
         if not seq.hidden.data:
             raise StepError(f"sequence {seq.seq_id!r}: no hidden state for layer "
                             f"{self.shard.start}")
-        return codec.decode(seq.hidden)
+        return self.host.decode(seq.hidden)
 
     def _layers(self, h: mx.array, caches: list[Any], marks: list[mx.array] | None = None
                 ) -> mx.array:
@@ -407,7 +407,7 @@ class StageRunner:
                 # one has finished (worker/mlx_thread.py)
                 sessions[i].offset += len(seqs[i].token_ids)
                 if not self.shard.is_last:  # its bytes, computed with the step
-                    wired[i] = self.outbound.wire(rows[i][0])
+                    wired[i] = self.host.wire(rows[i][0])
                 targets.append(sampled.samples if isinstance(sampled, Checked)
                                else sampled.logits if isinstance(sampled, Deferred)
                                else sampled if sampled is not None
