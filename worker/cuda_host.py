@@ -150,8 +150,8 @@ class HostBuffer:
         return done
 
 
-MAX_BYTES = 1 << 18  # larger outputs (prompt chunks) take MLX's way: few steps, many bytes
-MAX_BUFFERS = 256  # page-locked buffers a stage keeps at most (64 MiB at MAX_BYTES each)
+MAX_BYTES = 1 << 16  # larger activations (prompt chunks) take MLX's way: few steps, many bytes
+MAX_BUFFERS = 256  # page-locked buffers a stage keeps at most (16 MiB at MAX_BYTES each)
 SPARE = 32  # inputs of one shape written before one is written again (none waits for the GPU)
 
 
