@@ -33,9 +33,14 @@ def test_off_the_gpu_the_bytes_are_mlx_own() -> None:
 
 def test_the_environment_turns_the_buffers_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHARDLINE_HOST_BUFFERS", "0")
-    assert not cuda_host.HostIO(cuda=True).outputs
-    monkeypatch.setenv("SHARDLINE_HOST_BUFFERS", "1")
-    assert cuda_host.HostIO(cuda=True).outputs
+    host = cuda_host.HostIO(cuda=True)
+    assert (host.inputs, host.outputs) == (False, False)
+    monkeypatch.setenv("SHARDLINE_HOST_BUFFERS", "out")
+    host = cuda_host.HostIO(cuda=True)
+    assert (host.inputs, host.outputs) == (False, ON_CUDA)
+    monkeypatch.delenv("SHARDLINE_HOST_BUFFERS")
+    host = cuda_host.HostIO(cuda=True)  # on a machine without CUDA: MLX's way, whatever said
+    assert (host.inputs, host.outputs) == (ON_CUDA, ON_CUDA)
 
 
 @cuda_only

@@ -177,6 +177,7 @@ class HostIO:
 
     def __init__(self, cuda: bool) -> None:
         mode = os.environ.get("SHARDLINE_HOST_BUFFERS", "1")
+        cuda = cuda and available()
         self.outputs = cuda and mode != "0"
         self.inputs = cuda and mode not in ("0", "out")
         self._free: dict[tuple[tuple[int, ...], mx.Dtype], list[HostBuffer]] = {}
