@@ -32,11 +32,11 @@ from protos import codec, worker_pb2
 _PORTABLE, _DEVICEMAP = 0x01, 0x02  # cuMemHostAlloc flags
 _BLOCK = 256
 
-# The host pointer comes in two template ints (its high and low 32 bits); 16 bytes a thread a
-# turn, the last NBYTES % 16 bytes by one thread.
+# The host pointer comes in two template ints (its bits from 31 up, and below); 16 bytes a
+# thread a turn, the last NBYTES % 16 bytes by one thread.
 _ADDRESS = """
     unsigned char* host = reinterpret_cast<unsigned char*>(
-        ((unsigned long long)(unsigned int)HI << 32) | (unsigned long long)(unsigned int)LO);
+        ((unsigned long long)HI << 31) | (unsigned long long)LO);
 """
 _LOOP = """
     const int whole = NBYTES / 16;
@@ -122,9 +122,8 @@ class HostBuffer:
         self.view = self.bytes.view(np.uint16 if dtype == mx.bfloat16 else
                                     np.dtype(str(dtype).removeprefix("mlx.core.")))
         self.view = self.view.reshape(self.shape)
-        high, low = self.address >> 32, self.address & 0xFFFFFFFF
-        self._template = [("HI", high - (1 << 32) if high >= 1 << 31 else high),
-                          ("LO", low - (1 << 32) if low >= 1 << 31 else low),
+        # template ints are 32-bit and name the kernel: two non-negative parts of 31 bits
+        self._template = [("HI", self.address >> 31), ("LO", self.address & 0x7FFFFFFF),
                           ("NBYTES", self.nbytes)]
         self._grid = (max(1, min(64, -(-self.nbytes // (16 * _BLOCK)))) * _BLOCK, 1, 1)
         self._anchor = mx.zeros((1,), mx.uint32)
