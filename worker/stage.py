@@ -11,7 +11,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
 from protos import codec, worker_pb2
-from worker import attention, cuda_host, cuda_rows, fused
+from worker import attention, cuda_rows, fused
 from worker.backend import accelerator, row_floor
 from worker.batch import DecodeBatch, batchable
 from worker.constrain import Constraint, ConstraintError, GrammarTokenizer
@@ -100,7 +100,7 @@ class Pending:
     groups: list[list[int]]
     inputs: list[mx.array] = field(default_factory=list)  # each sequence's input (its shape)
     marks: list[mx.array] = field(default_factory=list)  # not started: where launches break
-    wired: dict[int, cuda_host.Wired] = field(default_factory=dict)  # row -> its hidden's bytes
+    wired: dict[int, mx.array] = field(default_factory=dict)  # row -> its hidden, wire form
 
 
 class StageRunner:
@@ -115,13 +115,13 @@ class StageRunner:
         self.lookahead = Lookahead(shard.is_first and shard.is_last) \
             if lookahead and Lookahead.suits(shard) else None
         self.grammar_tokenizer = GrammarTokenizer(shard.path) if shard.is_last else None
-        # a token id outside the vocabulary would read outside the embedding and the history
+        # token ids index the embedding (first stage) and the samplers' history (last): one
+        # outside the vocabulary would read outside those arrays
         self.vocab = getattr(getattr(shard.model, "args", None), "vocab_size", None)
         # few rows' quantized products; short chunks computed as row_floor rows (_padding)
         self.row_floor = set_up(shard.model, row_floor(), cuda_rows.enabled())
         fused.fuse(shard.model)  # q, k, v (gate, up) as one product where bit-exact
         attention.install(accelerator() == "cuda")  # a few positions: no plan per shape
-        self.host = cuda_host.HostIO(accelerator() == "cuda")  # activations to/from the host
 
     def close(self) -> None:
         """Let go of the shard, the caches and any guess (a new shard replaces this one); a
@@ -266,7 +266,7 @@ class StageRunner:
         if not seq.hidden.data:
             raise StepError(f"sequence {seq.seq_id!r}: no hidden state for layer "
                             f"{self.shard.start}")
-        return self.host.decode(seq.hidden)
+        return codec.decode(seq.hidden)
 
     def _layers(self, h: mx.array, caches: list[Any], marks: list[mx.array] | None = None
                 ) -> mx.array:
@@ -369,7 +369,7 @@ class StageRunner:
         targets: list[Any] = []
         groups = self._groups(seqs)
         marks: list[mx.array] | None = None if start else []
-        wired: dict[int, cuda_host.Wired] = {}
+        wired: dict[int, mx.array] = {}
         for group in groups:
             ids = tuple(seqs[i].seq_id for i in group)
             caches = self.caches_of(ids)
@@ -406,12 +406,12 @@ class StageRunner:
                 # positions count when a step is begun: the next may be begun before this
                 # one has finished (worker/mlx_thread.py)
                 sessions[i].offset += len(seqs[i].token_ids)
-                if not self.shard.is_last:  # its bytes, computed with the step
-                    wired[i] = self.host.wire(rows[i][0])
+                if not self.shard.is_last:
+                    wired[i] = codec.wire(rows[i][0])  # its bytes, computed with the step
                 targets.append(sampled.samples if isinstance(sampled, Checked)
                                else sampled.logits if isinstance(sampled, Deferred)
                                else sampled if sampled is not None
-                               else wired[i].target if i in wired else rows[i][0])
+                               else wired.get(i, rows[i][0]))
             if self.shard.is_last and logits is None:
                 # A prompt chunk on the last stage only fills caches: like mlx-lm, evaluate
                 # those and skip the last layer's attention output and MLP.
@@ -484,7 +484,7 @@ class StageRunner:
                 seq.ClearField("hidden")
                 fwd = out.forward.seqs.add()
                 fwd.CopyFrom(seq)
-                codec.encode_into(fwd.hidden, h, wired[i].source)
+                codec.encode_into(fwd.hidden, h, wired.get(i))
             elif isinstance(sampled, Checked):
                 out.outputs.append(accept(seq.seq_id, sampled))
             elif sampled is not None:
