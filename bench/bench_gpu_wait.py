@@ -157,6 +157,7 @@ def main() -> None:
 
     import mlx.core as mx
     import numpy as np
+    from cuda_pinned import HostBuffer
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -206,17 +207,15 @@ def main() -> None:
             for layer, cache in zip(layers, caches, strict=True):
                 h = layer(h, "causal", cache)
             mx.eval(h, [c.state for c in caches])
-            dst, dst_view = codec.placeholder((1, 1, hidden), mx.bfloat16)
+            if mode == "copied":
+                dst, dst_view = codec.placeholder((1, 1, hidden), mx.bfloat16)
             if mode.startswith("pinned"):
-                from cuda_pinned import HostBuffer
-
                 src_buf = HostBuffer((1, 1, hidden), mx.bfloat16)
                 dst_buf = HostBuffer((1, 1, hidden), mx.bfloat16)
             for step in range(args.steps + 8):
                 # the input and the flag as a worker's placeholders (protos/codec.py)
-                h, view = codec.placeholder((1, 1, hidden), mx.bfloat16)
-                if mode == "pinned":
-                    h, view = src_buf.read(), src_buf.view
+                h, view = (src_buf.read(), src_buf.view) if mode == "pinned" else \
+                    codec.placeholder((1, 1, hidden), mx.bfloat16)
                 if mode == "ahead":
                     flag, flag_view = codec.placeholder((1,), mx.uint32)
                     h = _behind_gate(mx, flag, h)

@@ -13,8 +13,8 @@
 #   bench/gpu.sh host DIR [ARGS]     # bench_host.py --gpu ARGS (one worker's step, in-process)
 #   bench/gpu.sh neighbours DIR [ARGS]  # bench_neighbours.py --gpu ARGS (mlx-lm beside idle ones)
 #   bench/gpu.sh lazy DIR [ARGS]     # bench_lazy_recv.py ARGS (a stage launched on a lazy receive)
-#   bench/gpu.sh gpu_wait DIR [ARGS] # bench_gpu_wait.py --gpu ARGS (a slice launched ahead, the
-#                                    # GPU waiting for its input)
+#   bench/gpu.sh gpu_wait DIR [ARGS] # bench_gpu_wait.py --gpu ARGS (a slice's launch, wait and
+#                                    # output read, by mode: launched ahead, polled, pinned...)
 #   bench/gpu.sh prebuild DIR [ARGS] # prebuild.py ARGS: both 8B models, before the benches
 #
 # A fresh machine builds the 8B-shaped model before the first hotpath, profile or speculation
