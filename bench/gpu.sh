@@ -15,6 +15,8 @@
 #   bench/gpu.sh lazy DIR [ARGS]     # bench_lazy_recv.py ARGS (a stage launched on a lazy receive)
 #   bench/gpu.sh gpu_wait DIR [ARGS] # bench_gpu_wait.py --gpu ARGS (a slice's launch, wait and
 #                                    # output read, by mode: launched ahead, polled, pinned...)
+#   bench/gpu.sh pingpong DIR [ARGS] # bench_pingpong.py --gpu ARGS (a hop between two processes:
+#                                    # socket, wake-up, the GPU moving between them)
 #   bench/gpu.sh prebuild DIR [ARGS] # prebuild.py ARGS: both 8B models, before the benches
 #
 # A fresh machine builds the 8B-shaped model before the first hotpath, profile or speculation
@@ -46,7 +48,7 @@ install() {
 }
 if [ "$1" = hotpath ] || [ "$1" = profile ] || [ "$1" = speculation ] || [ "$1" = knobs ] \
     || [ "$1" = qmm ] || [ "$1" = host ] || [ "$1" = neighbours ] || [ "$1" = lazy ] \
-    || [ "$1" = gpu_wait ]; then
+    || [ "$1" = gpu_wait ] || [ "$1" = pingpong ]; then
     [ -d /root/site/mlx ] || install
     mode=$1
     shift 2
