@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import queue
 import selectors
 import socket
@@ -39,9 +38,6 @@ DEPTH = 2  # steps begun and not yet finished, at most
 # loop moves messages: Python's default (5 ms) would hold a message back for up to that long
 # whenever the MLX thread builds (`sys.setswitchinterval`; worker/cli.py, the draft model).
 SWITCH_INTERVAL = 0.0005
-# Seconds this thread polls its links before it sleeps on them when it has nothing to run
-# (`SHARDLINE_SPIN_US`): a step that comes within them starts without the thread waking.
-SPIN = float(os.environ.get("SHARDLINE_SPIN_US", "0") or 0) / 1e6
 READY = 8  # finished steps whose successors may still be prepared, at most
 _CLOSE = object()
 _IDLE = object()
@@ -138,20 +134,9 @@ class MLXThread:
             except queue.Empty:
                 if polled and not block:
                     raise
-            for key, _ in self._select(block):
+            for key, _ in self._selector.select(None if block else 0):
                 key.data(key.fileobj)
             polled = True
-
-    def _select(self, block: bool) -> list:
-        if block and SPIN > 0:
-            end = time.perf_counter() + SPIN
-            while True:
-                events = self._selector.select(0)
-                if events or time.perf_counter() >= end:
-                    break
-            if events:
-                return events
-        return self._selector.select(None if block else 0)
 
     def _drain(self, sock: socket.socket) -> None:
         try:
