@@ -7,7 +7,8 @@ placeholder inputs (worker/lookahead.py); following the last stage's results
 sampled, one hop and the coordinator's turn earlier (on a direct link, worker/link.py, the
 last stage's MLX thread writes them and stage 0's reads them). The coordinator's message still
 decides: it confirms the step started, or rolls it back and runs what it says (a stream ended, a new
-prompt came), so what comes out is the same either way. Following is best effort: when the
+prompt came), so what comes out is the same either way; the step's output goes on to stage 1
+only once that message came. Following is best effort: when the
 stream fails, stage 0 waits for the coordinator's messages as before.
 
 The stages between follow too, once steps with proposals come: the last stage's verdict on a
