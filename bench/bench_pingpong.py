@@ -17,8 +17,9 @@ a round trip), µs:
   the processes' contexts) were free.
 
 `gpu - local` is the hop between processes with the work in it; `gpu - gpu_spin` what the
-reader's wake-up costs there; `socket` alone the network stack. Outputs are checked between
-the two processes (the same bits whichever side computed them).
+reader's wake-up costs there; `socket` alone the network stack. The last state of `gpu`,
+`gpu_spin` and `local` is compared (the same steps in the same order: the same bits, whichever
+process computed them).
 
     python bench/bench_pingpong.py --work 0   # the CPU backend (its bf16 products are slow)
     python bench/bench_pingpong.py --gpu      # a GPU (bench/gpu.sh pingpong -)
@@ -109,8 +110,8 @@ def peer(port: int, mode: str, work: int) -> None:
         pass
 
 
-def run_mode(mode: str, steps: int, work: int, gpu: bool) -> list[float]:
-    """Hop times (s) of `steps` round trips in `mode`."""
+def run_mode(mode: str, steps: int, work: int, gpu: bool) -> tuple[list[float], bytes]:
+    """Hop times (s) of `steps` round trips in `mode`, and the state they ended with."""
     first = np.random.default_rng(0).standard_normal(HIDDEN).astype(np.float32)
     data = first.astype(np.float16).view(np.uint16).tobytes()  # any 8 KiB
     hops = []
@@ -120,7 +121,7 @@ def run_mode(mode: str, steps: int, work: int, gpu: bool) -> list[float]:
             t0 = time.perf_counter()
             data = b(a(data))
             hops.append((time.perf_counter() - t0) / 2)
-        return hops
+        return hops, data
     server = socket.create_server(("127.0.0.1", 0))
     port = str(server.getsockname()[1])
     child = subprocess.Popen([sys.executable, __file__, "--peer", mode, port, "--work", str(work)]
@@ -140,7 +141,7 @@ def run_mode(mode: str, steps: int, work: int, gpu: bool) -> list[float]:
     finally:
         child.wait(timeout=30)
         server.close()
-    return hops
+    return hops, data
 
 
 def main() -> None:
@@ -166,13 +167,17 @@ def main() -> None:
     print("| round | " + " | ".join(modes) + " |")
     print("|---|" + "---|" * len(modes))
     for r in range(args.rounds):
-        cells = []
+        cells, ends = [], {}
         for mode in modes:
-            hops = run_mode(mode, args.steps, args.work, args.gpu)
+            hops, end = run_mode(mode, args.steps, args.work, args.gpu)
+            if mode != "socket" and mode != "spin":
+                ends[mode] = end
             hops = hops[args.steps // 10:]  # the warm-up dropped
             q = statistics.quantiles(hops, n=10)
             cells.append(f"{statistics.median(hops) * 1e6:.0f} ({q[-1] * 1e6:.0f})")
         print(f"| {r + 1} | " + " | ".join(cells) + " |", flush=True)
+        if len(set(ends.values())) > 1:
+            raise SystemExit(f"round {r + 1}: {', '.join(ends)} ended on different bits")
     print("µs a hop, median (p90)")
 
 
