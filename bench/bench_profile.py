@@ -38,7 +38,7 @@ from worker.metrics import STEP_KINDS  # noqa: E402 - the steps a worker times a
 
 PARTS = ("receive", "host", "device", "serialise", "send", "waiting", "prepare")
 BUSY = ("receive", "host", "device", "serialise", "send")
-AHEAD = ("taken", "dropped", "early")  # steps built ahead (worker/lookahead.py), by outcome
+AHEAD = ("taken", "dropped", "early", "sent")  # built ahead (worker/lookahead.py), by outcome
 
 
 def families(port: int) -> list:
@@ -68,7 +68,7 @@ def parts_of(page: list, kind: str = "decode") -> dict[str, tuple[float, float]]
 
 def stage_times(port: int) -> dict:
     """One scrape of a worker: its step parts by kind (decode, check), and its steps built
-    ahead by outcome (`shardline_lookahead_steps_total`: taken, dropped, early)."""
+    ahead by outcome (`shardline_lookahead_steps_total`: taken, dropped, early, sent)."""
     page = families(port)
     out: dict = {kind: parts_of(page, kind) for kind in STEP_KINDS}
     out["ahead"] = {s.labels["outcome"]: s.value for f in page

@@ -14,7 +14,7 @@ except PackageNotFoundError:  # running from a source tree
     __version__ = "0.0.0+src"
 
 # Bumped whenever worker.proto changes incompatibly; workers of another wire version are skipped.
-WIRE_VERSION = 5
+WIRE_VERSION = 6
 
 # DNS-SD service types (SPEC: Discovery).
 WORKER_SERVICE_TYPE = "_shardline._tcp.local."

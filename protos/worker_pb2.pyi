@@ -236,16 +236,22 @@ class SeqInput(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., start: _Optional[bool] = ..., sample: _Optional[bool] = ..., sampling: _Optional[_Union[_inference_pb2.SamplingParams, _Mapping]] = ..., offset: _Optional[int] = ..., fork_from: _Optional[str] = ..., fork_length: _Optional[int] = ..., draft: _Optional[int] = ..., grammar: _Optional[str] = ..., output_offset: _Optional[int] = ...) -> None: ...
 
 class StageMessage(_message.Message):
-    __slots__ = ("step_id", "seqs", "release", "error")
+    __slots__ = ("step_id", "seqs", "release", "error", "next_step_id", "ahead", "dropped")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     SEQS_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    AHEAD_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     seqs: _containers.RepeatedCompositeFieldContainer[SeqInput]
     release: _containers.RepeatedScalarFieldContainer[str]
     error: str
-    def __init__(self, step_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqInput, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ...) -> None: ...
+    next_step_id: int
+    ahead: bool
+    dropped: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step_id: _Optional[int] = ..., seqs: _Optional[_Iterable[_Union[SeqInput, _Mapping]]] = ..., release: _Optional[_Iterable[str]] = ..., error: _Optional[str] = ..., next_step_id: _Optional[int] = ..., ahead: _Optional[bool] = ..., dropped: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SeqOutput(_message.Message):
     __slots__ = ("seq_id", "token", "logprob", "top_tokens", "top_logprobs", "accepted")

@@ -2,13 +2,16 @@
 
 A decode step of B sequences reads the stage's weights once instead of B times. The merged
 caches stay merged while the same sequences keep decoding together; a change of membership,
-a prefill chunk, a fork or a release splits them back into per-sequence caches first.
+a prefill chunk, a fork or a release splits them back into per-sequence caches first. Also
+the helpers on one sequence's caches: forking (the prefix cache) and whether they trim.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+
+from mlx_lm.models.cache import KVCache
 
 
 class DecodeBatch:
@@ -34,3 +37,19 @@ class DecodeBatch:
 def batchable(caches: Sequence[Any]) -> bool:
     """Whether these cache kinds can be merged into a batch (plain or rotating KV caches)."""
     return all(hasattr(c, "merge") and not getattr(c, "bits", None) for c in caches)
+
+
+def fork_cache(cache: Any, length: int) -> KVCache:
+    """A copy of a plain KV cache's first `length` positions (the source is left as it is)."""
+    if type(cache) is not KVCache:
+        raise ValueError(f"{type(cache).__name__} caches cannot be forked")
+    out = KVCache()
+    out.keys = cache.keys[..., :length, :]
+    out.values = cache.values[..., :length, :]
+    out.offset = length
+    return out
+
+
+def trimmable(caches: list[Any]) -> bool:
+    """Whether every one of `caches` can drop its last positions (no sliding window)."""
+    return all(getattr(c, "is_trimmable", lambda: False)() for c in caches)

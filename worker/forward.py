@@ -17,7 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from protos import worker_pb2
-from worker import link
+from worker import link, sent_ahead
 from worker.metrics import step_kind
 from worker.mlx_thread import StepTimes
 
@@ -94,7 +94,8 @@ class ForwardStream:
         else:  # the last stage: copies of its tokens to the stages following them on links
             send = self._to_followers(msg) if self.downstream is None else None
         if msg.error:  # an earlier stage failed this step: free what it frees, pass it on
-            msg, after = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release), None
+            msg, after = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release,
+                                                 dropped=msg.dropped), None
         else:
             after = self.service.record
         if here:
@@ -171,8 +172,9 @@ class ForwardStream:
         the error, goes on the link to the next stage (what `_send_all` does on gRPC)."""
         def send(out: Any, error: BaseException | None) -> bool:
             text = msg.error or (self.service.error_text(self.spec, error) if error else "")
-            forward = out.forward if out is not None and not text else \
-                worker_pb2.StageMessage(step_id=msg.step_id, error=text, release=msg.release)
+            forward = out.forward if out is not None and not text else _failed(msg, text)
+            if forward is None:  # a step sent ahead, confirmed: nothing goes on
+                return True
             t1 = time.perf_counter()
             self.link_out.send(forward)
             if msg.seqs:
@@ -180,6 +182,14 @@ class ForwardStream:
             self.service.metrics.link_steps.labels("out").inc()
             return True
         return send
+
+    def ahead(self, msg: worker_pb2.StageMessage) -> tuple[Any, Any, Any] | None:
+        """Stage 0's MLX thread, a step begun on the last stage's tokens: how it sends it on
+        before the coordinator's message for it (worker/sent_ahead.py): on the direct link
+        to stage 1, with its metrics. None without a link (then the message sends it)."""
+        if self.link_out is None or self._closed or not sent_ahead.ENABLED:
+            return None
+        return self.loop, self.service.record, self._sender(msg)
 
     def _to_followers(self, msg: worker_pb2.StageMessage) -> Any:
         """What the last stage's MLX thread calls with a finished step: its tokens to every
@@ -212,14 +222,15 @@ class ForwardStream:
                     error = error or service.error_text(spec, e)
                 if error:
                     out = None
-                kind = step_kind(msg, out.prefill_tokens if out is not None else None)
+                kind = step_kind(msg, out.prefill_tokens if out is not None
+                                 and not out.confirmed else None)
                 if self.link_out is not None:  # written (and built ahead) on the MLX thread
                     service.parts.sent(times, kind)
                 elif downstream is not None:
-                    forward = out.forward if out is not None else worker_pb2.StageMessage(
-                        step_id=msg.step_id, error=error, release=msg.release)
+                    forward = out.forward if out is not None else _failed(msg, error)
                     t1 = time.perf_counter()
-                    await downstream.write(forward)
+                    if forward is not None:  # (None: confirmed a step sent ahead)
+                        await downstream.write(forward)
                     if msg.seqs:
                         service.metrics.transfer.observe(time.perf_counter() - t1)
                     service.parts.sent(times, kind)
@@ -269,3 +280,10 @@ class ForwardStream:
             self.link_out.abort()
         if self.downstream is not None:
             self.downstream.cancel()
+
+
+def _failed(msg: worker_pb2.StageMessage, error: str) -> worker_pb2.StageMessage:
+    """What goes on for a step that failed here or before: its error, and what it frees and
+    drops (every stage still frees those)."""
+    return worker_pb2.StageMessage(step_id=msg.step_id, error=error, release=msg.release,
+                                   dropped=msg.dropped)

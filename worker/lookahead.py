@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
@@ -58,6 +58,7 @@ class _Guess:
     views: list[np.ndarray] | None = None  # the placeholders' buffers (None: lazy tokens)
     slots: list[int] | None = None  # per sequence, where its sampler's history holds PLACEHOLDER
     early: list[int] | None = None  # the tokens written in and started on before the message
+    sent: int = 0  # the step id it went on to the next stage with, ahead of its message
 
 
 def placeholders_work() -> bool:
@@ -95,8 +96,11 @@ class Lookahead:
         self.taken = 0  # guesses the next step confirmed
         self.dropped = 0  # guesses rolled back
         self.early = 0  # guesses started on the last stage's tokens (stage 0 of a pipeline)
+        self.sent = 0  # of those, sent on before the coordinator's message (sent_ahead.py)
+        self.sends = False  # stage 0 has a direct link to send steps on ahead with
+        self.withdrawn: list[int] = []  # steps sent ahead and rolled back, to name downstream
         self.checks = ChecksAhead()  # checks of proposals built ahead (worker/check_ahead.py)
-        self.reported = {"taken": 0, "dropped": 0, "early": 0}  # what the metrics counted
+        self.reported = dict.fromkeys(("taken", "dropped", "early", "sent"), 0)  # in metrics
 
     @staticmethod
     def suits(shard: Shard) -> bool:
@@ -142,7 +146,10 @@ class Lookahead:
         if not PREPARE_SLICES:
             return
         key = tuple(s.seq_id for s in step.seqs)
-        if key in self.guesses or not self._guessable(runner, step):
+        chain = self.guesses.get(key)
+        if chain and not (chain[-1].sent and chain[-1].pending is step):
+            return  # (after a step sent ahead, its successor is built before it is confirmed)
+        if not self._guessable(runner, step):
             return
         if runner.shard.is_first:
             slots = [codec.placeholder((1, 1), mx.int32) for _ in step.seqs]
@@ -210,7 +217,7 @@ class Lookahead:
             tokens = guess.early
         else:
             tokens = [s.token_ids[0] if len(s.token_ids) == 1 else None for s in seqs]
-        same = not set(msg.release) & set(ids) and all(
+        same = guess.sent in (0, msg.step_id) and not set(msg.release) & set(ids) and all(
             list(s.token_ids) == [t] and s.sample == g.sample and not s.start
             and not s.fork_from and not s.draft
             and s.offset + len(chain) == session.offset  # the guesses counted their positions
@@ -229,6 +236,8 @@ class Lookahead:
                 session.sampler.history[slot] = token
         runner.release(list(msg.release))
         self.taken += 1
+        if guess.sent:
+            return self._confirm(msg, guess, chain[1:])
         pending = guess.pending
         pending.msg, pending.seqs = msg, seqs
         if guess.views is not None and guess.early is None:
@@ -236,29 +245,61 @@ class Lookahead:
         runner.resolve(pending)  # constrained rows: their masks follow the tokens just known
         return pending
 
-    def start_early(self, runner: StageRunner, result: worker_pb2.StageResult) -> bool:
+    def start_early(self, runner: StageRunner, result: worker_pb2.StageResult,
+                    send: bool = False) -> Pending | None:
         """The last stage's result of a step: checks of proposals in it settle and the next
         is built (`ChecksAhead.verdict`). Stage 0 of a pipeline: if the tokens sampled are
-        the inputs of the guess after step `result.step_id`, write them in and start it."""
+        the inputs of the guess after step `result.step_id`, write them in and start it; with
+        `send` (a direct link to stage 1) and its id named already, return it to be sent on
+        at once (worker/sent_ahead.py)."""
         if runner.shard is None:
-            return False
+            return None
         self.checks.verdict(runner, result)
         if self.whole or not runner.shard.is_first:
-            return False
-        chain = self.guesses.get(tuple(o.seq_id for o in result.outputs))
-        if not chain:
-            return False
-        guess = chain[0]
-        if guess.views is None or guess.early is not None or \
+            return None
+        self.sends = send
+        chain = self.guesses.get(tuple(o.seq_id for o in result.outputs)) or ()
+        guess = next((g for g in chain if g.early is None), None)  # after those begun
+        if guess is None or guess.views is None or \
                 guess.after.msg.step_id != result.step_id or \
                 any(o.accepted for o in result.outputs):
-            return False
+            return None
         guess.early = [o.token for o in result.outputs]
         for view, token in zip(guess.views, guess.early, strict=True):
             view[...] = token
         runner.launch(guess.pending)
         self.early += 1
-        return True
+        step_id = guess.after.msg.next_step_id
+        return self._send(guess, step_id) if send and step_id else None
+
+    def _send(self, guess: _Guess, step_id: int) -> Pending:
+        """A guess begun on the last stage's tokens, as the step `step_id` to send on now."""
+        msg = worker_pb2.StageMessage(step_id=step_id, ahead=True)
+        for seq, token in zip(guess.pending.seqs, guess.early, strict=True):
+            out = msg.seqs.add()
+            out.CopyFrom(seq)
+            out.token_ids[:] = [token]
+        guess.sent = step_id
+        guess.pending.msg, guess.pending.seqs = msg, list(msg.seqs)
+        self.sent += 1
+        return guess.pending
+
+    def _confirm(self, msg: worker_pb2.StageMessage, guess: _Guess,
+                 rest: list[_Guess]) -> Pending:
+        """`msg` confirms `guess`, sent ahead already: the step after it, if it began on the
+        last stage's tokens before `msg` named it, goes on now; else nothing runs (only what
+        `msg` frees goes on)."""
+        guess.pending.msg.next_step_id = msg.next_step_id
+        after = rest[0] if rest else None
+        if self.sends and msg.next_step_id and after is not None and \
+                after.early is not None and not after.sent:
+            pending = self._send(after, msg.next_step_id)
+            pending.msg.release.extend(msg.release)
+            pending.msg.dropped.extend(self.withdrawn)  # (rolled back by `msg` just now)
+            self.withdrawn.clear()
+            return pending
+        return replace(guess.pending, msg=msg, seqs=[], sessions=[], rows=[], targets=[],
+                       groups=[], inputs=[], marks=[], wired={}, confirmed=True)
 
     @staticmethod
     def _fill(runner: StageRunner, views: list[np.ndarray],
@@ -287,3 +328,5 @@ class Lookahead:
         for guess in reversed(chain):
             self.dropped += 1
             take_back(guess.caches, guess.pending.sessions, 1)
+            if guess.sent:  # the later stages ran it too
+                self.withdrawn.append(guess.sent)

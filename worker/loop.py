@@ -31,9 +31,10 @@ log = logging.getLogger("shardline.worker")
 
 
 async def follow(channel: grpc.aio.Channel, spec: worker_pb2.ShardSpec, mlx: Any, runner: Any,
-                 secret: bytes | None = None, ask: bool = False) -> None:
+                 secret: bytes | None = None, ask: bool = False, ahead: Any = None) -> None:
     """Hand every result of the last stage of `spec`'s plan to `mlx.early` until cancelled
-    (with `ask`, on a direct link when the last stage gives one)."""
+    (with `ask`, on a direct link when the last stage gives one; `ahead`: how stage 0 sends
+    a step on before its message, worker/sent_ahead.py)."""
     call = worker_pb2_grpc.WorkerStub(channel).Results(
         worker_pb2.ResultsRequest(plan_id=spec.plan_id, loop=True),
         metadata=((link.LINK_KEY, "1"),) if ask else None)
@@ -41,7 +42,7 @@ async def follow(channel: grpc.aio.Channel, spec: worker_pb2.ShardSpec, mlx: Any
 
     def take(result: worker_pb2.StageResult) -> None:
         if result.outputs and not result.error and runner.awaits_verdict(result):
-            mlx.early(runner, result)
+            mlx.early(runner, result, ahead)
 
     def ended(error: BaseException | None) -> None:
         if error is not None:

@@ -41,7 +41,8 @@ STEP_PARTS = ("receive", "host", "device", "serialise", "send", "waiting", "prep
 STEP_KINDS = ("decode", "check")
 
 MEMORY_KINDS = ("weights", "kv", "active", "peak", "total")
-OUTCOMES = ("taken", "dropped", "early")  # of a decode step built ahead (worker/lookahead.py)
+# of a decode step built ahead (worker/lookahead.py, worker/sent_ahead.py)
+OUTCOMES = ("taken", "dropped", "early", "sent", "undone")
 SAMPLE_EVERY = 0.25  # seconds between memory samples while steps run
 
 
@@ -110,7 +111,9 @@ class WorkerMetrics:
                                  "ahead (worker/lookahead.py, worker/check_ahead.py), by "
                                  "outcome: taken (the next step was the guess), dropped "
                                  "(rolled back), early (started on the last stage's tokens "
-                                 "before the coordinator's step came).",
+                                 "before the coordinator's step came), sent (of those, sent "
+                                 "on to the next stage before it came), undone (a step sent "
+                                 "ahead that this stage took back: it was not confirmed).",
                                  ["outcome"], registry=r)
         self.shard_received = Counter("shardline_shard_received",
                                       "Shard file bytes received from the coordinator into "
@@ -136,14 +139,19 @@ class WorkerMetrics:
         with self.lock:
             return self.memory.get("kv", 0)
 
-    def guesses(self, lookahead: Any) -> None:
-        """Bring the lookahead counters up to a Lookahead's own (call on the MLX thread)."""
-        for outcome in OUTCOMES:
+    def guesses(self, runner: Any) -> None:
+        """Bring the lookahead counters up to a StageRunner's own (call on its MLX thread)."""
+        lookahead = runner.lookahead
+        for outcome in OUTCOMES[:-1] if lookahead is not None else ():
             built = getattr(lookahead, outcome) + getattr(lookahead.checks, outcome, 0)
             new = built - lookahead.reported[outcome]
             if new:
                 self._guesses[outcome].inc(new)
                 lookahead.reported[outcome] += new
+        new = runner.sent.undone - runner.sent.reported  # (worker/sent_ahead.py)
+        if new:
+            self._guesses["undone"].inc(new)
+            runner.sent.reported += new
 
     def step(self, seconds: float, prefill_tokens: int, bytes_in: int, bytes_out: int) -> None:
         """Record one step: its forward time and the activation bytes it took in and put out."""

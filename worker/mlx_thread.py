@@ -61,12 +61,15 @@ class StepTimes:
 class _Early:
     runner: StageRunner
     result: Any  # a StageResult of the last stage (worker/loop.py)
+    # stage 0: called with a step begun on the result's tokens, returns how to send it on
+    # ahead of its message (loop, after, send) or None (worker/sent_ahead.py)
+    ahead: Any = None
 
 
 @dataclass
 class _Step:
     loop: asyncio.AbstractEventLoop
-    future: asyncio.Future
+    future: asyncio.Future | None
     runner: StageRunner
     msg: Any
     times: StepTimes
@@ -190,14 +193,8 @@ class MLXThread:
             if isinstance(item, _Unwatch):
                 self._unwatch(item.sock)
                 continue
-            if isinstance(item, _Early):  # a check built ahead, a guess started: prepare
-                t0 = time.perf_counter()
-                try:
-                    item.runner.start_early(item.result)
-                except Exception:  # noqa: BLE001 - the coordinator's message runs it then
-                    log.exception("starting a step on the last stage's tokens failed")
-                if self.on_prepared is not None:
-                    self.on_prepared(time.perf_counter() - t0)
+            if isinstance(item, _Early):
+                self._early(item)
                 continue
             loop, future, fn, args = item
             if future.cancelled():
@@ -213,7 +210,8 @@ class MLXThread:
                 loop.call_soon_threadsafe(_settle, future, result, None)
         while self._begun:
             step = self._begun.popleft()
-            step.loop.call_soon_threadsafe(step.future.cancel)
+            if step.future is not None:
+                step.loop.call_soon_threadsafe(step.future.cancel)
         for key in list(self._selector.get_map().values()):
             key.fileobj.close()  # the links still watched, and the wake-up pair
         self._wake_w.close()
@@ -227,6 +225,28 @@ class MLXThread:
             elif item is not _CLOSE and item is not _IDLE and not isinstance(item, _Early):
                 loop, future = (item.loop, item.future) if isinstance(item, _Step) else item[:2]
                 loop.call_soon_threadsafe(future.cancel)
+
+    def _early(self, item: _Early) -> None:
+        """A check built ahead, a guess started (prepare time); or, stage 0 with a direct
+        link to stage 1, a step begun to finish and send on like one that came."""
+        t0 = time.perf_counter()
+        pending = None
+        try:
+            pending = item.runner.start_early(item.result, item.ahead is not None)
+            how = item.ahead(pending.msg) if pending is not None else None
+        except Exception:  # noqa: BLE001 - the coordinator's message runs it then
+            log.exception("starting a step on the last stage's tokens failed")
+            how = None
+        if how is None:
+            if self.on_prepared is not None:
+                self.on_prepared(time.perf_counter() - t0)
+            return
+        loop, after, send = how
+        step = _Step(loop, None, item.runner, pending.msg, StepTimes(t0), after, pending,
+                     send)
+        step.times.host = time.perf_counter() - t0
+        self.overlapped += bool(self._begun)
+        self._begun.append(step)
 
     def _begin(self, step: _Step) -> None:
         self.overlapped += bool(self._begun)
@@ -274,6 +294,8 @@ class MLXThread:
             self._ready.append(step)
             if sent:  # its output has left: build ahead once nothing else waits (`idle`)
                 self._queue.put(_IDLE)
+        elif out.confirmed and self._ready:  # (a step sent ahead: what follows it may be
+            self._queue.put(_IDLE)  # built now, if its prepare gave way to this message)
 
     def _failed(self, step: _Step, error: BaseException) -> None:
         step.times.done = time.perf_counter()
@@ -282,7 +304,8 @@ class MLXThread:
 
     @staticmethod
     def _settle(step: _Step, out: StepOutput | None, error: BaseException | None) -> None:
-        step.loop.call_soon_threadsafe(_settle, step.future, out, error, step.announce)
+        if step.future is not None:  # (None: a step sent ahead, nothing on the loop awaits it)
+            step.loop.call_soon_threadsafe(_settle, step.future, out, error, step.announce)
 
     @staticmethod
     def _send(step: _Step, out: StepOutput | None, error: BaseException | None) -> bool:
@@ -354,15 +377,16 @@ class MLXThread:
         if self._ready:
             self._put(_IDLE)
 
-    def early(self, runner: StageRunner, result: Any) -> None:
+    def early(self, runner: StageRunner, result: Any, ahead: Any = None) -> None:
         """Stage 0: the last stage sampled `result`'s tokens; start the step built ahead on
-        them (in queue order with the steps; StageRunner.start_early)."""
+        them (in queue order with the steps; StageRunner.start_early), and send it on if
+        `ahead(msg)` says how (worker/sent_ahead.py)."""
         if self._closed:
             return
         if threading.get_ident() == self._thread.ident:  # (a link's frame: no wake-up)
-            self._queue.put(_Early(runner, result))
+            self._queue.put(_Early(runner, result, ahead))
         else:
-            self._put(_Early(runner, result))
+            self._put(_Early(runner, result, ahead))
 
     def close(self) -> None:
         self._closed = True

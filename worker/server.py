@@ -277,7 +277,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             if spec.last_address and stream.downstream is not None:
                 # stage 0: the token's short way round; a middle stage, once proposals come:
                 # the verdicts on them (both worker/loop.py)
-                tasks.append(asyncio.create_task(self._follow(spec, loaded, stream.checks)))
+                tasks.append(asyncio.create_task(self._follow(spec, loaded, stream)))
             while True:
                 item = await stream.back.get()
                 if item is None:
@@ -303,11 +303,12 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                     self._drop_previous()  # the coordinator has drained the plan before
 
     async def _follow(self, spec: worker_pb2.ShardSpec, loaded: Loaded,
-                      checks: asyncio.Event) -> None:
+                      stream: ForwardStream) -> None:
         if spec.stage_index != 0:
-            await checks.wait()
+            await stream.checks.wait()
         await follow(self._channel(spec.last_address, spec), spec, self.mlx, loaded.runner,
-                     self.config.secret, self.config.tls is None and link.enabled())
+                     self.config.secret, self.config.tls is None and link.enabled(),
+                     stream.ahead if spec.stage_index == 0 else None)
 
     def _verdict(self, loaded: Loaded, result: Any) -> None:
         """A result of this last stage has left: its checks of proposals settle here too,
@@ -370,7 +371,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
 
     def record(self, msg: worker_pb2.StageMessage, out: StepOutput, times: StepTimes) -> None:
         """On the MLX thread, after a step: its time, bytes and memory in the metrics."""
-        if msg.seqs:
+        if msg.seqs and not out.confirmed:
             # the step's output was built from the incoming hidden state in place: its bytes
             # were counted before it ran
             self.metrics.step(times.host + times.device + times.serialise, out.prefill_tokens,
@@ -379,8 +380,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         runner = self.runner
         if runner is not None:
             self.metrics.sample(runner, runner.shard.weight_bytes)
-            if runner.lookahead is not None:
-                self.metrics.guesses(runner.lookahead)
+            self.metrics.guesses(runner)
 
     async def close(self) -> None:
         self._links.close()

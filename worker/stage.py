@@ -8,34 +8,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.models.cache import KVCache
 
 from protos import codec, worker_pb2
 from worker import attention, cuda_rows, fused
 from worker.backend import accelerator, row_floor
-from worker.batch import DecodeBatch, batchable
+from worker.batch import DecodeBatch, batchable, fork_cache, trimmable
 from worker.constrain import Constraint, ConstraintError, GrammarTokenizer
 from worker.lookahead import Lookahead
 from worker.padding import rows_for, set_up
 from worker.sampling import Sampler
+from worker.sent_ahead import SentAhead
 from worker.shard import Shard
 from worker.verify import Checked, accept, sample_positions, window
-
-
-def fork_cache(cache: Any, length: int) -> KVCache:
-    """A copy of a plain KV cache's first `length` positions (the source is left as it is)."""
-    if type(cache) is not KVCache:
-        raise StepError(f"{type(cache).__name__} caches cannot be forked")
-    out = KVCache()
-    out.keys = cache.keys[..., :length, :]
-    out.values = cache.values[..., :length, :]
-    out.offset = length
-    return out
-
-
-def _trimmable(caches: list[Any]) -> bool:
-    return all(getattr(c, "is_trimmable", lambda: False)() for c in caches)
-
 
 # Layers whose graph is built before the device is given it to compute (see _layers); a step
 # built ahead goes layer by layer when its input comes (its launch is on the token's path).
@@ -79,6 +63,7 @@ class StepOutput:
     decode_tokens: int = 0
     device_seconds: float = 0.0  # waiting for the values (StageRunner.finish)
     serialise_seconds: float = 0.0  # building the messages from them
+    confirmed: bool = False  # a step sent ahead that its message confirmed: nothing ran
 
 
 @dataclass
@@ -101,6 +86,7 @@ class Pending:
     inputs: list[mx.array] = field(default_factory=list)  # each sequence's input (its shape)
     marks: list[mx.array] = field(default_factory=list)  # not started: where launches break
     wired: dict[int, mx.array] = field(default_factory=dict)  # row -> its hidden, wire form
+    confirmed: bool = False  # its message confirmed a step sent ahead (worker/sent_ahead.py)
 
 
 class StageRunner:
@@ -114,6 +100,7 @@ class StageRunner:
         # each decode step's successor is built early (worker/lookahead.py)
         self.lookahead = Lookahead(shard.is_first and shard.is_last) \
             if lookahead and Lookahead.suits(shard) else None
+        self.sent = SentAhead()  # steps stage 0 sent on ahead of their messages
         self.grammar_tokenizer = GrammarTokenizer(shard.path) if shard.is_last else None
         # token ids index the embedding (first stage) and the samplers' history (last): one
         # outside the vocabulary would read outside those arrays
@@ -128,6 +115,7 @@ class StageRunner:
         step sent to a closed runner fails."""
         self.sessions.clear()
         self.batches.clear()
+        self.sent.clear()
         if self.lookahead is not None:
             self.lookahead.clear()
         self.shard = None
@@ -217,7 +205,7 @@ class StageRunner:
         n = session.offset - seq.offset
         if n > 0:
             caches = self._own_caches(seq.seq_id)
-            if not _trimmable(caches):
+            if not trimmable(caches):
                 raise StepError(f"sequence {seq.seq_id!r}: its caches cannot go back {n} "
                                 "positions (sliding window)")
             for cache in caches:
@@ -313,12 +301,13 @@ class StageRunner:
         if self.lookahead is not None and self.shard is not None:
             self.lookahead.prepare(self, pending)
 
-    def start_early(self, result: worker_pb2.StageResult) -> bool:
+    def start_early(self, result: worker_pb2.StageResult, send: bool = False
+                    ) -> Pending | None:
         """Stage 0: start the step built ahead on the tokens the last stage just sampled
-        (worker/lookahead.py); False when no guess waits for them."""
+        (worker/lookahead.py); with `send`, the step if it is to be sent on at once."""
         if self.lookahead is None or self.shard is None:
-            return False
-        return self.lookahead.start_early(self, result)
+            return None
+        return self.lookahead.start_early(self, result, send)
 
     def awaits_verdict(self, result: worker_pb2.StageResult) -> bool:
         """Whether the last stage's `result` can start or settle something here (any thread:
@@ -339,20 +328,23 @@ class StageRunner:
             raise StepError("this stage's shard was replaced (another plan was loaded)")
         for seq in msg.seqs:  # before a guess takes them as its inputs too
             self._check_tokens(seq)
-        ahead = self.lookahead.take(self, msg) if self.lookahead else None
-        if ahead is not None:
-            pending = ahead
-        else:
-            self.release(list(msg.release))
-            seqs = list(msg.seqs)
-            if len({s.seq_id for s in seqs}) != len(seqs):
-                raise StepError("a step names the same sequence twice")
-            # Check every sequence before touching any cache, so a bad step changes nothing.
-            sessions = [self._session(seq) for seq in seqs]
-            inputs = [self._input(seq) for seq in seqs]
-            for seq, session in zip(seqs, sessions, strict=True):
-                self._rewind(seq, session)
-            pending = self.build(msg, seqs, sessions, inputs)
+        self.sent.before(self, msg)  # steps sent ahead that `msg` drops (worker/sent_ahead.py)
+        try:
+            pending = self.lookahead.take(self, msg) if self.lookahead else None
+            if pending is None:
+                self.release(list(msg.release))
+                seqs = list(msg.seqs)
+                if len({s.seq_id for s in seqs}) != len(seqs):
+                    raise StepError("a step names the same sequence twice")
+                # Check every sequence before touching any cache: a bad step changes nothing.
+                sessions = [self._session(seq) for seq in seqs]
+                inputs = [self._input(seq) for seq in seqs]
+                for seq, session in zip(seqs, sessions, strict=True):
+                    self._rewind(seq, session)
+                pending = self.build(msg, seqs, sessions, inputs)
+        finally:
+            self.sent.dropped(self, msg)
+        self.sent.after(self, msg, pending)
         if self.lookahead:
             self.lookahead.propose(self, pending)
         return pending
@@ -431,7 +423,7 @@ class StageRunner:
         not see them (causal attention) and their cache positions are trimmed after the
         layers. 0 where the chunk's own rows cost less, or the caches cannot drop them."""
         pad = rows_for(h.shape[1], self.row_floor) - h.shape[1]
-        return pad if pad and h.shape[0] == 1 and _trimmable(caches) else 0
+        return pad if pad and h.shape[0] == 1 and trimmable(caches) else 0
 
     def _checked(self, seq: worker_pb2.SeqInput, session: Session, logits: mx.array) -> Checked:
         try:
@@ -465,6 +457,9 @@ class StageRunner:
         mx.eval(pending.targets)
         t1 = time.perf_counter()
         out = self._output(pending.msg, pending.seqs, pending.rows, pending.wired)
+        if pending.confirmed:  # only what it frees and drops goes on
+            out.confirmed = True
+            out.forward = out.forward if out.forward.release or out.forward.dropped else None
         out.device_seconds, out.serialise_seconds = t1 - t0, time.perf_counter() - t1
         return out
 
@@ -472,7 +467,8 @@ class StageRunner:
                 rows: list[tuple[mx.array, Any]], wired: dict[int, mx.array]) -> StepOutput:
         out = StepOutput()
         if not self.shard.is_last:
-            out.forward = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release)
+            out.forward = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release,
+                                                  ahead=msg.ahead, dropped=msg.dropped)
         for i, (seq, (h, sampled)) in enumerate(zip(seqs, rows, strict=True)):
             n = len(seq.token_ids)
             if n == 1:

@@ -334,7 +334,9 @@ class Cluster:
         finally:
             bars.close()
         fresh = Pipeline(self.workers[0].address, plan_id, secret=self.secret,
-                         last_address=self.workers[len(stages) - 1].address)
+                         last_address=self.workers[len(stages) - 1].address,
+                         ahead=len(stages) > 1 and all(  # (sent ahead: caches trim)
+                             w.shard.forkable for w in self.workers[: len(stages)]))
         try:
             await fresh.open()
         except PipelineError as e:

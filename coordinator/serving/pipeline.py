@@ -3,6 +3,8 @@
 Steps go into stage 0 on one persistent Forward stream; each stage forwards to the next. The
 last stage's results come straight to the coordinator on a Results stream (one hop, not one
 back through every earlier stage), or on the Forward stream when stage 0 is the last stage.
+With `ahead`, each decode step names the id of the one after it (coordinator/serving/ahead.py):
+stage 0 may send that one on before its message, and its result may come first.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import grpc
 
 import protos
+from coordinator.serving.ahead import Reservations
 from protos import auth, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("shardline.pipeline")
@@ -35,7 +38,8 @@ class Pipeline:
 
     def __init__(self, first_address: str, plan_id: str,
                  max_message_bytes: int = protos.DEFAULT_MAX_MESSAGE_BYTES,
-                 secret: bytes | None = None, last_address: str | None = None) -> None:
+                 secret: bytes | None = None, last_address: str | None = None,
+                 ahead: bool = False) -> None:
         self.first_address = first_address
         self.last_address = last_address if last_address != first_address else None
         self.plan_id = plan_id
@@ -48,6 +52,7 @@ class Pipeline:
         self._readers: list[asyncio.Task] = []
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
+        self.ahead = Reservations() if ahead else None  # ids named ahead (ahead.py)
         # Messages wait here in call order; one writer task drains them (gRPC takes one write
         # at a time), so a step is ordered when it is queued, without a task or lock per step.
         self._outbox: deque[tuple[worker_pb2.StageMessage, asyncio.Future | None]] = deque()
@@ -89,6 +94,8 @@ class Pipeline:
         try:
             async for result in call:
                 future = self._pending.pop(result.step_id, None)
+                if self.ahead is not None:
+                    self.ahead.arrived(result, future is not None)
                 if future is not None and not future.done():
                     future.set_result(result)
             why = f"the {name} stream ended"
@@ -108,6 +115,8 @@ class Pipeline:
             except Exception:  # noqa: BLE001 - a failing observer must not hide the failure
                 log.exception("pipeline break handler failed")
         pending, self._pending = self._pending, {}
+        if self.ahead is not None:
+            self.ahead.clear()
         outbox, self._outbox = self._outbox, deque()
         for future in [*pending.values(), *(f for _, f in outbox if f is not None)]:
             if not future.done():
@@ -157,10 +166,17 @@ class Pipeline:
              release: list[str] | None = None) -> asyncio.Future:
         """Queue one step for stage 0 now (no await); the future resolves with the last stage's
         result, or fails with PipelineError. Steps are written in call order."""
-        step_id = next(self._ids)
+        if self.broken:
+            raise PipelineError(self.broken)
         future = asyncio.get_running_loop().create_future()
-        self._queue(worker_pb2.StageMessage(step_id=step_id, seqs=seqs, release=release or []))
-        self._pending[step_id] = future
+        step_id, after, early = self.ahead.assign(seqs, release or [], self._ids) \
+            if self.ahead is not None else (next(self._ids), 0, None)
+        self._queue(worker_pb2.StageMessage(step_id=step_id, seqs=seqs, release=release or [],
+                                            next_step_id=after))
+        if early is not None:  # stage 0 sent it on ahead: its message only confirms it
+            future.set_result(early)
+        else:
+            self._pending[step_id] = future
         return future
 
     @staticmethod
@@ -174,6 +190,8 @@ class Pipeline:
     async def release(self, seq_ids: list[str]) -> None:
         """Free these sequences' caches on every stage (no reply is awaited)."""
         if seq_ids and not self.broken:
+            if self.ahead is not None:
+                self.ahead.give_up(seq_ids)
             try:
                 await self._send(worker_pb2.StageMessage(step_id=next(self._ids),
                                                          release=seq_ids))
