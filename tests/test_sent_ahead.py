@@ -189,3 +189,43 @@ def test_workers_serve_token_exact_stage_0_sending_steps_on_before_their_message
     first, *rest = served(model_dir(spec), workers, [f"w{i}" for i in range(workers)])
     assert first["sent"] >= 5 and first["early"] >= first["sent"], first
     assert all(counts["sent"] == 0 for counts in rest), rest
+
+
+def _decode(tokens: dict[str, int], offset: int) -> list[worker_pb2.SeqInput]:
+    return [worker_pb2.SeqInput(seq_id=k, token_ids=[t], offset=offset, sample=True)
+            for k, t in tokens.items()]
+
+
+def _result(step_id: int, tokens: dict[str, int]) -> worker_pb2.StageResult:
+    return worker_pb2.StageResult(step_id=step_id, outputs=[
+        worker_pb2.SeqOutput(seq_id=k, token=t) for k, t in tokens.items()])
+
+
+def test_the_coordinator_names_each_decode_step_and_takes_a_result_that_came_first():
+    r, ids = Reservations(), itertools.count(1)
+    step, after, early = r.assign(_decode({"a": 5, "b": 6}, 10), [], ids)
+    assert (step, early) == (1, None) and after == 2
+    r.arrived(_result(1, {"a": 7, "b": 8}), True)
+    r.arrived(_result(2, {"a": 9, "b": 1}), False)  # stage 0 sent step 2 ahead
+    # the predicted step takes the reserved id and the result that came for it
+    step, after, early = r.assign(_decode({"a": 7, "b": 8}, 11), [], ids)
+    assert step == 2 and after == 3 and early.outputs[0].token == 9
+    # another token than the last stage sampled, a changed group, a release, a fork: a
+    # fresh id, and a result that came for the reserved one is not taken
+    r.arrived(_result(3, {"a": 2, "b": 2}), False)
+    step, _, early = r.assign(_decode({"a": 9, "b": 7}, 12), [], ids)
+    assert step not in (3,) and early is None
+    r.arrived(_result(step, {"a": 4, "b": 4}), True)
+    step, after, early = r.assign(_decode({"a": 4}, 13), [], ids)
+    assert early is None and after  # ("a",) alone: named anew
+    r.arrived(_result(step, {"a": 3}), True)
+    r.give_up(["a"])  # released
+    step, _, early = r.assign(_decode({"a": 3}, 14), [], ids)
+    assert step != after and early is None
+    r.arrived(_result(step, {"a": 6}), True)
+    fork = worker_pb2.SeqInput(seq_id="c", token_ids=[1, 2], start=True, fork_from="a",
+                               fork_length=4)
+    _, nothing, _ = r.assign([fork], [], ids)
+    assert nothing == 0  # a prompt chunk names no successor
+    step, _, early = r.assign(_decode({"a": 6}, 15), [], ids)
+    assert early is None and r.used == 1

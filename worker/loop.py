@@ -5,11 +5,11 @@ client and sends the next step to stage 0. Stage 0 has that step built already, 
 placeholder inputs (worker/lookahead.py); following the last stage's results
 (`Results` with `loop`, protos/worker.proto) it starts the step the moment the tokens are
 sampled, one hop and the coordinator's turn earlier (on a direct link, worker/link.py, the
-last stage's MLX thread writes them and stage 0's reads them). The coordinator's message still
-decides: it confirms the step started, or rolls it back and runs what it says (a stream ended, a new
-prompt came), so what comes out is the same either way; the step's output goes on to stage 1
-only once that message came. Following is best effort: when the
-stream fails, stage 0 waits for the coordinator's messages as before.
+last stage's MLX thread writes them and stage 0's reads them), and sends it on to stage 1 when
+the coordinator has named it already (worker/sent_ahead.py). The coordinator's message still
+decides: it confirms the step, or rolls it back (in every stage it reached) and runs what it
+says (a stream ended, a new prompt came), so what comes out is the same either way. Following
+is best effort: when the stream fails, stage 0 waits for the coordinator's messages as before.
 
 The stages between follow too, once steps with proposals come: the last stage's verdict on a
 check tells them which positions stay, so they build the next check ahead

@@ -212,6 +212,11 @@ class StepParts:
         """A step built ahead while waiting (worker/lookahead.py; on the MLX thread)."""
         self._prepared += seconds
 
+    def sent_ahead(self, times: Any) -> None:
+        """A decode step stage 0 sent on ahead of its message (worker/sent_ahead.py; on the
+        MLX thread): its `send` (it never arrived on the loop, so no wait ends or begins)."""
+        self._part["send", "decode"].observe(times.sent - times.done)
+
     def sent(self, times: Any, kind: str | None) -> None:
         now = getattr(times, "sent", 0.0) or time.perf_counter()  # (written on a link)
         if kind is not None:

@@ -377,6 +377,8 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
             self.metrics.step(times.host + times.device + times.serialise, out.prefill_tokens,
                               times.bytes_in, hidden_bytes(out.forward))
             self.parts.computed(times, step_kind(msg, out.prefill_tokens))
+            if msg.ahead and times.sent and self.runner and self.runner.shard.is_first:
+                self.parts.sent_ahead(times)  # (it went on the link, not through the loop)
         runner = self.runner
         if runner is not None:
             self.metrics.sample(runner, runner.shard.weight_bytes)
