@@ -183,13 +183,14 @@ class ForwardStream:
             return True
         return send
 
-    def ahead(self, msg: worker_pb2.StageMessage) -> tuple[Any, Any, Any] | None:
-        """Stage 0's MLX thread, a step begun on the last stage's tokens: how it sends it on
-        before the coordinator's message for it (worker/sent_ahead.py): on the direct link
-        to stage 1, with its metrics. None without a link (then the message sends it)."""
+    def ahead(self) -> tuple[Any, Any, Any] | None:
+        """Stage 0's MLX thread, about to begin a step on the last stage's tokens: how it
+        would send it on before the coordinator's message (worker/sent_ahead.py): on the
+        direct link to stage 1, with its metrics. None without a link (the message sends
+        it then)."""
         if self.link_out is None or self._closed or not sent_ahead.ENABLED:
             return None
-        return self.loop, self.service.record, self._sender(msg)
+        return self.loop, self.service.record, self._sender
 
     def _to_followers(self, msg: worker_pb2.StageMessage) -> Any:
         """What the last stage's MLX thread calls with a finished step: its tokens to every

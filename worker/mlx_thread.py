@@ -61,8 +61,8 @@ class StepTimes:
 class _Early:
     runner: StageRunner
     result: Any  # a StageResult of the last stage (worker/loop.py)
-    # stage 0: called with a step begun on the result's tokens, returns how to send it on
-    # ahead of its message (loop, after, send) or None (worker/sent_ahead.py)
+    # stage 0: returns how to send a step begun on the result's tokens on ahead of its
+    # message, (loop, after, sender(msg) -> send), or None: it cannot (worker/sent_ahead.py)
     ahead: Any = None
 
 
@@ -231,19 +231,18 @@ class MLXThread:
         link to stage 1, a step begun to finish and send on like one that came."""
         t0 = time.perf_counter()
         pending = None
+        how = item.ahead() if item.ahead is not None else None
         try:
-            pending = item.runner.start_early(item.result, item.ahead is not None)
-            how = item.ahead(pending.msg) if pending is not None else None
+            pending = item.runner.start_early(item.result, how is not None)
         except Exception:  # noqa: BLE001 - the coordinator's message runs it then
             log.exception("starting a step on the last stage's tokens failed")
-            how = None
-        if how is None:
+        if pending is None:
             if self.on_prepared is not None:
                 self.on_prepared(time.perf_counter() - t0)
             return
-        loop, after, send = how
+        loop, after, sender = how
         step = _Step(loop, None, item.runner, pending.msg, StepTimes(t0), after, pending,
-                     send)
+                     sender(pending.msg))
         step.times.host = time.perf_counter() - t0
         self.overlapped += bool(self._begun)
         self._begun.append(step)
@@ -380,7 +379,7 @@ class MLXThread:
     def early(self, runner: StageRunner, result: Any, ahead: Any = None) -> None:
         """Stage 0: the last stage sampled `result`'s tokens; start the step built ahead on
         them (in queue order with the steps; StageRunner.start_early), and send it on if
-        `ahead(msg)` says how (worker/sent_ahead.py)."""
+        `ahead()` says how (worker/sent_ahead.py)."""
         if self._closed:
             return
         if threading.get_ident() == self._thread.ident:  # (a link's frame: no wake-up)
