@@ -182,6 +182,55 @@ def test_a_fork_from_a_sequence_with_a_step_sent_ahead_undoes_it_first(model_dir
     assert_like(ahead, plain)
 
 
+def _outcomes(port: int) -> dict[str, float]:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {s.labels["outcome"]: s.value for f in text_string_to_metric_families(text)
+            if f.name == "shardline_lookahead_steps" for s in f.samples
+            if s.name.endswith("_total")}
+
+
+def test_streams_that_end_apart_undo_their_steps_sent_ahead_in_every_stage(model_dir):
+    # three streams decode as one group; as each ends (its own max_tokens), the step stage 0
+    # sent on for the whole group is not confirmed: every later stage takes it back, and the
+    # streams left, and a stream after them, stay exact
+    import asyncio
+
+    from conftest import GiB, Serving, run, until
+
+    from coordinator.local import LocalWorkers
+
+    spec = ModelSpec(family="llama")
+    path = model_dir(spec)
+    local = LocalWorkers(3, memory=[GiB] * 3, names=["s0", "s1", "s2"])
+    addresses = local.start()
+    lengths = {"a": 6, "b": 11, "c": 16}
+
+    async def scenario():
+        async with Serving(path, addresses) as s:
+            together = await asyncio.gather(*(s.generate(PROMPTS[k], n)
+                                              for k, n in lengths.items()))
+            after = await s.generate(PROMPTS["b"], 8)
+            ports = [w.info.metrics_port for w in s.coordinator.cluster.workers]
+            # the releases of the last streams reach every stage after their answers
+            undone = await until(lambda: all(_outcomes(p).get("undone", 0) >= 2
+                                             for p in ports[1:]), timeout=20)
+            return together, after, [_outcomes(p) for p in ports], undone
+
+    try:
+        together, after, counts, undone = run(scenario())
+    finally:
+        local.stop()
+    for (k, n), (tokens, _, _) in zip(lengths.items(), together, strict=True):
+        assert tokens == reference_tokens(path, PROMPTS[k], n), k
+    assert after[0] == reference_tokens(path, PROMPTS["b"], 8)
+    assert undone, counts
+    assert counts[0]["sent"] >= 10 and counts[0].get("undone", 0) == 0, counts
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_workers_serve_token_exact_stage_0_sending_steps_on_before_their_messages(
         workers, model_dir):
