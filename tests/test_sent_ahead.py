@@ -231,6 +231,33 @@ def test_streams_that_end_apart_undo_their_steps_sent_ahead_in_every_stage(model
     assert counts[0]["sent"] >= 10 and counts[0].get("undone", 0) == 0, counts
 
 
+def test_without_a_direct_link_stage_0_starts_early_but_its_message_sends_each_step(
+        model_dir):
+    # on gRPC alone (links off, or TLS) nothing can carry a step ahead of its message
+    from conftest import GiB, Serving, run
+
+    from coordinator.local import LocalWorkers
+
+    spec = ModelSpec(family="llama")
+    path = model_dir(spec)
+    local = LocalWorkers(2, memory=[GiB] * 2, names=["g0", "g1"])
+    local.env["SHARDLINE_LINK"] = "0"
+    addresses = local.start()
+
+    async def scenario():
+        async with Serving(path, addresses) as s:
+            tokens = await s.generate(PROMPTS["a"], 12)
+            return tokens, [_outcomes(w.info.metrics_port) for w in s.coordinator.cluster.workers]
+
+    try:
+        (tokens, _, _), (first, last) = run(scenario())
+    finally:
+        local.stop()
+    assert tokens == reference_tokens(path, PROMPTS["a"], 12)
+    assert first["early"] >= 5 and first["sent"] == 0, first
+    assert last.get("undone", 0) == 0
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_workers_serve_token_exact_stage_0_sending_steps_on_before_their_messages(
         workers, model_dir):
