@@ -195,8 +195,9 @@ class Lookahead:
 
     def take(self, runner: StageRunner, msg: worker_pb2.StageMessage) -> Pending | None:
         """The guessed step if `msg` is exactly it (its inputs written into the placeholders
-        and its evaluation started), else None after rolling back every guess that shares a
-        sequence with it."""
+        and its evaluation started; if it was sent ahead already, what confirming it runs:
+        `_confirm`), else None after rolling back every guess that shares a sequence with
+        it."""
         if msg.seqs and self.checks.built:
             check = self.checks.take(runner, msg)
             if check is not None:
