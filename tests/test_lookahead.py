@@ -306,6 +306,22 @@ def test_three_workers_serve_token_exact_stage_0_starting_steps_on_the_last_stag
     assert all(counts["early"] == 0 for counts in rest), rest
 
 
+def fork_mid_batch(d: Driver, prompt_c: list[int], shared: int, after: int) -> None:
+    """"a" and "b" decode as a batch (a step for both built ahead after each); "c" starts
+    from "a"'s first `shared` positions (the prefix cache); the batch decodes `after` more."""
+    d.start("a", PROMPTS["a"])
+    d.start("b", PROMPTS["b"])
+    for _ in range(3):
+        d.decode(["a", "b"])
+    d.tokens["c"], d.logprobs["c"] = [], []
+    d._run([worker_pb2.SeqInput(seq_id="c", token_ids=prompt_c[shared:-1], start=True,
+                                offset=shared, fork_from="a", fork_length=shared)])
+    d._run([worker_pb2.SeqInput(seq_id="c", token_ids=prompt_c[-1:], sample=True,
+                                offset=len(prompt_c) - 1)])
+    for _ in range(after):
+        d.decode(["a", "b"])
+
+
 @pytest.mark.parametrize("cuts", [[], [3]], ids=["whole", "slices"])
 def test_a_fork_from_a_sequence_with_a_step_built_ahead_leaves_its_batch_exact(cuts, model_dir):
     # "c" reuses the first positions of "a" (the prefix cache) while a step for the batch
@@ -318,17 +334,7 @@ def test_a_fork_from_a_sequence_with_a_step_built_ahead_leaves_its_batch_exact(c
     runs = []
     for lookahead in (False, True):
         d = chain(path, spec, cuts, lookahead=lookahead)
-        d.start("a", PROMPTS["a"])
-        d.start("b", PROMPTS["b"])
-        for _ in range(3):
-            d.decode(["a", "b"])  # a step for ("a", "b") is built ahead after each
-        d.tokens["c"], d.logprobs["c"] = [], []
-        d._run([worker_pb2.SeqInput(seq_id="c", token_ids=prompt_c[shared:-1], start=True,
-                                    offset=shared, fork_from="a", fork_length=shared)])
-        d._run([worker_pb2.SeqInput(seq_id="c", token_ids=prompt_c[-1:], sample=True,
-                                    offset=len(prompt_c) - 1)])
-        for _ in range(4):
-            d.decode(["a", "b"])
+        fork_mid_batch(d, prompt_c, shared, 4)
         runs.append(d)
     plain, ahead = runs
     assert ahead.tokens == plain.tokens and ahead.logprobs == plain.logprobs

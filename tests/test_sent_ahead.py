@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 from conftest import reference_tokens
-from test_lookahead import PROMPTS, Chain, chain, mixed_steps, served
+from test_lookahead import PROMPTS, Chain, chain, fork_mid_batch, mixed_steps, served
 
 from coordinator.demo import ModelSpec
 from coordinator.serving.ahead import Reservations
@@ -164,17 +164,7 @@ def test_a_fork_from_a_sequence_with_a_step_sent_ahead_undoes_it_first(model_dir
     prompt_c = PROMPTS["a"][:shared] + PROMPTS["c"][:7]
     plain, ahead = chain(path, spec, [3], lookahead=False), ahead_chain(path, spec, [3])
     for d in (plain, ahead):
-        d.start("a", PROMPTS["a"])
-        d.start("b", PROMPTS["b"])
-        for _ in range(3):
-            d.decode(["a", "b"])
-        d.tokens["c"], d.logprobs["c"] = [], []
-        d._run([worker_pb2.SeqInput(seq_id="c", token_ids=prompt_c[shared:-1], start=True,
-                                    offset=shared, fork_from="a", fork_length=shared)])
-        d._run([worker_pb2.SeqInput(seq_id="c", token_ids=prompt_c[-1:], sample=True,
-                                    offset=len(prompt_c) - 1)])
-        for _ in range(3):
-            d.decode(["a", "b"])
+        fork_mid_batch(d, prompt_c, shared, 3)
     assert ahead.tokens == plain.tokens
     assert ahead.tokens["c"] == reference_tokens(path, prompt_c, 1)
     assert ahead.tokens["a"] == reference_tokens(path, PROMPTS["a"], len(ahead.tokens["a"]))
