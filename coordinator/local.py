@@ -17,6 +17,28 @@ class LocalWorkerError(RuntimeError):
     """A local worker did not start."""
 
 
+def core_sets(available: Sequence[int], count: int) -> list[set[int]]:
+    """The cores each of `count` workers on one machine keeps to: contiguous equal shares of
+    `available`, or one core each, in turn, where there are more workers than cores.
+
+    A worker's MLX thread hands every step to MLX's own compute thread and waits for it; kept
+    on the same cores those hand-offs stay cheap, where the scheduler would otherwise move
+    them across cores (on a virtual machine a wake-up across cores costs tens of
+    microseconds: bench/OVERHEAD.md, "Local workers spread over the cores").
+
+    >>> core_sets([0, 1, 2, 3, 4], 2)
+    [{0, 1, 2}, {3, 4}]
+    >>> core_sets([0, 1], 3)
+    [{0}, {1}, {0}]
+    """
+    n = len(available)
+    if count >= n:
+        return [{available[i % n]} for i in range(count)]
+    sizes = [n // count + (i < n % count) for i in range(count)]
+    starts = [sum(sizes[:i]) for i in range(count)]
+    return [set(available[s:s + k]) for s, k in zip(starts, sizes, strict=True)]
+
+
 class LocalWorkers:
     """Start N `worker serve` processes on 127.0.0.1 with free ports; `stop()` ends them.
 
@@ -37,7 +59,9 @@ class LocalWorkers:
         self.cache_dir = cache_dir
         self.names = list(names) if names else [f"local-{i}" for i in range(count)]
         self.extra_args = list(extra_args)
-        self.cpus = list(cpus) if cpus else None  # pin worker i to CPU cpus[i] (Linux only)
+        # pin worker i to CPU cpus[i] (Linux only); without cpus, several workers are spread
+        # over this machine's cores (`core_sets`) unless SHARDLINE_SPREAD=0 is in their env
+        self.cpus = list(cpus) if cpus else None
         self.wrap = list(wrap)  # a command each worker runs under (a namespace, a sandbox)
         self.env = dict(os.environ)
         self.env.pop("SHARDLINE_SECRET", None)
@@ -62,10 +86,15 @@ class LocalWorkers:
         return self.wrap + cmd + self.extra_args
 
     def _pin(self, i: int):
-        if not self.cpus or not hasattr(os, "sched_setaffinity"):
+        if not hasattr(os, "sched_setaffinity"):
             return None
-        cpu = self.cpus[i % len(self.cpus)]
-        return lambda: os.sched_setaffinity(0, {cpu})
+        if self.cpus:
+            cores = {self.cpus[i % len(self.cpus)]}
+        elif self.count > 1 and self.env.get("SHARDLINE_SPREAD", "1") != "0":
+            cores = core_sets(sorted(os.sched_getaffinity(0)), self.count)[i]
+        else:
+            return None
+        return lambda: os.sched_setaffinity(0, cores)
 
     def log_path(self, i: int) -> Path:
         return Path(self._tmp.name) / f"worker-{i}.log"
