@@ -158,6 +158,9 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="the 8B shape, nothing pinned")
     parser.add_argument("--model", choices=("tiny", "bench"), default="tiny",
                         help="CPU model: the hop benchmark's tiny one or the 8-layer bench one")
+    parser.add_argument("--spread", action="store_true",
+                        help="CPU: the workers spread over the cores as --local-workers places "
+                             "them (default: all on core 0)")
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS",
                         help="also sample every worker with py-spy (native frames) for that "
@@ -165,7 +168,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.py_spy and shutil.which("py-spy") is None:
         parser.error("--py-spy needs py-spy on the PATH (pip install py-spy)")
-    pin = not args.gpu
+    pin = not args.gpu and not args.spread
     bench_serving.PIN = pin
     spec = bench_hotpath.GPU_SPEC if args.gpu else (
         bench_hotpath.HOP_SPEC if args.model == "tiny" else bench_hotpath.CPU_SPEC)
