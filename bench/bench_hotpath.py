@@ -6,7 +6,7 @@ with 1, 2, ... workers on this one machine, and the time one more hop adds to a 
     python bench/bench_hotpath.py                # CPU: the 8-layer bench model, 1 and 3 workers
     python bench/bench_hotpath.py --hops         # CPU: a tiny model through 1..4 workers,
                                                  # the added ms per token per added hop
-                                                 # (nothing pinned; --pin: all on core 0)
+                                                 # (spread over the cores; --pin: all on core 0)
     python bench/bench_hotpath.py --gpu          # GPU: the 8B-shaped 4-bit llama, 1/2/4
                                                  # workers, 1 and 8 streams
     python bench/bench_hotpath.py --gpu --also SHARDLINE_FUSE=0   # and clusters whose
@@ -216,7 +216,7 @@ def hops(args: argparse.Namespace) -> None:
     counts = [int(w) for w in args.workers.split(",")] if args.workers_set else [1, 2, 3, 4]
     _, by = asyncio.run(interleaved_runs(path, counts, [1], 32, args.new, args.runs, pin,
                                          also=tuple(args.also), apart=args.apart))
-    where = "workers pinned to core 0" if pin else "nothing pinned"
+    where = "workers pinned to core 0" if pin else "workers placed as --local-workers places them"
     print(f"model {HOP_SPEC.key()}, 1 stream, {args.new} new tokens, ITL p50 medians of "
           f"{args.runs} runs interleaved across the cluster sizes, {where}")
     for setting in ("", *args.also):
@@ -248,7 +248,8 @@ def main() -> None:
     parser.add_argument("--workers", help="comma-separated worker counts")
     parser.add_argument("--streams", help="comma-separated stream counts")
     parser.add_argument("--pin", action="store_true",
-                        help="--hops: pin every worker to core 0 (default: nothing pinned)")
+                        help="--hops: pin every worker to core 0 (default: spread over the "
+                             "cores as --local-workers spreads them)")
     parser.add_argument("--also", action="append", default=[], metavar="VAR=VALUE",
                         help="also a cluster of each size whose workers have this setting, "
                              "in turn with the others (e.g. SHARDLINE_FUSE=0); repeatable")
