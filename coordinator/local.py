@@ -21,10 +21,10 @@ def core_sets(available: Sequence[int], count: int) -> list[set[int]]:
     """The cores each of `count` workers on one machine keeps to: contiguous equal shares of
     `available`, or one core each, in turn, where there are more workers than cores.
 
-    A worker's MLX thread hands every step to MLX's own compute thread and waits for it; kept
-    on the same cores those hand-offs stay cheap, where the scheduler would otherwise move
-    them across cores (on a virtual machine a wake-up across cores costs tens of
-    microseconds: bench/OVERHEAD.md, "Local workers spread over the cores").
+    On MLX's CPU backend a worker's MLX thread hands every step to MLX's own compute thread and
+    waits for it; kept on the same cores those hand-offs stay cheap, where the scheduler would
+    otherwise move them across cores (on a virtual machine a wake-up across cores costs tens
+    of microseconds: bench/OVERHEAD.md, "Local workers spread over the cores").
 
     >>> core_sets([0, 1, 2, 3, 4], 2)
     [{0, 1, 2}, {3, 4}]
@@ -37,6 +37,14 @@ def core_sets(available: Sequence[int], count: int) -> list[set[int]]:
     sizes = [n // count + (i < n % count) for i in range(count)]
     starts = [sum(sizes[:i]) for i in range(count)]
     return [set(available[s:s + k]) for s, k in zip(starts, sizes, strict=True)]
+
+
+def _on_cpu() -> bool:
+    """MLX computes on this machine's CPU (no GPU for it): where spreading was measured to help
+    (on an H100 shared by the workers it did not: bench/RESULTS-gpu.md)."""
+    from worker.backend import accelerator
+
+    return accelerator() is None
 
 
 class LocalWorkers:
@@ -59,8 +67,9 @@ class LocalWorkers:
         self.cache_dir = cache_dir
         self.names = list(names) if names else [f"local-{i}" for i in range(count)]
         self.extra_args = list(extra_args)
-        # pin worker i to CPU cpus[i] (Linux only); without cpus, several workers are spread
-        # over this machine's cores (`core_sets`) unless SHARDLINE_SPREAD=0 is in their env
+        # pin worker i to CPU cpus[i] (Linux only); without cpus, several workers computing on
+        # the CPU are spread over its cores (`core_sets`) unless SHARDLINE_SPREAD=0 is in
+        # their environment
         self.cpus = list(cpus) if cpus else None
         self.wrap = list(wrap)  # a command each worker runs under (a namespace, a sandbox)
         self.env = dict(os.environ)
@@ -90,7 +99,7 @@ class LocalWorkers:
             return None
         if self.cpus:
             cores = {self.cpus[i % len(self.cpus)]}
-        elif self.count > 1 and self.env.get("SHARDLINE_SPREAD", "1") != "0":
+        elif self.count > 1 and self.env.get("SHARDLINE_SPREAD", "1") != "0" and _on_cpu():
             cores = core_sets(sorted(os.sched_getaffinity(0)), self.count)[i]
         else:
             return None

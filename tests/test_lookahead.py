@@ -247,9 +247,10 @@ def test_sliding_window_caches_never_guess(model_dir):
     assert StageRunner(load_shard(path, 0, 2)).lookahead is None
 
 
-def served(path, workers: int, names: list[str]):
-    """Greedy generations through `workers` local workers: one alone, then three together;
-    each worker's shardline_lookahead_steps_total by outcome."""
+def served(path, workers: int, names: list[str], env: dict[str, str] | None = None):
+    """Greedy generations through `workers` local workers (`env` added to their environment):
+    one alone, then three together; each worker's shardline_lookahead_steps_total by
+    outcome."""
     import asyncio
     import urllib.request
 
@@ -259,6 +260,7 @@ def served(path, workers: int, names: list[str]):
     from coordinator.local import LocalWorkers
 
     local = LocalWorkers(workers, memory=[GiB] * workers, names=names)
+    local.env.update(env or {})
     addresses = local.start()
 
     async def scenario():
@@ -303,6 +305,7 @@ def test_three_workers_serve_token_exact_stage_0_starting_steps_on_the_last_stag
     spec = ModelSpec(family="llama")
     first, *rest = served(model_dir(spec), 3, ["first", "second", "third"])
     assert first["early"] >= 5 and first["taken"] >= 5, first
+    assert first.get("sent", 0) == 0, first  # sending ahead is off unless asked for
     assert all(counts["early"] == 0 for counts in rest), rest
 
 

@@ -15,6 +15,8 @@ from coordinator.serving.ahead import Reservations
 from protos import inference_pb2, worker_pb2
 from worker.stage import StageRunner
 
+SEND_AHEAD = {"SHARDLINE_SEND_AHEAD": "1"}  # the workers' setting that turns it on
+
 
 class Ahead(Chain):
     """Steps a pipeline of StageRunners as the workers and the coordinator do when stage 0
@@ -196,6 +198,7 @@ def test_streams_that_end_apart_undo_their_steps_sent_ahead_in_every_stage(model
     spec = ModelSpec(family="llama")
     path = model_dir(spec)
     local = LocalWorkers(3, memory=[GiB] * 3, names=["s0", "s1", "s2"])
+    local.env.update(SEND_AHEAD)
     addresses = local.start()
     lengths = {"a": 6, "b": 11, "c": 16}
 
@@ -231,7 +234,7 @@ def test_without_a_direct_link_stage_0_starts_early_but_its_message_sends_each_s
     spec = ModelSpec(family="llama")
     path = model_dir(spec)
     local = LocalWorkers(2, memory=[GiB] * 2, names=["g0", "g1"])
-    local.env["SHARDLINE_LINK"] = "0"
+    local.env.update(SEND_AHEAD, SHARDLINE_LINK="0")
     addresses = local.start()
 
     async def scenario():
@@ -252,7 +255,8 @@ def test_without_a_direct_link_stage_0_starts_early_but_its_message_sends_each_s
 def test_workers_serve_token_exact_stage_0_sending_steps_on_before_their_messages(
         workers, model_dir):
     spec = ModelSpec(family="llama")
-    first, *rest = served(model_dir(spec), workers, [f"w{i}" for i in range(workers)])
+    first, *rest = served(model_dir(spec), workers, [f"w{i}" for i in range(workers)],
+                          SEND_AHEAD)
     assert first["sent"] >= 5 and first["early"] >= first["sent"], first
     assert all(counts["sent"] == 0 for counts in rest), rest
 

@@ -27,8 +27,10 @@ from worker.check_ahead import take_back
 if TYPE_CHECKING:
     from worker.stage import Pending, StageRunner
 
-# SHARDLINE_SEND_AHEAD=0: stage 0 holds each step for its message, as before (to measure)
-ENABLED = os.environ.get("SHARDLINE_SEND_AHEAD", "").strip() != "0"
+# SHARDLINE_SEND_AHEAD=1 turns it on; by default stage 0 holds each step for its message: on
+# a GPU shared by four workers sending ahead was slower (bench/RESULTS-gpu.md, "Sending ahead
+# and spreading on an H100")
+ENABLED = os.environ.get("SHARDLINE_SEND_AHEAD", "").strip() == "1"
 
 
 @dataclass
