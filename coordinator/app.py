@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from coordinator.cluster.cluster import Cluster
 from coordinator.cluster.membership import Membership
 from coordinator.cluster.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
 from coordinator.cluster.planner import DEFAULT_PREFIX_CACHE_TOKENS
-from coordinator.local import LocalWorkers
+from coordinator.local import LocalWorkers, memory_each
 from coordinator.serving.engine import (
     DEFAULT_MAX_WAITING,
     DEFAULT_PREFILL_CHUNK,
@@ -134,7 +135,7 @@ class Coordinator:
         if memory is None:
             from worker.backend import detect
 
-            memory = [detect().memory_bytes // count] * count
+            memory = [memory_each(detect().memory_bytes, count, os.environ)] * count
         self.progress(f"starting {count} local worker(s)...")
         self.local = LocalWorkers(count, memory=memory, cache_dir=opts.cache_dir,
                                   secret=opts.secret)

@@ -9,8 +9,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 
 class LocalWorkerError(RuntimeError):
@@ -40,11 +41,39 @@ def core_sets(available: Sequence[int], count: int) -> list[set[int]]:
 
 
 def _on_cpu() -> bool:
-    """MLX computes on this machine's CPU (no GPU for it): where spreading was measured to help
-    (on an H100 shared by the workers it did not: bench/RESULTS-gpu.md)."""
+    """MLX computes on this machine's CPU (no GPU for it): where spreading over the cores was
+    measured to help (on an H100 shared by the workers it did not: bench/RESULTS-gpu.md)."""
     from worker.backend import accelerator
 
     return accelerator() is None
+
+
+def spreading(environ: Mapping[str, str]) -> bool:
+    """Several local workers go to their own cores or GPUs unless SHARDLINE_SPREAD=0."""
+    return environ.get("SHARDLINE_SPREAD", "1").strip() != "0"
+
+
+def cuda_gpus(environ: Mapping[str, str] | None = None, mx: Any = None) -> list[str]:
+    """The CUDA GPUs local workers may use, named as CUDA_VISIBLE_DEVICES names them (this
+    machine's all, 0 to N-1, where it is unset); none where MLX does not compute on CUDA
+    (`mx` is injectable)."""
+    from worker.backend import accelerator
+
+    if accelerator(mx) != "cuda":
+        return []
+    if mx is None:
+        import mlx.core as mx
+    count = mx.device_count(mx.gpu)
+    environ = os.environ if environ is None else environ
+    named = [v.strip() for v in environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    return named[:count] if named else [str(i) for i in range(count)]
+
+
+def memory_each(memory: int, count: int, environ: Mapping[str, str]) -> int:
+    """Each of `count` local workers' share of a device's `memory`: the devices' workers
+    share it (all of them, but for several CUDA GPUs, where they go one to each in turn)."""
+    gpus = cuda_gpus(environ) if count > 1 and spreading(environ) else []
+    return memory // (-(-count // len(gpus)) if len(gpus) > 1 else count)
 
 
 class LocalWorkers:
@@ -68,7 +97,8 @@ class LocalWorkers:
         self.names = list(names) if names else [f"local-{i}" for i in range(count)]
         self.extra_args = list(extra_args)
         # pin worker i to CPU cpus[i] (Linux only); without cpus, several workers computing on
-        # the CPU are spread over its cores (`core_sets`) unless SHARDLINE_SPREAD=0 is in
+        # the CPU are spread over its cores (`core_sets`), and on a machine with several CUDA
+        # GPUs over those (`cuda_gpus`, a GPU each in turn), unless SHARDLINE_SPREAD=0 is in
         # their environment
         self.cpus = list(cpus) if cpus else None
         self.wrap = list(wrap)  # a command each worker runs under (a namespace, a sandbox)
@@ -99,7 +129,7 @@ class LocalWorkers:
             return None
         if self.cpus:
             cores = {self.cpus[i % len(self.cpus)]}
-        elif self.count > 1 and self.env.get("SHARDLINE_SPREAD", "1") != "0" and _on_cpu():
+        elif self.count > 1 and spreading(self.env) and _on_cpu():
             cores = core_sets(sorted(os.sched_getaffinity(0)), self.count)[i]
         else:
             return None
@@ -110,11 +140,14 @@ class LocalWorkers:
 
     def start(self, timeout: float = 60.0) -> list[str]:
         readies = [Path(self._tmp.name) / f"worker-{i}.json" for i in range(self.count)]
+        gpus = cuda_gpus(self.env) if self.count > 1 and spreading(self.env) else []
         for i, ready in enumerate(readies):
+            env = self.env if len(gpus) < 2 else {
+                **self.env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
             log = open(self.log_path(i), "wb")  # noqa: SIM115 - the child owns it
             self.procs.append(subprocess.Popen(self._command(i, ready), stdout=log,
                                                stderr=subprocess.STDOUT,
-                                               preexec_fn=self._pin(i), env=self.env))
+                                               preexec_fn=self._pin(i), env=env))
         deadline = time.monotonic() + timeout
         for i, (proc, ready) in enumerate(zip(self.procs, readies, strict=True)):
             while not ready.exists():
