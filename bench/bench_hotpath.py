@@ -15,7 +15,9 @@ with 1, 2, ... workers on this one machine, and the time one more hop adds to a 
 
 On the CPU, mlx-lm and every worker are pinned to core 0 (the compute gets one core in every
 row; the coordinator and the client run beside it on the other core). On a GPU nothing is
-pinned and every worker shares the one GPU, so the rows measure overhead, not added compute.
+pinned and every worker shares the one GPU, so the rows measure overhead, not added compute;
+on a machine with several, the workers take one each in turn, as local workers do
+(coordinator/local.py; `--also SHARDLINE_SPREAD=0`: all on the first), mlx-lm the first.
 """
 
 from __future__ import annotations
@@ -158,6 +160,14 @@ def median_tps(results: list[Result]) -> float:
     return statistics.median(r.tps for r in results)
 
 
+def gpus_used() -> str:
+    """The GPUs the workers take (coordinator/local.py), said for the results' title."""
+    from coordinator.local import cuda_gpus
+
+    gpus = cuda_gpus()
+    return "GPU" if len(gpus) < 2 else f"{len(gpus)} GPUs, the workers one each in turn"
+
+
 def median_itl_ms(results: list[Result]) -> float:
     return statistics.median(r.pct(r.itl, 0.5) for r in results) * 1e3
 
@@ -178,7 +188,7 @@ def decode(args: argparse.Namespace) -> None:
     print(f"model {spec.key()}, prompt {args.prompt}, {args.new} new tokens, greedy, "
           f"medians of {args.runs} runs, mlx-lm and every cluster in turn "
           f"({'each cluster up only for its runs' if args.apart else 'all clusters up'}), "
-          f"{'GPU' if args.gpu else 'CPU pinned to core 0'}")
+          f"{gpus_used() if args.gpu else 'CPU pinned to core 0'}")
     # one stream: also its tokens/s after the first token, and its median gap between tokens
     # (the steady pace, no stalls)
     itl = 1 in streams
