@@ -5,7 +5,8 @@
 #   bench/gpu.sh test DIR    # add DIR's files, install, detect, parity tests on the GPU
 #   bench/gpu.sh bench [DIR] # the --gpu serving benchmark (installs first if `test` did not)
 #   bench/gpu.sh hotpath DIR [ARGS]  # bench_hotpath.py --gpu ARGS (the 8B shape; DIR may be -;
-#                                    # --also SHARDLINE_FUSE=0: a cluster of each size without)
+#                                    # --also SHARDLINE_FUSE=0: a cluster of each size without;
+#                                    # --reuse-shards: clusters start from the workers' cache)
 #   bench/gpu.sh profile DIR [ARGS]  # bench_profile.py --gpu ARGS
 #   bench/gpu.sh speculation DIR [ARGS]  # bench_speculation.py --gpu ARGS
 #   bench/gpu.sh knobs DIR [ARGS]    # bench_knobs.py --gpu ARGS (MLX's CUDA launch settings)
