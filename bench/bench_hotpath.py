@@ -165,10 +165,10 @@ def median_tps(results: list[Result]) -> float:
 
 def gpus_used() -> str:
     """The GPUs the workers take (coordinator/local.py), said for the results' title."""
-    from coordinator.local import cuda_gpus
+    from coordinator.local import local_gpus
 
-    gpus = cuda_gpus()
-    return "GPU" if len(gpus) < 2 else f"{len(gpus)} GPUs, the workers one each in turn"
+    gpus = local_gpus(2, os.environ)
+    return f"{len(gpus)} GPUs, the workers one each in turn" if gpus else "GPU"
 
 
 def median_itl_ms(results: list[Result]) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -69,11 +70,18 @@ def cuda_gpus(environ: Mapping[str, str] | None = None, mx: Any = None) -> list[
     return named[:count] if named else [str(i) for i in range(count)]
 
 
+def local_gpus(count: int, environ: Mapping[str, str]) -> list[str]:
+    """The CUDA GPUs `count` local workers go to, one each in turn: none (all on the one MLX
+    picks) unless there are several workers and several GPUs and spreading is on."""
+    gpus = cuda_gpus(environ) if count > 1 and spreading(environ) else []
+    return gpus if len(gpus) > 1 else []
+
+
 def memory_each(memory: int, count: int, environ: Mapping[str, str]) -> int:
     """Each of `count` local workers' share of a device's `memory`: the devices' workers
     share it (all of them, but for several CUDA GPUs, where they go one to each in turn)."""
-    gpus = cuda_gpus(environ) if count > 1 and spreading(environ) else []
-    return memory // (-(-count // len(gpus)) if len(gpus) > 1 else count)
+    gpus = local_gpus(count, environ)
+    return memory // (-(-count // len(gpus)) if gpus else count)
 
 
 class LocalWorkers:
@@ -124,30 +132,29 @@ class LocalWorkers:
             cmd += ["--cache-dir", str(self.cache_dir)]
         return self.wrap + cmd + self.extra_args
 
-    def _pin(self, i: int):
+    def _cores(self) -> list[set[int]] | None:
+        """The cores each worker keeps to, or None: nowhere pinned."""
         if not hasattr(os, "sched_setaffinity"):
             return None
         if self.cpus:
-            cores = {self.cpus[i % len(self.cpus)]}
-        elif self.count > 1 and spreading(self.env) and _on_cpu():
-            cores = core_sets(sorted(os.sched_getaffinity(0)), self.count)[i]
-        else:
-            return None
-        return lambda: os.sched_setaffinity(0, cores)
+            return [{self.cpus[i % len(self.cpus)]} for i in range(self.count)]
+        if self.count > 1 and spreading(self.env) and _on_cpu():
+            return core_sets(sorted(os.sched_getaffinity(0)), self.count)
+        return None
 
     def log_path(self, i: int) -> Path:
         return Path(self._tmp.name) / f"worker-{i}.log"
 
     def start(self, timeout: float = 60.0) -> list[str]:
         readies = [Path(self._tmp.name) / f"worker-{i}.json" for i in range(self.count)]
-        gpus = cuda_gpus(self.env) if self.count > 1 and spreading(self.env) else []
+        cores, gpus = self._cores(), local_gpus(self.count, self.env)
         for i, ready in enumerate(readies):
-            env = self.env if len(gpus) < 2 else {
-                **self.env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
+            env = {**self.env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} if gpus else self.env
             log = open(self.log_path(i), "wb")  # noqa: SIM115 - the child owns it
-            self.procs.append(subprocess.Popen(self._command(i, ready), stdout=log,
-                                               stderr=subprocess.STDOUT,
-                                               preexec_fn=self._pin(i), env=env))
+            self.procs.append(subprocess.Popen(
+                self._command(i, ready), stdout=log, stderr=subprocess.STDOUT, env=env,
+                preexec_fn=functools.partial(os.sched_setaffinity, 0, cores[i]) if cores
+                else None))
         deadline = time.monotonic() + timeout
         for i, (proc, ready) in enumerate(zip(self.procs, readies, strict=True)):
             while not ready.exists():
