@@ -14,7 +14,14 @@ a round trip), µs:
 - `gpu_spin`: `gpu` with the polling reader;
 - `local`: the `gpu` work of both sides one after the other in one process, no socket: what
   the hop would cost if moving between processes (threads waking, the GPU switching between
-  the processes' contexts) were free.
+  the processes' contexts) were free;
+- `gpu_pinned`, `local_pinned`: `gpu` and `local` with the bytes in and out through
+  page-locked host buffers a kernel reads and writes (bench/cuda_pinned.py; CUDA only), not
+  MLX's managed memory;
+- `local_read`: `local` with the input left on the device (the last step's output array, no
+  host write), the output's bytes still read: what writing the input costs (against `local`);
+- `local_resident`: `local_read` without reading the output (only waiting for it): what the
+  read costs, and what is left is the launch, the kernels and the wait.
 
 `gpu - local` is the hop between processes with the work in it; `gpu - gpu_spin` what the
 reader's wake-up costs there; `socket` alone the network stack. The last state of `gpu`,
@@ -42,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 HIDDEN = 4096
 MODES = ("socket", "spin", "gpu", "gpu_spin", "local")
+MORE = ("gpu_pinned", "local_pinned", "local_read", "local_resident")  # (by name: --modes)
 
 
 def _recv_exact(sock: socket.socket, n: int, spin: bool) -> bytes:
@@ -73,7 +81,7 @@ def _send_frame(sock: socket.socket, data: bytes) -> None:
 class Work:
     """A stage's step in small: bytes into a placeholder, `n` products on the device, bytes out."""
 
-    def __init__(self, n: int, seed: int) -> None:
+    def __init__(self, n: int, seed: int, pinned: bool = False) -> None:
         import mlx.core as mx
 
         from protos.codec import placeholder
@@ -82,24 +90,46 @@ class Work:
         mx.random.seed(seed)
         self.w = (mx.random.normal((HIDDEN, HIDDEN)) * HIDDEN ** -0.5).astype(mx.bfloat16)
         mx.eval(self.w)
-        self.x, self.view = placeholder((1, HIDDEN), mx.bfloat16)
+        self.pinned = None
+        if pinned:
+            from cuda_pinned import HostBuffer
+            self.pinned = (HostBuffer((1, HIDDEN), mx.bfloat16),
+                           HostBuffer((1, HIDDEN), mx.bfloat16))
+            self.view = self.pinned[0].view
+        else:
+            self.x, self.view = placeholder((1, HIDDEN), mx.bfloat16)
+
+    def compute(self, x):  # noqa: ANN001, ANN201 - an mx.array
+        y = self.mx.tanh(x)
+        for _ in range(self.n):
+            y = self.mx.tanh(y @ self.w)
+        return y
 
     def __call__(self, data: bytes) -> bytes:
         mx = self.mx
         self.view[...] = np.frombuffer(data, np.uint16).reshape(self.view.shape)
-        y = mx.tanh(self.x)
-        for _ in range(self.n):
-            y = mx.tanh(y @ self.w)
-        y = y.view(mx.uint16)
+        if self.pinned is not None:
+            into, out = self.pinned
+            mx.eval(out.write(self.compute(into.read())))
+            return out.bytes.tobytes()
+        y = self.compute(self.x).view(mx.uint16)
         mx.eval(y)
         return bytes(memoryview(y))
+
+    def on_device(self, x, read: bool):  # noqa: ANN001, ANN201 - mx.arrays
+        """The step on an input already on the device; `read`: its output's bytes read too."""
+        y = self.compute(x)
+        self.mx.eval(y)
+        if read:
+            bytes(memoryview(y.view(self.mx.uint16)))
+        return y
 
 
 def peer(port: int, mode: str, work: int) -> None:
     """The other side: answer every frame (with `gpu` modes, after the work) until closed."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    step = Work(work, 1) if mode.startswith("gpu") else None
+    step = Work(work, 1, mode.endswith("pinned")) if mode.startswith("gpu") else None
     spin = mode.endswith("spin")
     _send_frame(sock, b"ready")
     try:
@@ -115,8 +145,17 @@ def run_mode(mode: str, steps: int, work: int, gpu: bool) -> tuple[list[float], 
     first = np.random.default_rng(0).standard_normal(HIDDEN).astype(np.float32)
     data = first.astype(np.float16).view(np.uint16).tobytes()  # any 8 KiB
     hops = []
-    if mode == "local":
-        a, b = Work(work, 0), Work(work, 1)
+    if mode.startswith("local"):
+        a, b = Work(work, 0, mode == "local_pinned"), Work(work, 1, mode == "local_pinned")
+        if mode in ("local_read", "local_resident"):
+            mx = a.mx
+            x = mx.array(np.frombuffer(data, np.uint16).reshape(1, HIDDEN)).view(mx.bfloat16)
+            read = mode == "local_read"
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                x = b.on_device(a.on_device(x, read), read)
+                hops.append((time.perf_counter() - t0) / 2)
+            return hops, bytes(memoryview(x.view(mx.uint16)))
         for _ in range(steps):
             t0 = time.perf_counter()
             data = b(a(data))
@@ -131,7 +170,7 @@ def run_mode(mode: str, steps: int, work: int, gpu: bool) -> tuple[list[float], 
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         spin = mode.endswith("spin")
         _recv_frame(sock, False)
-        step = Work(work, 0) if mode.startswith("gpu") else None
+        step = Work(work, 0, mode.endswith("pinned")) if mode.startswith("gpu") else None
         for _ in range(steps):
             t0 = time.perf_counter()
             _send_frame(sock, step(data) if step is not None else data)
@@ -160,7 +199,7 @@ def main() -> None:
         peer(int(args.peer[1]), args.peer[0], args.work)
         return
     modes = args.modes.split(",")
-    unknown = set(modes) - set(MODES)
+    unknown = set(modes) - set(MODES) - set(MORE)
     if unknown:
         parser.error(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
     print(f"device {mx.default_device()}, {args.steps} round trips, {args.work} products a side")
