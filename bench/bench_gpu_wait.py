@@ -20,7 +20,7 @@ their caches), per step the time from writing the input to having the slice's ou
   host-visible placeholder made once, which the host reads;
 - `unread`: as `after`, the output never read on the host (no bytes, nothing compared);
 - `pinned` (with `--read`): the input read by a kernel from a page-locked host buffer and
-  the output written by a kernel into another (worker/cuda_host.py); `pinned_out`: only the
+  the output written by a kernel into another (bench/cuda_pinned.py); `pinned_out`: only the
   output so;
 - `beside`: as `after`, while another process's waiting kernel spins on the same GPU (as a
   stage launched ahead would while another stage of the pipeline computes on a shared GPU).
@@ -157,11 +157,11 @@ def main() -> None:
 
     import mlx.core as mx
     import numpy as np
+    from cuda_pinned import HostBuffer
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
     from protos import codec
-    from worker.cuda_host import HostBuffer
 
     cuda = getattr(mx, "cuda", None)
     if {"copied", "pinned", "pinned_out"} & set(modes) and not args.read:

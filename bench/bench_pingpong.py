@@ -16,7 +16,7 @@ a round trip), µs:
   the hop would cost if moving between processes (threads waking, the GPU switching between
   the processes' contexts) were free;
 - `gpu_pinned`, `local_pinned`: `gpu` and `local` with the bytes in and out through
-  page-locked host buffers a kernel reads and writes (worker/cuda_host.py; CUDA only), not
+  page-locked host buffers a kernel reads and writes (bench/cuda_pinned.py; CUDA only), not
   MLX's managed memory;
 - `local_read`: `local` with the input left on the device (the last step's output array, no
   host write), the output's bytes still read: what writing the input costs (against `local`);
@@ -92,7 +92,7 @@ class Work:
         mx.eval(self.w)
         self.pinned = None
         if pinned:
-            from worker.cuda_host import HostBuffer
+            from cuda_pinned import HostBuffer
             self.pinned = (HostBuffer((1, HIDDEN), mx.bfloat16),
                            HostBuffer((1, HIDDEN), mx.bfloat16))
             self.view = self.pinned[0].view

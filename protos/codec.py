@@ -41,7 +41,7 @@ def wire(array: mx.array) -> mx.array:
 
 
 def encode_into(tensor: worker_pb2.Tensor, array: mx.array,
-                wired: mx.array | np.ndarray | None = None) -> worker_pb2.Tensor:
+                wired: mx.array | None = None) -> worker_pb2.Tensor:
     """Fill `tensor` (a field of a message being built) with an evaluated array's bytes
     (read from `wired`, its evaluated `wire` form, where given)."""
     name = dtype_name(array.dtype)

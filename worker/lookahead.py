@@ -155,7 +155,7 @@ class Lookahead:
             slots = [codec.placeholder((1, 1), mx.int32) for _ in step.seqs]
             inputs = [runner.shard.family.embed(slot) for slot, _ in slots]
         else:
-            slots = [runner.host.placeholder(x.shape, x.dtype) for x in step.inputs]
+            slots = [codec.placeholder(x.shape, x.dtype) for x in step.inputs]
             inputs = [slot for slot, _ in slots]
         self._build(runner, step, key, inputs, [view for _, view in slots])
 

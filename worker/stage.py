@@ -10,7 +10,7 @@ from typing import Any
 import mlx.core as mx
 
 from protos import codec, worker_pb2
-from worker import attention, cuda_host, cuda_rows, fused
+from worker import attention, cuda_rows, fused
 from worker.backend import accelerator, row_floor
 from worker.batch import DecodeBatch, batchable, fork_cache, trimmable
 from worker.constrain import Constraint, ConstraintError, GrammarTokenizer
@@ -85,7 +85,7 @@ class Pending:
     groups: list[list[int]]
     inputs: list[mx.array] = field(default_factory=list)  # each sequence's input (its shape)
     marks: list[mx.array] = field(default_factory=list)  # not started: where launches break
-    wired: dict[int, cuda_host.Wired] = field(default_factory=dict)  # row -> its hidden's bytes
+    wired: dict[int, mx.array] = field(default_factory=dict)  # row -> its hidden, wire form
     confirmed: bool = False  # its message confirmed a step sent ahead (worker/sent_ahead.py)
 
 
@@ -109,7 +109,6 @@ class StageRunner:
         self.row_floor = set_up(shard.model, row_floor(), cuda_rows.enabled())
         fused.fuse(shard.model)  # q, k, v (gate, up) as one product where bit-exact
         attention.install(accelerator() == "cuda")  # a few positions: no plan per shape
-        self.host = cuda_host.HostIO(accelerator() == "cuda")  # activations to/from the host
 
     def close(self) -> None:
         """Let go of the shard, the caches and any guess (a new shard replaces this one); a
@@ -255,7 +254,7 @@ class StageRunner:
         if not seq.hidden.data:
             raise StepError(f"sequence {seq.seq_id!r}: no hidden state for layer "
                             f"{self.shard.start}")
-        return self.host.decode(seq.hidden)
+        return codec.decode(seq.hidden)
 
     def _layers(self, h: mx.array, caches: list[Any], marks: list[mx.array] | None = None
                 ) -> mx.array:
@@ -362,7 +361,7 @@ class StageRunner:
         targets: list[Any] = []
         groups = self._groups(seqs)
         marks: list[mx.array] | None = None if start else []
-        wired: dict[int, cuda_host.Wired] = {}
+        wired: dict[int, mx.array] = {}
         for group in groups:
             ids = tuple(seqs[i].seq_id for i in group)
             caches = self.caches_of(ids)
@@ -399,12 +398,12 @@ class StageRunner:
                 # positions count when a step is begun: the next may be begun before this
                 # one has finished (worker/mlx_thread.py)
                 sessions[i].offset += len(seqs[i].token_ids)
-                if not self.shard.is_last:  # its bytes, computed with the step
-                    wired[i] = self.host.wire(rows[i][0])
+                if not self.shard.is_last:
+                    wired[i] = codec.wire(rows[i][0])  # its bytes, computed with the step
                 targets.append(sampled.samples if isinstance(sampled, Checked)
                                else sampled.logits if isinstance(sampled, Deferred)
                                else sampled if sampled is not None
-                               else wired[i].target if i in wired else rows[i][0])
+                               else wired.get(i, rows[i][0]))
             if self.shard.is_last and logits is None:
                 # A prompt chunk on the last stage only fills caches: like mlx-lm, evaluate
                 # those and skip the last layer's attention output and MLP.
@@ -465,7 +464,7 @@ class StageRunner:
         return out
 
     def _output(self, msg: worker_pb2.StageMessage, seqs: list[worker_pb2.SeqInput],
-                rows: list[tuple[mx.array, Any]], wired: dict[int, cuda_host.Wired]) -> StepOutput:
+                rows: list[tuple[mx.array, Any]], wired: dict[int, mx.array]) -> StepOutput:
         out = StepOutput()
         if not self.shard.is_last:
             out.forward = worker_pb2.StageMessage(step_id=msg.step_id, release=msg.release,
@@ -481,7 +480,7 @@ class StageRunner:
                 seq.ClearField("hidden")
                 fwd = out.forward.seqs.add()
                 fwd.CopyFrom(seq)
-                codec.encode_into(fwd.hidden, h, wired[i].source)
+                codec.encode_into(fwd.hidden, h, wired.get(i))
             elif isinstance(sampled, Checked):
                 out.outputs.append(accept(seq.seq_id, sampled))
             elif sampled is not None:

@@ -1,33 +1,27 @@
-"""CUDA backend: a stage's activations to and from page-locked host memory, by a copy kernel.
+"""Page-locked host buffers a kernel reads a slice's input from or writes its output to (CUDA).
 
-MLX 0.32's CUDA backend keeps arrays made from host values in managed memory, and gives the
-host a device array by allocating managed memory and copying into it, synchronously, each
-time (mlx/backend/cuda/allocator.cpp `move_to_unified_memory`). A pipeline stage does both
-every token: its input comes from the wire, its output goes to it. Managed pages move between
-host and GPU on first touch, and the buffers return to MLX's cache, from which later device
-outputs of the same size are taken. Here the bytes go instead through page-locked host
-buffers made once (the CUDA driver's `cuMemHostAlloc`), which a kernel reads or writes over
-the bus directly: no managed page, no allocation, no synchronous copy on the token's path.
+bench/bench_gpu_wait.py's `pinned` modes: MLX 0.32's CUDA backend keeps arrays made from host
+values in managed memory, and gives the host a device array by allocating managed memory and
+copying into it, synchronously, each time (mlx/backend/cuda/allocator.cpp
+`move_to_unified_memory`). A pipeline stage does both every token. Here the bytes go instead
+through page-locked buffers made once (the CUDA driver's `cuMemHostAlloc`), which a kernel
+reads or writes over the bus directly. On an H100 that saved 0.1 ms of a 16-layer slice and
+nothing measurable in a pipeline of 2 workers (bench/RESULTS-gpu.md, "Activations through
+page-locked buffers"), so the stages keep MLX's way.
 
-`HostBuffer` is one such buffer: `view` is its numpy view; `read` is a lazy array that
-copies its bytes onto the GPU (the input of a step, written into `view` before the step is
-launched); `write(array)` is a lazy array whose evaluation leaves `array`'s bytes in `view`.
+`HostBuffer` is one such buffer: `view` is its numpy view; `read` is a lazy array that copies
+its bytes onto the GPU; `write(array)` is a lazy array whose evaluation leaves `array`'s bytes
+in `view`.
 """
 
 from __future__ import annotations
 
 import ctypes
 import math
-import os
-import weakref
-from collections import deque
-from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
-
-from protos import codec, worker_pb2
 
 _PORTABLE, _DEVICEMAP = 0x01, 0x02  # cuMemHostAlloc flags
 _BLOCK = 256
@@ -100,12 +94,6 @@ def _kernel(name: str) -> Any:
     return _kernels[name]
 
 
-def available() -> bool:
-    """Whether MLX computes on a CUDA device here."""
-    cuda = getattr(mx, "cuda", None)
-    return cuda is not None and cuda.is_available()
-
-
 class HostBuffer:
     """A page-locked host buffer of one shape and dtype that a step reads its input from or
     writes its output to (module docstring). Freed with the process."""
@@ -128,7 +116,6 @@ class HostBuffer:
         self._grid = (max(1, min(64, -(-self.nbytes // (16 * _BLOCK)))) * _BLOCK, 1, 1)
         self._anchor = mx.zeros((1,), mx.uint32)
         mx.eval(self._anchor)
-        self.last: mx.array | None = None  # the last `read` handed out (HostIO.placeholder)
 
     def read(self) -> mx.array:
         """A lazy array of the buffer's shape and dtype holding, once evaluated, the bytes
@@ -148,86 +135,3 @@ class HostBuffer:
                                 output_dtypes=[mx.uint32])
         return done
 
-
-MAX_BYTES = 1 << 16  # larger activations (prompt chunks) take MLX's way: few steps, many bytes
-MAX_BUFFERS = 256  # page-locked buffers a stage keeps at most (16 MiB at MAX_BYTES each)
-SPARE = 32  # inputs of one shape written before one is written again (none waits for the GPU)
-
-
-@dataclass
-class Wired:
-    """A row's output on its way to the wire: `target`, evaluated with the step, leaves its
-    bytes in `source` (what protos/codec.py `encode_into` reads). A page-locked buffer goes
-    back to its pool when this goes (with its step)."""
-
-    target: mx.array
-    source: Any
-    _give: Any = None
-
-    def __del__(self) -> None:
-        if self._give is not None:
-            self._give()
-
-
-class HostIO:
-    """How a stage's activations cross between host and GPU: through page-locked buffers on
-    CUDA (module docstring), elsewhere as MLX moves them. `SHARDLINE_HOST_BUFFERS`: 1 (the
-    default) both ways, `out` outputs only, 0 neither."""
-
-    def __init__(self, cuda: bool) -> None:
-        mode = os.environ.get("SHARDLINE_HOST_BUFFERS", "1")
-        cuda = cuda and available()
-        self.outputs = cuda and mode != "0"
-        self.inputs = cuda and mode not in ("0", "out")
-        self._free: dict[tuple[tuple[int, ...], mx.Dtype], list[HostBuffer]] = {}
-        self._spare: dict[tuple[tuple[int, ...], mx.Dtype], deque[HostBuffer]] = {}
-        self.made = 0  # page-locked buffers allocated
-
-    def _fits(self, shape: tuple[int, ...], dtype: mx.Dtype) -> bool:
-        return math.prod(shape) * dtype.size <= MAX_BYTES and dtype.size in (2, 4)
-
-    def _new(self, key: tuple[tuple[int, ...], mx.Dtype]) -> HostBuffer | None:
-        if self.made >= MAX_BUFFERS:
-            return None
-        self.made += 1
-        return HostBuffer(*key)
-
-    def wire(self, array: mx.array) -> Wired:
-        """`array`'s bytes as the step's output (lazy: evaluate `target`)."""
-        key = (tuple(array.shape), array.dtype)
-        free = self._free.setdefault(key, [])
-        buffer = (free.pop() if free else self._new(key)) \
-            if self.outputs and self._fits(*key) else None
-        if buffer is None:
-            wired = codec.wire(array)
-            return Wired(wired, wired)
-        return Wired(buffer.write(array), buffer.view, lambda: free.append(buffer))
-
-    def placeholder(self, shape: tuple[int, ...], dtype: mx.Dtype
-                    ) -> tuple[mx.array, np.ndarray]:
-        """As protos/codec.py `placeholder`: a step's input, and the view its values are
-        written into before the step is launched. The buffer is the view's until the view
-        goes, and is written again only once the GPU has read it."""
-        key = (tuple(shape), dtype)
-        spare = self._spare.setdefault(key, deque())
-        buffer = None
-        if self.inputs and self._fits(*key):
-            buffer = self._new(key) if len(spare) < SPARE else None
-            buffer = buffer or (spare.popleft() if spare else None)
-        if buffer is None:
-            return codec.placeholder(shape, dtype)
-        if buffer.last is not None:  # read by a step launched earlier: done by now, or wait
-            mx.eval(buffer.last)
-        view = buffer.view[...]  # its own object: the buffer comes back when it goes
-        weakref.finalize(view, spare.append, buffer)
-        buffer.last = buffer.read()
-        return buffer.last, view
-
-    def decode(self, tensor: worker_pb2.Tensor) -> mx.array:
-        """As protos/codec.py `decode`, the values read by the step from a page-locked
-        buffer where they fit one."""
-        dtype = getattr(mx, tensor.dtype, None)
-        if not self.inputs or not isinstance(dtype, mx.Dtype):
-            return codec.decode(tensor)
-        array, view = self.placeholder(tuple(tensor.shape), dtype)
-        return array if codec.fill(view, tensor) else codec.decode(tensor)
