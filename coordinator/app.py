@@ -18,7 +18,7 @@ from coordinator.cluster.cluster import Cluster
 from coordinator.cluster.membership import Membership
 from coordinator.cluster.modelinfo import ModelInfo, check_family, read_model_info, resolve_model
 from coordinator.cluster.planner import DEFAULT_PREFIX_CACHE_TOKENS
-from coordinator.local import LocalWorkers, memory_each
+from coordinator.local import LocalWorkers, memory_each, sharing_note
 from coordinator.serving.engine import (
     DEFAULT_MAX_WAITING,
     DEFAULT_PREFILL_CHUNK,
@@ -136,6 +136,9 @@ class Coordinator:
             from worker.backend import detect
 
             memory = [memory_each(detect().memory_bytes, count, os.environ)] * count
+        note = sharing_note(count, os.environ)
+        if note:
+            log.warning(note)
         self.progress(f"starting {count} local worker(s)...")
         self.local = LocalWorkers(count, memory=memory, cache_dir=opts.cache_dir,
                                   secret=opts.secret)

@@ -84,6 +84,23 @@ def memory_each(memory: int, count: int, environ: Mapping[str, str]) -> int:
     return memory // (-(-count // len(gpus)) if gpus else count)
 
 
+def sharing_note(count: int, environ: Mapping[str, str], on_gpu: bool | None = None
+                 ) -> str | None:
+    """A warning for `count` local workers that share a GPU (None for one worker, workers on
+    the CPU, or one GPU each; `on_gpu` where MLX computes on a GPU, detected if None): each
+    token passes through every worker in turn, so they decode one stream slower than one
+    worker would (bench/RESULTS-gpu.md, "What a hop between two processes on one GPU costs")."""
+    if count < 2 or not (not _on_cpu() if on_gpu is None else on_gpu):
+        return None
+    gpus = max(1, len(local_gpus(count, environ)))
+    if count <= gpus:
+        return None
+    return (f"{count} local workers share {'one GPU' if gpus == 1 else f'{gpus} GPUs'}: a "
+            "token passes through each in turn (about 0.9 ms more a token per added worker "
+            "on an H100), so one worker decodes faster wherever the model fits; where workers "
+            "must share a GPU, see docs/linux-gpu.md (MPS)")
+
+
 class LocalWorkers:
     """Start N `worker serve` processes on 127.0.0.1 with free ports; `stop()` ends them.
 

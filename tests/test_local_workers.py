@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import GiB
 
-from coordinator.local import LocalWorkers, core_sets, cuda_gpus, memory_each
+from coordinator.local import LocalWorkers, core_sets, cuda_gpus, memory_each, sharing_note
 
 
 def test_core_sets_split_the_cores_into_contiguous_shares():
@@ -68,6 +68,20 @@ def test_local_workers_share_a_devices_memory_with_the_workers_on_it(
     monkeypatch.setattr(coordinator.local, "cuda_gpus", lambda environ: gpus)
     assert memory_each(12 * GiB, count, {}) == 12 * GiB // share
     assert memory_each(12 * GiB, count, {"SHARDLINE_SPREAD": "0"}) == 12 * GiB // count
+
+
+@pytest.mark.parametrize("gpus, count, on_gpu, warned", [
+    ([], 2, True, True), (["0", "1"], 2, True, False), (["0", "1"], 3, True, True),
+    ([], 1, True, False), ([], 4, False, False)])
+def test_local_workers_sharing_a_gpu_are_warned_of(monkeypatch, gpus, count, on_gpu, warned):
+    import coordinator.local
+
+    monkeypatch.setattr(coordinator.local, "cuda_gpus", lambda environ: gpus)
+    note = sharing_note(count, {}, on_gpu=on_gpu)
+    assert (note is not None) == warned
+    if warned:
+        assert f"{count} local workers share" in note and "docs/linux-gpu.md" in note
+    assert sharing_note(count, {}) is None  # MLX computes on this machine's CPU
 
 
 def visible_devices(monkeypatch, env: dict[str, str]) -> list[str | None]:
