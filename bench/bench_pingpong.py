@@ -201,7 +201,7 @@ def main() -> None:
     modes = args.modes.split(",")
     unknown = set(modes) - set(MODES) - set(MORE)
     if unknown:
-        parser.error(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES)}")
+        parser.error(f"unknown modes {sorted(unknown)}; known: {', '.join(MODES + MORE)}")
     print(f"device {mx.default_device()}, {args.steps} round trips, {args.work} products a side")
     print("| round | " + " | ".join(modes) + " |")
     print("|---|" + "---|" * len(modes))

@@ -90,7 +90,9 @@ def sharing_note(count: int, environ: Mapping[str, str], on_gpu: bool | None = N
     the CPU, or one GPU each; `on_gpu` where MLX computes on a GPU, detected if None): each
     token passes through every worker in turn, so they decode one stream slower than one
     worker would (bench/RESULTS-gpu.md, "What a hop between two processes on one GPU costs")."""
-    if count < 2 or not (not _on_cpu() if on_gpu is None else on_gpu):
+    if on_gpu is None:
+        on_gpu = not _on_cpu()
+    if count < 2 or not on_gpu:
         return None
     gpus = max(1, len(local_gpus(count, environ)))
     if count <= gpus:
